@@ -1,0 +1,72 @@
+#pragma once
+// The model description, read from and written to `config.json` with the official SUBLLM
+// key names, and the parsed layout (structure string).
+#include <string>
+#include <vector>
+
+namespace subllm {
+
+// One level of the layout tree. Segment 0 is the whole model; every other segment is the
+// span between a subsampler `(` and its upsampler `)`.
+struct SegmentItem {
+  bool is_block = true;  // true: transformer block `index`; false: child segment `index`
+  int index = 0;
+};
+struct Segment {
+  int parent = -1;          // -1 for the root
+  int depth = 0;            // 0 for the root
+  int subsampler = -1;      // index j of `decoder.downsamplers.j` / `decoder.bypasses.j`; -1 for the root
+  float retention = 1.0f;   // fraction r of the parent's tokens kept (1 for the root)
+  std::vector<SegmentItem> items;  // in execution order
+};
+struct Structure {
+  std::vector<Segment> segments;  // segments[0] is the root
+  int num_blocks = 0;
+  int num_subsamplers = 0;
+  bool is_plain() const { return num_subsamplers == 0; }
+};
+
+// Parses e.g. "TTT(TTT(TTT)TTT)TTT". Subsamplers are numbered by the order of their `(`.
+// `retentions` holds either one value for every subsampler or one per subsampler (in that
+// order); an empty list means 1.0 is not allowed when subsamplers exist (error).
+// Throws subllm::Error pointing at the offending character for: unknown characters,
+// unbalanced parentheses, an empty segment "()", a T count different from `expected_blocks`,
+// a retention outside (0, 1], a retention list of the wrong length.
+Structure parse_structure(const std::string& text, int expected_blocks, const std::vector<float>& retentions);
+
+struct ModelConfig {
+  int vocab_size = 8192;          // num_embeddings
+  int dim = 512;                  // decoder_embed_dim
+  int ffn_dim = 1376;             // decoder_ffn_embed_dim
+  int n_layers = 8;               // decoder_layers
+  int n_heads = 8;                // decoder_attention_heads
+  int context = 1024;             // tokens_per_sample
+  int padding_idx = 0;
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  bool tie_weights = false;
+  std::string structure;          // empty means "T" * n_layers
+  std::vector<float> retentions;  // downsampling_factor_denominator: one value or one per subsampler
+  float norm_eps = 1e-6f;
+  float rope_base = 10000.0f;
+  std::string norm_name = "rmsnorm";
+  std::string mlp_name = "swiglu";
+
+  int head_dim() const { return dim / n_heads; }
+  std::string layout() const;     // structure, or "T" * n_layers when empty
+  Structure parse() const;        // parse_structure(layout(), n_layers, retentions)
+  // Throws subllm::Error naming the key and the fix for any inconsistent value
+  // (dim not divisible by heads, odd head_dim, non-positive sizes, bad structure, ...).
+  void validate() const;
+};
+
+// Reads config.json. Unknown keys are ignored; missing keys keep the defaults above.
+// `downsampling_factor_denominator` may be a number, a string ("0.64"), a comma-separated
+// string ("0.64,0.5") or a JSON list. Errors name the file and the key.
+ModelConfig load_config(const std::string& path);
+ModelConfig config_from_json_text(const std::string& json_text, const std::string& source_name);
+std::string config_to_json_text(const ModelConfig& c);
+// Written atomically (temp file + rename).
+void save_config(const ModelConfig& c, const std::string& path);
+
+}  // namespace subllm

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs the whole test suite: installs dependencies, builds,
+# runs CTest (GoogleTest cases, including the PyTorch oracle) and the oracle's self-check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+/usr/bin/python3 tests/oracle/check_reference.py
+cd "${BUILD_DIR:-build}"
+ctest --output-on-failure --timeout 600 -j1

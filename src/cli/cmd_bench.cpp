@@ -1,0 +1,138 @@
+// `subllm bench train`: training throughput of one config on random tokens.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "kernels/kernels.h"
+#include "subllm/config.h"
+#include "subllm/error.h"
+#include "subllm/model.h"
+#include "subllm/optim.h"
+#include "subllm/rng.h"
+#include "subllm/threads.h"
+
+namespace subllm::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;
+}
+
+// The machine's matrix-multiply rate on this thread count, the yardstick for MFU.
+double measure_sgemm_gflops() {
+  const int n = 2048;
+  std::vector<float> a((size_t)n * n, 0.5f), b((size_t)n * n, 0.25f), c((size_t)n * n);
+  kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    auto t0 = Clock::now();
+    kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+    best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+  }
+  return best;
+}
+
+struct BenchTrainArgs {
+  std::string config;
+  int seq = 1024, batch = 4, steps = 3, warmup = 1, threads = 0;
+  uint64_t seed = 1;
+  bool json = false;
+};
+
+int bench_train(const BenchTrainArgs& a) {
+  set_num_threads(a.threads);
+  ModelConfig cfg = load_config(a.config);
+  check(a.seq > 0 && a.batch > 0 && a.steps > 0, "--seq, --batch and --steps must be positive");
+  if (cfg.context < a.seq) cfg.context = a.seq;
+  Model model(cfg);
+  model.init_weights(a.seed);
+  AdamW opt(model, AdamWOptions{});
+  Rng rng(a.seed);
+  const int64_t n = (int64_t)a.batch * a.seq;
+  std::vector<int32_t> tokens(n), targets(n);
+  auto fill = [&] {
+    for (int64_t i = 0; i < n; ++i) {
+      tokens[i] = (int32_t)rng.below(cfg.vocab_size);
+      targets[i] = (int32_t)rng.below(cfg.vocab_size);
+    }
+  };
+  auto train_step = [&] {
+    fill();
+    model.zero_grad();
+    float loss = model.forward_backward(tokens.data(), targets.data(), a.batch, a.seq);
+    opt.step(model, 3e-4f);
+    return loss;
+  };
+  const double sgemm = measure_sgemm_gflops();
+  for (int i = 0; i < a.warmup; ++i) train_step();
+  double total = 0;
+  float loss = 0;
+  for (int i = 0; i < a.steps; ++i) {
+    auto t0 = Clock::now();
+    loss = train_step();
+    double dt = seconds_since(t0);
+    total += dt;
+    if (!a.json) std::fprintf(stderr, "step %d/%d  loss %.4f  %.3f s\n", i + 1, a.steps, loss, dt);
+  }
+  const double step_s = total / a.steps;
+  const double tps = n / step_s;
+  const double gflops = model.train_flops_per_token(a.seq) * tps / 1e9;
+  nlohmann::json j = {{"impl", "subllm"},
+                      {"config", a.config},
+                      {"structure", cfg.layout()},
+                      {"seq", a.seq},
+                      {"batch", a.batch},
+                      {"steps", a.steps},
+                      {"threads", num_threads()},
+                      {"params", model.num_params()},
+                      {"tokens_per_s", tps},
+                      {"step_s", step_s},
+                      {"gflops", gflops},
+                      {"sgemm_gflops", sgemm},
+                      {"mfu", gflops / sgemm},
+                      {"activation_mb", model.activation_bytes(a.batch, a.seq) / 1048576.0},
+                      {"peak_rss_mb", peak_rss_mb()},
+                      {"final_loss", loss}};
+  if (a.json) {
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%-28s %s\n", "config", a.config.c_str());
+    std::printf("%-28s %d x %d tokens, %d threads\n", "batch", a.batch, a.seq, num_threads());
+    std::printf("%-28s %.1f\n", "tokens/s", tps);
+    std::printf("%-28s %.3f\n", "step (s)", step_s);
+    std::printf("%-28s %.1f (sgemm %.1f, MFU %.1f%%)\n", "model GFLOP/s", gflops, sgemm, 100 * gflops / sgemm);
+    std::printf("%-28s %.0f\n", "peak RSS (MB)", peak_rss_mb());
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, Runner& run) {
+  auto* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  auto* train = bench->add_subcommand("train", "Training throughput: forward + backward + AdamW step on random tokens");
+  auto args = std::make_shared<BenchTrainArgs>();
+  train->add_option("--config", args->config, "config.json of the model")->required()->check(CLI::ExistingFile);
+  train->add_option("--seq", args->seq, "sequence length")->capture_default_str();
+  train->add_option("--batch", args->batch, "sequences per step")->capture_default_str();
+  train->add_option("--steps", args->steps, "timed steps")->capture_default_str();
+  train->add_option("--warmup", args->warmup, "untimed steps first")->capture_default_str();
+  train->add_option("-t,--threads", args->threads, "threads (0: all cores)")->capture_default_str();
+  train->add_option("--seed", args->seed, "seed for weights and tokens")->capture_default_str();
+  train->add_flag("--json", args->json, "print one JSON line");
+  train->callback([&run, args] { run = [args] { return bench_train(*args); }; });
+}
+
+}  // namespace subllm::cli

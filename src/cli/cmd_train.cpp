@@ -1,0 +1,100 @@
+// `subllm train`: train a model on prepared token shards.
+#include <cstdio>
+#include <filesystem>
+
+#include "cli/commands.h"
+#include "subllm/config.h"
+#include "subllm/dataset.h"
+#include "subllm/trainer.h"
+
+namespace subllm::cli {
+namespace {
+
+struct TrainCli {
+  TrainOptions o;
+  std::string config_path;
+  int dim = 256, layers = 4, heads = 4, ffn = 0, vocab = 0;
+  std::string structure;
+  std::string retention;
+  float lr = 3e-3f;
+};
+
+int run_train(TrainCli& c) {
+  TrainOptions& o = c.o;
+  const bool sized = !c.config_path.empty();
+  if (sized) {
+    o.model = load_config(c.config_path);
+  } else {
+    ModelConfig m;
+    m.dim = c.dim;
+    m.n_layers = c.layers;
+    m.n_heads = c.heads;
+    // SwiGLU hidden size ≈ 8/3 d rounded to a multiple of 32, as LLaMA sizes it.
+    m.ffn_dim = c.ffn > 0 ? c.ffn : (8 * c.dim / 3 + 31) / 32 * 32;
+    m.structure = c.structure;
+    if (!c.retention.empty()) m.retentions = config_from_json_text("{\"downsampling_factor_denominator\": \"" + c.retention + "\"}", "--retention").retentions;
+    if (c.vocab > 0) {
+      m.vocab_size = c.vocab;
+    } else {
+      TokenDataset ds((std::filesystem::path(o.data_dir) / "manifest.json").string(), "train");
+      m.vocab_size = ds.vocab_size();
+    }
+    o.model = m;
+  }
+  o.model.context = std::max(o.model.context, o.seq);
+  o.lr.base_lr = c.lr;
+  TrainResult r = train(o);
+  std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
+  if (r.val_loss >= 0) std::printf("  validation loss %.4f", r.val_loss);
+  std::printf("\ncheckpoint %s\n", r.last_checkpoint.c_str());
+  return r.interrupted ? 130 : 0;
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app, Runner& run) {
+  auto c = std::make_shared<TrainCli>();
+  TrainOptions& o = c->o;
+  o.data_dir = "data/default";
+  o.out_dir = "runs/default";
+  auto* t = app.add_subcommand("train", "Train a LLaMA or SUBLLM model on prepared token shards");
+  t->add_option("--data", o.data_dir, "folder written by `subllm prepare`")->capture_default_str();
+  t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();
+  t->add_option("--resume", o.resume, "continue a run folder or checkpoint exactly where it stopped");
+  auto* cfg = t->add_option("--config", c->config_path, "model config.json (official SUBLLM keys)");
+  auto* dim = t->add_option("--dim", c->dim, "model width (without --config)")->capture_default_str();
+  auto* layers = t->add_option("--layers", c->layers, "transformer blocks")->capture_default_str();
+  auto* heads = t->add_option("--heads", c->heads, "attention heads")->capture_default_str();
+  auto* ffn = t->add_option("--ffn", c->ffn, "SwiGLU hidden size (default ≈ 8/3 · dim)");
+  auto* vocab = t->add_option("--vocab", c->vocab, "vocabulary size (default: the tokenizer's)");
+  auto* structure = t->add_option("--structure", c->structure, "layout string, e.g. TT(TT)TT (default all T)");
+  auto* retention = t->add_option("--retention", c->retention, "subsampler retention(s), e.g. 0.64 or 0.64,0.5");
+  for (auto* opt : {dim, layers, heads, ffn, vocab, structure, retention}) opt->excludes(cfg);
+  t->add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str();
+  t->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str();
+  t->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
+  t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
+  t->add_option("--tokens", o.token_budget, "token budget (sets --steps)");
+  t->add_option("--lr", c->lr, "peak learning rate")->capture_default_str();
+  t->add_option("--warmup", o.lr.warmup_steps, "linear warm-up steps")->capture_default_str();
+  t->add_option("--schedule", o.lr.kind, "cosine | constant")->capture_default_str()->check(CLI::IsMember({"cosine", "constant"}));
+  t->add_option("--min-lr-ratio", o.lr.min_lr_ratio, "final lr / peak lr for cosine")->capture_default_str();
+  t->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  t->add_option("--beta1", o.adamw.beta1)->capture_default_str();
+  t->add_option("--beta2", o.adamw.beta2)->capture_default_str();
+  t->add_option("--grad-clip", o.adamw.grad_clip, "global gradient-norm limit (0: off)")->capture_default_str();
+  t->add_option("--eval-every", o.eval_every, "steps between validation passes")->capture_default_str();
+  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")->capture_default_str();
+  t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
+  t->add_option("--keep", o.keep_last, "checkpoints kept")->capture_default_str();
+  t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
+  t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
+  t->add_flag("-q,--quiet", o.quiet, "no progress output");
+  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention] {
+    c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
+                           structure->count() + retention->count() > 0 || c->o.resume.empty();
+    run = [c] { return run_train(*c); };
+  });
+}
+
+}  // namespace subllm::cli

@@ -1,0 +1,29 @@
+// subllm: train, run, evaluate and benchmark SUBLLM and LLaMA language models.
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+#include "subllm/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"subllm: train, run, evaluate and benchmark SUBLLM and LLaMA language models"};
+  app.require_subcommand(1);
+  subllm::cli::Runner run;
+  subllm::cli::add_prepare_command(app, run);
+  subllm::cli::add_train_command(app, run);
+  subllm::cli::add_bench_command(app, run);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return run ? run() : 0;
+  } catch (const subllm::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,107 @@
+#include "subllm/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "subllm/error.h"
+
+namespace subllm {
+
+size_t dtype_size(DType dt) {
+  switch (dt) {
+    case DType::F32: return 4;
+    case DType::BF16: return 2;
+    case DType::F16: return 2;
+    case DType::I32: return 4;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dt) {
+  switch (dt) {
+    case DType::F32: return "F32";
+    case DType::BF16: return "BF16";
+    case DType::F16: return "F16";
+    case DType::I32: return "I32";
+  }
+  return "?";
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+std::shared_ptr<void> aligned_alloc_shared(size_t bytes) {
+  size_t rounded = (bytes + 63) / 64 * 64;
+  if (rounded == 0) rounded = 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes; reduce batch size or context length");
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+Tensor Tensor::zeros(Shape shape, DType dt, Device dev) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dt;
+  t.device_ = dev;
+  t.owner_ = aligned_alloc_shared(t.nbytes());
+  t.ptr_ = t.owner_.get();
+  std::memset(t.ptr_, 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::view(void* data, Shape shape, DType dt, Device dev) {
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dt;
+  t.device_ = dev;
+  t.ptr_ = data;
+  return t;
+}
+
+float* Tensor::f32() const {
+  check(dtype_ == DType::F32, std::string("tensor of dtype ") + dtype_name(dtype_) + " used as F32");
+  return static_cast<float*>(ptr_);
+}
+
+int32_t* Tensor::i32() const {
+  check(dtype_ == DType::I32, std::string("tensor of dtype ") + dtype_name(dtype_) + " used as I32");
+  return static_cast<int32_t*>(ptr_);
+}
+
+void Tensor::zero() {
+  if (ptr_) std::memset(ptr_, 0, nbytes());
+}
+
+Tensor Tensor::reshape(Shape shape) const {
+  check(shape_numel(shape) == numel(), "reshape " + shape_str(shape_) + " -> " + shape_str(shape) + " changes the element count");
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+void Arena::reserve(size_t bytes) {
+  if (bytes <= capacity_) return;
+  mem_ = aligned_alloc_shared(bytes);
+  capacity_ = bytes;
+  used_ = 0;
+}
+
+Tensor Arena::alloc(Shape shape, DType dt) {
+  size_t bytes = (static_cast<size_t>(shape_numel(shape)) * dtype_size(dt) + 63) / 64 * 64;
+  size_t at = used_;
+  used_ += bytes;
+  if (measuring_) return Tensor::view(nullptr, std::move(shape), dt);
+  check(used_ <= capacity_, "activation arena overflow: planned " + std::to_string(capacity_) + " bytes, need " + std::to_string(used_));
+  return Tensor::view(static_cast<char*>(mem_.get()) + at, std::move(shape), dt);
+}
+
+}  // namespace subllm

