@@ -18,40 +18,18 @@
 #include "subllm/prepare.h"
 #include "subllm/rng.h"
 #include "subllm/tokenizer.h"
+#include "test_util.h"
 
 namespace subllm {
 namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("subllm_data_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
+using testing::read_all;
+using testing::TempDir;
+using testing::write_corpus;
+using testing::write_file;
 
 #define EXPECT_ERROR_HAS(stmt, text)             \
   do {                                           \
@@ -59,54 +37,6 @@ std::string error_of(const std::function<void()>& fn) {
     EXPECT_NE(msg_, "") << "no Error raised";    \
     EXPECT_NE(msg_.find(text), std::string::npos) << "message: " << msg_; \
   } while (0)
-
-void write_file(const std::string& path, const std::string& text) {
-  fs::create_directories(fs::path(path).parent_path());
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
-
-std::string read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-// Varied English sentences, a few with accents and numbers, so the tokenizer sees real merges.
-std::string make_document(Rng& rng, int index) {
-  static const std::vector<std::string> subjects = {
-      "The old sailor", "A quiet student", "The government", "Our nation", "The young whale", "Every citizen",
-      "The captain",    "A curious child", "The congress",   "The café owner", "My neighbour", "The river"};
-  static const std::vector<std::string> verbs = {"watched", "remembered", "built", "carried", "questioned",
-                                                 "followed", "described", "protected", "discovered", "answered"};
-  static const std::vector<std::string> objects = {
-      "the distant harbour", "a heavy burden",    "the small village",  "our common future", "the naïve plan",
-      "the stormy ocean",    "a forgotten letter", "the public treasury", "the white mountain", "the long road home"};
-  static const std::vector<std::string> endings = {"before dawn", "with great care", "for many years",
-                                                   "in silence", "without fear", "at the end of the day"};
-  std::string doc = "Document " + std::to_string(index) + ".";
-  const int sentences = 6 + (int)rng.below(8);
-  for (int s = 0; s < sentences; ++s) {
-    doc += " " + subjects[rng.below(subjects.size())] + " " + verbs[rng.below(verbs.size())] + " " +
-           objects[rng.below(objects.size())] + " " + endings[rng.below(endings.size())];
-    if (rng.below(4) == 0) doc += ", in " + std::to_string(1790 + rng.below(230));
-    doc += ".";
-    if (rng.below(5) == 0) doc += "\n";
-  }
-  return doc + "\n";
-}
-
-// A corpus of `n` document files doc_000.txt... under `dir`; returns the texts in file order.
-std::vector<std::string> write_corpus(const fs::path& dir, int n, uint64_t seed = 7) {
-  Rng rng(seed);
-  std::vector<std::string> docs;
-  for (int i = 0; i < n; ++i) {
-    docs.push_back(make_document(rng, i));
-    char name[32];
-    std::snprintf(name, sizeof name, "doc_%03d.txt", i);
-    write_file((dir / name).string(), docs.back());
-  }
-  return docs;
-}
 
 PrepareOptions small_options(const std::vector<std::string>& inputs, const std::string& out,
                              std::vector<std::string>* log = nullptr) {

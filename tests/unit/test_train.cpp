@@ -1,0 +1,222 @@
+// End to end: prepare a tiny corpus, train, and resume exactly after SIGKILL and Ctrl-C.
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "subllm/dataset.h"
+#include "subllm/prepare.h"
+#include "subllm/safetensors.h"
+#include "subllm/trainer.h"
+#include "test_util.h"
+
+namespace subllm {
+namespace {
+
+using testing::error_of;
+using testing::read_all;
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+std::string prepare_tiny(const TempDir& tmp) {
+  testing::write_corpus(tmp.path() / "corpus", 60);
+  PrepareOptions p;
+  p.inputs = {(tmp.path() / "corpus").string()};
+  p.out_dir = tmp.file("data");
+  p.vocab_size = 400;
+  p.valid_every = 10;
+  p.log = [](const std::string&) {};
+  prepare_data(p);
+  return p.out_dir;
+}
+
+TrainOptions tiny_run(const std::string& data, const std::string& out) {
+  TrainOptions o;
+  o.data_dir = data;
+  o.out_dir = out;
+  o.model.vocab_size = 400;
+  o.model.dim = 32;
+  o.model.ffn_dim = 64;
+  o.model.n_layers = 2;
+  o.model.n_heads = 4;
+  o.batch = 4;
+  o.seq = 32;
+  o.steps = 30;
+  o.lr.base_lr = 3e-3f;
+  o.lr.warmup_steps = 5;
+  o.eval_every = 10;
+  o.eval_batches = 2;
+  o.ckpt_every = 10;
+  o.quiet = true;
+  return o;
+}
+
+std::vector<nlohmann::json> read_metrics(const std::string& run) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(fs::path(run) / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+TEST(Train, LossFallsAndCheckpointsAreComplete) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  TrainResult r = train(tiny_run(data, tmp.file("run")));
+  EXPECT_EQ(r.steps_done, 30);
+  auto m = read_metrics(tmp.file("run"));
+  ASSERT_EQ(m.size(), 30u);
+  const double first = m.front()["loss"], last = m.back()["loss"];
+  EXPECT_LT(last, first - 1.0) << "loss did not fall: " << first << " -> " << last;
+  EXPECT_GT(r.val_loss, 0.f);
+  EXPECT_TRUE(m[9].contains("val_loss"));
+  // keep_last = 2: checkpoints 20 and 30 remain, each complete.
+  EXPECT_FALSE(fs::exists(tmp.file("run/checkpoint-00000010")));
+  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors", "tokenizer.model", "trainer_state.json"})
+    EXPECT_TRUE(fs::exists(tmp.path() / "run/checkpoint-00000030" / f)) << f;
+  EXPECT_EQ(find_checkpoint(tmp.file("run")), tmp.file("run/checkpoint-00000030"));
+}
+
+TEST(Train, ResumeInProcessContinuesBitForBit) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  train(tiny_run(data, tmp.file("full")));
+  TrainOptions part = tiny_run(data, tmp.file("part"));
+  part.steps = 30;
+  part.keep_last = 5;
+  train(part);
+  // Resume the second run from its step-10 checkpoint and finish again.
+  fs::remove_all(tmp.file("part/checkpoint-00000020"));
+  fs::remove_all(tmp.file("part/checkpoint-00000030"));
+  TrainOptions resumed = tiny_run(data, "");
+  resumed.resume = tmp.file("part");
+  train(resumed);
+  auto a = read_metrics(tmp.file("full")), b = read_metrics(tmp.file("part"));
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
+  EXPECT_EQ(read_all(tmp.file("full/checkpoint-00000030/model.safetensors")),
+            read_all(tmp.file("part/checkpoint-00000030/model.safetensors")));
+}
+
+// Runs the CLI in a child process; returns its pid.
+pid_t spawn(const std::vector<std::string>& args) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<char*> argv;
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+std::vector<std::string> cli_train_args(const std::string& data, const std::string& out, int steps) {
+  return {SUBLLM_CLI_PATH, "train", "--data", data, "--out", out, "--dim", "64", "--layers", "2", "--heads", "4",
+          "--batch", "8", "--seq", "64", "--steps", std::to_string(steps), "--ckpt-every", "10", "--eval-every", "0",
+          "--keep", "3", "--lr", "3e-3", "--warmup", "5", "-t", "2"};
+}
+
+// Waits until the run's metrics show at least `step` steps; false if the child ended first.
+bool wait_for_step(pid_t pid, const std::string& run, long step) {
+  for (int i = 0; i < 60000; ++i) {
+    int status;
+    if (waitpid(pid, &status, WNOHANG) == pid) return false;
+    std::ifstream in(fs::path(run) / "metrics.jsonl");
+    long lines = 0;
+    std::string line;
+    while (std::getline(in, line)) ++lines;
+    if (lines >= step) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+TEST(Train, SigkillMidRunThenResumeMatchesUninterruptedRun) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  const int steps = 200;
+  pid_t full = spawn(cli_train_args(data, tmp.file("full"), steps));
+  int status = 0;
+  waitpid(full, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+  pid_t victim = spawn(cli_train_args(data, tmp.file("killed"), steps));
+  ASSERT_TRUE(wait_for_step(victim, tmp.file("killed"), 25)) << "the run ended before it could be killed";
+  kill(victim, SIGKILL);
+  waitpid(victim, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  const long reached = (long)read_metrics(tmp.file("killed")).size();
+  ASSERT_LT(reached, steps);
+
+  auto resume_args = cli_train_args(data, tmp.file("killed"), steps);
+  resume_args.push_back("--resume");
+  resume_args.push_back(tmp.file("killed"));
+  pid_t resumed = spawn(resume_args);
+  waitpid(resumed, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+  auto a = read_metrics(tmp.file("full")), b = read_metrics(tmp.file("killed"));
+  ASSERT_EQ(a.size(), (size_t)steps);
+  ASSERT_EQ(b.size(), (size_t)steps);
+  for (int i = 0; i < steps; ++i) ASSERT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
+  char last[64];
+  std::snprintf(last, sizeof last, "checkpoint-%08d/model.safetensors", steps);
+  EXPECT_EQ(read_all(tmp.file(std::string("full/") + last)), read_all(tmp.file(std::string("killed/") + last)));
+}
+
+TEST(Train, CtrlCSavesACheckpointAndExits130) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  pid_t pid = spawn(cli_train_args(data, tmp.file("run"), 100000));
+  ASSERT_TRUE(wait_for_step(pid, tmp.file("run"), 3));
+  kill(pid, SIGINT);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  const std::string ck = find_checkpoint(tmp.file("run"));
+  auto state = nlohmann::json::parse(read_all(ck + "/trainer_state.json"));
+  EXPECT_EQ(state["step"].get<long>(), (long)read_metrics(tmp.file("run")).size());
+}
+
+TEST(Train, BadInputsAreClearErrors) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  // Missing data folder.
+  EXPECT_NE(error_of([&] { train(tiny_run(tmp.file("nope"), tmp.file("run"))); }).find("nope"), std::string::npos);
+  // Unwritable output folder (a path through a regular file).
+  testing::write_file(tmp.file("plain"), "x");
+  std::string msg = error_of([&] { train(tiny_run(data, tmp.file("plain/run"))); });
+  EXPECT_NE(msg.find("plain/run"), std::string::npos) << msg;
+  // Resuming with a different model.
+  train([&] { auto o = tiny_run(data, tmp.file("run")); o.steps = 10; return o; }());
+  TrainOptions other = tiny_run(data, tmp.file("run"));
+  other.model.dim = 64;
+  other.resume = tmp.file("run");
+  msg = error_of([&] { train(other); });
+  EXPECT_NE(msg.find("decoder_embed_dim differs"), std::string::npos) << msg;
+  // A truncated checkpoint.
+  const std::string ck = find_checkpoint(tmp.file("run"));
+  fs::resize_file(ck + "/model.safetensors", fs::file_size(ck + "/model.safetensors") / 2);
+  TrainOptions again = tiny_run(data, tmp.file("run"));
+  again.resume = tmp.file("run");
+  msg = error_of([&] { train(again); });
+  EXPECT_NE(msg.find("model.safetensors"), std::string::npos) << msg;
+  // A window longer than the corpus.
+  TrainOptions huge = tiny_run(data, tmp.file("run2"));
+  huge.seq = 1 << 20;
+  msg = error_of([&] { train(huge); });
+  EXPECT_NE(msg.find("--seq"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace subllm
