@@ -16,7 +16,7 @@ struct TrainCli {
   int dim = 256, layers = 4, heads = 4, ffn = 0, vocab = 0;
   std::string structure;
   std::string retention;
-  float lr = 3e-3f;
+  float lr = 2e-3f;
 };
 
 int run_train(TrainCli& c) {
@@ -55,8 +55,15 @@ int run_train(TrainCli& c) {
 void add_train_command(CLI::App& app, Runner& run) {
   auto c = std::make_shared<TrainCli>();
   TrainOptions& o = c->o;
+  // The defaults train the small model of the README's first command in about five minutes.
   o.data_dir = "data/default";
   o.out_dir = "runs/default";
+  o.batch = 16;
+  o.seq = 256;
+  o.steps = 300;
+  o.lr.warmup_steps = 30;
+  o.eval_every = 50;
+  o.ckpt_every = 100;
   auto* t = app.add_subcommand("train", "Train a LLaMA or SUBLLM model on prepared token shards");
   t->add_option("--data", o.data_dir, "folder written by `subllm prepare`")->capture_default_str();
   t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();

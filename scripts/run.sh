@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install dependencies, build, fetch and tokenize the
+# default corpus (State of the Union addresses + Moby-Dick), train the small default LLaMA
+# for about five minutes on all cores, and report its validation loss.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+BIN=build/subllm
+[ -f data/default/manifest.json ] || "$BIN" prepare
+"$BIN" train --out runs/default "$@"
+"$BIN" plot runs/default -o runs/default/curves.png
