@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "subllm/config.h"
+#include "subllm/schedule.h"
 #include "subllm/tensor.h"
 
 namespace subllm {
@@ -22,6 +23,33 @@ struct ParamInfo {
 };
 
 struct ModelActivations;  // planned per (batch, length); defined in the model's source
+
+// Training mode selects a fixed ceil(T * r) tokens per sequence at each subsampler (top
+// scores); inference mode keeps every token whose score exceeds the keep threshold, so
+// lengths differ per sequence. Without subsamplers both modes compute the same thing.
+enum class Mode { Train, Inference };
+
+// The scheduled knobs of SUBLLM's training machinery (SUBLLM.md §4, §5, §7).
+struct SubllmKnobs {
+  ScheduledFloat balancer_prob{{{0.0, 1.0}, {8000.0, 0.25}}};  // chance the score balancer acts on a step
+  float balancer_grad_scale = 0.04f;
+  float balancer_window = 0.05f;     // positive fraction kept in [r - w, r + w]
+  float balancer_min_abs = 1.0f, balancer_max_abs = 4.0f;
+  ScheduledFloat bypass_min{{{0.0, 0.9}, {20000.0, 0.2}}};     // lower limit of the bypass scale
+  float bypass_max = 1.0f;
+  float bypass_limit_prob = 0.6f;    // chance the bypass gradient limit acts on a step
+  float keep_threshold = 0.0f;       // inference: keep tokens with score > this
+};
+
+// The choices the last pass made at subsampler j (the flags are training-mode only).
+struct SubsamplerTrace {
+  bool flipped = false;        // discarded weights paired in reverse order
+  bool balancer_on = false;
+  bool limit_on = false;       // bypass gradient limit
+  int kept_per_seq = 0;
+  std::vector<int32_t> kept;   // (B, kept_per_seq): positions within the parent sequence, ascending
+  std::vector<float> scores;   // (B, parent length): the scores the choice was made from
+};
 
 // Offsets of one transformer block's tensors in the flat buffers; q, k, v are adjacent.
 struct BlockOffsets {
@@ -57,23 +85,51 @@ class Model {
   // the gradient buffer, so micro-batches accumulate.
   float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_multiplier = 1.0f);
   // Forward only. Writes the (B, T, V) logits when `logits` is given; returns the mean loss
-  // when targets are given (else 0).
-  float forward(const int32_t* tokens, const int32_t* targets, int B, int T, float* logits = nullptr);
+  // when targets are given (else 0). Inference mode runs one sequence at a time.
+  float forward(const int32_t* tokens, const int32_t* targets, int B, int T, float* logits = nullptr,
+                Mode mode = Mode::Inference);
+
+  // The global training step and seed: they fix the schedules and every random choice of
+  // the next training-mode passes (the same context gives the same choices).
+  void set_train_context(long step, uint64_t seed);
+  SubllmKnobs& knobs() { return knobs_; }
+  const std::vector<SubsamplerTrace>& last_traces() const { return traces_; }
+  // Tokens seen and kept at each subsampler over inference-mode passes since the last reset.
+  void reset_retention_stats();
+  std::vector<double> retention() const;
+  const Structure& structure() const { return structure_; }
 
   // Bytes of planned activation memory for (B, T) in training.
   size_t activation_bytes(int B, int T);
-  // Matmul FLOPs per trained token: 6 * matrix params + 6 * L * T * d (causal attention).
+  // Matmul FLOPs per trained token at length T: 6 * (matrix params of each block, weighted by
+  // the fraction of tokens its segment sees) + causal attention + the output projection.
   double train_flops_per_token(int T) const;
+  // Tokens per sequence at each segment in training mode (segment 0 = T).
+  std::vector<int> segment_lengths(int T) const;
 
  private:
   void check_tokens(const int32_t* tokens, const int32_t* targets, int64_t n) const;
-  ModelActivations& plan(int B, int T);
-  double run(const int32_t* tokens, const int32_t* targets, int B, int T, bool backward, float grad_multiplier,
-             float* logits, int64_t* count);
+  ModelActivations& plan(int B, int T, Mode mode);
+  double run(const int32_t* tokens, const int32_t* targets, int B, int T, Mode mode, bool backward,
+             float grad_multiplier, float* logits, int64_t* count);
+  void segment_forward(ModelActivations& a, int seg, const int32_t* tokens, Mode mode);
+  void segment_backward(ModelActivations& a, int seg);
+  void block_forward(ModelActivations& a, int blk, int seg, const float* x, float* y);
+  void block_backward(ModelActivations& a, int blk, int seg, const float* x, float* dres);
+  void subsample_forward(ModelActivations& a, int child, const float* x, const int32_t* tokens, Mode mode);
+  void upsample_backward_pre(ModelActivations& a, int child, const float* x);
+  void subsample_backward_post(ModelActivations& a, int child, const float* x);
 
   ModelConfig cfg_;
   std::vector<ParamInfo> params_;
   std::vector<BlockOffsets> blocks_;
+  Structure structure_;
+  std::vector<int64_t> score_offset_, bypass_offset_;  // per subsampler j
+  SubllmKnobs knobs_;
+  long train_step_ = 0;
+  uint64_t train_seed_ = 0;
+  std::vector<SubsamplerTrace> traces_;
+  std::vector<int64_t> seen_, kept_;
   int64_t num_params_ = 0;
   Tensor params_buf_, grads_buf_;
   std::unique_ptr<ModelActivations> acts_;

@@ -63,6 +63,15 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
 // Per-thread working memory of the attention kernels in bytes (independent of T).
 size_t attention_scratch_bytes(int hd, bool backward);
 
+// ---- balancer (SUBLLM.md §7): a backward-only edit of the gradient d of n values x seen as
+// one channel: d += |d| * g, g = d(constraint loss)/dx rescaled to RMS grad_scale. The loss
+// keeps mean/std in [m_min, m_max] and the RMS in [r_min, r_max]; inside both, d is unchanged.
+void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
+                       double grad_scale);
+// The mean/std ratio of a normal variable that is positive with probability p (the
+// balancer's bounds are given as positive fractions).
+double proportion_positive_to_mean(double p);
+
 // ---- SwiGLU on the packed w12 output ----------------------------------------------------
 // gu(N, 2F) = [gate | up]; a(N,F) = silu(gate) * up
 void swiglu_forward(const float* gu, float* a, int n, int F);

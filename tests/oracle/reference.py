@@ -1,19 +1,31 @@
 #!/usr/bin/env python3
-"""PyTorch reference (oracle) for one LLaMA training step of subllm.
+"""PyTorch reference (oracle) for one training step of subllm: LLaMA, and SUBLLM in
+training mode (subsamplers, upsamplers, bypasses, score balancer, bypass gradient limit).
 
 Usage: /usr/bin/python3 tests/oracle/reference.py DIR [--dtype float64|float32]
 
 Inputs in DIR:
-  config.json          model description (SUBLLM.md section 2 key names)
-  model.safetensors    parameters, named as in the public checkpoints
+  config.json          model description (SUBLLM.md section 2 key names); `structure`
+                       may hold '(' / ')' (subsamplers numbered by their '(' order) and then
+                       `downsampling_factor_denominator` gives the retentions: one value for
+                       all subsamplers or one per subsampler (number, "0.6", "0.6,0.5", list)
+  model.safetensors    parameters, named as in the public checkpoints (including
+                       decoder.downsamplers.j.to_scores.weight (1,d) and
+                       decoder.bypasses.j.bypass_scale (d) for every subsampler j)
   batch.safetensors    tokens (B,T) int, targets (B,T) int (negative = ignored),
-                       optional positions (B,T) int (default 0..T-1 per row)
+                       optional positions (B,T) int (default 0..T-1 per row),
+                       optional step (I32 [1], global training step, default 0),
+                       optional choices/j (I32 [3] = flipped, balancer_on, limit_on for
+                       subsampler j, default all 0)
   optim.json           optional {"lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"}
 
-Output DIR/reference.safetensors (all F32):
+Output DIR/reference.safetensors (floats F32, integers I32):
   loss [1], logits (B,T,V), grad_norm [1] (global L2 norm before clipping),
   grad/<name> for every parameter, and with optim.json updated/<name> after
-  one AdamW step (torch.optim.AdamW semantics, decay only on ndim >= 2).
+  one AdamW step (torch.optim.AdamW semantics; decay only on ndim >= 2 and never on
+  to_scores / bypass_scale; to_scores uses lr x 0.5); for every subsampler j
+  kept/j (B,Tc) the kept indices within the parent sequence, ascending, and
+  w_scale/j (B,Tc) the matching upsampling weights.
 """
 
 import argparse
@@ -148,6 +160,71 @@ def write_safetensors(path, tensors, metadata=None, dtype="F32"):
 # configuration and parameters
 # ----------------------------------------------------------------------------
 
+def parse_structure(text, n_layers, retentions, where):
+    """Parses a layout such as "TT(TT(T)T)T" into a tree.
+
+    Returns (root_items, num_subsamplers). An item is ("T", block_index) or
+    ("S", j, child_items); blocks are numbered by their 'T' across the whole string,
+    subsamplers by their '('. Subsampler j owns decoder.downsamplers.j and the bypass
+    after its matching ')', decoder.bypasses.j."""
+    root = []
+    stack = [root]
+    n_blocks = n_sub = 0
+    for pos, ch in enumerate(text):
+        if ch == "T":
+            stack[-1].append(("T", n_blocks))
+            n_blocks += 1
+        elif ch == "(":
+            child = []
+            stack[-1].append(("S", n_sub, child))
+            stack.append(child)
+            n_sub += 1
+        elif ch == ")":
+            if len(stack) == 1:
+                raise ReferenceError(f"{where}: structure {text!r}: unmatched ')' at {pos}")
+            if not stack[-1]:
+                raise ReferenceError(f"{where}: structure {text!r}: empty segment at {pos}")
+            stack.pop()
+        else:
+            raise ReferenceError(f"{where}: structure {text!r}: unexpected {ch!r} at {pos}")
+    if len(stack) != 1:
+        raise ReferenceError(f"{where}: structure {text!r}: unclosed '('")
+    if n_blocks != n_layers:
+        raise ReferenceError(f"{where}: structure has {n_blocks} blocks, "
+                             f"decoder_layers is {n_layers}")
+    if n_sub:
+        if not retentions:
+            raise ReferenceError(f"{where}: structure {text!r} has subsamplers but no "
+                                 "downsampling_factor_denominator")
+        if len(retentions) == 1:
+            retentions = retentions * n_sub
+        if len(retentions) != n_sub:
+            raise ReferenceError(f"{where}: downsampling_factor_denominator has "
+                                 f"{len(retentions)} values for {n_sub} subsamplers")
+        for r in retentions:
+            if not (0.0 < r <= 1.0):
+                raise ReferenceError(f"{where}: retention {r} outside (0, 1]")
+    return root, n_sub, (list(retentions) if n_sub else [])
+
+
+def parse_retentions(raw, where):
+    """downsampling_factor_denominator: number, "0.6", "0.6,0.5" or a JSON list."""
+    if raw is None:
+        return []
+    items = raw if isinstance(raw, list) else (raw.split(",") if isinstance(raw, str)
+                                              else [raw])
+    out = []
+    for it in items:
+        try:
+            v = float(it.strip() if isinstance(it, str) else it)
+        except (TypeError, ValueError):
+            raise ReferenceError(f"{where}: bad downsampling_factor_denominator {raw!r}")
+        if not math.isfinite(v):
+            raise ReferenceError(f"{where}: bad downsampling_factor_denominator {raw!r}")
+        out.append(v)
+    return out
+
+
 def load_config(path):
     if not os.path.isfile(path):
         raise ReferenceError(f"missing file: {path}")
@@ -162,19 +239,27 @@ def load_config(path):
     cfg["tie_weights"] = bool(raw.get("tie_weights", False))
     cfg["norm_eps"] = float(raw.get("norm_eps", 1e-6))
     cfg["rope_base"] = float(raw.get("rope_base", 10000.0))
-    structure = raw.get("structure")
-    if structure is not None and set(structure) - {"T"}:
-        raise ReferenceError(f"{path}: structure {structure!r} has subsamplers; "
-                             "this reference covers plain LLaMA ('T' only)")
-    if structure is not None and len(structure) != cfg["decoder_layers"]:
-        raise ReferenceError(f"{path}: structure has {len(structure)} blocks, "
-                             f"decoder_layers is {cfg['decoder_layers']}")
+    structure = raw.get("structure") or "T" * cfg["decoder_layers"]
+    if not isinstance(structure, str):
+        raise ReferenceError(f"{path}: structure must be a string")
+    rets = parse_retentions(raw.get("downsampling_factor_denominator"), path)
+    cfg["structure"] = structure
+    cfg["segments"], cfg["num_subsamplers"], cfg["retentions"] = parse_structure(
+        structure, cfg["decoder_layers"], rets, path)
     d, h = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]
     if h <= 0 or d % h != 0:
         raise ReferenceError(f"{path}: decoder_embed_dim {d} not divisible by heads {h}")
     if (d // h) % 2 != 0:
         raise ReferenceError(f"{path}: head_dim {d // h} must be even for rotate-half RoPE")
     return cfg
+
+
+def score_name(j):
+    return f"decoder.downsamplers.{j}.to_scores.weight"
+
+
+def bypass_name(j):
+    return f"decoder.bypasses.{j}.bypass_scale"
 
 
 def param_shapes(cfg):
@@ -190,6 +275,9 @@ def param_shapes(cfg):
         shapes[p + "final_layer_norm.weight"] = (d,)
         shapes[p + "feedforward.swiglu.w12.weight"] = (2 * F, d)
         shapes[p + "feedforward.swiglu.w3.weight"] = (d, F)
+    for j in range(cfg.get("num_subsamplers", 0)):
+        shapes[score_name(j)] = (1, d)
+        shapes[bypass_name(j)] = (d,)
     shapes["decoder.layer_norm.weight"] = (d,)
     if not cfg["tie_weights"]:
         shapes["decoder.output_projection.weight"] = (V, d)
@@ -248,6 +336,35 @@ def load_batch(path, cfg):
             torch.tensor(np.array(positions, dtype=np.int64)))
 
 
+def load_train_choices(path, cfg):
+    """Optional `step` (I32 [1]) and `choices/j` (I32 [3]: flipped, balancer_on,
+    limit_on) of batch.safetensors. Returns (step, [(flipped, bal, lim)] per subsampler)."""
+    arrays, _ = read_safetensors(path)
+    step = 0
+    if "step" in arrays:
+        a = arrays["step"]
+        if not np.issubdtype(a.dtype, np.integer) or a.size != 1:
+            raise ReferenceError(f"{path}: step must be one integer, got {a.dtype} "
+                                 f"{list(a.shape)}")
+        step = int(a.reshape(-1)[0])
+    n = cfg["num_subsamplers"]
+    choices = [(False, False, False)] * n
+    for key, a in arrays.items():
+        if not key.startswith("choices/"):
+            continue
+        try:
+            j = int(key[len("choices/"):])
+        except ValueError:
+            raise ReferenceError(f"{path}: bad tensor name {key!r}")
+        if not 0 <= j < n:
+            raise ReferenceError(f"{path}: {key!r} but the model has {n} subsamplers")
+        if not np.issubdtype(a.dtype, np.integer) or a.shape != (3,):
+            raise ReferenceError(f"{path}: {key!r} must be an integer [3], got {a.dtype} "
+                                 f"{list(a.shape)}")
+        choices[j] = tuple(bool(v != 0) for v in a)
+    return step, choices
+
+
 # ----------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------
@@ -274,38 +391,209 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
-def forward(params, cfg, tokens, positions):
-    """Returns logits (B, T, V)."""
-    d, H, L = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"], cfg["decoder_layers"]
+def block(params, cfg, i, x, cos, sin, causal):
+    """Transformer block i on x (B, N, d); cos/sin from the tokens' positions; causal
+    (N, N) by sequence index within x."""
+    d, H = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]
     F = cfg["decoder_ffn_embed_dim"]
     eps = cfg["norm_eps"]
     hd = d // H
-    B, T = tokens.shape
+    B, N = x.shape[0], x.shape[1]
+
+    def heads(t):  # (B, N, d) -> (B, H, N, hd), contiguous feature groups per head
+        return t.view(B, N, H, hd).transpose(1, 2)
+
+    p = f"decoder.layers.{i}."
+    n1 = rms_norm(x, params[p + "self_attn_layer_norm.weight"], eps)
+    q = heads(n1 @ params[p + "self_attn.q_proj.weight"].t())
+    k = heads(n1 @ params[p + "self_attn.k_proj.weight"].t())
+    v = heads(n1 @ params[p + "self_attn.v_proj.weight"].t())
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    att = torch.softmax(scores, dim=-1) @ v
+    att = att.transpose(1, 2).reshape(B, N, d)
+    h = x + att @ params[p + "self_attn.out_proj.weight"].t()
+    n2 = rms_norm(h, params[p + "final_layer_norm.weight"], eps)
+    gu = n2 @ params[p + "feedforward.swiglu.w12.weight"].t()
+    g, u = gu[..., :F], gu[..., F:]
+    return h + (torch.nn.functional.silu(g) * u) @ params[p + "feedforward.swiglu.w3.weight"].t()
+
+
+# --- training machinery (SUBLLM.md section 7) --------------------------------
+
+BALANCER_GRAD_SCALE = 0.04
+BALANCER_POS_MARGIN = 0.05          # positive fraction kept in [r - 0.05, r + 0.05]
+BALANCER_RMS_MIN = 1.25331413732 * 1.0
+BALANCER_RMS_MAX = 1.25331413732 * 4.0
+BYPASS_MAX = 1.0
+BYPASS_MIN_POINTS = ((0.0, 0.9), (20000.0, 0.2))
+SCORE_LR_SCALE = 0.5
+
+
+def scheduled_float(points, step):
+    """Piecewise-linear in the step through `points`, constant outside them."""
+    step = float(step)
+    if step <= points[0][0]:
+        return float(points[0][1])
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if step <= x1:
+            return float(y0 + (y1 - y0) * (step - x0) / (x1 - x0))
+    return float(points[-1][1])
+
+
+def _atanh(x):
+    return 0.5 * (math.log(1.0 + x + 1e-10) - math.log(1.0 - x + 1e-10))
+
+
+def balancer_mean_bounds(r):
+    """(m_min, m_max) from the positive-fraction bounds r -/+ 0.05 (clamped into [0, 1],
+    so a retention above 0.95 does not take the log of a negative number)."""
+    p_min = min(max(r - BALANCER_POS_MARGIN, 0.0), 1.0)
+    p_max = min(max(r + BALANCER_POS_MARGIN, 0.0), 1.0)
+    return (0.8139535143 * _atanh(2.0 * p_min - 1.0),
+            0.8139535143 * _atanh(2.0 * p_max - 1.0))
+
+
+def balancer_loss(x, m_min, m_max, rho_min, rho_max):
+    """The balancer's loss with all elements of x as one channel."""
+    mu = x.mean()
+    uv = (x * x).mean()
+    sigma = torch.sqrt(torch.clamp(uv - mu * mu, min=1e-20))
+    rho = torch.sqrt(torch.clamp(uv, min=1e-20))
+    m = mu / sigma
+    return ((m - torch.clamp(m, m_min, m_max)).abs()
+            + torch.log(torch.clamp(rho, rho_min, rho_max) / rho).abs())
+
+
+class ScoreBalancer(torch.autograd.Function):
+    """Identity forward; backward x_grad + |x_grad| * g, g = d(balancer loss)/dx
+    rescaled to RMS grad_scale."""
+
+    @staticmethod
+    def forward(ctx, x, m_min, m_max, rho_min, rho_max, grad_scale):
+        ctx.save_for_backward(x)
+        ctx.consts = (m_min, m_max, rho_min, rho_max, grad_scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, x_grad):
+        (x,) = ctx.saved_tensors
+        m_min, m_max, rho_min, rho_max, grad_scale = ctx.consts
+        with torch.enable_grad():
+            xd = x.detach().clone().requires_grad_(True)
+            loss = balancer_loss(xd, m_min, m_max, rho_min, rho_max)
+            (g,) = torch.autograd.grad(loss, xd)
+        rms = float(torch.sqrt((g * g).mean()))
+        g = g * (grad_scale / max(rms, 1e-20))
+        return x_grad + x_grad.abs() * g, None, None, None, None, None
+
+
+class LimitParamGrad(torch.autograd.Function):
+    """Identity forward; backward flips the gradient where a descent step would push
+    the parameter further below c_min or above c_max."""
+
+    @staticmethod
+    def forward(ctx, c, c_min, c_max):
+        ctx.save_for_backward(c)
+        ctx.consts = (c_min, c_max)
+        return c.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        c_min, c_max = ctx.consts
+        grad = torch.where((grad > 0) & (c < c_min), -grad, grad)
+        grad = torch.where((grad < 0) & (c > c_max), -grad, grad)
+        return grad, None, None
+
+
+def kept_count(tp, r):
+    return max(1, int(math.ceil(tp * r - 1e-6)))
+
+
+def subsample(params, cfg, j, x, flipped, balancer_on, trace):
+    """Subsampler j (training mode) on x (B, Tp, d). Returns (kept (B, Tc) ascending
+    indices into the parent, w_scale (B, Tc) in that order)."""
+    B, Tp, d = x.shape
+    r = cfg["retentions"][j]
+    Tc = kept_count(Tp, r)
+    s_raw = (x @ params[score_name(j)].t()).squeeze(-1)  # (B, Tp)
+    s = s_raw
+    if balancer_on:
+        m_min, m_max = balancer_mean_bounds(r)
+        s = ScoreBalancer.apply(s_raw, m_min, m_max, BALANCER_RMS_MIN, BALANCER_RMS_MAX,
+                                BALANCER_GRAD_SCALE)
+    if trace is not None:
+        trace[f"input/{j}"] = x
+        for key, t in ((f"scores_raw/{j}", s_raw), (f"scores/{j}", s)):
+            if t.requires_grad:
+                t.retain_grad()
+            trace[key] = t
+    weights = torch.clamp(s, 0.0, 1.0)
+    order = torch.sort(s.detach(), dim=1, descending=True, stable=True).indices
+    w_sorted = weights.gather(1, order)
+    w_kept = w_sorted[:, :Tc]
+    w_disc = w_sorted[:, Tc:2 * Tc]
+    if w_disc.shape[1] < Tc:
+        w_disc = torch.cat([w_disc, w_disc.new_zeros(B, Tc - w_disc.shape[1])], dim=1)
+    if flipped:
+        w_disc = w_disc.flip(1)
+    w_scale_rank = w_kept - w_disc
+    kept, perm = torch.sort(order[:, :Tc], dim=1)
+    w_scale = w_scale_rank.gather(1, perm)
+    return kept, w_scale
+
+
+def run_segment(params, cfg, items, x, positions, step, choices, trace, record):
+    """Runs the items of one segment on x (B, N, d) whose tokens sit at `positions`
+    (B, N) of the full sequence."""
+    hd = cfg["decoder_embed_dim"] // cfg["decoder_attention_heads"]
+    N = x.shape[1]
+    cos = sin = causal = None
+    for item in items:
+        if item[0] == "T":
+            if cos is None:
+                cos, sin = rope_tables(positions, hd, cfg["rope_base"], x.dtype)
+                # Causality is by sequence index, independent of the RoPE positions.
+                causal = torch.ones(N, N, dtype=torch.bool).tril()
+            x = block(params, cfg, item[1], x, cos, sin, causal)
+            continue
+        _, j, child = item
+        flipped, balancer_on, limit_on = choices[j]
+        B, Tp, d = x.shape
+        kept, w_scale = subsample(params, cfg, j, x, flipped, balancer_on, trace)
+        record[f"kept/{j}"] = kept
+        record[f"w_scale/{j}"] = w_scale.detach()
+        idx = kept.unsqueeze(-1).expand(B, kept.shape[1], d)
+        xk = x.gather(1, idx)
+        yk = run_segment(params, cfg, child, xk, positions.gather(1, kept), step, choices,
+                         trace, record)
+        ws = w_scale.unsqueeze(-1)
+        u = x.scatter(1, idx, ws * yk + (1.0 - ws) * xk)
+        c = params[bypass_name(j)]
+        if limit_on:
+            c = LimitParamGrad.apply(c, scheduled_float(BYPASS_MIN_POINTS, step), BYPASS_MAX)
+        x = x + c * (u - x)
+    return x
+
+
+def forward(params, cfg, tokens, positions, step=0, choices=None, trace=None, record=None):
+    """Returns logits (B, T, V). `choices[j]` = (flipped, balancer_on, limit_on) of
+    subsampler j (default all off); `record` (a dict) receives kept/j and w_scale/j;
+    `trace` (a dict) receives input/j, scores_raw/j and scores/j (gradients retained)."""
+    eps = cfg["norm_eps"]
+    n_sub = cfg.get("num_subsamplers", 0)
+    if choices is None:
+        choices = [(False, False, False)] * n_sub
+    if record is None:
+        record = {}
+    segments = cfg.get("segments")
+    if segments is None:
+        segments = [("T", i) for i in range(cfg["decoder_layers"])]
     emb = params["decoder.embed_tokens.weight"]
     x = emb[tokens]
-    cos, sin = rope_tables(positions, hd, cfg["rope_base"], x.dtype)
-    # Causality is by sequence index, independent of the RoPE positions.
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-
-    def heads(t):  # (B, T, d) -> (B, H, T, hd), contiguous feature groups per head
-        return t.view(B, T, H, hd).transpose(1, 2)
-
-    for i in range(L):
-        p = f"decoder.layers.{i}."
-        n1 = rms_norm(x, params[p + "self_attn_layer_norm.weight"], eps)
-        q = heads(n1 @ params[p + "self_attn.q_proj.weight"].t())
-        k = heads(n1 @ params[p + "self_attn.k_proj.weight"].t())
-        v = heads(n1 @ params[p + "self_attn.v_proj.weight"].t())
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-        scores = scores.masked_fill(~causal, float("-inf"))
-        att = torch.softmax(scores, dim=-1) @ v
-        att = att.transpose(1, 2).reshape(B, T, d)
-        h = x + att @ params[p + "self_attn.out_proj.weight"].t()
-        n2 = rms_norm(h, params[p + "final_layer_norm.weight"], eps)
-        gu = n2 @ params[p + "feedforward.swiglu.w12.weight"].t()
-        g, u = gu[..., :F], gu[..., F:]
-        x = h + (torch.nn.functional.silu(g) * u) @ params[p + "feedforward.swiglu.w3.weight"].t()
+    x = run_segment(params, cfg, segments, x, positions, step, choices, trace, record)
     x = rms_norm(x, params["decoder.layer_norm.weight"], eps)
     w_out = emb if cfg["tie_weights"] else params["decoder.output_projection.weight"]
     return x @ w_out.t()
@@ -347,9 +635,22 @@ def global_norm(grads):
     return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
 
 
+def is_subsampler_param(name):
+    return name.startswith("decoder.downsamplers.") or name.startswith("decoder.bypasses.")
+
+
+def param_lr_scale(name):
+    return SCORE_LR_SCALE if name.startswith("decoder.downsamplers.") else 1.0
+
+
+def param_decays(name, ndim):
+    return ndim >= 2 and not is_subsampler_param(name)
+
+
 def adamw_first_step(params, grads, opt, total_norm):
     """One AdamW step from zero moments (step = 1), with clip_grad_norm_ semantics:
-    scale = min(1, max_norm / (norm + 1e-6))."""
+    scale = min(1, max_norm / (norm + 1e-6)). Weight decay only for ndim >= 2 and not
+    for to_scores / bypass_scale; to_scores runs at lr x 0.5."""
     lr, b1, b2, eps, wd = opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"]
     scale = 1.0
     if opt["grad_clip"] > 0:
@@ -362,9 +663,10 @@ def adamw_first_step(params, grads, opt, total_norm):
         m = (1.0 - b1) * g
         v = (1.0 - b2) * g * g
         q = p.detach().clone()
-        if p.ndim >= 2:
-            q = q * (1.0 - lr * wd)
-        q = q - (lr / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
+        lr_p = lr * param_lr_scale(name)
+        if param_decays(name, p.ndim):
+            q = q * (1.0 - lr_p * wd)
+        q = q - (lr_p / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
         out[name] = q
     return out
 
@@ -376,13 +678,16 @@ def adamw_first_step(params, grads, opt, total_norm):
 def run(directory, dtype):
     cfg = load_config(os.path.join(directory, "config.json"))
     params = load_params(os.path.join(directory, "model.safetensors"), cfg, dtype)
-    tokens, targets, positions = load_batch(os.path.join(directory, "batch.safetensors"), cfg)
+    batch_path = os.path.join(directory, "batch.safetensors")
+    tokens, targets, positions = load_batch(batch_path, cfg)
+    step, choices = load_train_choices(batch_path, cfg)
     optim_path = os.path.join(directory, "optim.json")
     opt = load_optim(optim_path) if os.path.isfile(optim_path) else None
 
     for p in params.values():
         p.requires_grad_(True)
-    logits = forward(params, cfg, tokens, positions)
+    record = {}
+    logits = forward(params, cfg, tokens, positions, step=step, choices=choices, record=record)
     loss = loss_fn(logits, targets)
     names = list(params)
     grad_list = torch.autograd.grad(loss, [params[n] for n in names])
@@ -394,6 +699,7 @@ def run(directory, dtype):
            "grad_norm": norm.reshape(1)}
     for n in names:
         out["grad/" + n] = grads[n]
+    out.update(record)  # kept/j (I32), w_scale/j
     if opt is not None:
         updated = adamw_first_step({n: params[n].detach() for n in names}, grads, opt, norm)
         for n in names:

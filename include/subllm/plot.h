@@ -1,0 +1,92 @@
+#pragma once
+// Loss curves of training runs on one chart, drawn as SVG or PNG with no libraries beyond the
+// C++ standard library (PNG text uses a built-in bitmap font). The library side of `subllm plot`.
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace subllm {
+
+// What the horizontal axis measures.
+enum class PlotX { step, tokens, time };
+
+// One line of a run's metrics.jsonl, reduced to what the chart uses. Absent values are NaN.
+struct MetricPoint {
+  long step = 0;
+  double tokens = NAN;
+  double elapsed_s = NAN;  // training time summed over resumes (each resume restarts the clock)
+  double loss = NAN;
+  double val_loss = NAN;
+};
+
+struct RunCurves {
+  std::string label;
+  std::string dir;
+  std::vector<MetricPoint> points;  // ascending step, one per step (a later line for a step wins)
+};
+
+struct PlotOptions {
+  PlotX x = PlotX::step;
+  int smooth = 0;  // moving-average window of the train curve in points; 0: auto (about steps/50), 1: off
+  std::string title;
+  std::optional<std::pair<double, double>> ylim;  // loss range shown; none: fit the curves
+  int width = 900;
+  int height = 560;
+};
+
+// The numbers `subllm plot` prints for a run. NaN / -1 where the run has none.
+struct RunSummary {
+  std::string label;
+  long last_step = -1;
+  double last_loss = NAN;
+  double best_val_loss = NAN;
+  long best_val_step = -1;
+};
+
+// Reads `dir`/metrics.jsonl. Unknown keys are ignored and blank lines skipped; a line that is not a
+// JSON object with a numeric "step" (and a numeric or null "loss" / "val_loss") is an error naming
+// the file and line. An unfinished last line (no newline, does not parse) is a write still in
+// progress by a live run and is skipped. `label` empty: the folder name.
+RunCurves load_run(const std::string& dir, const std::string& label = "");
+// `labels` empty or one per dir. Runs whose folder names clash are labelled parent/name.
+std::vector<RunCurves> load_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels = {});
+
+RunSummary summarize_run(const RunCurves& run);
+
+// The window PlotOptions::smooth = 0 picks for a curve of `points` points.
+int auto_smooth_window(size_t points);
+// Centred moving average over `window` points, the window shrinking at the ends; NaNs are skipped.
+std::vector<double> moving_average(const std::vector<double>& values, int window);
+// Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], at most about `max_ticks`.
+std::vector<double> nice_ticks(double lo, double hi, int max_ticks);
+
+std::string render_svg(const std::vector<RunCurves>& runs, const PlotOptions& options);
+std::vector<uint8_t> render_png(const std::vector<RunCurves>& runs, const PlotOptions& options);
+
+// Where the data area of the chart lies in pixels and which data range it shows, so callers (and
+// tests) can find a data point in the image: pixel x = left + (v - x_lo) / (x_hi - x_lo) * (right - left).
+struct PlotFrame {
+  double left = 0, top = 0, right = 0, bottom = 0;
+  double x_lo = 0, x_hi = 1, y_lo = 0, y_hi = 1;
+};
+PlotFrame plot_frame(const std::vector<RunCurves>& runs, const PlotOptions& options);
+
+// PNG of 8-bit RGB pixels, row-major from the top left, stored uncompressed (zlib needs no library).
+std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& rgb, int width, int height);
+
+enum class PlotFormat { png, svg };
+// From the extension of `path` (either case); anything but .png / .svg is an error.
+PlotFormat plot_format_of(const std::string& path);
+
+// Renders in the format of `path`'s extension and writes it atomically (temp file + rename).
+void write_plot(const std::string& path, const std::vector<RunCurves>& runs, const PlotOptions& options);
+
+// The whole `subllm plot`: checks the output name and options, loads the runs, writes the chart.
+// On error nothing is written.
+std::vector<RunSummary> plot_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels,
+                                  const std::string& out_path, const PlotOptions& options);
+
+}  // namespace subllm

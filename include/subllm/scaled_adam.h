@@ -1,0 +1,96 @@
+#pragma once
+// ScaledAdam (the zipformer family's optimizer, SUBLLM.md section 7) over a model's flat
+// parameter and gradient buffers.
+//
+// Per tensor, at step s (counting from 0), with lr_t = lr * ParamInfo::lr_scale and g the
+// clipped gradient:
+//   v <- beta2 v + (1 - beta2) g^2; while 1 - beta2^(s+1) < 0.99, v is divided by it for the
+//   step (second-moment bias correction); d = -lr_t g / (sqrt(v) + eps).
+//   Scalars (numel == 1): lr_t is multiplied by scalar_lr_scale, and the parameter is clamped
+//   to +-scalar_max after the update.
+//   Other tensors: d is multiplied by max(param_rms, param_min_rms), where param_rms is the
+//   tensor's RMS measured at step 0 and then every size_update_period steps (on steps with
+//   s % period == period - 1, before that step's update). On those steps (s > 0) the
+//   tensor's overall scale also moves: from the last `period` values of sum(p * g), with
+//   their own second moment (beta2^period, bias-corrected), scale_step is
+//   -lr_t scalar_lr_scale sum / (sqrt(moment) + eps), zero when param_rms < param_min_rms,
+//   clamped to +-0.1 and to at most (param_max_rms - param_rms) / param_rms; d += p scale_step.
+//   Momentum without bias correction: m <- beta1 m + (1 - beta1) d; p <- p + m.
+// Clipping (clipping_scale > 0): the norm sqrt(sum over tensors of |g|^2 param_rms^2, with
+// scalar_lr_scale in place of param_rms for scalars) is kept in a window of
+// clipping_update_period steps (from step 1). The threshold is clipping_scale times the
+// window's median, recomputed when s % clipping_update_period == 0 and at steps 10, 20, 40
+// (those below the period: from the `s` largest window entries, and doubled). Grads are
+// scaled by min(1, threshold / norm) once a threshold exists. A non-finite norm zeroes the
+// gradients for the step (the step still runs: momentum and moments decay).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "subllm/model.h"
+
+namespace subllm {
+
+struct ScaledAdamOptions {
+  float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-8f;
+  float scalar_lr_scale = 0.1f, param_min_rms = 1e-5f, param_max_rms = 3.0f, scalar_max = 10.0f;
+  int size_update_period = 4;
+  float clipping_scale = 2.0f;  // <= 0 disables clipping
+  int clipping_update_period = 100;
+};
+
+struct ScaledAdamStepInfo {
+  double grad_norm = 0;    // the norm clipping looks at (param_rms-weighted), before clipping
+  double clip_factor = 1;  // what the gradients were multiplied by (0 when skipped)
+  bool skipped = false;    // the norm was not finite: gradients were zeroed
+  bool quartiles_changed = false;  // the threshold was recomputed on this step
+  double quartiles[5] = {0, 0, 0, 0, 0};  // of the window, when quartiles_changed
+  double threshold = 0;    // the clipping threshold in force (0: none yet, or clipping off)
+};
+
+class ScaledAdam {
+ public:
+  // `params` are the tensors to train, laid out in buffers of `total_elements` floats.
+  ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt);
+
+  // One step at learning rate `lr` (each tensor's lr_scale multiplies it). `grads` is
+  // scaled in place by the clip factor (zeroed on a skipped step). Throws subllm::Error
+  // when a recomputed median of the clipping window is not finite (too many bad steps).
+  ScaledAdamStepInfo step(float* params, float* grads, float lr);
+  int steps_taken() const { return step_; }
+  const ScaledAdamOptions& options() const { return opt_; }
+
+  // Every buffer and counter, for an exact resume. The file is written atomically; loading
+  // checks that the layout (tensor count, element count, periods) matches this optimizer.
+  void save_state(const std::string& safetensors_path) const;
+  void load_state(const std::string& safetensors_path);
+
+ private:
+  struct Chunk {
+    int tensor;
+    int64_t begin, end;  // absolute element indices into the flat buffers
+  };
+  struct Sums {
+    double grad_sq, param_grad, param_sq;
+  };
+  bool is_scalar(size_t t) const { return params_[t].numel == 1; }
+  void reduce(const float* params, const float* grads, bool want_param_sq, std::vector<Sums>& out) const;
+  double clip_factor(double norm, ScaledAdamStepInfo& info);
+
+  ScaledAdamOptions opt_;
+  std::vector<ParamInfo> params_;
+  int64_t total_ = 0;
+  std::vector<Chunk> chunks_;  // fixed split of every tensor, so sums do not depend on threads
+
+  std::vector<float> exp_avg_sq_, momentum_;  // per element, [total_]
+  std::vector<float> param_rms_;              // per tensor
+  std::vector<float> scale_exp_avg_sq_;       // per tensor
+  std::vector<float> scale_grads_;            // per tensor x size_update_period
+  std::vector<float> model_norms_;            // clipping window, [clipping_update_period]
+  double threshold_ = 0;
+  bool has_threshold_ = false;
+  int64_t num_clipped_ = 0;  // since the last recomputation (diagnostics)
+  int step_ = 0;
+};
+
+}  // namespace subllm

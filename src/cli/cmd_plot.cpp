@@ -1,0 +1,92 @@
+// `subllm plot`: train and validation loss curves of runs on one chart, as PNG or SVG.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "subllm/error.h"
+#include "subllm/plot.h"
+
+namespace subllm::cli {
+namespace {
+
+struct PlotArgs {
+  std::vector<std::string> runs;
+  std::vector<std::string> labels;
+  std::string out;
+  std::string x = "step";
+  std::string ylim;
+  PlotOptions options;
+};
+
+std::pair<double, double> parse_ylim(const std::string& text) {
+  const std::string usage = "--ylim wants LO,HI such as 2.5,5 (got '" + text + "')";
+  const size_t comma = text.find(',');
+  check(comma != std::string::npos, usage);
+  auto number = [&](const std::string& s) {
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    check(!s.empty() && end && *end == '\0' && std::isfinite(v), usage);
+    return v;
+  };
+  const double lo = number(text.substr(0, comma)), hi = number(text.substr(comma + 1));
+  check(lo < hi, usage);
+  return {lo, hi};
+}
+
+std::string loss_text(double v) {
+  if (!std::isfinite(v)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", v);
+  return buf;
+}
+
+int plot(PlotArgs& a) {
+  a.options.x = a.x == "tokens" ? PlotX::tokens : a.x == "time" ? PlotX::time : PlotX::step;
+  if (!a.ylim.empty()) a.options.ylim = parse_ylim(a.ylim);
+  const std::vector<RunSummary> runs = plot_runs(a.runs, a.labels, a.out, a.options);
+  std::printf("wrote %s\n", a.out.c_str());
+  size_t width = 3;
+  for (const RunSummary& r : runs) width = std::max(width, r.label.size());
+  std::printf("%-*s  %8s  %10s  %10s  %s\n", (int)width, "run", "steps", "last train", "best valid", "at step");
+  for (const RunSummary& r : runs) {
+    const std::string at = r.best_val_step >= 0 ? std::to_string(r.best_val_step) : "-";
+    const std::string steps = r.last_step >= 0 ? std::to_string(r.last_step) : "-";
+    std::printf("%-*s  %8s  %10s  %10s  %s\n", (int)width, r.label.c_str(), steps.c_str(),
+                loss_text(r.last_loss).c_str(), loss_text(r.best_val_loss).c_str(), at.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_plot_command(CLI::App& app, Runner& run) {
+  auto* cmd = app.add_subcommand(
+      "plot",
+      "Draw train and validation loss curves of one or more runs on one chart (PNG or SVG, by the "
+      "extension of -o). Train loss is the thin line (smoothed, raw steps faint behind it), validation "
+      "loss the thick line with markers, one colour per run. Prints the last train loss and the best "
+      "validation loss of each run.");
+  auto args = std::make_shared<PlotArgs>();
+  cmd->add_option("runs", args->runs, "run folders written by `subllm train` (each holds metrics.jsonl)")
+      ->required();
+  cmd->add_option("-o,--out", args->out, "output image: a .png or .svg path")->required();
+  cmd->add_option("--label", args->labels, "name of a run in the legend; repeat once per run, in order "
+                                           "(default: the folder names)")
+      ->allow_extra_args(false);
+  cmd->add_option("--x", args->x, "horizontal axis: step, tokens or time (training seconds)")
+      ->check(CLI::IsMember({"step", "tokens", "time"}))
+      ->capture_default_str();
+  cmd->add_option("--smooth", args->options.smooth,
+                  "moving-average window of the train curve in points (default: about steps/50; 1: off)");
+  cmd->add_option("--title", args->options.title, "chart title");
+  cmd->add_option("--ylim", args->ylim, "loss range shown, LO,HI (default: fit the curves)");
+  cmd->add_option("--width", args->options.width, "image width in pixels")->capture_default_str();
+  cmd->add_option("--height", args->options.height, "image height in pixels")->capture_default_str();
+  cmd->callback([&run, args] { run = [args] { return plot(*args); }; });
+}
+
+}  // namespace subllm::cli

@@ -1,0 +1,741 @@
+// Loss curves: reading metrics.jsonl of runs, laying the chart out once as a scene of shapes,
+// and writing that scene as SVG or (through the rasteriser) PNG.
+#include "subllm/plot.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+
+#include "eval/plot_scene.h"
+#include "subllm/error.h"
+
+namespace subllm {
+
+using plot_detail::Anchor;
+using plot_detail::Pt;
+using plot_detail::Rgb;
+using plot_detail::Scene;
+using plot_detail::Shape;
+using plot_detail::TextBackend;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// ---------------------------------------------------------------------------------------------
+// Reading runs
+
+namespace {
+
+std::string last_component(const std::string& dir) {
+  std::string s = fs::absolute(fs::path(dir)).lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  const std::string name = fs::path(s).filename().string();
+  return name.empty() ? s : name;
+}
+
+std::string parent_and_name(const std::string& dir) {
+  std::string s = fs::absolute(fs::path(dir)).lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  const fs::path p(s);
+  const std::string parent = p.parent_path().filename().string();
+  return parent.empty() ? p.filename().string() : parent + "/" + p.filename().string();
+}
+
+// A number, or NaN for null (the trainer writes null for a non-finite loss); `what` names the key.
+double number_or_null(const json& obj, const char* key, const std::function<void(const std::string&)>& fail) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return NAN;
+  if (!it->is_number()) fail(std::string("\"") + key + "\" is not a number");
+  return it->get<double>();
+}
+
+}  // namespace
+
+RunCurves load_run(const std::string& dir, const std::string& label) {
+  std::error_code ec;
+  check(fs::is_directory(dir, ec), "run folder '" + dir + "' does not exist (or is not a folder)");
+  const fs::path file = fs::path(dir) / "metrics.jsonl";
+  check(fs::is_regular_file(file, ec),
+        "no metrics.jsonl in '" + dir + "': is it a run folder written by subllm train?");
+  std::ifstream in(file, std::ios::binary);
+  check(bool(in), "cannot read '" + file.string() + "': " + std::strerror(errno));
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+
+  RunCurves run;
+  run.dir = dir;
+  run.label = label.empty() ? last_component(dir) : label;
+  size_t pos = 0;
+  long line_no = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    const bool terminated = end != std::string::npos;
+    if (!terminated) end = text.size();
+    std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    ++line_no;
+    const size_t first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos) continue;
+    auto fail = [&](const std::string& why) {
+      throw Error("malformed line " + std::to_string(line_no) + " in '" + file.string() + "': " + why);
+    };
+    json obj = json::parse(line, nullptr, false);
+    if (obj.is_discarded()) {
+      // A live run may be half way through writing its last line.
+      if (!terminated) break;
+      fail("not valid JSON");
+    }
+    if (!obj.is_object()) fail("not a JSON object");
+    auto step = obj.find("step");
+    if (step == obj.end() || !step->is_number()) fail("no numeric \"step\"");
+    const double s = step->get<double>();
+    if (!(s >= 0) || s != std::floor(s)) fail("\"step\" is not a whole number >= 0");
+    MetricPoint p;
+    p.step = (long)s;
+    p.loss = number_or_null(obj, "loss", fail);
+    p.val_loss = number_or_null(obj, "val_loss", fail);
+    p.tokens = number_or_null(obj, "tokens", fail);
+    p.elapsed_s = number_or_null(obj, "elapsed_s", fail);
+    run.points.push_back(p);
+  }
+
+  // A resumed run may repeat steps it had logged before the interruption; the newest line wins.
+  std::stable_sort(run.points.begin(), run.points.end(),
+                   [](const MetricPoint& a, const MetricPoint& b) { return a.step < b.step; });
+  std::vector<MetricPoint> unique;
+  for (const MetricPoint& p : run.points) {
+    if (!unique.empty() && unique.back().step == p.step) unique.back() = p;
+    else unique.push_back(p);
+  }
+  run.points = std::move(unique);
+
+  // Each process restarts elapsed_s at zero; chain the segments into one clock.
+  double offset = 0, prev = NAN;
+  for (MetricPoint& p : run.points) {
+    if (!std::isfinite(p.elapsed_s)) continue;
+    const double e = p.elapsed_s;
+    if (std::isfinite(prev) && e < prev) offset += prev;
+    prev = e;
+    p.elapsed_s = offset + e;
+  }
+  return run;
+}
+
+std::vector<RunCurves> load_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels) {
+  check(!dirs.empty(), "no run folders given");
+  check(labels.empty() || labels.size() == dirs.size(),
+        "got " + std::to_string(labels.size()) + " --label for " + std::to_string(dirs.size()) +
+            " run folders: give one per run, in the same order, or none");
+  std::vector<RunCurves> runs;
+  for (size_t i = 0; i < dirs.size(); ++i) runs.push_back(load_run(dirs[i], labels.empty() ? "" : labels[i]));
+  if (labels.empty()) {
+    std::map<std::string, int> seen;
+    for (const RunCurves& r : runs) ++seen[r.label];
+    for (RunCurves& r : runs)
+      if (seen[r.label] > 1) r.label = parent_and_name(r.dir);
+  }
+  return runs;
+}
+
+RunSummary summarize_run(const RunCurves& run) {
+  RunSummary s;
+  s.label = run.label;
+  for (const MetricPoint& p : run.points) {
+    s.last_step = p.step;
+    if (std::isfinite(p.loss)) s.last_loss = p.loss;
+    if (std::isfinite(p.val_loss) && !(p.val_loss >= s.best_val_loss)) {
+      s.best_val_loss = p.val_loss;
+      s.best_val_step = p.step;
+    }
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers
+
+int auto_smooth_window(size_t points) { return std::max(1, (int)std::lround(points / 50.0)); }
+
+std::vector<double> moving_average(const std::vector<double>& values, int window) {
+  const size_t n = values.size();
+  if (window <= 1) return values;
+  std::vector<double> sum(n + 1, 0.0), count(n + 1, 0.0);
+  for (size_t i = 0; i < n; ++i) {
+    const bool ok = std::isfinite(values[i]);
+    sum[i + 1] = sum[i] + (ok ? values[i] : 0.0);
+    count[i + 1] = count[i] + (ok ? 1.0 : 0.0);
+  }
+  std::vector<double> out(n);
+  const long before = (window - 1) / 2, after = window / 2;
+  for (size_t i = 0; i < n; ++i) {
+    const size_t lo = (size_t)std::max(0L, (long)i - before);
+    const size_t hi = std::min(n, i + (size_t)after + 1);
+    const double c = count[hi] - count[lo];
+    out[i] = c > 0 ? (sum[hi] - sum[lo]) / c : NAN;
+  }
+  return out;
+}
+
+namespace {
+
+double nice_step(double span, int max_ticks) {
+  const double raw = span / std::max(1, max_ticks - 1);
+  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+  const double f = raw / mag;
+  // Allow a hair over each step so that rounding noise in `raw` does not jump a size.
+  const double nice = f <= 1.0001 ? 1 : f <= 2.0001 ? 2 : f <= 5.0001 ? 5 : 10;
+  return nice * mag;
+}
+
+}  // namespace
+
+std::vector<double> nice_ticks(double lo, double hi, int max_ticks) {
+  if (!std::isfinite(lo) || !std::isfinite(hi)) return {};
+  if (hi < lo) std::swap(lo, hi);
+  if (hi == lo) return {lo};
+  const double step = nice_step(hi - lo, max_ticks);
+  std::vector<double> ticks;
+  const long first = (long)std::ceil(lo / step - 1e-9), last = (long)std::floor(hi / step + 1e-9);
+  for (long k = first; k <= last; ++k) ticks.push_back(k == 0 ? 0.0 : (double)k * step);
+  return ticks;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+
+namespace {
+
+// Ten colours that stay apart from each other and on white.
+const Rgb kPalette[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},   {214, 39, 40},  {148, 103, 189},
+                        {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+const Rgb kInk{34, 34, 34}, kMuted{85, 85, 85}, kGrid{230, 230, 230}, kFrame{140, 140, 140}, kWhite{255, 255, 255};
+
+struct Axis {
+  double lo = 0, hi = 1;
+  std::vector<double> ticks;
+  double unit = 1;     // tick labels show value / unit followed by suffix
+  std::string suffix;
+  int decimals = 0;
+};
+
+// Tick labels with just enough decimals for the tick step, large values shortened with k/M/G/T.
+void choose_label_format(Axis& a) {
+  double biggest = 0;
+  for (double t : a.ticks) biggest = std::max(biggest, std::fabs(t));
+  const struct {
+    double unit;
+    const char* suffix;
+  } units[] = {{1e12, "T"}, {1e9, "G"}, {1e6, "M"}, {1e4, "k"}};
+  a.unit = 1;
+  a.suffix.clear();
+  for (const auto& u : units) {
+    if (biggest >= u.unit) {
+      a.unit = u.unit >= 1e4 && u.unit < 1e6 ? 1e3 : u.unit;
+      a.suffix = u.suffix;
+      break;
+    }
+  }
+  const double step = a.ticks.size() > 1 ? (a.ticks[1] - a.ticks[0]) / a.unit : 1;
+  a.decimals = std::clamp((int)std::ceil(-std::log10(step) - 1e-9), 0, 9);
+}
+
+std::string tick_label(const Axis& a, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", a.decimals, v / a.unit);
+  std::string s = buf;
+  if (s.find_first_not_of("-0.") == std::string::npos) return "0";  // not "-0.0" nor "0M"
+  return s + a.suffix;
+}
+
+// [lo, hi] of the data, padded so curves do not run along the frame, with ticks inside.
+Axis fit_axis(double lo, double hi, int max_ticks, double pad_fraction, bool from_zero) {
+  Axis a;
+  if (!std::isfinite(lo) || !std::isfinite(hi)) lo = 0, hi = 1;
+  if (from_zero) lo = std::min(lo, 0.0);
+  if (hi - lo <= 0) {
+    const double half = std::max(std::fabs(lo) * 0.05, 0.5);
+    lo -= half;
+    hi += half;
+  } else if (pad_fraction > 0) {
+    const double pad = (hi - lo) * pad_fraction;
+    lo -= from_zero && lo == 0 ? 0 : pad;
+    hi += pad;
+  }
+  a.lo = lo;
+  a.hi = hi;
+  a.ticks = nice_ticks(lo, hi, max_ticks);
+  choose_label_format(a);
+  return a;
+}
+
+// Screen points that land in the same pixel column collapse to the first, lowest, highest and last
+// of them: the drawn line looks the same and the SVG stays small for runs of many steps.
+std::vector<Pt> decimate(const std::vector<Pt>& pts, double max_points) {
+  if ((double)pts.size() <= max_points) return pts;
+  std::vector<Pt> out;
+  size_t i = 0;
+  while (i < pts.size()) {
+    const long col = (long)std::floor(pts[i].x);
+    size_t j = i, lo = i, hi = i;
+    while (j < pts.size() && (long)std::floor(pts[j].x) == col) {
+      if (pts[j].y < pts[lo].y) lo = j;
+      if (pts[j].y > pts[hi].y) hi = j;
+      ++j;
+    }
+    size_t keep[4] = {i, std::min(lo, hi), std::max(lo, hi), j - 1};
+    for (size_t k = 0; k < 4; ++k)
+      if (k == 0 || keep[k] != keep[k - 1]) out.push_back(pts[keep[k]]);
+    i = j;
+  }
+  return out;
+}
+
+struct Series {
+  std::vector<double> x, raw, smooth;  // train points
+  std::vector<double> vx, val;         // validation points
+};
+
+const char* x_key(PlotX x) { return x == PlotX::step ? "step" : x == PlotX::tokens ? "tokens" : "elapsed_s"; }
+
+Series series_of(const RunCurves& run, const PlotOptions& o, double x_unit) {
+  Series s;
+  bool any_x = false;
+  for (const MetricPoint& p : run.points) {
+    const double x = o.x == PlotX::step ? (double)p.step : o.x == PlotX::tokens ? p.tokens : p.elapsed_s;
+    if (!std::isfinite(x)) continue;
+    any_x = true;
+    if (std::isfinite(p.loss)) {
+      s.x.push_back(x / x_unit);
+      s.raw.push_back(p.loss);
+    }
+    if (std::isfinite(p.val_loss)) {
+      s.vx.push_back(x / x_unit);
+      s.val.push_back(p.val_loss);
+    }
+  }
+  check(any_x || run.points.empty(), "run '" + run.label + "' has no \"" + x_key(o.x) + "\" in " + run.dir +
+                                         "/metrics.jsonl to plot against; use --x step");
+  s.smooth = moving_average(s.raw, o.smooth > 0 ? o.smooth : auto_smooth_window(s.raw.size()));
+  return s;
+}
+
+void validate(const PlotOptions& o) {
+  check(o.width >= 200 && o.width <= 8000 && o.height >= 150 && o.height <= 8000,
+        "--width must be 200..8000 and --height 150..8000 pixels (got " + std::to_string(o.width) + "x" +
+            std::to_string(o.height) + ")");
+  check(o.smooth >= 0, "--smooth must be a window of 1 or more points (1: no smoothing)");
+  if (o.ylim) {
+    check(std::isfinite(o.ylim->first) && std::isfinite(o.ylim->second) && o.ylim->first < o.ylim->second,
+          "--ylim wants LO,HI with LO < HI, such as 2.5,5");
+  }
+}
+
+struct Layout {
+  Scene scene;
+  PlotFrame frame;
+};
+
+Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBackend tb) {
+  validate(o);
+  check(!runs.empty(), "no runs to plot");
+  const double W = o.width, H = o.height;
+  const double ui = std::clamp(std::min(W / 900.0, H / 560.0), 0.6, 8.0);
+  const double f_tick = 11 * ui, f_legend = 12 * ui, f_axis = 13 * ui, f_title = 16 * ui;
+
+  // The time axis reads in seconds, minutes or hours, whichever keeps its numbers short.
+  double x_unit = 1;
+  std::string x_title = o.x == PlotX::step ? "step" : o.x == PlotX::tokens ? "tokens" : "time (s)";
+  if (o.x == PlotX::time) {
+    double longest = 0;
+    for (const RunCurves& r : runs)
+      for (const MetricPoint& p : r.points)
+        if (std::isfinite(p.elapsed_s)) longest = std::max(longest, p.elapsed_s);
+    if (longest >= 36000) x_unit = 3600, x_title = "time (h)";
+    else if (longest >= 600) x_unit = 60, x_title = "time (min)";
+  }
+
+  std::vector<Series> series;
+  double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
+  for (const RunCurves& r : runs) {
+    series.push_back(series_of(r, o, x_unit));
+    const Series& s = series.back();
+    for (double v : s.x) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
+    for (double v : s.vx) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
+    // The range fits the smoothed curve: raw noise would stretch it and flatten what matters.
+    for (double v : s.smooth)
+      if (std::isfinite(v)) ymin = std::min(ymin, v), ymax = std::max(ymax, v);
+    for (double v : s.val) ymin = std::min(ymin, v), ymax = std::max(ymax, v);
+  }
+  check(std::isfinite(xmin) && std::isfinite(ymin),
+        "nothing to plot: no finite loss in the metrics.jsonl of " +
+            (runs.size() == 1 ? "'" + runs[0].dir + "'" : "any of the " + std::to_string(runs.size()) + " runs"));
+
+  Layout L;
+  Scene& sc = L.scene;
+  sc.width = o.width;
+  sc.height = o.height;
+  auto add_text = [&](double x, double y, const std::string& t, double px, Anchor a, Rgb c, bool vertical = false,
+                      bool bold = false) {
+    Shape sh;
+    sh.kind = Shape::Kind::text;
+    sh.pts = {{x, y}};
+    sh.text = t;
+    sh.font_px = px;
+    sh.anchor = a;
+    sh.fill = c;
+    sh.filled = true;
+    sh.vertical = vertical;
+    sh.bold = bold;
+    sc.shapes.push_back(std::move(sh));
+  };
+  auto add_rect = [&](double x0, double y0, double x1, double y1, std::optional<Rgb> fill, std::optional<Rgb> stroke,
+                      double width = 1, double opacity = 1) {
+    Shape sh;
+    sh.kind = Shape::Kind::rect;
+    sh.pts = {{x0, y0}, {x1, y1}};
+    if (fill) sh.fill = *fill, sh.filled = true;
+    if (stroke) sh.stroke = *stroke, sh.stroked = true;
+    sh.width = width;
+    sh.opacity = opacity;
+    sc.shapes.push_back(std::move(sh));
+  };
+  auto add_line = [&](std::vector<Pt> pts, Rgb c, double width, double opacity, bool clip, std::string tip = "") {
+    Shape sh;
+    sh.kind = Shape::Kind::line;
+    sh.pts = std::move(pts);
+    sh.stroke = c;
+    sh.stroked = true;
+    sh.width = width;
+    sh.opacity = opacity;
+    sh.clip = clip;
+    sh.tooltip = std::move(tip);
+    sc.shapes.push_back(std::move(sh));
+  };
+  auto add_dot = [&](Pt p, double r, Rgb c, bool clip) {
+    Shape sh;
+    sh.kind = Shape::Kind::dot;
+    sh.pts = {p};
+    sh.radius = r;
+    sh.fill = c;
+    sh.filled = true;
+    sh.clip = clip;
+    sc.shapes.push_back(std::move(sh));
+  };
+  // Thin lines on pixel centres stay one crisp pixel wide instead of two blurred ones.
+  auto crisp = [](double v) { return std::floor(v) + 0.5; };
+
+  const double pad = 12 * ui;
+  const double tick_len = 5 * ui, tick_gap = 4 * ui;
+  const double top = std::round(pad + (o.title.empty() ? 0 : cap_height(f_title, tb) + pad));
+  const double bottom_margin = tick_len + tick_gap + cap_height(f_tick, tb) + pad * 0.9 +
+                               cap_height(f_axis, tb) + descent(f_axis, tb) + pad * 0.6;
+  const double bottom = std::round(H - bottom_margin);
+  const double plot_h = bottom - top;
+
+  Axis ya;
+  if (o.ylim) {
+    ya.lo = o.ylim->first;
+    ya.hi = o.ylim->second;
+    ya.ticks = nice_ticks(ya.lo, ya.hi, std::max(2, (int)(plot_h / (42 * ui))));
+    choose_label_format(ya);
+  } else {
+    ya = fit_axis(ymin, ymax, std::max(2, (int)(plot_h / (42 * ui))), 0.04, false);
+  }
+  double ylabel_w = 0;
+  for (double t : ya.ticks) ylabel_w = std::max(ylabel_w, text_width(tick_label(ya, t), f_tick, tb));
+  const double left = std::round(pad + cap_height(f_axis, tb) + descent(f_axis, tb) + pad * 0.9 + ylabel_w +
+                                 tick_gap + tick_len);
+  // Right margin leaves room for half of a last x tick label centred on the frame's edge.
+  const double right = std::round(W - std::max(2 * pad, 0.6 * f_tick * 4));
+  const double plot_w = right - left;
+  check(plot_w > 40 && plot_h > 40, "the chart is too small for its labels: raise --width / --height");
+  const Axis xa = fit_axis(xmin, xmax, std::max(2, (int)(plot_w / (95 * ui))), 0.0, true);
+
+  PlotFrame& fr = L.frame;
+  fr = {left, top, right, bottom, xa.lo, xa.hi, ya.lo, ya.hi};
+  sc.clip_left = left;
+  sc.clip_top = top;
+  sc.clip_right = right;
+  sc.clip_bottom = bottom;
+  auto X = [&](double v) { return left + (v - xa.lo) / (xa.hi - xa.lo) * plot_w; };
+  auto Y = [&](double v) { return bottom - (v - ya.lo) / (ya.hi - ya.lo) * plot_h; };
+
+  // Grid, ticks and their labels.
+  for (double t : xa.ticks) {
+    const double x = crisp(X(t));
+    add_line({{x, top}, {x, bottom}}, kGrid, 1, 1, false);
+    add_line({{x, bottom}, {x, bottom + tick_len}}, kFrame, 1, 1, false);
+    add_text(X(t), bottom + tick_len + tick_gap + cap_height(f_tick, tb), tick_label(xa, t), f_tick, Anchor::middle,
+             kMuted);
+  }
+  for (double t : ya.ticks) {
+    const double y = crisp(Y(t));
+    add_line({{left, y}, {right, y}}, kGrid, 1, 1, false);
+    add_line({{left - tick_len, y}, {left, y}}, kFrame, 1, 1, false);
+    add_text(left - tick_len - tick_gap, Y(t) + cap_height(f_tick, tb) / 2, tick_label(ya, t), f_tick, Anchor::end,
+             kMuted);
+  }
+  add_rect(crisp(left), crisp(top), crisp(right), crisp(bottom), std::nullopt, kFrame, 1);
+
+  // Curves: train lines of all runs first so the sparser validation lines stay on top of them.
+  std::vector<std::vector<Pt>> train_pts(runs.size()), val_pts(runs.size());
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const Series& s = series[r];
+    const Rgb c = kPalette[r % std::size(kPalette)];
+    std::vector<Pt> raw, smooth;
+    for (size_t i = 0; i < s.x.size(); ++i) {
+      raw.push_back({X(s.x[i]), Y(s.raw[i])});
+      if (std::isfinite(s.smooth[i])) smooth.push_back({X(s.x[i]), Y(s.smooth[i])});
+    }
+    const bool smoothed = o.smooth != 1 && (o.smooth > 1 || auto_smooth_window(s.raw.size()) > 1);
+    // With smoothing on, the raw steps stay visible as a faint band behind the smoothed line.
+    if (smoothed && raw.size() > 1) add_line(decimate(raw, 4 * plot_w), c, 1.0 * ui, 0.18, true);
+    if (!smooth.empty()) add_line(decimate(smooth, 4 * plot_w), c, 1.4 * ui, 0.95, true, runs[r].label + " train");
+    train_pts[r] = smooth;
+    for (size_t i = 0; i < s.vx.size(); ++i) val_pts[r].push_back({X(s.vx[i]), Y(s.val[i])});
+  }
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const Rgb c = kPalette[r % std::size(kPalette)];
+    const std::vector<Pt>& v = val_pts[r];
+    if (v.empty()) continue;
+    add_line(decimate(v, 4 * plot_w), c, 2.4 * ui, 1, true, runs[r].label + " valid");
+    // Markers only while they stand apart; hundreds of them would merge into a ragged bar.
+    // A marker inside the data area is drawn whole even where it overhangs the frame.
+    if ((double)v.size() <= plot_w / (9 * ui)) {
+      for (const Pt& p : v) {
+        if (p.x < left - 0.5 || p.x > right + 0.5 || p.y < top - 0.5 || p.y > bottom + 0.5) continue;
+        add_dot(p, 4.2 * ui, kWhite, false);
+        add_dot(p, 3.2 * ui, c, false);
+      }
+    }
+  }
+
+  // Legend, in whichever corner of the data area hides the fewest curve points.
+  struct Entry {
+    std::string text;
+    size_t run;
+    bool valid;
+  };
+  std::vector<Entry> entries;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    if (!series[r].x.empty()) entries.push_back({runs[r].label + " train", r, false});
+    if (!series[r].vx.empty()) entries.push_back({runs[r].label + " valid", r, true});
+  }
+  if (!entries.empty()) {
+    const double row_h = std::round(std::max(f_legend * 1.45, cap_height(f_legend, tb) + 8 * ui));
+    const double sample = 26 * ui, inner = 9 * ui;
+    double text_w = 0;
+    for (const Entry& e : entries) text_w = std::max(text_w, text_width(e.text, f_legend, tb));
+    const double lw = std::round(inner + sample + 7 * ui + text_w + inner);
+    const double lh = std::round(inner * 2 + row_h * (double)entries.size() - (row_h - cap_height(f_legend, tb)));
+    const double m = 10 * ui;
+    const Pt corners[4] = {{right - m - lw, top + m}, {left + m, bottom - m - lh}, {left + m, top + m},
+                           {right - m - lw, bottom - m - lh}};
+    int best = 0;
+    size_t best_hits = SIZE_MAX;
+    for (int k = 0; k < 4; ++k) {
+      size_t hits = 0;
+      auto count = [&](const std::vector<Pt>& pts) {
+        for (const Pt& p : pts)
+          if (p.x >= corners[k].x && p.x <= corners[k].x + lw && p.y >= corners[k].y && p.y <= corners[k].y + lh)
+            ++hits;
+      };
+      for (size_t r = 0; r < runs.size(); ++r) count(train_pts[r]), count(val_pts[r]);
+      if (hits < best_hits) best_hits = hits, best = k;
+    }
+    const double lx = std::round(corners[best].x), ly = std::round(corners[best].y);
+    add_rect(lx + 0.5, ly + 0.5, lx + lw + 0.5, ly + lh + 0.5, kWhite, Rgb{200, 200, 200}, 1, 0.92);
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const Entry& e = entries[i];
+      const Rgb c = kPalette[e.run % std::size(kPalette)];
+      const double base = ly + inner + cap_height(f_legend, tb) + row_h * (double)i;
+      const double mid = base - cap_height(f_legend, tb) / 2;
+      const double sx0 = lx + inner, sx1 = lx + inner + sample;
+      if (e.valid) {
+        add_line({{sx0, mid}, {sx1, mid}}, c, 2.4 * ui, 1, false);
+        add_dot({(sx0 + sx1) / 2, mid}, 4.2 * ui, kWhite, false);
+        add_dot({(sx0 + sx1) / 2, mid}, 3.2 * ui, c, false);
+      } else {
+        add_line({{sx0, mid}, {sx1, mid}}, c, 1.4 * ui, 0.95, false);
+      }
+      add_text(sx1 + 7 * ui, base, e.text, f_legend, Anchor::start, kInk);
+    }
+  }
+
+  // Axis titles and the chart title.
+  add_text((left + right) / 2, H - pad * 0.6 - descent(f_axis, tb), x_title, f_axis, Anchor::middle, kInk, false,
+           true);
+  add_text(pad + cap_height(f_axis, tb), (top + bottom) / 2, "loss", f_axis, Anchor::middle, kInk, true, true);
+  if (!o.title.empty())
+    add_text((left + right) / 2, pad + cap_height(f_title, tb), o.title, f_title, Anchor::middle, kInk, false, true);
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SVG
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  std::string s = buf;
+  s.erase(s.find_last_not_of('0') + 1);
+  if (s.back() == '.') s.pop_back();
+  if (s == "-0") s = "0";
+  return s;
+}
+
+std::string hex(Rgb c) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "#%02x%02x%02x", c.r, c.g, c.b);
+  return buf;
+}
+
+std::string xml_escape(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      default:
+        if (c >= 0x20 || c == '\t') out += (char)c;  // XML 1.0 forbids other control characters
+    }
+  }
+  return out;
+}
+
+std::string to_svg(const Scene& sc) {
+  std::ostringstream o;
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << sc.width << "\" height=\"" << sc.height
+    << "\" viewBox=\"0 0 " << sc.width << " " << sc.height
+    << "\" font-family=\"Helvetica, Arial, 'DejaVu Sans', sans-serif\">\n";
+  o << "<defs><clipPath id=\"data-area\"><rect x=\"" << num(sc.clip_left) << "\" y=\"" << num(sc.clip_top)
+    << "\" width=\"" << num(sc.clip_right - sc.clip_left) << "\" height=\"" << num(sc.clip_bottom - sc.clip_top)
+    << "\"/></clipPath></defs>\n";
+  o << "<rect width=\"100%\" height=\"100%\" fill=\"" << hex(sc.background) << "\"/>\n";
+  auto paint = [&](const Shape& sh) {
+    std::string a;
+    a += sh.filled ? " fill=\"" + hex(sh.fill) + "\"" : " fill=\"none\"";
+    if (sh.stroked) a += " stroke=\"" + hex(sh.stroke) + "\" stroke-width=\"" + num(sh.width) + "\"";
+    if (sh.opacity < 1) a += " opacity=\"" + num(sh.opacity) + "\"";
+    if (sh.clip) a += " clip-path=\"url(#data-area)\"";
+    return a;
+  };
+  auto close = [&](const Shape& sh) {
+    if (sh.tooltip.empty()) return std::string("/>\n");
+    return "><title>" + xml_escape(sh.tooltip) + "</title></" +
+           (sh.kind == Shape::Kind::line ? std::string(sh.pts.size() == 2 ? "line" : "polyline") : "circle") + ">\n";
+  };
+  for (const Shape& sh : sc.shapes) {
+    switch (sh.kind) {
+      case Shape::Kind::rect:
+        o << "<rect x=\"" << num(sh.pts[0].x) << "\" y=\"" << num(sh.pts[0].y) << "\" width=\""
+          << num(sh.pts[1].x - sh.pts[0].x) << "\" height=\"" << num(sh.pts[1].y - sh.pts[0].y) << "\"" << paint(sh)
+          << "/>\n";
+        break;
+      case Shape::Kind::line:
+        if (sh.pts.size() == 2) {
+          o << "<line x1=\"" << num(sh.pts[0].x) << "\" y1=\"" << num(sh.pts[0].y) << "\" x2=\"" << num(sh.pts[1].x)
+            << "\" y2=\"" << num(sh.pts[1].y) << "\"" << paint(sh) << close(sh);
+        } else {
+          o << "<polyline points=\"";
+          for (size_t i = 0; i < sh.pts.size(); ++i) o << (i ? " " : "") << num(sh.pts[i].x) << "," << num(sh.pts[i].y);
+          o << "\"" << paint(sh) << " stroke-linejoin=\"round\" stroke-linecap=\"round\"" << close(sh);
+        }
+        break;
+      case Shape::Kind::dot:
+        o << "<circle cx=\"" << num(sh.pts[0].x) << "\" cy=\"" << num(sh.pts[0].y) << "\" r=\"" << num(sh.radius)
+          << "\"" << paint(sh) << "/>\n";
+        break;
+      case Shape::Kind::text: {
+        const char* anchor = sh.anchor == Anchor::start ? "start" : sh.anchor == Anchor::middle ? "middle" : "end";
+        o << "<text x=\"" << num(sh.pts[0].x) << "\" y=\"" << num(sh.pts[0].y) << "\" font-size=\"" << num(sh.font_px)
+          << "\" fill=\"" << hex(sh.fill) << "\" text-anchor=\"" << anchor << "\"";
+        if (sh.bold) o << " font-weight=\"bold\"";
+        if (sh.vertical) o << " transform=\"rotate(-90 " << num(sh.pts[0].x) << " " << num(sh.pts[0].y) << ")\"";
+        o << ">" << xml_escape(sh.text) << "</text>\n";
+        break;
+      }
+    }
+  }
+  o << "</svg>\n";
+  return o.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+void write_atomic(const std::string& path, const void* data, size_t size) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  auto fail = [&](int err) {
+    std::remove(tmp.c_str());
+    throw Error("cannot write '" + path + "': " + std::strerror(err) +
+                (err == ENOENT ? " (does its folder exist?)" : ""));
+  };
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) fail(errno);
+  bool ok = std::fwrite(data, 1, size, f) == size && std::fflush(f) == 0;
+  int err = errno;
+  if (std::fclose(f) != 0 && ok) ok = false, err = errno;
+  if (!ok) fail(err);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail(errno);
+}
+
+}  // namespace
+
+PlotFrame plot_frame(const std::vector<RunCurves>& runs, const PlotOptions& options) {
+  return build(runs, options, TextBackend::raster).frame;
+}
+
+std::string render_svg(const std::vector<RunCurves>& runs, const PlotOptions& options) {
+  return to_svg(build(runs, options, TextBackend::svg).scene);
+}
+
+std::vector<uint8_t> render_png(const std::vector<RunCurves>& runs, const PlotOptions& options) {
+  const Scene sc = build(runs, options, TextBackend::raster).scene;
+  return encode_png_rgb(plot_detail::rasterize(sc), sc.width, sc.height);
+}
+
+PlotFormat plot_format_of(const std::string& path) {
+  std::string ext = fs::path(path).extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return (char)std::tolower(c); });
+  if (ext == ".png") return PlotFormat::png;
+  if (ext == ".svg") return PlotFormat::svg;
+  throw Error("cannot write '" + path + "': " +
+              (ext.empty() ? std::string("it has no extension") : "unknown extension '" + ext + "'") +
+              "; use .png or .svg");
+}
+
+void write_plot(const std::string& path, const std::vector<RunCurves>& runs, const PlotOptions& options) {
+  if (plot_format_of(path) == PlotFormat::svg) {
+    const std::string svg = render_svg(runs, options);
+    write_atomic(path, svg.data(), svg.size());
+  } else {
+    const std::vector<uint8_t> png = render_png(runs, options);
+    write_atomic(path, png.data(), png.size());
+  }
+}
+
+std::vector<RunSummary> plot_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels,
+                                  const std::string& out_path, const PlotOptions& options) {
+  plot_format_of(out_path);
+  validate(options);
+  const std::vector<RunCurves> runs = load_runs(dirs, labels);
+  write_plot(out_path, runs, options);
+  std::vector<RunSummary> out;
+  for (const RunCurves& r : runs) out.push_back(summarize_run(r));
+  return out;
+}
+
+}  // namespace subllm

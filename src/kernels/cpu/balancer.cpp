@@ -1,0 +1,44 @@
+// The balancer's gradient edit (a backward-only constraint on the statistics of activations).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace subllm::kernels {
+
+// loss = |m - clamp(m, m_min, m_max)| + |log(clamp(rms, r_min, r_max) / rms)|, m = mean/std.
+void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
+                       double grad_scale) {
+  double sum = 0, sum_sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum += x[i];
+    sum_sq += (double)x[i] * x[i];
+  }
+  const double mean = sum / n, uvar = sum_sq / n;
+  const double var = std::max(uvar - mean * mean, 1e-20), sd = std::sqrt(var), rms = std::sqrt(std::max(uvar, 1e-20));
+  const double m = mean / sd;
+  // d(m_loss)/dm and d(r_loss)/d(rms); zero inside the allowed ranges. Where the variance
+  // floor is hit its derivative is zero, as a clamp's is.
+  const double dm = m > m_max ? 1.0 : (m < m_min ? -1.0 : 0.0);
+  const double dr = rms > r_max ? 1.0 / rms : (rms < r_min ? -1.0 / rms : 0.0);
+  if (dm == 0.0 && dr == 0.0) return;
+  const bool var_live = uvar - mean * mean > 1e-20, rms_live = uvar > 1e-20;
+  std::vector<double> g(n);
+  double g_sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double dm_dx = var_live ? (1.0 - m * (x[i] - mean) / sd) / (n * sd) : 1.0 / (n * sd);
+    const double drms_dx = rms_live ? x[i] / (n * rms) : 0.0;
+    g[i] = dm * dm_dx + dr * drms_dx;
+    g_sq += g[i] * g[i];
+  }
+  const double scale = grad_scale / std::max(std::sqrt(g_sq / n), 1e-20);
+  for (int64_t i = 0; i < n; ++i) d[i] = (float)(d[i] + std::fabs((double)d[i]) * g[i] * scale);
+}
+
+double proportion_positive_to_mean(double p) {
+  const double x = 2.0 * p - 1.0, eps = 1e-10;
+  return 0.8139535143 * (std::log(1 + x + eps) - std::log(1 - x + eps)) / 2.0;
+}
+
+}  // namespace subllm::kernels

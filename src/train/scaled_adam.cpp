@@ -1,0 +1,307 @@
+#include "subllm/scaled_adam.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+
+#include "subllm/error.h"
+#include "subllm/safetensors.h"
+
+namespace subllm {
+
+namespace {
+
+// Reductions are summed per fixed-size chunk and then in chunk order, so results are the
+// same for any thread count.
+constexpr int64_t kChunk = 4096;
+
+// Ascending, NaN last (as torch.sort does), so a window with a few NaNs still has a
+// meaningful median.
+bool norm_less(float a, float b) {
+  if (std::isnan(a)) return false;
+  if (std::isnan(b)) return true;
+  return a < b;
+}
+
+std::string exact_double(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%a", x);
+  return buf;
+}
+
+}  // namespace
+
+ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt)
+    : opt_(opt), params_(params), total_(total_elements) {
+  check(!params_.empty(), "ScaledAdam: no parameters to optimize");
+  check(opt_.size_update_period >= 1,
+        "ScaledAdam: size_update_period must be >= 1 (got " + std::to_string(opt_.size_update_period) + ")");
+  check(opt_.clipping_update_period >= 1,
+        "ScaledAdam: clipping_update_period must be >= 1 (got " + std::to_string(opt_.clipping_update_period) + ")");
+  check(opt_.beta1 >= 0 && opt_.beta1 < 1 && opt_.beta2 > 0 && opt_.beta2 < 1,
+        "ScaledAdam: betas must satisfy 0 <= beta1 < 1 and 0 < beta2 < 1");
+  for (size_t t = 0; t < params_.size(); ++t) {
+    const ParamInfo& p = params_[t];
+    check(p.numel > 0 && p.offset >= 0 && p.offset + p.numel <= total_,
+          "ScaledAdam: parameter '" + p.name + "' (offset " + std::to_string(p.offset) + ", " +
+              std::to_string(p.numel) + " elements) does not fit the " + std::to_string(total_) +
+              "-element buffer");
+    for (int64_t b = p.offset; b < p.offset + p.numel; b += kChunk)
+      chunks_.push_back({(int)t, b, std::min(b + kChunk, p.offset + p.numel)});
+  }
+  exp_avg_sq_.assign(total_, 0.f);
+  momentum_.assign(total_, 0.f);
+  param_rms_.assign(params_.size(), 0.f);
+  scale_exp_avg_sq_.assign(params_.size(), 0.f);
+  scale_grads_.assign(params_.size() * opt_.size_update_period, 0.f);
+  model_norms_.assign(opt_.clipping_update_period, 0.f);
+}
+
+void ScaledAdam::reduce(const float* params, const float* grads, bool want_param_sq, std::vector<Sums>& out) const {
+  std::vector<Sums> part(chunks_.size());
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    const Chunk ch = chunks_[c];
+    double gg = 0, pg = 0, pp = 0;
+    if (want_param_sq) {
+#pragma omp simd reduction(+ : gg, pg, pp)
+      for (int64_t i = ch.begin; i < ch.end; ++i) {
+        const double g = grads[i], p = params[i];
+        gg += g * g;
+        pg += p * g;
+        pp += p * p;
+      }
+    } else {
+#pragma omp simd reduction(+ : gg, pg)
+      for (int64_t i = ch.begin; i < ch.end; ++i) {
+        const double g = grads[i], p = params[i];
+        gg += g * g;
+        pg += p * g;
+      }
+    }
+    part[c] = {gg, pg, pp};
+  }
+  out.assign(params_.size(), Sums{0, 0, 0});
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    Sums& s = out[chunks_[c].tensor];
+    s.grad_sq += part[c].grad_sq;
+    s.param_grad += part[c].param_grad;
+    s.param_sq += part[c].param_sq;
+  }
+}
+
+double ScaledAdam::clip_factor(double norm, ScaledAdamStepInfo& info) {
+  const int s = step_;
+  const int period = opt_.clipping_update_period;
+  // Step 0 only initialises state; its norm is measured with the initial RMS but not kept.
+  if (s > 0) {
+    model_norms_[s % period] = (float)norm;
+    // The early estimates see few norms while they may still be changing fast, hence the
+    // subset and the doubled threshold.
+    const bool irregular = (s == 10 || s == 20 || s == 40) && s < period;
+    if (s % period == 0 || irregular) {
+      std::vector<float> sorted = model_norms_;
+      std::sort(sorted.begin(), sorted.end(), norm_less);
+      if (irregular) sorted.erase(sorted.begin(), sorted.end() - s);
+      const int64_t n = (int64_t)sorted.size();
+      for (int q = 0; q < 5; ++q) info.quartiles[q] = sorted[std::min(n - 1, (n / 4) * q)];
+      const double median = info.quartiles[2];
+      check(std::isfinite(median), "ScaledAdam: at step " + std::to_string(s) +
+                                       " the median gradient norm of the clipping window is not finite "
+                                       "(too many non-finite gradients); lower the learning rate or check the data");
+      double thr = (double)opt_.clipping_scale * median;
+      if (irregular) thr *= 2.0;
+      threshold_ = thr;
+      has_threshold_ = true;
+      num_clipped_ = 0;
+      info.quartiles_changed = true;
+    }
+  }
+  info.threshold = has_threshold_ ? threshold_ : 0.0;
+  if (!std::isfinite(norm)) return 0.0;
+  if (!has_threshold_) return 1.0;
+  const double f = std::min(1.0, threshold_ / (norm + 1e-20));
+  if (f < 1.0) ++num_clipped_;
+  return f;
+}
+
+ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
+  ScaledAdamStepInfo info;
+  const int s = step_;
+  const int P = opt_.size_update_period;
+  const size_t nt = params_.size();
+  const bool size_step = (s % P == P - 1);
+
+  std::vector<Sums> sums;
+  reduce(params, grads, s == 0 || size_step, sums);
+  if (s == 0)
+    for (size_t t = 0; t < nt; ++t)
+      if (!is_scalar(t)) param_rms_[t] = (float)std::sqrt(sums[t].param_sq / (double)params_[t].numel);
+
+  // The clipping norm weights each tensor's gradient by how its update is scaled.
+  double sumsq = 0;
+  for (size_t t = 0; t < nt; ++t) {
+    const double w = is_scalar(t) ? (double)opt_.scalar_lr_scale : (double)param_rms_[t];
+    sumsq += sums[t].grad_sq * w * w;
+  }
+  info.grad_norm = std::sqrt(sumsq);
+  double f = 1.0;
+  if (opt_.clipping_scale > 0) f = clip_factor(info.grad_norm, info);
+  info.clip_factor = f;
+  info.skipped = (f == 0.0);
+  if (f != 1.0) {
+    const float ff = (float)f;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      const Chunk ch = chunks_[c];
+      if (ff == 0.f) {
+        // A product with 0 would keep NaN and Inf.
+        std::fill(grads + ch.begin, grads + ch.end, 0.f);
+      } else {
+#pragma omp simd
+        for (int64_t i = ch.begin; i < ch.end; ++i) grads[i] *= ff;
+      }
+    }
+  }
+
+  // Per-tensor coefficients of the elementwise update.
+  struct Coef {
+    float step_coef, scale_step;
+  };
+  std::vector<Coef> coef(nt);
+  const double beta2 = opt_.beta2, eps = opt_.eps;
+  const double bc2 = 1.0 - std::pow(beta2, s + 1);
+  const float inv_bc2 = bc2 < 0.99 ? (float)(1.0 / bc2) : 1.0f;
+  for (size_t t = 0; t < nt; ++t) {
+    const ParamInfo& p = params_[t];
+    const double lr_t = (double)lr * (double)p.lr_scale;
+    if (is_scalar(t)) {
+      coef[t] = {(float)(-lr_t * opt_.scalar_lr_scale), 0.f};
+      continue;
+    }
+    float* sg = &scale_grads_[t * P];
+    sg[s % P] = f == 0.0 ? 0.f : (float)(sums[t].param_grad * f);
+    if (size_step) param_rms_[t] = (float)std::sqrt(sums[t].param_sq / (double)p.numel);
+    const double rms = param_rms_[t];
+    double scale_step = 0;
+    if (size_step && s > 0) {
+      const double beta2_corr = std::pow(beta2, P);
+      double mean_sq = 0, sum = 0;
+      for (int k = 0; k < P; ++k) {
+        mean_sq += (double)sg[k] * sg[k];
+        sum += sg[k];
+      }
+      mean_sq /= P;
+      scale_exp_avg_sq_[t] = (float)(scale_exp_avg_sq_[t] * beta2_corr + mean_sq * (1.0 - beta2_corr));
+      const int64_t size_steps = (s + 1) / P;
+      const double bc = 1.0 - std::pow(beta2_corr, (double)size_steps);
+      const double size_lr = lr_t * opt_.scalar_lr_scale;
+      scale_step = -size_lr * std::sqrt(bc) * sum / (std::sqrt((double)scale_exp_avg_sq_[t]) + eps);
+      // The rule freezes the scale of a tensor that is already below the minimum RMS.
+      if (rms < opt_.param_min_rms) scale_step = 0;
+      scale_step = std::clamp(scale_step, -0.1, 0.1);
+      scale_step = std::min(scale_step, ((double)opt_.param_max_rms - rms) / rms);
+    }
+    coef[t] = {(float)(-lr_t * std::max(rms, (double)opt_.param_min_rms)), (float)scale_step};
+  }
+
+  const float b1 = opt_.beta1, one_minus_b1 = (float)(1.0 - (double)opt_.beta1);
+  const float b2 = opt_.beta2, one_minus_b2 = (float)(1.0 - (double)opt_.beta2);
+  const float feps = opt_.eps, smax = opt_.scalar_max;
+  float* v = exp_avg_sq_.data();
+  float* m = momentum_.data();
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    const Chunk ch = chunks_[c];
+    const Coef k = coef[ch.tensor];
+    const bool scalar = params_[ch.tensor].numel == 1;
+#pragma omp simd
+    for (int64_t i = ch.begin; i < ch.end; ++i) {
+      const float g = grads[i];
+      const float vi = b2 * v[i] + one_minus_b2 * (g * g);
+      v[i] = vi;
+      const float d = k.step_coef * g / (std::sqrt(vi * inv_bc2) + feps) + params[i] * k.scale_step;
+      const float mi = b1 * m[i] + one_minus_b1 * d;
+      m[i] = mi;
+      params[i] += mi;
+    }
+    if (scalar) params[ch.begin] = std::clamp(params[ch.begin], -smax, smax);
+  }
+  ++step_;
+  return info;
+}
+
+void ScaledAdam::save_state(const std::string& path) const {
+  const int64_t nt = (int64_t)params_.size();
+  std::vector<SafetensorsOut> out = {
+      {"exp_avg_sq", DType::F32, {total_}, exp_avg_sq_.data()},
+      {"momentum", DType::F32, {total_}, momentum_.data()},
+      {"param_rms", DType::F32, {nt}, param_rms_.data()},
+      {"scale_exp_avg_sq", DType::F32, {nt}, scale_exp_avg_sq_.data()},
+      {"scale_grads", DType::F32, {nt, (int64_t)opt_.size_update_period}, scale_grads_.data()},
+      {"model_norms", DType::F32, {(int64_t)opt_.clipping_update_period}, model_norms_.data()},
+  };
+  std::map<std::string, std::string> meta = {
+      {"format", "subllm.scaled_adam.v1"},
+      {"step", std::to_string(step_)},
+      {"has_threshold", has_threshold_ ? "1" : "0"},
+      {"threshold", exact_double(threshold_)},
+      {"num_clipped", std::to_string(num_clipped_)},
+  };
+  write_safetensors(path, out, meta);
+}
+
+void ScaledAdam::load_state(const std::string& path) {
+  SafetensorsFile f(path);
+  const std::string where = "ScaledAdam state '" + path + "': ";
+  auto read = [&](const std::string& name, const Shape& shape) {
+    check(f.has(name), where + "missing tensor '" + name + "' (not a ScaledAdam state file, or a truncated one)");
+    std::vector<float> tmp(shape_numel(shape));
+    f.read_f32(name, shape, tmp.data());
+    return tmp;
+  };
+  auto meta = [&](const std::string& key) -> const std::string& {
+    auto it = f.metadata().find(key);
+    check(it != f.metadata().end(), where + "missing metadata '" + key + "'");
+    return it->second;
+  };
+  auto to_int = [&](const std::string& key) -> int64_t {
+    const std::string& s = meta(key);
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    check(!s.empty() && *end == '\0' && v >= 0, where + "metadata '" + key + "' is not a count: '" + s + "'");
+    return v;
+  };
+  const int64_t nt = (int64_t)params_.size();
+  // Read everything before touching the live state, so a bad file leaves it as it was.
+  std::vector<float> v = read("exp_avg_sq", {total_});
+  std::vector<float> m = read("momentum", {total_});
+  std::vector<float> rms = read("param_rms", {nt});
+  std::vector<float> sea = read("scale_exp_avg_sq", {nt});
+  std::vector<float> sg = read("scale_grads", {nt, (int64_t)opt_.size_update_period});
+  std::vector<float> norms = read("model_norms", {(int64_t)opt_.clipping_update_period});
+  check(meta("format") == "subllm.scaled_adam.v1", where + "unknown format '" + meta("format") + "'");
+  const int64_t step = to_int("step");
+  const int64_t has_thr = to_int("has_threshold");
+  const int64_t clipped = to_int("num_clipped");
+  const std::string& thr_s = meta("threshold");
+  char* end = nullptr;
+  const double thr = std::strtod(thr_s.c_str(), &end);
+  check(!thr_s.empty() && *end == '\0', where + "metadata 'threshold' is not a number: '" + thr_s + "'");
+
+  exp_avg_sq_ = std::move(v);
+  momentum_ = std::move(m);
+  param_rms_ = std::move(rms);
+  scale_exp_avg_sq_ = std::move(sea);
+  scale_grads_ = std::move(sg);
+  model_norms_ = std::move(norms);
+  step_ = (int)step;
+  has_threshold_ = has_thr != 0;
+  threshold_ = thr;
+  num_clipped_ = clipped;
+}
+
+}  // namespace subllm
