@@ -188,13 +188,26 @@ std::vector<double> moving_average(const std::vector<double>& values, int window
 
 namespace {
 
-double nice_step(double span, int max_ticks) {
+// The tick step as mantissa (1, 2 or 5) times 10^exponent.
+struct TickStep {
+  int mantissa;
+  int exponent;
+  double value() const { return times(1); }
+  // k steps, computed so that e.g. 3 x 0.2 comes out as the double nearest 0.6.
+  double times(long k) const {
+    return exponent >= 0 ? (double)(k * mantissa) * std::pow(10.0, exponent)
+                         : (double)(k * mantissa) / std::pow(10.0, -exponent);
+  }
+};
+
+TickStep nice_step(double span, int max_ticks) {
   const double raw = span / std::max(1, max_ticks - 1);
-  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
-  const double f = raw / mag;
-  // Allow a hair over each step so that rounding noise in `raw` does not jump a size.
-  const double nice = f <= 1.0001 ? 1 : f <= 2.0001 ? 2 : f <= 5.0001 ? 5 : 10;
-  return nice * mag;
+  int e = (int)std::floor(std::log10(raw));
+  const double f = raw / std::pow(10.0, e);
+  // Allow a hair over each size so that rounding noise in `raw` does not jump to the next one.
+  int m = f <= 1.0001 ? 1 : f <= 2.0001 ? 2 : f <= 5.0001 ? 5 : 10;
+  if (m == 10) m = 1, ++e;
+  return {m, e};
 }
 
 }  // namespace
@@ -203,10 +216,11 @@ std::vector<double> nice_ticks(double lo, double hi, int max_ticks) {
   if (!std::isfinite(lo) || !std::isfinite(hi)) return {};
   if (hi < lo) std::swap(lo, hi);
   if (hi == lo) return {lo};
-  const double step = nice_step(hi - lo, max_ticks);
+  const TickStep step = nice_step(hi - lo, max_ticks);
+  const double size = step.value();
   std::vector<double> ticks;
-  const long first = (long)std::ceil(lo / step - 1e-9), last = (long)std::floor(hi / step + 1e-9);
-  for (long k = first; k <= last; ++k) ticks.push_back(k == 0 ? 0.0 : (double)k * step);
+  const long first = (long)std::ceil(lo / size - 1e-9), last = (long)std::floor(hi / size + 1e-9);
+  for (long k = first; k <= last; ++k) ticks.push_back(k == 0 ? 0.0 : step.times(k));
   return ticks;
 }
 

@@ -12,6 +12,15 @@ subprocess and checks its output against
   - torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW for the update,
   - RoPE position handling (explicit positions, shift invariance),
   - tied weights, safetensors round trips and error exits.
+Then a tiny SUBLLM ("T(T(T)T)T", retentions 0.6,0.5; score layers calibrated so scores
+sit inside and around [0, 1], away from kinks) against
+  - a separate loop-based numpy SUBLLM (selection, w_scale, logits, loss) and central
+    finite differences of it (entries whose perturbation changes a sort order or clamp
+    region are skipped and counted),
+  - torch.optim.AdamW with the subsampler parameter groups (to_scores lr x 0.5, no decay),
+  - the balancer formula (x_grad + |x_grad| * g, g by hand in numpy), the bypass
+    gradient limit (c = 0.5 at step 0; mixed c at step 10000), flipped pairing,
+    "only T" == LLaMA bit for bit, config/batch parsing errors.
 Prints "N passed, M failed" and exits non-zero on any failure.
 """
 

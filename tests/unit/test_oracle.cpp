@@ -28,6 +28,9 @@ double max_rel_err(const float* got, const float* want, int64_t n) {
 struct OracleCase {
   ModelConfig cfg;
   int B = 2, T = 17;
+  long step = 0;            // global training step (schedules of the balancer and bypass limit)
+  float balancer_prob = 0;  // chance each subsampler's balancer acts
+  float limit_prob = 0;     // chance each bypass limit acts
 };
 
 void run_oracle(const OracleCase& oc, const std::string& tag) {
@@ -48,8 +51,22 @@ void run_oracle(const OracleCase& oc, const std::string& tag) {
     tokens[i] = (int32_t)r.below(oc.cfg.vocab_size);
     targets[i] = (i % 5 == 4) ? -1 : (int32_t)r.below(oc.cfg.vocab_size);
   }
-  write_safetensors((dir / "batch.safetensors").string(),
-                    {{"tokens", DType::I32, {oc.B, oc.T}, tokens.data()}, {"targets", DType::I32, {oc.B, oc.T}, targets.data()}});
+  // The random choices of this training pass (which subsamplers flip their pairing, which
+  // balancers and bypass limits act) are handed to the reference, which selects tokens itself.
+  m.knobs().balancer_prob = ScheduledFloat(oc.balancer_prob);
+  m.knobs().bypass_limit_prob = oc.limit_prob;
+  m.set_train_context(oc.step, 5);
+  m.forward(tokens.data(), targets.data(), oc.B, oc.T, nullptr, Mode::Train);
+  const auto traces = m.last_traces();
+  std::vector<std::vector<int32_t>> flags;
+  const int32_t step_i = (int32_t)oc.step;
+  std::vector<SafetensorsOut> batch = {{"tokens", DType::I32, {oc.B, oc.T}, tokens.data()},
+                                       {"targets", DType::I32, {oc.B, oc.T}, targets.data()},
+                                       {"step", DType::I32, {1}, &step_i}};
+  for (const auto& t : traces) flags.push_back({t.flipped, t.balancer_on, t.limit_on});
+  for (size_t j = 0; j < traces.size(); ++j)
+    batch.push_back({"choices/" + std::to_string(j), DType::I32, {3}, flags[j].data()});
+  write_safetensors((dir / "batch.safetensors").string(), batch);
   AdamWOptions opt;
   opt.beta1 = 0.9f;
   opt.beta2 = 0.95f;
@@ -63,8 +80,15 @@ void run_oracle(const OracleCase& oc, const std::string& tag) {
   ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd << " (is python3-torch installed? run scripts/setup.sh)";
   SafetensorsFile ref((dir / "reference.safetensors").string());
 
+  for (size_t j = 0; j < traces.size(); ++j) {
+    const int Tc = traces[j].kept_per_seq;
+    const SafetensorsEntry& e = ref.get("kept/" + std::to_string(j));
+    ASSERT_EQ(e.shape, (Shape{oc.B, Tc})) << "subsampler " << j << " keeps a different number of tokens";
+    const int32_t* rk = static_cast<const int32_t*>(e.data);
+    EXPECT_EQ(std::vector<int32_t>(rk, rk + (size_t)oc.B * Tc), traces[j].kept) << "subsampler " << j;
+  }
   std::vector<float> logits((size_t)N * oc.cfg.vocab_size);
-  float loss_fwd = m.forward(tokens.data(), targets.data(), oc.B, oc.T, logits.data());
+  float loss_fwd = m.forward(tokens.data(), targets.data(), oc.B, oc.T, logits.data(), Mode::Train);
   m.zero_grad();
   float loss = m.forward_backward(tokens.data(), targets.data(), oc.B, oc.T);
   float ref_loss = 0;
@@ -108,6 +132,27 @@ ModelConfig oracle_config() {
 }
 
 TEST(Oracle, LlamaMatchesPyTorch) { run_oracle({oracle_config()}, "llama"); }
+
+ModelConfig nested_config() {
+  ModelConfig c = oracle_config();
+  c.n_layers = 5;
+  c.structure = "T(T(T)T)T";
+  c.retentions = {0.6f, 0.5f};
+  return c;
+}
+
+TEST(Oracle, NestedSubllmMatchesPyTorch) {
+  OracleCase oc{nested_config()};
+  run_oracle(oc, "subllm");
+}
+
+TEST(Oracle, NestedSubllmWithBalancerAndBypassLimitMatchesPyTorch) {
+  OracleCase oc{nested_config()};
+  oc.step = 1500;
+  oc.balancer_prob = 1.0f;
+  oc.limit_prob = 1.0f;
+  run_oracle(oc, "subllm_balanced");
+}
 
 TEST(Oracle, TiedLlamaMatchesPyTorch) {
   ModelConfig c = oracle_config();

@@ -2,6 +2,7 @@
 // bytes up (the PNG is decoded here with an independent CRC, Adler-32 and stored-block reader).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -255,7 +256,7 @@ TEST(PlotMath, MovingAverageIsCentredAndShrinksAtTheEnds) {
 }
 
 TEST(PlotMath, TicksAreNiceRoundValuesInsideTheRange) {
-  EXPECT_EQ(nice_ticks(0, 1, 6), (std::vector<double>{0, 0.2, 0.4, 0.6000000000000001, 0.8, 1}));
+  EXPECT_EQ(nice_ticks(0, 1, 6), (std::vector<double>{0, 0.2, 0.4, 0.6, 0.8, 1}));
   const auto t = nice_ticks(2.83, 10.41, 8);
   ASSERT_GE(t.size(), 3u);
   EXPECT_LE(t.size(), 9u);
@@ -358,18 +359,18 @@ TEST(PlotPng, EncoderRoundTripsPixelsAcrossManyStoredBlocks) {
 
 TEST(PlotPng, DrawsTheCurveWhereTheDataIs) {
   TempDir tmp("plot");
-  // A flat train loss of 5 on a 4..6 axis: a horizontal line half way up the data area.
+  // A flat train loss of 5 on a 4..7 axis: a horizontal line a third of the way up the data area.
   std::string text;
   for (int s = 0; s <= 100; ++s) text += "{\"step\": " + std::to_string(s) + ", \"loss\": 5.0}\n";
   write_file(tmp.file("flat/metrics.jsonl"), text);
   const auto runs = load_runs({tmp.file("flat")});
   PlotOptions o;
-  o.ylim = std::make_pair(4.0, 6.0);
+  o.ylim = std::make_pair(4.0, 7.0);
   const PlotFrame f = plot_frame(runs, o);
   ASSERT_LT(f.left, f.right);
   ASSERT_LT(f.top, f.bottom);
   EXPECT_DOUBLE_EQ(f.y_lo, 4.0);
-  EXPECT_DOUBLE_EQ(f.y_hi, 6.0);
+  EXPECT_DOUBLE_EQ(f.y_hi, 7.0);
   const auto bytes = render_png(runs, o);
   const DecodedPng d = decode_png(std::string(bytes.begin(), bytes.end()));
   ASSERT_EQ(d.error, "");
@@ -385,6 +386,7 @@ TEST(PlotPng, DrawsTheCurveWhereTheDataIs) {
     EXPECT_GT(on[2], on[0] + 60) << "the first run is drawn in blue";
     EXPECT_FALSE(is_coloured(px(step, 4.3))) << "nothing is drawn below the line";
     EXPECT_FALSE(is_coloured(px(step, 5.7))) << "nothing is drawn above the line";
+    EXPECT_FALSE(is_coloured(px(step, 6.0))) << "nothing is drawn at the mirror image of the line";
   }
   // Margins outside the data area hold no curve ink.
   EXPECT_TRUE(is_background(d.at(2, 2)));
@@ -399,7 +401,7 @@ TEST(PlotPng, TextIsDrawnInTheImage) {
     const DecodedPng d = decode_png(std::string(bytes.begin(), bytes.end()));
     const PlotFrame f = plot_frame(runs, opt);
     int dark = 0;
-    for (int y = 0; y < (int)f.top - 2; ++y)
+    for (int y = 0; y < (int)f.top - 6; ++y)
       for (int x = 0; x < (int)d.width; ++x) dark += d.at(x, y)[0] < 128;
     return dark;
   };

@@ -553,7 +553,7 @@ std::string hex(double x) {
   return buf;
 }
 
-TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
+void run_oracle(const ScaledAdamOptions& o, const EdenSchedule& eden) {
   TempDir tmp("scaled_adam_oracle");
   Layout l;
   l.add("scalar", {1});
@@ -591,7 +591,7 @@ TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
         if (p.name == "scalar") g = -1.0 + 0.3 * r.normal();
         else if (p.name == "gain") g = 0.5 * r.normal();
         else if (p.name == "proj") g = 2.0 * r.normal();
-        else if (p.name == "conv") g = 0.3 * r.normal();
+        else if (p.name == "conv") g = 0.3 * r.normal() + 0.2 * x;  // a steady pull to shrink
         else if (p.name == "embed") g = 0.01 * r.normal();
         else if (p.name == "near_max") g = -0.5 * x + 0.1 * r.normal();
         else g = (x > 0 ? 0.5 : -0.5) + 0.05 * r.normal();
@@ -602,12 +602,6 @@ TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
   const ParamInfo& embed = l.infos[4];
   grads[33][embed.offset + 17] = std::numeric_limits<float>::quiet_NaN();
 
-  ScaledAdamOptions o;
-  o.clipping_update_period = 48;  // early estimates at 10, 20, 40 and a full window at 48
-  EdenSchedule eden;
-  eden.warmup_batches = 30;
-  eden.lr_batches = 40;
-  eden.lr_epochs = 2;
   const double epoch_per_batch = 0.05;
 
   std::vector<SafetensorsOut> out;
@@ -687,6 +681,34 @@ TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
   EXPECT_GE(clipped, 3);
   EXPECT_EQ(skipped, 1);
   EXPECT_GT(scalar_at_max, 0);
+}
+
+TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
+  ScaledAdamOptions o;
+  o.clipping_update_period = 48;  // early estimates at 10, 20, 40 and a full window at 48
+  EdenSchedule eden;
+  eden.warmup_batches = 30;
+  eden.lr_batches = 40;
+  eden.lr_epochs = 2;
+  run_oracle(o, eden);
+}
+
+TEST(ScaledAdamOracle, OtherSettingsMatchPyTorch) {
+  // Large scale steps (the 0.1 clamp engages on `conv`), another size period, other betas, Eden2.
+  ScaledAdamOptions o;
+  o.beta1 = 0.8f;
+  o.beta2 = 0.95f;
+  o.scalar_lr_scale = 3.f;
+  o.size_update_period = 3;
+  o.clipping_scale = 1.5f;
+  o.clipping_update_period = 30;
+  EdenSchedule eden;
+  eden.eden2 = true;
+  eden.base_lr = 0.03f;
+  eden.warmup_batches = 10;
+  eden.warmup_start = 0.2f;
+  eden.lr_batches = 20;
+  run_oracle(o, eden);
 }
 
 }  // namespace
