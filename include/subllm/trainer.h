@@ -3,6 +3,7 @@
 // atomic checkpoints, exact resume, progress and metrics.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "subllm/config.h"
 #include "subllm/optim.h"
@@ -36,6 +37,7 @@ struct TrainResult {
   long steps_done = 0;
   float last_loss = 0;
   float val_loss = -1;           // last validation loss (-1 if none ran)
+  std::vector<double> retention; // kept fraction per subsampler in the last validation
   std::string last_checkpoint;
   bool interrupted = false;
 };

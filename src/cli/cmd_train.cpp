@@ -1,4 +1,5 @@
 // `subllm train`: train a model on prepared token shards.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -16,6 +17,7 @@ struct TrainCli {
   int dim = 256, layers = 4, heads = 4, ffn = 0, vocab = 0;
   std::string structure;
   std::string retention;
+  bool layers_given = false;
   float lr = 2e-3f;
 };
 
@@ -27,7 +29,9 @@ int run_train(TrainCli& c) {
   } else {
     ModelConfig m;
     m.dim = c.dim;
-    m.n_layers = c.layers;
+    // A structure string fixes the block count unless --layers says otherwise.
+    m.n_layers = c.layers_given || c.structure.empty() ? c.layers
+                                                       : (int)std::count(c.structure.begin(), c.structure.end(), 'T');
     m.n_heads = c.heads;
     // SwiGLU hidden size ≈ 8/3 d rounded to a multiple of 32, as LLaMA sizes it.
     m.ffn_dim = c.ffn > 0 ? c.ffn : (8 * c.dim / 3 + 31) / 32 * 32;
@@ -46,6 +50,10 @@ int run_train(TrainCli& c) {
   TrainResult r = train(o);
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
   if (r.val_loss >= 0) std::printf("  validation loss %.4f", r.val_loss);
+  if (!r.retention.empty()) {
+    std::printf("  retention");
+    for (double x : r.retention) std::printf(" %.3f", x);
+  }
   std::printf("\ncheckpoint %s\n", r.last_checkpoint.c_str());
   return r.interrupted ? 130 : 0;
 }
@@ -100,6 +108,7 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
+    c->layers_given = layers->count() > 0;
     run = [c] { return run_train(*c); };
   });
 }

@@ -65,7 +65,10 @@ void fill_windows(const TokenDataset& ds, Rng& rng, int batch, int seq, std::vec
   }
 }
 
+// Validation runs in inference mode: SUBLLM subsamplers keep the tokens scoring above the
+// threshold, as they will when the model is used.
 float evaluate(Model& model, const TokenDataset& ds, int batch, int seq, int batches) {
+  model.reset_retention_stats();
   std::vector<int32_t> tokens((size_t)batch * seq), targets((size_t)batch * seq), window(seq + 1);
   const int64_t span = ds.num_tokens() - (seq + 1);
   const int windows = batch * batches;
@@ -311,6 +314,7 @@ TrainResult train(const TrainOptions& o) {
     for (int micro = 0; micro < o.grad_accum; ++micro) {
       Rng rng(batch_seed(o.seed, step, micro));
       fill_windows(train_ds, rng, o.batch, o.seq, tokens, targets, window);
+      model.set_train_context(step, batch_seed(o.seed ^ 0x5eed, step, micro));
       loss_sum += model.forward_backward(tokens.data(), targets.data(), o.batch, o.seq, 1.0f / o.grad_accum);
     }
     const float loss = (float)(loss_sum / o.grad_accum);
@@ -339,6 +343,8 @@ TrainResult train(const TrainOptions& o) {
     if (valid_ds && ((o.eval_every > 0 && done % o.eval_every == 0) || last)) {
       res.val_loss = evaluate(model, *valid_ds, o.batch, o.seq, o.eval_batches);
       m["val_loss"] = res.val_loss;
+      res.retention = model.retention();
+      if (!model.structure().is_plain()) m["retention"] = res.retention;
     }
     metrics << m.dump() << "\n";
     metrics.flush();

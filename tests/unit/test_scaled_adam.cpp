@@ -514,6 +514,24 @@ TEST(ScaledAdam, SameResultForAnyThreadCount) {
   EXPECT_EQ(run(1), run(3));
 }
 
+TEST(ScaledAdam, VectorAndTailPathsAgree) {
+  // Elements 0-7 of a 15-element tensor take the 8-wide path, 8-14 the element loop; equal
+  // inputs must give equal bits.
+  Layout l;
+  l.add("w", {15});
+  ScaledAdam opt(l.infos, l.total, ScaledAdamOptions{});
+  Rng r(4);
+  std::vector<float> p(15), g(15);
+  for (int i = 0; i < 7; ++i) p[i] = p[i + 8] = (float)r.normal();
+  p[7] = 0.5f;
+  for (int s = 0; s < 9; ++s) {
+    for (int i = 0; i < 7; ++i) g[i] = g[i + 8] = (float)(r.normal() * 1e-3);
+    g[7] = 0.f;
+    opt.step(p.data(), g.data(), 0.05f);
+  }
+  for (int i = 0; i < 7; ++i) EXPECT_EQ(p[i], p[i + 8]) << i;
+}
+
 TEST(Eden, WarmupAndDecay) {
   EdenSchedule e;  // base 0.045, B 5000, E 6, warmup 500 from 0.5
   EXPECT_DOUBLE_EQ(e.at(0, 0), (double)0.045f * 0.5);
