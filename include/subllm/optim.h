@@ -1,10 +1,13 @@
 #pragma once
-// Optimizers over a Model's flat parameter and gradient buffers.
+// Optimizers over a Model's flat parameter and gradient buffers, behind one interface so the
+// trainer, checkpoints and benchmarks treat AdamW and ScaledAdam alike.
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "subllm/model.h"
+#include "subllm/scaled_adam.h"
 
 namespace subllm {
 
@@ -14,6 +17,28 @@ double grad_norm(const float* g, int64_t n);
 // returns the norm before clipping. max_norm <= 0 disables clipping.
 double clip_grad_norm(float* g, int64_t n, float max_norm);
 
+// What one optimizer step did.
+struct StepReport {
+  double grad_norm = 0;     // the norm the clipping looked at, before clipping
+  double clip_factor = 1;   // what the gradients were multiplied by
+  bool skipped = false;     // the gradients were not finite: no update was made
+  bool quartiles_changed = false;  // ScaledAdam recomputed its clipping threshold
+  double quartiles[5] = {0, 0, 0, 0, 0};
+};
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  virtual const char* name() const = 0;
+  // One update at learning rate `lr` (each tensor's lr_scale multiplies it); may scale the
+  // model's gradient buffer in place (clipping).
+  virtual StepReport step(Model& model, float lr) = 0;
+  virtual int steps_taken() const = 0;
+  // Every buffer and counter, for an exact resume (atomic write; load checks the layout).
+  virtual void save_state(const std::string& path) const = 0;
+  virtual void load_state(const std::string& path) = 0;
+};
+
 struct AdamWOptions {
   float beta1 = 0.9f;
   float beta2 = 0.95f;
@@ -22,23 +47,39 @@ struct AdamWOptions {
   float grad_clip = 1.0f;     // global norm; <= 0 disables
 };
 
-class AdamW {
+// torch.optim.AdamW semantics with global-norm clipping first. A non-finite gradient norm
+// leaves parameters and state untouched (the step is reported as skipped).
+class AdamW : public Optimizer {
  public:
   AdamW(const Model& model, AdamWOptions opt);
-  // One update from the gradients in the model's buffer at learning rate `lr` (each
-  // tensor's lr_scale applies). Clips first; returns the gradient norm before clipping.
-  // A non-finite norm leaves parameters and state untouched.
-  double step(Model& model, float lr);
-  int steps_taken() const { return step_; }
-  const AdamWOptions& options() const { return opt_; }
-  std::vector<float>& first_moment() { return m_; }
-  std::vector<float>& second_moment() { return v_; }
-  void set_steps_taken(int s) { step_ = s; }
+  const char* name() const override { return "adamw"; }
+  StepReport step(Model& model, float lr) override;
+  int steps_taken() const override { return step_; }
+  void save_state(const std::string& path) const override;
+  void load_state(const std::string& path) override;
 
  private:
   AdamWOptions opt_;
+  std::vector<ParamInfo> params_;
   std::vector<float> m_, v_;
   int step_ = 0;
 };
+
+class ScaledAdamOptimizer : public Optimizer {
+ public:
+  ScaledAdamOptimizer(const Model& model, ScaledAdamOptions opt);
+  const char* name() const override { return "scaled_adam"; }
+  StepReport step(Model& model, float lr) override;
+  int steps_taken() const override { return impl_.steps_taken(); }
+  void save_state(const std::string& path) const override { impl_.save_state(path); }
+  void load_state(const std::string& path) override { impl_.load_state(path); }
+
+ private:
+  ScaledAdam impl_;
+};
+
+// kind: "adamw" or "scaled_adam" (error otherwise, naming the choices).
+std::unique_ptr<Optimizer> make_optimizer(const std::string& kind, const Model& model, const AdamWOptions& adamw,
+                                          const ScaledAdamOptions& scaled_adam);
 
 }  // namespace subllm

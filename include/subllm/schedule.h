@@ -4,15 +4,19 @@
 #include <utility>
 #include <vector>
 
+#include "subllm/eden.h"
+
 namespace subllm {
 
 struct LrSchedule {
-  std::string kind = "cosine";  // "cosine" | "constant"
+  std::string kind = "cosine";  // cosine | constant | eden | eden2
   float base_lr = 3e-4f;
-  int warmup_steps = 100;       // linear from 0 to base_lr
+  int warmup_steps = 100;       // cosine/constant: linear from 0; eden: from eden.warmup_start
   long total_steps = 1000;
   float min_lr_ratio = 0.1f;    // cosine ends at base_lr * min_lr_ratio
-  float at(long step) const;    // step counts from 0
+  EdenSchedule eden;            // lr_batches, lr_epochs, warmup_start for eden/eden2
+  // `step` counts optimizer steps from 0; `epoch` is the data seen so far, in epochs.
+  float at(long step, double epoch = 0) const;
 };
 
 // A value given as (step, value) points, linear between them, constant outside.

@@ -22,8 +22,10 @@ struct TrainOptions {
   int grad_accum = 1;            // micro-batches per optimizer step
   long steps = 1000;             // optimizer steps (a token budget, if given, sets this)
   int64_t token_budget = 0;
+  std::string optimizer = "adamw";  // adamw | scaled_adam
   LrSchedule lr;
   AdamWOptions adamw;
+  ScaledAdamOptions scaled_adam;
   int eval_every = 100;          // steps between validation passes (0: only at the end)
   int eval_batches = 8;          // micro-batches per validation pass
   int ckpt_every = 200;          // steps between checkpoints (0: only at the end)

@@ -46,6 +46,7 @@ double measure_sgemm_gflops() {
 struct BenchTrainArgs {
   std::string config;
   std::string baseline;
+  std::string optimizer = "adamw";
   int seq = 1024, batch = 4, steps = 3, warmup = 1, threads = 0;
   uint64_t seed = 1;
   bool json = false;
@@ -57,7 +58,7 @@ nlohmann::json measure_training(const std::string& config_path, const BenchTrain
   if (cfg.context < a.seq) cfg.context = a.seq;
   Model model(cfg);
   model.init_weights(a.seed);
-  AdamW opt(model, AdamWOptions{});
+  std::unique_ptr<Optimizer> opt = make_optimizer(a.optimizer, model, AdamWOptions{}, ScaledAdamOptions{});
   Rng rng(a.seed);
   const int64_t n = (int64_t)a.batch * a.seq;
   std::vector<int32_t> tokens(n), targets(n);
@@ -70,7 +71,7 @@ nlohmann::json measure_training(const std::string& config_path, const BenchTrain
     model.set_train_context(step++, a.seed);
     model.zero_grad();
     float loss = model.forward_backward(tokens.data(), targets.data(), a.batch, a.seq);
-    opt.step(model, 3e-4f);
+    opt->step(model, a.optimizer == "adamw" ? 3e-4f : 0.045f);
     return loss;
   };
   for (int i = 0; i < a.warmup; ++i) train_step();
@@ -92,6 +93,7 @@ nlohmann::json measure_training(const std::string& config_path, const BenchTrain
           {"seq", a.seq},
           {"batch", a.batch},
           {"steps", a.steps},
+          {"optimizer", a.optimizer},
           {"threads", num_threads()},
           {"params", model.num_params()},
           {"tokens_per_s", tps},
@@ -159,6 +161,10 @@ void add_bench_command(CLI::App& app, Runner& run) {
   train->add_option("--config", args->config, "config.json of the model")->required()->check(CLI::ExistingFile);
   train->add_option("--baseline", args->baseline, "a second config measured in the same run (e.g. the LLaMA of a SUBLLM)")
       ->check(CLI::ExistingFile);
+  train->add_option("--optimizer", args->optimizer, "adamw | scaled-adam")
+      ->capture_default_str()
+      ->transform([](std::string v) { return v == "scaled-adam" ? std::string("scaled_adam") : v; })
+      ->check(CLI::IsMember({"adamw", "scaled_adam"}));
   train->add_option("--seq", args->seq, "sequence length")->capture_default_str();
   train->add_option("--batch", args->batch, "sequences per step")->capture_default_str();
   train->add_option("--steps", args->steps, "timed steps")->capture_default_str();

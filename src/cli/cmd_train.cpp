@@ -18,6 +18,8 @@ struct TrainCli {
   std::string structure;
   std::string retention;
   bool layers_given = false;
+  std::string recipe;
+  bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false;
   float lr = 2e-3f;
 };
 
@@ -46,6 +48,15 @@ int run_train(TrainCli& c) {
     o.model = m;
   }
   o.model.context = std::max(o.model.context, o.seq);
+  // --recipe paper: the paper's optimizer and schedule; explicit flags still win.
+  if (c.recipe == "paper") {
+    if (!c.optimizer_given) o.optimizer = "scaled_adam";
+    if (!c.lr_given) c.lr = 0.045f;
+    if (!c.schedule_given) o.lr.kind = "eden";
+  }
+  if (o.optimizer == "scaled-adam") o.optimizer = "scaled_adam";
+  if (c.beta2_given) o.scaled_adam.beta2 = o.adamw.beta2;
+  o.scaled_adam.beta1 = o.adamw.beta1;
   o.lr.base_lr = c.lr;
   TrainResult r = train(o);
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
@@ -72,6 +83,7 @@ void add_train_command(CLI::App& app, Runner& run) {
   o.lr.warmup_steps = 30;
   o.eval_every = 50;
   o.ckpt_every = 100;
+  o.lr.eden.lr_epochs = 0;  // a third of the run's data
   auto* t = app.add_subcommand("train", "Train a LLaMA or SUBLLM model on prepared token shards");
   t->add_option("--data", o.data_dir, "folder written by `subllm prepare`")->capture_default_str();
   t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();
@@ -90,14 +102,37 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
   t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
   t->add_option("--tokens", o.token_budget, "token budget (sets --steps)");
-  t->add_option("--lr", c->lr, "peak learning rate")->capture_default_str();
-  t->add_option("--warmup", o.lr.warmup_steps, "linear warm-up steps")->capture_default_str();
-  t->add_option("--schedule", o.lr.kind, "cosine | constant")->capture_default_str()->check(CLI::IsMember({"cosine", "constant"}));
+  t->add_option("--recipe", c->recipe, "paper: ScaledAdam, base lr 0.045, Eden (flags given still win)")
+      ->check(CLI::IsMember({"paper"}));
+  auto* optimizer = t->add_option("--optimizer", o.optimizer, "adamw | scaled-adam")
+                        ->capture_default_str()
+                        ->check(CLI::IsMember({"adamw", "scaled-adam", "scaled_adam"}));
+  auto* lr = t->add_option("--lr", c->lr, "peak (base) learning rate")->capture_default_str();
+  t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")->capture_default_str();
+  auto* schedule = t->add_option("--schedule", o.lr.kind, "cosine | constant | eden | eden2")
+                       ->capture_default_str()
+                       ->check(CLI::IsMember({"cosine", "constant", "eden", "eden2"}));
+  t->add_option("--lr-batches", o.lr.eden.lr_batches, "Eden: steps over which the rate falls (B)")->capture_default_str();
+  t->add_option("--lr-epochs", o.lr.eden.lr_epochs, "Eden: epochs over which the rate falls (E; default a third of the run)");
+  t->add_option("--warmup-start", o.lr.eden.warmup_start, "Eden: warm-up factor at step 0")->capture_default_str();
   t->add_option("--min-lr-ratio", o.lr.min_lr_ratio, "final lr / peak lr for cosine")->capture_default_str();
   t->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
-  t->add_option("--beta1", o.adamw.beta1)->capture_default_str();
-  t->add_option("--beta2", o.adamw.beta2)->capture_default_str();
-  t->add_option("--grad-clip", o.adamw.grad_clip, "global gradient-norm limit (0: off)")->capture_default_str();
+  t->add_option("--beta1", o.adamw.beta1, "first-moment decay (both optimizers)")->capture_default_str();
+  auto* beta2 = t->add_option("--beta2", o.adamw.beta2, "second-moment decay (default 0.95 AdamW, 0.98 ScaledAdam)");
+  t->add_option("--grad-clip", o.adamw.grad_clip, "AdamW: global gradient-norm limit (0: off)")->capture_default_str();
+  auto& sa = o.scaled_adam;
+  t->add_option("--clipping-scale", sa.clipping_scale, "ScaledAdam: clip at this × the median norm (0: off)")
+      ->capture_default_str();
+  t->add_option("--clipping-update-period", sa.clipping_update_period, "ScaledAdam: steps in the median window")
+      ->capture_default_str();
+  t->add_option("--scalar-lr-scale", sa.scalar_lr_scale, "ScaledAdam: lr factor of one-element tensors")
+      ->capture_default_str();
+  t->add_option("--param-min-rms", sa.param_min_rms, "ScaledAdam: smallest tensor RMS")->capture_default_str();
+  t->add_option("--param-max-rms", sa.param_max_rms, "ScaledAdam: largest tensor RMS")->capture_default_str();
+  t->add_option("--scalar-max", sa.scalar_max, "ScaledAdam: clamp of one-element tensors")->capture_default_str();
+  t->add_option("--size-update-period", sa.size_update_period, "ScaledAdam: steps between tensor-scale updates")
+      ->capture_default_str();
+  t->add_option("--adam-eps", o.adamw.eps, "epsilon of both optimizers")->capture_default_str();
   t->add_option("--eval-every", o.eval_every, "steps between validation passes")->capture_default_str();
   t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")->capture_default_str();
   t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
@@ -105,10 +140,15 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
   t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
-  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention] {
+  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
     c->layers_given = layers->count() > 0;
+    c->lr_given = lr->count() > 0;
+    c->schedule_given = schedule->count() > 0;
+    c->optimizer_given = optimizer->count() > 0;
+    c->beta2_given = beta2->count() > 0;
+    c->o.scaled_adam.eps = c->o.adamw.eps;
     run = [c] { return run_train(*c); };
   });
 }

@@ -1,7 +1,6 @@
 #include "subllm/scaled_adam.h"
 
 #include <algorithm>
-#include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>

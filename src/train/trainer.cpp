@@ -15,6 +15,7 @@
 #include "subllm/dataset.h"
 #include "subllm/error.h"
 #include "subllm/model.h"
+#include "subllm/optim.h"
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"
 #include "subllm/threads.h"
@@ -119,19 +120,14 @@ json read_json(const fs::path& path) {
   }
 }
 
-void save_checkpoint(const fs::path& dir, const Model& model, AdamW& adam, const json& state,
+void save_checkpoint(const fs::path& dir, const Model& model, const Optimizer& opt, const json& state,
                      const std::string& tokenizer) {
   const fs::path tmp = dir.string() + ".tmp";
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   save_config(model.config(), (tmp / "config.json").string());
   model.save((tmp / "model.safetensors").string());
-  std::vector<SafetensorsOut> opt;
-  for (const auto& p : model.params()) {
-    opt.push_back({"m/" + p.name, DType::F32, p.shape, adam.first_moment().data() + p.offset});
-    opt.push_back({"v/" + p.name, DType::F32, p.shape, adam.second_moment().data() + p.offset});
-  }
-  write_safetensors((tmp / "optimizer.safetensors").string(), opt);
+  opt.save_state((tmp / "optimizer.safetensors").string());
   if (!tokenizer.empty() && fs::exists(tokenizer)) fs::copy_file(tokenizer, tmp / "tokenizer.model");
   write_text_atomic(tmp / "trainer_state.json", state.dump(2) + "\n");
   // The folder appears under its final name only when complete.
@@ -228,7 +224,7 @@ TrainResult train(const TrainOptions& o) {
 
   Model model(cfg);
   model.init_weights(o.seed);
-  AdamW adam(model, o.adamw);
+  std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);
   if (!resume_from.empty()) {
     const fs::path ck(resume_from);
     json st = read_json(ck / "trainer_state.json");
@@ -241,14 +237,12 @@ TrainResult train(const TrainOptions& o) {
     mismatch("--seq", st.at("seq").get<long>(), o.seq);
     mismatch("--grad-accum", st.at("grad_accum").get<long>(), o.grad_accum);
     mismatch("--seed", (long)st.at("seed").get<uint64_t>(), (long)o.seed);
+    const std::string saved_opt = st.value("optimizer", "adamw");
+    check(saved_opt == opt->name(), "cannot resume from '" + resume_from + "': it was trained with --optimizer " +
+                                        saved_opt + ", not " + opt->name() + "; pass the same optimizer");
     model.load((ck / "model.safetensors").string());
-    SafetensorsFile opt((ck / "optimizer.safetensors").string());
-    for (const auto& p : model.params()) {
-      opt.read_f32("m/" + p.name, p.shape, adam.first_moment().data() + p.offset);
-      opt.read_f32("v/" + p.name, p.shape, adam.second_moment().data() + p.offset);
-    }
+    opt->load_state((ck / "optimizer.safetensors").string());
     start_step = st.at("step").get<long>();
-    adam.set_steps_taken(st.at("adam_steps").get<int>());
     if (!o.quiet) std::fprintf(stderr, "resuming from %s at step %ld\n", resume_from.c_str(), start_step);
   }
   save_config(cfg, (run_dir / "config.json").string());
@@ -273,6 +267,10 @@ TrainResult train(const TrainOptions& o) {
 
   LrSchedule lr = o.lr;
   lr.total_steps = total_steps;
+  // Eden's epoch term: an epoch is one pass over the training split; unless given, its
+  // scale E is a third of the run's data, as in the paper's recipe.
+  const double tokens_per_epoch = (double)train_ds.num_tokens();
+  if (lr.eden.lr_epochs <= 0) lr.eden.lr_epochs = (double)total_steps * tokens_per_step / tokens_per_epoch / 3.0;
   const bool tty = isatty(fileno(stderr)) && !o.quiet;
   const long log_every = std::max<long>(1, total_steps / 100);
   std::vector<int32_t> tokens((size_t)o.batch * o.seq), targets((size_t)o.batch * o.seq), window(o.seq + 1);
@@ -284,14 +282,14 @@ TrainResult train(const TrainOptions& o) {
 
   auto state_json = [&](long step) {
     return json{{"step", step},
-                {"adam_steps", adam.steps_taken()},
+                {"optimizer_steps", opt->steps_taken()},
                 {"seed", o.seed},
                 {"batch", o.batch},
                 {"seq", o.seq},
                 {"grad_accum", o.grad_accum},
                 {"total_steps", total_steps},
                 {"tokens_seen", (int64_t)step * tokens_per_step},
-                {"optimizer", "adamw"},
+                {"optimizer", opt->name()},
                 {"lr_schedule", lr.kind},
                 {"base_lr", lr.base_lr},
                 {"data_dir", o.data_dir}};
@@ -300,7 +298,7 @@ TrainResult train(const TrainOptions& o) {
     char name[64];
     std::snprintf(name, sizeof name, "checkpoint-%08ld", step);
     const fs::path dir = run_dir / name;
-    save_checkpoint(dir, model, adam, state_json(step), train_ds.tokenizer_path());
+    save_checkpoint(dir, model, *opt, state_json(step), train_ds.tokenizer_path());
     auto all = list_checkpoints(run_dir);
     for (size_t i = 0; i + std::max(1, o.keep_last) < all.size(); ++i) fs::remove_all(all[i]);
     res.last_checkpoint = dir.string();
@@ -308,7 +306,7 @@ TrainResult train(const TrainOptions& o) {
 
   for (long step = start_step; step < total_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    const float cur_lr = lr.at(step);
+    const float cur_lr = lr.at(step, (double)step * tokens_per_step / tokens_per_epoch);
     model.zero_grad();
     double loss_sum = 0;
     for (int micro = 0; micro < o.grad_accum; ++micro) {
@@ -318,8 +316,13 @@ TrainResult train(const TrainOptions& o) {
       loss_sum += model.forward_backward(tokens.data(), targets.data(), o.batch, o.seq, 1.0f / o.grad_accum);
     }
     const float loss = (float)(loss_sum / o.grad_accum);
-    const double norm = std::isfinite(loss) ? adam.step(model, cur_lr) : NAN;
-    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+    StepReport rep;
+    if (std::isfinite(loss))
+      rep = opt->step(model, cur_lr);
+    else
+      rep.skipped = true;
+    const double norm = rep.grad_norm;
+    if (rep.skipped) {
       ++bad_streak;
       std::fprintf(stderr, "%swarning: step %ld has a non-finite %s; the update is skipped\n", tty ? "\n" : "",
                    step + 1, std::isfinite(loss) ? "gradient" : "loss");
@@ -336,8 +339,14 @@ TrainResult train(const TrainOptions& o) {
     res.steps_done = done;
     res.last_loss = loss;
     json m = {{"step", done},           {"loss", loss},          {"lr", cur_lr},
-              {"grad_norm", norm},      {"step_s", dt},          {"tokens_per_s", tps},
-              {"tokens", (int64_t)done * tokens_per_step}, {"elapsed_s", elapsed}};
+              {"grad_norm", norm},      {"clip", rep.clip_factor}, {"step_s", dt},
+              {"tokens_per_s", tps},    {"tokens", (int64_t)done * tokens_per_step}, {"elapsed_s", elapsed}};
+    if (rep.quartiles_changed) {
+      m["clip_quartiles"] = std::vector<double>(rep.quartiles, rep.quartiles + 5);
+      if (!o.quiet && !tty)
+        std::fprintf(stderr, "clipping: grad-norm quartiles %.3g %.3g %.3g %.3g %.3g\n", rep.quartiles[0],
+                     rep.quartiles[1], rep.quartiles[2], rep.quartiles[3], rep.quartiles[4]);
+    }
     const bool stop = g_stop_requested.load();
     const bool last = done == total_steps;
     if (valid_ds && ((o.eval_every > 0 && done % o.eval_every == 0) || last)) {
@@ -351,8 +360,8 @@ TrainResult train(const TrainOptions& o) {
     if (!o.quiet) {
       const double eta = (total_steps - done) * elapsed / timed_steps;
       char line[256];
-      std::snprintf(line, sizeof line, "step %ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s", done, total_steps,
-                    loss, cur_lr, tps, format_duration(eta).c_str());
+      std::snprintf(line, sizeof line, "step %ld/%ld | loss %.4f | lr %.2e | gnorm %.2f | %.0f tok/s | ETA %s", done,
+                    total_steps, loss, cur_lr, norm, tps, format_duration(eta).c_str());
       std::string text = line;
       if (m.contains("val_loss")) text += " | val " + std::to_string(res.val_loss).substr(0, 6);
       if (tty)

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -82,18 +83,21 @@ TEST(Train, LossFallsAndCheckpointsAreComplete) {
   EXPECT_EQ(find_checkpoint(tmp.file("run")), tmp.file("run/checkpoint-00000030"));
 }
 
-TEST(Train, ResumeInProcessContinuesBitForBit) {
+// A run resumed from its step-10 checkpoint repeats the uninterrupted run bit for bit.
+void check_resume_is_exact(const std::function<void(TrainOptions&)>& configure) {
   TempDir tmp("train");
   const std::string data = prepare_tiny(tmp);
-  train(tiny_run(data, tmp.file("full")));
+  TrainOptions full = tiny_run(data, tmp.file("full"));
+  configure(full);
+  train(full);
   TrainOptions part = tiny_run(data, tmp.file("part"));
-  part.steps = 30;
+  configure(part);
   part.keep_last = 5;
   train(part);
-  // Resume the second run from its step-10 checkpoint and finish again.
   fs::remove_all(tmp.file("part/checkpoint-00000020"));
   fs::remove_all(tmp.file("part/checkpoint-00000030"));
   TrainOptions resumed = tiny_run(data, "");
+  configure(resumed);
   resumed.resume = tmp.file("part");
   train(resumed);
   auto a = read_metrics(tmp.file("full")), b = read_metrics(tmp.file("part"));
@@ -101,6 +105,24 @@ TEST(Train, ResumeInProcessContinuesBitForBit) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << "step " << i + 1;
   EXPECT_EQ(read_all(tmp.file("full/checkpoint-00000030/model.safetensors")),
             read_all(tmp.file("part/checkpoint-00000030/model.safetensors")));
+  EXPECT_EQ(read_all(tmp.file("full/checkpoint-00000030/optimizer.safetensors")),
+            read_all(tmp.file("part/checkpoint-00000030/optimizer.safetensors")));
+}
+
+TEST(Train, ResumeInProcessContinuesBitForBit) {
+  check_resume_is_exact([](TrainOptions&) {});
+}
+
+TEST(Train, ResumeIsExactWithScaledAdamEdenAndSubsamplers) {
+  check_resume_is_exact([](TrainOptions& o) {
+    o.optimizer = "scaled_adam";
+    o.lr.kind = "eden";
+    o.lr.base_lr = 0.045f;
+    o.lr.eden.lr_batches = 20;
+    o.lr.eden.lr_epochs = 0.5;
+    o.model.structure = "T(T)";
+    o.model.retentions = {0.6f};
+  });
 }
 
 // Runs the CLI in a child process; returns its pid.
