@@ -3,6 +3,7 @@
 // Parameters and their gradients each live in one flat buffer, so optimizers, clipping and
 // checkpoint I/O walk plain arrays; every named tensor is a view into it.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,6 +13,9 @@
 #include "subllm/tensor.h"
 
 namespace subllm {
+namespace kernels {
+struct RopeTable;
+}
 
 struct ParamInfo {
   std::string name;   // official SUBLLM checkpoint name
@@ -39,6 +43,7 @@ struct SubllmKnobs {
   float bypass_max = 1.0f;
   float bypass_limit_prob = 0.6f;    // chance the bypass gradient limit acts on a step
   float keep_threshold = 0.0f;       // inference: keep tokens with score > this
+  std::vector<float> keep_thresholds;  // per subsampler, overriding keep_threshold when set
 };
 
 // The choices the last pass made at subsampler j (the flags are training-mode only).
@@ -54,6 +59,23 @@ struct SubsamplerTrace {
 // Offsets of one transformer block's tensors in the flat buffers; q, k, v are adjacent.
 struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
+};
+
+// Where one block pass keeps its intermediates (rows of C, 3C, 2F or F floats).
+struct BlockIO {
+  float *n1, *qkv, *att, *h, *gu, *a, *rstd1, *rstd2;
+};
+
+// The incremental state of one sequence in inference mode: the key/value cache of every
+// block (a block inside subsamplers holds only the tokens they all kept), the tokens
+// consumed, and how many tokens each subsampler saw and kept.
+struct SequenceCache {
+  std::vector<std::vector<float>> k, v;  // per block: (rows, C), grown as tokens arrive
+  std::vector<int> rows;                 // per block
+  int length = 0;                        // tokens consumed (root positions used)
+  int width = 0;                         // floats per cached row (the model width)
+  std::vector<int64_t> seen, kept;       // per subsampler
+  size_t bytes() const;                  // key/value bytes in use
 };
 
 class Model {
@@ -99,6 +121,14 @@ class Model {
   std::vector<double> retention() const;
   const Structure& structure() const { return structure_; }
 
+  // Inference with a cache: runs n new tokens of one sequence (positions cache.length ..)
+  // and appends to the cache. Writes the logits of all n rows, or of the last row only.
+  // Equals the inference-mode forward() over the whole sequence, token for token.
+  SequenceCache new_cache() const;
+  void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows);
+  // The keep threshold of subsampler j (knobs().keep_thresholds[j] if set, else keep_threshold).
+  float keep_threshold(int j) const;
+
   // Bytes of planned activation memory for (B, T) in training.
   size_t activation_bytes(int B, int T);
   // Matmul FLOPs per trained token at length T: 6 * (matrix params of each block, weighted by
@@ -114,7 +144,10 @@ class Model {
              float grad_multiplier, float* logits, int64_t* count);
   void segment_forward(ModelActivations& a, int seg, const int32_t* tokens, Mode mode);
   void segment_backward(ModelActivations& a, int seg);
+  void block_core(int blk, const float* x, float* y, int rows, const int32_t* pos, const BlockIO& io,
+                  const std::function<void()>& attend);
   void block_forward(ModelActivations& a, int blk, int seg, const float* x, float* y);
+  void segment_cached(SequenceCache& cache, int seg, float* x, int rows, const int32_t* pos, const int32_t* tokens);
   void block_backward(ModelActivations& a, int blk, int seg, const float* x, float* dres);
   void subsample_forward(ModelActivations& a, int child, const float* x, const int32_t* tokens, Mode mode);
   void upsample_backward_pre(ModelActivations& a, int child, const float* x);
@@ -130,6 +163,9 @@ class Model {
   uint64_t train_seed_ = 0;
   std::vector<SubsamplerTrace> traces_;
   std::vector<int64_t> seen_, kept_;
+  std::vector<float> rope_cos_, rope_sin_;
+  std::vector<float> infer_ws_;  // block workspace of forward_cached
+  std::unique_ptr<kernels::RopeTable> rope_;
   int64_t num_params_ = 0;
   Tensor params_buf_, grads_buf_;
   std::unique_ptr<ModelActivations> acts_;

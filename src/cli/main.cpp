@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   subllm::cli::Runner run;
   subllm::cli::add_prepare_command(app, run);
   subllm::cli::add_train_command(app, run);
+  subllm::cli::add_generate_command(app, run);
   subllm::cli::add_plot_command(app, run);
   subllm::cli::add_bench_command(app, run);
   try {

@@ -60,6 +60,11 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
                         int T, int H, int hd);
 
+// New queries against a cache: q (m, ld_q) are the last m of L positions, k/v (L, ld_kv) the
+// cache including them; query i attends to cache rows [0, L - m + i]. Forward only.
+void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
+                      float* out, int ld_o);
+
 // Per-thread working memory of the attention kernels in bytes (independent of T).
 size_t attention_scratch_bytes(int hd, bool backward);
 

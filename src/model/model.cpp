@@ -1,6 +1,7 @@
 #include "subllm/model.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <omp.h>
@@ -58,8 +59,6 @@ struct ModelActivations {
   Tensor d_f, d_gu;                  // (N, F), (N, 2F)
   Tensor logits_scratch;             // (chunk, V)
   int chunk_rows = 0;
-  Tensor rope_cos, rope_sin;
-  kernels::RopeTable rope;
 };
 
 namespace {
@@ -127,8 +126,6 @@ void plan_into(ModelActivations& a, const ModelConfig& c, const Structure& st, i
   // Chunks of at most ~32 MB of logits.
   a.chunk_rows = (int)std::max<int64_t>(1, std::min<int64_t>(N, (8 << 20) / c.vocab_size));
   a.logits_scratch = ar.alloc({(int64_t)a.chunk_rows, (int64_t)c.vocab_size});
-  a.rope_cos = ar.alloc({(int64_t)c.context, (int64_t)c.head_dim() / 2});
-  a.rope_sin = ar.alloc({(int64_t)c.context, (int64_t)c.head_dim() / 2});
 }
 
 // Mixes the step, seed and a per-site salt into one generator seed.
@@ -185,6 +182,12 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
   grads_buf_ = Tensor::zeros({num_params_});
   traces_.assign(structure_.num_subsamplers, SubsamplerTrace{});
   reset_retention_stats();
+  const size_t half = (size_t)cfg_.head_dim() / 2;
+  rope_cos_.resize((size_t)cfg_.context * half);
+  rope_sin_.resize((size_t)cfg_.context * half);
+  rope_ = std::make_unique<kernels::RopeTable>(
+      kernels::RopeTable{cfg_.head_dim(), cfg_.context, rope_cos_.data(), rope_sin_.data()});
+  kernels::rope_table_fill(*rope_, cfg_.rope_base);
 }
 
 Model::~Model() = default;
@@ -285,11 +288,6 @@ ModelActivations& Model::plan(int B, int T, Mode mode) {
   acts_->arena.reserve(probe.arena.used());
   plan_into(*acts_, cfg_, structure_, B, T, mode);
   ModelActivations& a = *acts_;
-  a.rope.head_dim = cfg_.head_dim();
-  a.rope.max_pos = cfg_.context;
-  a.rope.cos = a.rope_cos.f32();
-  a.rope.sin = a.rope_sin.f32();
-  kernels::rope_table_fill(a.rope, cfg_.rope_base);
   int32_t* pos = a.seg[0].pos.i32();
   for (int b = 0; b < B; ++b)
     for (int t = 0; t < T; ++t) pos[(int64_t)b * T + t] = t;
@@ -355,30 +353,37 @@ float Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T
 
 // ---- transformer block -----------------------------------------------------------------
 
-void Model::block_forward(ModelActivations& a, int blk, int seg, const float* x, float* y) {
+void Model::block_core(int blk, const float* x, float* y, int rows, const int32_t* pos, const BlockIO& io,
+                       const std::function<void()>& attend) {
   namespace k = kernels;
-  const SegmentActs& g = a.seg[seg];
-  BlockActs& ba = a.blk[blk];
-  const int B = a.B, T = g.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads;
+  const int N = rows, C = cfg_.dim, F = cfg_.ffn_dim, H = cfg_.n_heads;
   const BlockOffsets& o = blocks_[blk];
   const float* P = param_data();
-  float* n1 = a.tmp_c.f32();
-  float* qkv = ba.qkv.f32();
-  float* h = ba.h.f32();
-  const int32_t* pos = g.pos.i32();
-  k::rmsnorm_forward(x, P + o.attn_norm, n1, ba.rstd1.f32(), N, C, cfg_.norm_eps);
+  k::rmsnorm_forward(x, P + o.attn_norm, io.n1, io.rstd1, N, C, cfg_.norm_eps);
   // q, k, v weights are adjacent, so one GEMM against the (3C, C) block makes all three.
-  k::linear_forward(n1, P + o.wqkv, qkv, N, C, 3 * C);
-  k::rope_apply(qkv, 3 * C, N, H, pos, a.rope, false);
-  k::rope_apply(qkv + C, 3 * C, N, H, pos, a.rope, false);
-  k::attention_forward(qkv, qkv + C, qkv + 2 * C, 3 * C, ba.att.f32(), C, ba.lse.f32(), B, T, H, cfg_.head_dim());
-  std::memcpy(h, x, sizeof(float) * N * C);
-  k::linear_forward(ba.att.f32(), P + o.wo, h, N, C, C, true);
-  k::rmsnorm_forward(h, P + o.ffn_norm, n1, ba.rstd2.f32(), N, C, cfg_.norm_eps);
-  k::linear_forward(n1, P + o.w12, ba.gu.f32(), N, C, 2 * F);
-  k::swiglu_forward(ba.gu.f32(), a.tmp_f.f32(), N, F);
-  std::memcpy(y, h, sizeof(float) * N * C);
-  k::linear_forward(a.tmp_f.f32(), P + o.w3, y, N, F, C, true);
+  k::linear_forward(io.n1, P + o.wqkv, io.qkv, N, C, 3 * C);
+  k::rope_apply(io.qkv, 3 * C, N, H, pos, *rope_, false);
+  k::rope_apply(io.qkv + C, 3 * C, N, H, pos, *rope_, false);
+  attend();
+  std::memcpy(io.h, x, sizeof(float) * N * C);
+  k::linear_forward(io.att, P + o.wo, io.h, N, C, C, true);
+  k::rmsnorm_forward(io.h, P + o.ffn_norm, io.n1, io.rstd2, N, C, cfg_.norm_eps);
+  k::linear_forward(io.n1, P + o.w12, io.gu, N, C, 2 * F);
+  k::swiglu_forward(io.gu, io.a, N, F);
+  std::memcpy(y, io.h, sizeof(float) * N * C);
+  k::linear_forward(io.a, P + o.w3, y, N, F, C, true);
+}
+
+void Model::block_forward(ModelActivations& a, int blk, int seg, const float* x, float* y) {
+  const SegmentActs& g = a.seg[seg];
+  BlockActs& ba = a.blk[blk];
+  const int B = a.B, T = g.T, C = cfg_.dim;
+  BlockIO io{a.tmp_c.f32(), ba.qkv.f32(), ba.att.f32(), ba.h.f32(), ba.gu.f32(), a.tmp_f.f32(), ba.rstd1.f32(),
+             ba.rstd2.f32()};
+  block_core(blk, x, y, B * T, g.pos.i32(), io, [&] {
+    kernels::attention_forward(io.qkv, io.qkv + C, io.qkv + 2 * C, 3 * C, io.att, C, ba.lse.f32(), B, T,
+                               cfg_.n_heads, cfg_.head_dim());
+  });
 }
 
 // dres holds dy on entry and dx on return. Norm outputs and the SwiGLU product are
@@ -407,8 +412,8 @@ void Model::block_backward(ModelActivations& a, int blk, int seg, const float* x
   k::linear_backward(ba.att.f32(), P + o.wo, dres, a.d_att.f32(), G + o.wo, N, C, C);
   k::attention_backward(qkv, qkv + C, qkv + 2 * C, 3 * C, ba.att.f32(), C, a.d_att.f32(), ba.lse.f32(), dqkv,
                         dqkv + C, dqkv + 2 * C, 3 * C, B, T, H, cfg_.head_dim());
-  k::rope_apply(dqkv, 3 * C, N, H, pos, a.rope, true);
-  k::rope_apply(dqkv + C, 3 * C, N, H, pos, a.rope, true);
+  k::rope_apply(dqkv, 3 * C, N, H, pos, *rope_, true);
+  k::rope_apply(dqkv + C, 3 * C, N, H, pos, *rope_, true);
   k::rmsnorm_forward(x, P + o.attn_norm, tmp_c, ba.rstd1.f32(), N, C, cfg_.norm_eps);
   k::linear_backward(tmp_c, P + o.wqkv, dqkv, dtmp_c, G + o.wqkv, N, C, 3 * C);
   k::rmsnorm_backward(x, P + o.attn_norm, ba.rstd1.f32(), dtmp_c, dres, G + o.attn_norm, N, C, true);
@@ -465,7 +470,7 @@ void Model::subsample_forward(ModelActivations& a, int child, const float* x, co
     check(B == 1, "inference-mode subsampling runs one sequence at a time");
     int n = 0;
     for (int t = 0; t < Tp; ++t) {
-      if (scores[t] > knobs_.keep_threshold && tokens[ppos[t]] != cfg_.padding_idx) {
+      if (scores[t] > keep_threshold(j) && tokens[ppos[t]] != cfg_.padding_idx) {
         kept[n] = t;
         partner[n] = -1;
         w[n] = weight(t);

@@ -15,6 +15,11 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 
 // x: (n, in), w: (out, in), y: (n, out)
 void linear_forward(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate) {
+  // One row (decoding) is a matrix-vector product, bound by reading W once.
+  if (n == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x, 1, accumulate ? 1.0f : 0.0f, y, 1);
+    return;
+  }
   gemm(false, true, n, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f, y, out);
 }
 

@@ -1,0 +1,70 @@
+#pragma once
+// Text generation: load a model folder, prefill prompts, decode token by token with the
+// key/value cache, stream text as it completes.
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "subllm/model.h"
+#include "subllm/sampler.h"
+#include "subllm/tokenizer.h"
+
+namespace subllm {
+
+struct LoadedModel {
+  std::unique_ptr<Model> model;
+  Tokenizer tokenizer;
+  std::string dir;  // the folder the files came from
+};
+
+// A model folder holds config.json, model.safetensors and tokenizer.model (a checkpoint of
+// `subllm train`); a run folder resolves to its newest checkpoint. Errors name the missing
+// or inconsistent file.
+LoadedModel load_model_dir(const std::string& path);
+
+struct GenerateOptions {
+  int max_new_tokens = 128;
+  SamplingOptions sampling;
+  std::vector<std::string> stop;  // stop after any of these strings appears in the output
+  bool stop_at_eos = true;
+  bool truncate = false;          // drop the start of a prompt that does not fit, instead of an error
+  // Every document in training data follows an end-of-document token, so a prompt starts
+  // with one (an empty prompt then generates a fresh document).
+  bool document_start = true;
+};
+
+struct GenerateStats {
+  int prompt_tokens = 0;
+  int generated_tokens = 0;
+  double prefill_s = 0;         // prompt processing
+  double first_token_s = 0;     // prompt processing + the first sampled token
+  double decode_s = 0;          // every later token
+  std::vector<double> retention;  // kept fraction per subsampler over the whole sequence
+  size_t kv_cache_bytes = 0;
+  size_t kv_cache_bytes_llama = 0;  // what every block caching every token would hold
+  double prefill_tokens_per_s() const { return prefill_s > 0 ? prompt_tokens / prefill_s : 0; }
+  double decode_tokens_per_s() const { return decode_s > 0 ? (generated_tokens - 1) / decode_s : 0; }
+};
+
+class Generator {
+ public:
+  Generator(Model& model, const Tokenizer& tokenizer) : model_(model), tok_(tokenizer) {}
+  // Generates a continuation of `prompt`; `on_text` (optional) receives text as it completes,
+  // never splitting a UTF-8 character. Returns the generated text.
+  std::string generate(const std::string& prompt, const GenerateOptions& opt,
+                       const std::function<void(const std::string&)>& on_text = nullptr,
+                       GenerateStats* stats = nullptr);
+  // Several prompts advanced together, one token each per round; prompt i samples with seed
+  // `seed + i`, so the results equal generate() of each prompt with that seed.
+  std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, const GenerateOptions& opt,
+                                          std::vector<GenerateStats>* stats = nullptr);
+  // The token ids a prompt becomes (with the document-start token and truncation applied).
+  std::vector<int32_t> prompt_tokens(const std::string& prompt, const GenerateOptions& opt) const;
+
+ private:
+  Model& model_;
+  const Tokenizer& tok_;
+};
+
+}  // namespace subllm

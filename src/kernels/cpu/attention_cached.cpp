@@ -1,0 +1,59 @@
+// Attention of new queries against a key/value cache (incremental decoding and chunked
+// prefill): query i of m sees cache rows [0, L - m + i]. Decoding is bound by reading the
+// cache, so each (head, query) streams its keys and values once.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/vec_math.h"
+#include "kernels/kernels.h"
+
+namespace subllm::kernels {
+
+// q: (m, ld_q), k/v cache: (L, ld_kv), out: (m, ld_o); heads at columns [h*hd, (h+1)*hd).
+void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
+                      float* out, int ld_o) {
+  const float scale = 1.0f / std::sqrt((float)hd);
+#pragma omp parallel
+  {
+    std::vector<float> s(L);
+    std::vector<float> acc(hd);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int h = 0; h < H; ++h) {
+      for (int i = 0; i < m; ++i) {
+        const float* qi = q + (int64_t)i * ld_q + h * hd;
+        const int n = L - m + i + 1;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int j = 0; j < n; ++j) {
+          const float* kj = k + (int64_t)j * ld_kv + h * hd;
+          float d = 0.f;
+#pragma omp simd reduction(+ : d)
+          for (int e = 0; e < hd; ++e) d += qi[e] * kj[e];
+          s[j] = d * scale;
+          mx = std::max(mx, s[j]);
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < n; ++j) {
+          s[j] = exp_approx(s[j] - mx);
+          sum += s[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int j = 0; j < n; ++j) {
+          const float* vj = v + (int64_t)j * ld_kv + h * hd;
+          const float p = s[j];
+#pragma omp simd
+          for (int e = 0; e < hd; ++e) acc[e] += p * vj[e];
+        }
+        float* o = out + (int64_t)i * ld_o + h * hd;
+        const float inv = 1.0f / sum;
+        for (int e = 0; e < hd; ++e) o[e] = acc[e] * inv;
+      }
+    }
+  }
+}
+
+}  // namespace subllm::kernels

@@ -1,0 +1,268 @@
+// Inference: the KV cache against the full inference-mode forward, generation, sampling and
+// model-folder errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "subllm/error.h"
+#include "subllm/generate.h"
+#include "subllm/prepare.h"
+#include "subllm/sampler.h"
+#include "test_util.h"
+
+namespace subllm {
+namespace {
+
+using testing::error_of;
+using testing::TempDir;
+namespace fs = std::filesystem;
+
+ModelConfig infer_config(const std::string& structure, std::vector<float> ret) {
+  ModelConfig c;
+  c.vocab_size = 400;
+  c.dim = 32;
+  c.ffn_dim = 48;
+  c.n_heads = 4;
+  c.context = 96;
+  c.structure = structure;
+  c.n_layers = (int)std::count(structure.begin(), structure.end(), 'T');
+  c.retentions = std::move(ret);
+  return c;
+}
+
+void randomize(Model& m, uint64_t seed) {
+  m.init_weights(seed);
+  Rng r(seed);
+  // Larger matrices than the init so tokens interact, and score layers that spread scores
+  // around 0 (the init scale keeps them tiny).
+  for (const auto& p : m.params()) {
+    float* w = m.param_data() + p.offset;
+    if (p.name.find("to_scores") != std::string::npos)
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
+    else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.08 * r.normal());
+  }
+}
+
+double rel_diff(const float* a, const float* b, int64_t n) {
+  double scale = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
+  return worst / std::max(scale, 1e-30);
+}
+
+// Prefill `prefill` tokens (in two chunks when `chunked`), then one token at a time; every
+// position's logits must equal the full inference-mode forward's.
+void check_incremental(const std::string& structure, std::vector<float> ret, float threshold, int T, int prefill,
+                       bool chunked) {
+  Model m(infer_config(structure, ret));
+  randomize(m, 3);
+  m.knobs().keep_threshold = threshold;
+  const int V = m.config().vocab_size;
+  Rng r(4);
+  std::vector<int32_t> tok(T);
+  for (auto& t : tok) t = (int32_t)(1 + r.below(V - 1));
+  std::vector<float> full((size_t)T * V);
+  m.forward(tok.data(), nullptr, 1, T, full.data(), Mode::Inference);
+  std::vector<float> inc((size_t)T * V);
+  SequenceCache c = m.new_cache();
+  if (chunked && prefill > 1) {
+    const int half = prefill / 2;
+    m.forward_cached(c, tok.data(), half, inc.data(), true);
+    m.forward_cached(c, tok.data() + half, prefill - half, inc.data() + (size_t)half * V, true);
+  } else {
+    m.forward_cached(c, tok.data(), prefill, inc.data(), true);
+  }
+  for (int t = prefill; t < T; ++t) m.forward_cached(c, tok.data() + t, 1, inc.data() + (size_t)t * V, false);
+  EXPECT_LT(rel_diff(inc.data(), full.data(), (int64_t)T * V), 1e-4)
+      << structure << " threshold " << threshold << " prefill " << prefill << (chunked ? " chunked" : "");
+  EXPECT_EQ(c.length, T);
+  // The cache of a block holds exactly the tokens its segment kept.
+  if (!m.structure().is_plain()) {
+    const auto& seg1 = m.structure().segments[1];
+    const int inner_block = seg1.items[0].is_block ? seg1.items[0].index : -1;
+    if (inner_block >= 0) {
+      EXPECT_EQ(c.rows[inner_block], c.kept[0]);
+    }
+    EXPECT_LT(c.bytes(), 2 * sizeof(float) * (size_t)m.config().n_layers * T * m.config().dim);
+    EXPECT_GT(c.kept[0], 0) << "the test should keep some tokens";
+    EXPECT_LT(c.kept[0], c.seen[0]) << "the test should drop some tokens";
+  }
+}
+
+TEST(Infer, LlamaIncrementalMatchesFullForward) {
+  for (int prefill : {1, 7, 40}) check_incremental("TTT", {}, 0.f, 48, prefill, false);
+  check_incremental("TTT", {}, 0.f, 48, 20, true);
+}
+
+TEST(Infer, NestedSubllmIncrementalMatchesFullForward) {
+  for (float v : {0.0f, 0.5f, -0.4f})
+    for (int prefill : {1, 9, 33}) check_incremental("T(T(TT)T)T", {0.6f, 0.5f}, v, 50, prefill, false);
+  check_incremental("T(T(TT)T)T", {0.6f, 0.5f}, 0.f, 50, 30, true);
+  check_incremental("(T)T(TT)", {0.6f}, 0.2f, 41, 5, true);
+}
+
+TEST(Infer, CacheRefusesToOverflowTheContext) {
+  Model m(infer_config("TT", {}));
+  randomize(m, 1);
+  SequenceCache c = m.new_cache();
+  std::vector<int32_t> tok(96, 5);
+  std::vector<float> logits(400);
+  m.forward_cached(c, tok.data(), 96, logits.data(), false);
+  std::string msg = error_of([&] { m.forward_cached(c, tok.data(), 1, logits.data(), false); });
+  EXPECT_NE(msg.find("context is full"), std::string::npos) << msg;
+  SequenceCache d = m.new_cache();
+  int32_t bad = 400;
+  msg = error_of([&] { m.forward_cached(d, &bad, 1, logits.data(), false); });
+  EXPECT_NE(msg.find("token id 400"), std::string::npos) << msg;
+}
+
+TEST(Infer, SamplerRules) {
+  std::vector<float> base = {0.1f, 2.0f, 1.5f, -1.0f, 1.9f};
+  SamplingOptions greedy;
+  greedy.temperature = 0;
+  std::vector<float> l = base;
+  EXPECT_EQ(Sampler(greedy).sample(l, {}), 1);
+  // A repetition penalty on token 1 (2.0 / 1.5 = 1.33) lets token 4 win.
+  greedy.repeat_penalty = 1.5f;
+  l = base;
+  EXPECT_EQ(Sampler(greedy).sample(l, {1, 1, 3}), 4);
+  EXPECT_FLOAT_EQ(l[3], -1.5f);  // negative logits are multiplied
+  SamplingOptions topk;
+  topk.top_k = 1;
+  topk.temperature = 5.0f;
+  for (int i = 0; i < 20; ++i) {
+    l = base;
+    topk.seed = i;
+    EXPECT_EQ(Sampler(topk).sample(l, {}), 1);
+  }
+  SamplingOptions hot;
+  hot.temperature = 1.0f;
+  hot.top_k = 0;
+  hot.top_p = 1.0f;
+  std::vector<int> counts(5, 0);
+  Sampler s(hot);
+  for (int i = 0; i < 4000; ++i) {
+    l = base;
+    counts[s.sample(l, {})]++;
+  }
+  // Probabilities of softmax(base): token 1 ≈ 0.37, token 3 ≈ 0.02.
+  EXPECT_NEAR(counts[1] / 4000.0, 0.369, 0.03);
+  EXPECT_NEAR(counts[3] / 4000.0, 0.019, 0.01);
+  SamplingOptions nucleus = hot;
+  nucleus.top_p = 0.5f;  // {1, 4} hold 0.70 > 0.5 after 1 alone holds 0.37
+  Sampler sn(nucleus);
+  for (int i = 0; i < 200; ++i) {
+    l = base;
+    int t = sn.sample(l, {});
+    EXPECT_TRUE(t == 1 || t == 4) << t;
+  }
+}
+
+// A model folder with a tokenizer trained on a tiny corpus.
+std::string make_model_dir(const TempDir& tmp, const std::string& structure, std::vector<float> ret) {
+  testing::write_corpus(tmp.path() / "corpus", 40);
+  PrepareOptions p;
+  p.inputs = {(tmp.path() / "corpus").string()};
+  p.out_dir = tmp.file("data");
+  p.vocab_size = 400;
+  p.log = [](const std::string&) {};
+  prepare_data(p);
+  const std::string dir = tmp.file("model");
+  fs::create_directories(dir);
+  Model m(infer_config(structure, ret));
+  randomize(m, 7);
+  m.save(dir + "/model.safetensors");
+  save_config(m.config(), dir + "/config.json");
+  fs::copy_file(tmp.file("data/tokenizer.model"), dir + "/tokenizer.model");
+  return dir;
+}
+
+TEST(Infer, GenerationIsDeterministicAndBatchedEqualsOneByOne) {
+  TempDir tmp("infer");
+  const std::string dir = make_model_dir(tmp, "T(TT)T", {0.6f});
+  LoadedModel lm = load_model_dir(dir);
+  Generator gen(*lm.model, lm.tokenizer);
+  GenerateOptions o;
+  o.max_new_tokens = 20;
+  o.stop_at_eos = false;
+  o.sampling.temperature = 0;
+  const std::string a = gen.generate("The old sailor", o), b = gen.generate("The old sailor", o);
+  EXPECT_EQ(a, b);
+  EXPECT_FALSE(a.empty());
+  o.sampling.temperature = 1.0f;
+  o.sampling.seed = 11;
+  const std::string s1 = gen.generate("The captain", o), s2 = gen.generate("The captain", o);
+  EXPECT_EQ(s1, s2);
+  std::vector<std::string> prompts = {"The captain", "A quiet student watched", ""};
+  std::vector<GenerateStats> st;
+  auto batch = gen.generate_batch(prompts, o, &st);
+  ASSERT_EQ(batch.size(), 3u);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerateOptions oi = o;
+    oi.sampling.seed = o.sampling.seed + i;
+    EXPECT_EQ(batch[i], gen.generate(prompts[i], oi)) << "prompt " << i;
+    EXPECT_EQ(st[i].generated_tokens, 20);
+    EXPECT_EQ(st[i].retention.size(), 1u);
+  }
+  // Streaming hands out exactly the returned text.
+  std::string streamed;
+  GenerateStats gs;
+  const std::string full = gen.generate("Our nation", o, [&](const std::string& t) { streamed += t; }, &gs);
+  EXPECT_EQ(streamed, full);
+  EXPECT_GT(gs.decode_tokens_per_s(), 0);
+  EXPECT_LT(gs.kv_cache_bytes, gs.kv_cache_bytes_llama);
+}
+
+TEST(Infer, StopStringsEndGenerationAndAreNotShown) {
+  TempDir tmp("infer");
+  LoadedModel lm = load_model_dir(make_model_dir(tmp, "TT", {}));
+  Generator gen(*lm.model, lm.tokenizer);
+  GenerateOptions o;
+  o.max_new_tokens = 30;
+  o.stop_at_eos = false;
+  o.sampling.temperature = 0;
+  const std::string full = gen.generate("The river", o);
+  ASSERT_GE(full.size(), 4u);
+  o.stop = {full.substr(2, 2)};
+  std::string streamed;
+  const std::string cut = gen.generate("The river", o, [&](const std::string& t) { streamed += t; });
+  EXPECT_EQ(cut, full.substr(0, full.find(o.stop[0])));
+  EXPECT_EQ(streamed, cut);
+}
+
+TEST(Infer, PromptLimitsAndModelFolderErrors) {
+  TempDir tmp("infer");
+  const std::string dir = make_model_dir(tmp, "TT", {});
+  LoadedModel lm = load_model_dir(dir);
+  Generator gen(*lm.model, lm.tokenizer);
+  GenerateOptions o;
+  o.max_new_tokens = 10;
+  std::string longp;
+  for (int i = 0; i < 200; ++i) longp += "word" + std::to_string(i) + " ";
+  std::string msg = error_of([&] { gen.generate(longp, o); });
+  EXPECT_NE(msg.find("--truncate"), std::string::npos) << msg;
+  o.truncate = true;
+  EXPECT_EQ(gen.prompt_tokens(longp, o).size(), 96u - 10u);
+  EXPECT_NO_THROW(gen.generate(longp, o));
+  // An empty prompt starts a fresh document; without the document-start token it is an error.
+  o.truncate = false;
+  EXPECT_EQ(gen.prompt_tokens("", o).size(), 1u);
+  o.document_start = false;
+  EXPECT_NE(error_of([&] { gen.prompt_tokens("", o); }).find("empty prompt"), std::string::npos);
+
+  EXPECT_NE(error_of([&] { load_model_dir(tmp.file("nope")); }).find("does not exist"), std::string::npos);
+  fs::remove(dir + "/tokenizer.model");
+  EXPECT_NE(error_of([&] { load_model_dir(dir); }).find("tokenizer.model"), std::string::npos);
+  // A tokenizer larger than the model's vocabulary does not belong to it.
+  ModelConfig small = infer_config("TT", {});
+  small.vocab_size = 300;
+  save_config(small, dir + "/config.json");
+  fs::copy_file(tmp.file("data/tokenizer.model"), dir + "/tokenizer.model");
+  msg = error_of([&] { load_model_dir(dir); });
+  EXPECT_NE(msg.find("do not belong together"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace subllm
