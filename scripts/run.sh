@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install dependencies, build, fetch and tokenize the
 # default corpus (State of the Union addresses + Moby-Dick), train the small default LLaMA
-# for about five minutes on all cores, and report its validation loss.
+# for about five minutes on all cores, report its validation loss, plot its loss curves and
+# generate a sample from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,3 +11,5 @@ BIN=build/subllm
 [ -f data/default/manifest.json ] || "$BIN" prepare
 "$BIN" train --out runs/default "$@"
 "$BIN" plot runs/default -o runs/default/curves.png
+echo
+"$BIN" generate -m runs/default -p "The state of the Union" -n 80 --temp 0.8 --seed 1 --stats

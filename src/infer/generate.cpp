@@ -66,9 +66,38 @@ struct Stream {
   StreamDecoder decoder;
   std::string text;
   bool done = false;
+  bool stopped = false;  // a stop string ended it: the text after it is dropped
   GenerateStats stats;
   Stream(SequenceCache c, SamplingOptions s, const Tokenizer& t) : cache(std::move(c)), sampler(s), decoder(t) {}
 };
+
+// Takes the sampled token into the stream: history, text, and whether generation ends
+// (end of document, a stop string, or the token budget).
+void accept(Stream& s, int32_t id, const GenerateOptions& opt, int eos) {
+  s.history.push_back(id);
+  ++s.stats.generated_tokens;
+  if (s.stats.generated_tokens >= opt.max_new_tokens) s.done = true;
+  if (opt.stop_at_eos && id == eos) {
+    s.done = true;
+    return;
+  }
+  s.text += s.decoder.push(id);
+  for (const auto& stop : opt.stop)
+    if (!stop.empty() && s.text.find(stop) != std::string::npos) {
+      s.text.erase(s.text.find(stop));
+      s.done = s.stopped = true;
+    }
+}
+
+// Prompt processing: fills the cache and leaves the next-token logits in s.logits.
+void prefill(Model& m, Stream& s, const std::vector<int32_t>& ids) {
+  const auto t0 = Clock::now();
+  s.logits.assign(m.config().vocab_size, 0.f);
+  m.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
+  s.stats.prefill_s = since(t0);
+  s.stats.prompt_tokens = (int)ids.size();
+  s.history = ids;
+}
 
 void finish_stats(Stream& s, const Model& m) {
   const auto& c = s.cache;
@@ -82,46 +111,23 @@ void finish_stats(Stream& s, const Model& m) {
 
 std::vector<std::string> Generator::generate_batch(const std::vector<std::string>& prompts, const GenerateOptions& opt,
                                                    std::vector<GenerateStats>* stats) {
-  const int V = model_.config().vocab_size;
   std::vector<std::unique_ptr<Stream>> streams;
   for (size_t i = 0; i < prompts.size(); ++i) {
     SamplingOptions so = opt.sampling;
     so.seed = opt.sampling.seed + i;
     streams.push_back(std::make_unique<Stream>(model_.new_cache(), so, tok_));
   }
-  // Prefill every prompt, then sample its first token.
+  // Prefill every prompt and sample its first token; then one token per prompt per round.
+  std::vector<Clock::time_point> decode_start(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
     Stream& s = *streams[i];
-    const std::vector<int32_t> ids = prompt_tokens(prompts[i], opt);
-    const auto t0 = Clock::now();
-    s.logits.assign(V, 0.f);
-    model_.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
-    s.stats.prefill_s = since(t0);
-    s.stats.prompt_tokens = (int)ids.size();
-    s.history = ids;
-    if (opt.max_new_tokens <= 0) s.done = true;
-  }
-  auto emit = [&](Stream& s, int32_t id) {
-    s.history.push_back(id);
-    ++s.stats.generated_tokens;
-    if (opt.stop_at_eos && id == tok_.eos_id()) {
+    prefill(model_, s, prompt_tokens(prompts[i], opt));
+    if (opt.max_new_tokens <= 0) {
       s.done = true;
-      return;
+      continue;
     }
-    s.text += s.decoder.push(id);
-    for (const auto& stop : opt.stop)
-      if (!stop.empty() && s.text.find(stop) != std::string::npos) {
-        s.text.erase(s.text.find(stop));
-        s.done = true;
-      }
-    if (s.stats.generated_tokens >= opt.max_new_tokens) s.done = true;
-  };
-  std::vector<Clock::time_point> decode_start(prompts.size());
-  for (size_t i = 0; i < streams.size(); ++i) {
-    Stream& s = *streams[i];
-    if (s.done) continue;
     const auto t0 = Clock::now();
-    emit(s, s.sampler.sample(s.logits, s.history));
+    accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
     s.stats.first_token_s = s.stats.prefill_s + since(t0);
     decode_start[i] = Clock::now();
   }
@@ -132,7 +138,7 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
       if (s.done) continue;
       any = true;
       model_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
-      emit(s, s.sampler.sample(s.logits, s.history));
+      accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
       if (s.done) s.stats.decode_s = since(decode_start[i]);
     }
   }
@@ -140,7 +146,7 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
   if (stats) stats->clear();
   for (auto& sp : streams) {
     Stream& s = *sp;
-    if (opt.stop.empty()) s.text += s.decoder.flush();
+    if (!s.stopped) s.text += s.decoder.flush();
     finish_stats(s, model_);
     out.push_back(s.text);
     if (stats) stats->push_back(s.stats);
@@ -150,15 +156,8 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
 
 std::string Generator::generate(const std::string& prompt, const GenerateOptions& opt,
                                 const std::function<void(const std::string&)>& on_text, GenerateStats* stats) {
-  const int V = model_.config().vocab_size;
   Stream s(model_.new_cache(), opt.sampling, tok_);
-  const std::vector<int32_t> ids = prompt_tokens(prompt, opt);
-  const auto t0 = Clock::now();
-  s.logits.assign(V, 0.f);
-  model_.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
-  s.stats.prefill_s = since(t0);
-  s.stats.prompt_tokens = (int)ids.size();
-  s.history = ids;
+  prefill(model_, s, prompt_tokens(prompt, opt));
   // Text is held back while it could still be the start of a stop string.
   size_t shown = 0;
   auto show = [&](bool final) {
@@ -173,30 +172,20 @@ std::string Generator::generate(const std::string& prompt, const GenerateOptions
     if (on_text && safe > shown) on_text(s.text.substr(shown, safe - shown));
     shown = std::max(shown, safe);
   };
+  s.done = opt.max_new_tokens <= 0;
   Clock::time_point decode_start;
-  for (int n = 0; n < opt.max_new_tokens; ++n) {
+  while (!s.done) {
     const auto ts = Clock::now();
-    if (n > 0) model_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
-    const int32_t id = s.sampler.sample(s.logits, s.history);
-    s.history.push_back(id);
-    ++s.stats.generated_tokens;
-    if (n == 0) {
-      s.stats.first_token_s = s.stats.prefill_s + std::chrono::duration<double>(Clock::now() - ts).count();
+    if (s.stats.generated_tokens > 0) model_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
+    accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
+    if (s.stats.generated_tokens == 1) {
+      s.stats.first_token_s = s.stats.prefill_s + since(ts);
       decode_start = Clock::now();
     }
-    if (opt.stop_at_eos && id == tok_.eos_id()) break;
-    s.text += s.decoder.push(id);
-    bool stopped = false;
-    for (const auto& stop : opt.stop)
-      if (!stop.empty() && s.text.find(stop) != std::string::npos) {
-        s.text.erase(s.text.find(stop));
-        stopped = true;
-      }
-    if (stopped) break;
     show(false);
   }
   if (s.stats.generated_tokens > 1) s.stats.decode_s = since(decode_start);
-  if (opt.stop.empty()) s.text += s.decoder.flush();
+  if (!s.stopped) s.text += s.decoder.flush();
   show(true);
   finish_stats(s, model_);
   if (stats) *stats = s.stats;
