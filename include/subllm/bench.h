@@ -1,0 +1,53 @@
+#pragma once
+// Measurements behind `subllm bench`: training and inference throughput of a config on
+// random data, the machine's yardsticks (sgemm rate, read bandwidth), and the paper's
+// LLaMA-vs-SUBLLM efficiency tables.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "subllm/model.h"
+
+namespace subllm {
+
+double peak_rss_mb();
+double measure_sgemm_gflops();    // 2048^3 sgemm on the current thread count, best of 3
+double measure_read_bandwidth();  // GB/s streaming over 512 MB
+
+struct TrainBenchOptions {
+  int seq = 1024, batch = 4, steps = 3, warmup = 1;
+  uint64_t seed = 1;
+  std::string optimizer = "adamw";
+  bool progress = true;  // a line per timed step on stderr
+};
+// Forward + backward + optimizer step of `config_path` on random tokens: tokens_per_s, step_s,
+// flops_per_token, gflops, mfu (against `sgemm`), activation_mb, peak_rss_mb, ...
+nlohmann::json measure_training(const std::string& config_path, const TrainBenchOptions& a, double sgemm);
+
+struct InferBenchOptions {
+  int prompt_len = 256, gen = 64;
+  uint64_t seed = 1;
+  std::string model_dir;  // a trained model folder instead of random weights
+};
+// Prefill of a random prompt, first token, `gen` greedy decode steps: first_token_ms,
+// prefill_tokens_per_s, decode_tokens_per_s, retention, kv_cache_bytes, ...
+nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm, double bw);
+
+// Per subsampler, in order, the threshold that keeps its configured fraction of `prompt`.
+std::vector<float> calibrate_thresholds(Model& m, const std::vector<int32_t>& prompt);
+
+struct PaperBenchOptions {
+  std::string subllm_config = "configs/subllm-d512-l24.json";
+  std::string llama_config = "configs/llama-d512-l24.json";
+  std::vector<int> lengths = {512, 1024, 2048};
+  int tokens_per_step = 4096;  // training batch = tokens_per_step / length sequences
+  int train_steps = 2, gen = 32;
+  uint64_t seed = 1;
+};
+// Both models at every length: training and inference, measured back to back.
+nlohmann::json bench_paper(const PaperBenchOptions& o);
+// The paper's layout: one training table and one inference table, with the paper's figures.
+std::string paper_markdown(const nlohmann::json& result);
+
+}  // namespace subllm

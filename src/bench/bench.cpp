@@ -1,0 +1,327 @@
+// Measurements shared by `subllm bench train`, `bench infer` and `bench paper`.
+#include "subllm/bench.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "subllm/config.h"
+#include "subllm/error.h"
+#include "subllm/generate.h"
+#include "subllm/model.h"
+#include "subllm/optim.h"
+#include "subllm/rng.h"
+#include "subllm/threads.h"
+
+namespace subllm {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+}  // namespace
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;
+}
+
+// The machine's matrix-multiply rate on this thread count, the yardstick for MFU.
+double measure_sgemm_gflops() {
+  const int n = 2048;
+  std::vector<float> a((size_t)n * n, 0.5f), b((size_t)n * n, 0.25f), c((size_t)n * n);
+  kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    auto t0 = Clock::now();
+    kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+    best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+  }
+  return best;
+}
+
+// Trains one config on random tokens; returns the measurement as JSON.
+nlohmann::json measure_training(const std::string& config_path, const TrainBenchOptions& a, double sgemm) {
+  ModelConfig cfg = load_config(config_path);
+  if (cfg.context < a.seq) cfg.context = a.seq;
+  Model model(cfg);
+  model.init_weights(a.seed);
+  std::unique_ptr<Optimizer> opt = make_optimizer(a.optimizer, model, AdamWOptions{}, ScaledAdamOptions{});
+  Rng rng(a.seed);
+  const int64_t n = (int64_t)a.batch * a.seq;
+  std::vector<int32_t> tokens(n), targets(n);
+  long step = 0;
+  auto train_step = [&] {
+    for (int64_t i = 0; i < n; ++i) {
+      tokens[i] = (int32_t)(1 + rng.below(cfg.vocab_size - 1));
+      targets[i] = (int32_t)rng.below(cfg.vocab_size);
+    }
+    model.set_train_context(step++, a.seed);
+    model.zero_grad();
+    float loss = model.forward_backward(tokens.data(), targets.data(), a.batch, a.seq);
+    opt->step(model, a.optimizer == "adamw" ? 3e-4f : 0.045f);
+    return loss;
+  };
+  for (int i = 0; i < a.warmup; ++i) train_step();
+  double total = 0;
+  float loss = 0;
+  for (int i = 0; i < a.steps; ++i) {
+    auto t0 = Clock::now();
+    loss = train_step();
+    double dt = seconds_since(t0);
+    total += dt;
+    if (a.progress) std::fprintf(stderr, "%s step %d/%d  loss %.4f  %.3f s\n", cfg.layout().c_str(), i + 1, a.steps, loss, dt);
+  }
+  const double step_s = total / a.steps;
+  const double tps = n / step_s;
+  const double gflops = model.train_flops_per_token(a.seq) * tps / 1e9;
+  return {{"impl", "subllm"},
+          {"config", config_path},
+          {"structure", cfg.layout()},
+          {"seq", a.seq},
+          {"batch", a.batch},
+          {"steps", a.steps},
+          {"optimizer", a.optimizer},
+          {"threads", num_threads()},
+          {"params", model.num_params()},
+          {"tokens_per_s", tps},
+          {"step_s", step_s},
+          {"flops_per_token", model.train_flops_per_token(a.seq)},
+          {"gflops", gflops},
+          {"sgemm_gflops", sgemm},
+          {"mfu", gflops / sgemm},
+          {"activation_mb", model.activation_bytes(a.batch, a.seq) / 1048576.0},
+          {"peak_rss_mb", peak_rss_mb()},
+          {"final_loss", loss}};
+}
+
+// Streaming read bandwidth (GB/s) over a buffer far larger than the caches: the yardstick
+// for decoding, which reads every weight once per token.
+double measure_read_bandwidth() {
+  const size_t n = (size_t)1 << 27;  // 512 MB
+  std::vector<float> buf(n, 1.0f);
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    auto t0 = Clock::now();
+    double total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (size_t b = 0; b < n; b += 4096) {
+      // 64 independent partial sums: four vector accumulators, so the loop is bound by
+      // loads rather than by the latency of one addition chain.
+      float acc[64] = {};
+      for (size_t i = b; i < b + 4096; i += 64)
+        for (int k = 0; k < 64; ++k) acc[k] += buf[i + k];
+      float s = 0.f;
+      for (float x : acc) s += x;
+      total += s;
+    }
+    const double dt = seconds_since(t0);
+    if (total != (double)n) std::fprintf(stderr, "bandwidth check sum mismatch\n");
+    best = std::max(best, n * sizeof(float) / dt / 1e9);
+  }
+  return best;
+}
+
+// Per subsampler, in order, the threshold that keeps the configured fraction of this
+// prompt's tokens (random weights have no trained balance around 0).
+std::vector<float> calibrate_thresholds(Model& m, const std::vector<int32_t>& prompt) {
+  const int S = m.structure().num_subsamplers;
+  m.knobs().keep_thresholds.assign(S, -std::numeric_limits<float>::infinity());
+  for (int j = 0; j < S; ++j) {
+    m.forward(prompt.data(), nullptr, 1, (int)prompt.size(), nullptr, Mode::Inference);
+    std::vector<float> s = m.last_traces()[j].scores;
+    if (s.empty()) continue;
+    std::sort(s.begin(), s.end(), std::greater<float>());
+    const double r = m.structure().segments[j + 1].retention;
+    const size_t k = std::min(s.size() - 1, (size_t)std::llround(s.size() * r));
+    m.knobs().keep_thresholds[j] = k < s.size() ? s[k] : s.back();
+  }
+  return m.knobs().keep_thresholds;
+}
+
+double forward_flops(const Model& m, int P) {
+  const double head = 2.0 * m.config().vocab_size * m.config().dim;
+  return (m.train_flops_per_token(P) / 3 - head) * P + head;
+}
+
+// Bytes of weights a decoded token reads when each segment sees the configured fraction.
+double decode_weight_bytes(const Model& m) {
+  const auto& st = m.structure();
+  std::vector<double> frac(st.segments.size(), 1.0);
+  const double C = m.config().dim, F = m.config().ffn_dim;
+  double bytes = 4.0 * m.config().vocab_size * C + 4.0 * C;
+  for (size_t s = 0; s < st.segments.size(); ++s) {
+    if (s > 0) frac[s] = frac[st.segments[s].parent] * st.segments[s].retention;
+    for (const auto& it : st.segments[s].items)
+      bytes += it.is_block ? frac[s] * 4.0 * (4 * C * C + 3 * C * F + 2 * C) : frac[s] * 4.0 * 2 * C;
+  }
+  return bytes;
+}
+
+nlohmann::json measure_inference(const std::string& config_path, const InferBenchOptions& a, double sgemm, double bw) {
+  std::unique_ptr<Model> model;
+  const std::string& source = config_path;
+  if (!a.model_dir.empty() && config_path == a.model_dir) {
+    LoadedModel lm = load_model_dir(a.model_dir);
+    model = std::move(lm.model);
+  } else {
+    ModelConfig cfg = load_config(config_path);
+    if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
+    model = std::make_unique<Model>(cfg);
+    model->init_weights(a.seed);
+  }
+  Model& m = *model;
+  check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
+  Rng rng(a.seed);
+  std::vector<int32_t> prompt(a.prompt_len);
+  for (auto& t : prompt) t = (int32_t)(1 + rng.below(m.config().vocab_size - 1));
+  std::vector<float> thresholds;
+  if (a.model_dir.empty() && !m.structure().is_plain()) thresholds = calibrate_thresholds(m, prompt);
+  const int V = m.config().vocab_size;
+  std::vector<float> logits(V);
+  // One untimed pass sizes and page-faults the workspace and spins up the threads.
+  {
+    SequenceCache warm = m.new_cache();
+    m.forward_cached(warm, prompt.data(), a.prompt_len, logits.data(), false);
+  }
+  SequenceCache cache = m.new_cache();
+  auto t0 = Clock::now();
+  m.forward_cached(cache, prompt.data(), a.prompt_len, logits.data(), false);
+  const double prefill_s = seconds_since(t0);
+  int32_t tok = (int32_t)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  const double first_token_s = seconds_since(t0);
+  auto t1 = Clock::now();
+  for (int i = 0; i < a.gen; ++i) {
+    m.forward_cached(cache, &tok, 1, logits.data(), false);
+    tok = (int32_t)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  const double decode_s = seconds_since(t1);
+  std::vector<double> retention;
+  for (size_t j = 0; j < cache.seen.size(); ++j) retention.push_back(cache.seen[j] ? (double)cache.kept[j] / cache.seen[j] : 0);
+  const double weight_bytes = 4.0 * m.num_params();
+  const size_t kv_llama = 2 * sizeof(float) * (size_t)m.config().n_layers * cache.length * m.config().dim;
+  const double pf = forward_flops(m, a.prompt_len);
+  return {{"impl", "subllm"},
+          {"config", source},
+          {"structure", m.config().layout()},
+          {"threads", num_threads()},
+          {"prompt_len", a.prompt_len},
+          {"gen", a.gen},
+          {"first_token_ms", 1e3 * first_token_s},
+          {"prefill_tokens_per_s", a.prompt_len / prefill_s},
+          {"prefill_gflops", pf / prefill_s / 1e9},
+          {"prefill_flops", pf},
+          {"sgemm_gflops", sgemm},
+          {"prefill_fraction_of_sgemm", pf / prefill_s / 1e9 / sgemm},
+          {"decode_tokens_per_s", a.gen / decode_s},
+          {"read_bandwidth_gbs", bw},
+          {"weight_bytes", weight_bytes},
+          {"decode_bytes_per_token", decode_weight_bytes(m)},
+          {"decode_limit_tokens_per_s", bw * 1e9 / weight_bytes},
+          {"decode_fraction_of_limit", a.gen / decode_s / (bw * 1e9 / weight_bytes)},
+          {"retention", retention},
+          {"thresholds", thresholds},
+          {"kv_cache_bytes", cache.bytes()},
+          {"kv_cache_bytes_llama", kv_llama},
+          {"peak_rss_mb", peak_rss_mb()}};
+}
+
+// Bytes a training step holds beyond activations: weights, gradients and two Adam moments.
+double training_state_mb(const std::string& config_path) {
+  Model m(load_config(config_path));
+  return 4.0 * 4.0 * m.num_params() / 1048576.0;
+}
+
+nlohmann::json bench_paper(const PaperBenchOptions& o) {
+  const double sgemm = measure_sgemm_gflops(), bw = measure_read_bandwidth();
+  nlohmann::json rows = nlohmann::json::array();
+  for (int T : o.lengths) {
+    check(T > 0 && o.tokens_per_step >= T, "lengths must be positive and at most --tokens-per-step");
+    TrainBenchOptions t;
+    t.seq = T;
+    t.batch = o.tokens_per_step / T;
+    t.steps = o.train_steps;
+    t.seed = o.seed;
+    t.progress = false;
+    InferBenchOptions in;
+    in.prompt_len = T;
+    in.gen = o.gen;
+    in.seed = o.seed;
+    nlohmann::json row = {{"length", T}};
+    for (const auto& [name, cfg] : {std::pair{"llama", o.llama_config}, std::pair{"subllm", o.subllm_config}}) {
+      std::fprintf(stderr, "bench paper: %s at %d tokens\n", name, T);
+      nlohmann::json tr = measure_training(cfg, t, sgemm);
+      tr["memory_mb"] = tr["activation_mb"].get<double>() + training_state_mb(cfg);
+      row[std::string(name) + "_train"] = tr;
+      row[std::string(name) + "_infer"] = measure_inference(cfg, in, sgemm, bw);
+    }
+    auto ratio = [&](const char* a, const char* b, const char* key) {
+      return row[a][key].get<double>() / row[b][key].get<double>();
+    };
+    row["train_speedup"] = ratio("subllm_train", "llama_train", "tokens_per_s");
+    row["train_ideal_speedup"] = ratio("llama_train", "subllm_train", "flops_per_token");
+    row["train_memory_ratio"] = ratio("subllm_train", "llama_train", "memory_mb");
+    row["first_token_speedup"] = ratio("llama_infer", "subllm_infer", "first_token_ms");
+    row["decode_speedup"] = ratio("subllm_infer", "llama_infer", "decode_tokens_per_s");
+    row["kv_cache_ratio"] = ratio("subllm_infer", "llama_infer", "kv_cache_bytes");
+    rows.push_back(row);
+  }
+  return {{"sgemm_gflops", sgemm}, {"read_bandwidth_gbs", bw}, {"threads", num_threads()},
+          {"llama_config", o.llama_config}, {"subllm_config", o.subllm_config}, {"rows", rows}};
+}
+
+std::string paper_markdown(const nlohmann::json& r) {
+  std::string out;
+  char line[512];
+  auto add = [&](const char* fmt, auto... args) {
+    std::snprintf(line, sizeof line, fmt, args...);
+    out += line;
+  };
+  add("LLaMA `%s` against SUBLLM `%s`, %d threads, sgemm %.0f GFLOP/s, read bandwidth %.1f GB/s.\n\n",
+      r["llama_config"].get<std::string>().c_str(), r["subllm_config"].get<std::string>().c_str(),
+      r["threads"].get<int>(), r["sgemm_gflops"].get<double>(), r["read_bandwidth_gbs"].get<double>());
+  out += "Training (tokens per second; memory = weights, gradients, Adam moments and activations)\n\n";
+  out += "| length | LLaMA tok/s | SUBLLM tok/s | speed-up | ideal | LLaMA memory | SUBLLM memory | memory ratio |\n";
+  out += "|---|---|---|---|---|---|---|---|\n";
+  for (const auto& row : r["rows"])
+    add("| %d | %.1f | %.1f | x%.2f | x%.2f | %.0f MB | %.0f MB | x%.2f |\n", row["length"].get<int>(),
+        row["llama_train"]["tokens_per_s"].get<double>(), row["subllm_train"]["tokens_per_s"].get<double>(),
+        row["train_speedup"].get<double>(), row["train_ideal_speedup"].get<double>(),
+        row["llama_train"]["memory_mb"].get<double>(), row["subllm_train"]["memory_mb"].get<double>(),
+        row["train_memory_ratio"].get<double>());
+  out += "\nPaper (1.3B, GPUs): x1.24 / x1.26 / x1.29 at 2k / 4k / 8k; memory 65.99 -> 55.81 GB at 4k.\n\n";
+  out += "Inference (batch 1; prompt = length; greedy decode after it)\n\n";
+  out += "| length | first token LLaMA | first token SUBLLM | speed-up | decode LLaMA | decode SUBLLM | speed-up | "
+         "retention | KV LLaMA | KV SUBLLM |\n";
+  out += "|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& row : r["rows"]) {
+    std::string ret;
+    for (const auto& x : row["subllm_infer"]["retention"]) {
+      if (!ret.empty()) ret += " / ";
+      char b[16];
+      std::snprintf(b, sizeof b, "%.2f", x.get<double>());
+      ret += b;
+    }
+    add("| %d | %.1f ms | %.1f ms | x%.2f | %.1f tok/s | %.1f tok/s | x%.2f | %s | %.1f MB | %.1f MB |\n",
+        row["length"].get<int>(), row["llama_infer"]["first_token_ms"].get<double>(),
+        row["subllm_infer"]["first_token_ms"].get<double>(), row["first_token_speedup"].get<double>(),
+        row["llama_infer"]["decode_tokens_per_s"].get<double>(),
+        row["subllm_infer"]["decode_tokens_per_s"].get<double>(), row["decode_speedup"].get<double>(), ret.c_str(),
+        row["llama_infer"]["kv_cache_bytes"].get<double>() / 1048576.0,
+        row["subllm_infer"]["kv_cache_bytes"].get<double>() / 1048576.0);
+  }
+  out += "\nPaper (1.3B): first token x1.40 / x1.45 / x1.67 and decode x1.28 / x1.37 / x1.52 at 2k / 4k / 8k; "
+         "retention 43-44% overall.\n";
+  return out;
+}
+
+}  // namespace subllm

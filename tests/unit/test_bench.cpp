@@ -1,0 +1,46 @@
+// `bench paper` end to end on tiny configs: every figure present and consistent.
+#include <gtest/gtest.h>
+
+#include "subllm/bench.h"
+#include "subllm/threads.h"
+#include "test_util.h"
+
+namespace subllm {
+namespace {
+
+TEST(Bench, PaperTablesOnTinyConfigs) {
+  testing::TempDir tmp("bench");
+  testing::write_file(tmp.file("llama.json"),
+                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
+                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
+                          "structure": "TTTT"})");
+  testing::write_file(tmp.file("subllm.json"),
+                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
+                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
+                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
+  PaperBenchOptions o;
+  o.llama_config = tmp.file("llama.json");
+  o.subllm_config = tmp.file("subllm.json");
+  o.lengths = {16, 32};
+  o.tokens_per_step = 64;
+  o.train_steps = 1;
+  o.gen = 4;
+  nlohmann::json r = bench_paper(o);
+  ASSERT_EQ(r["rows"].size(), 2u);
+  for (const auto& row : r["rows"]) {
+    EXPECT_GT(row["train_speedup"].get<double>(), 0);
+    // Half the tokens in half the blocks: FLOPs fall, so the ideal speed-up exceeds 1.
+    EXPECT_GT(row["train_ideal_speedup"].get<double>(), 1.0);
+    EXPECT_LT(row["train_memory_ratio"].get<double>(), 1.0);
+    EXPECT_LT(row["kv_cache_ratio"].get<double>(), 1.0);
+    EXPECT_NEAR(row["subllm_infer"]["retention"][0].get<double>(), 0.5, 0.1);
+    EXPECT_EQ(row["llama_train"]["batch"].get<int>() * row["length"].get<int>(), 64);
+  }
+  const std::string md = paper_markdown(r);
+  EXPECT_NE(md.find("| 16 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 32 |"), std::string::npos) << md;
+  EXPECT_NE(md.find("first token"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace subllm
