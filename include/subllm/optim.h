@@ -13,9 +13,6 @@ namespace subllm {
 
 // Global L2 norm of the gradient buffer (double accumulation). NaN/Inf propagate.
 double grad_norm(const float* g, int64_t n);
-// Scales g so its norm is at most max_norm (like torch.nn.utils.clip_grad_norm_);
-// returns the norm before clipping. max_norm <= 0 disables clipping.
-double clip_grad_norm(float* g, int64_t n, float max_norm);
 
 // What one optimizer step did.
 struct StepReport {
@@ -47,7 +44,7 @@ struct AdamWOptions {
   float grad_clip = 1.0f;     // global norm; <= 0 disables
 };
 
-// torch.optim.AdamW semantics with global-norm clipping first. A non-finite gradient norm
+// torch.optim.AdamW semantics with global-norm clipping first (torch.nn.utils.clip_grad_norm_). A non-finite gradient norm
 // leaves parameters and state untouched (the step is reported as skipped).
 class AdamW : public Optimizer {
  public:

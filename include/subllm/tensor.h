@@ -42,8 +42,6 @@ class Tensor {
   int32_t* i32() const;
 
   void zero();
-  // Same memory, new shape with the same element count.
-  Tensor reshape(Shape shape) const;
 
  private:
   std::shared_ptr<void> owner_;
@@ -65,7 +63,6 @@ class Arena {
   void reserve(size_t bytes);
   // In a measuring arena the returned tensor has no memory; only the size is counted.
   Tensor alloc(Shape shape, DType dt = DType::F32);
-  void reset() { used_ = 0; }
   size_t used() const { return used_; }
   size_t capacity() const { return capacity_; }
   bool is_measuring() const { return measuring_; }

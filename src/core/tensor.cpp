@@ -81,13 +81,6 @@ void Tensor::zero() {
   if (ptr_) std::memset(ptr_, 0, nbytes());
 }
 
-Tensor Tensor::reshape(Shape shape) const {
-  check(shape_numel(shape) == numel(), "reshape " + shape_str(shape_) + " -> " + shape_str(shape) + " changes the element count");
-  Tensor t = *this;
-  t.shape_ = std::move(shape);
-  return t;
-}
-
 void Arena::reserve(size_t bytes) {
   if (bytes <= capacity_) return;
   mem_ = aligned_alloc_shared(bytes);

@@ -84,7 +84,6 @@ void swiglu_forward(const float* gu, float* a, int n, int F);
 void swiglu_backward(const float* gu, const float* da, float* dgu, int n, int F);
 
 // ---- elementwise ------------------------------------------------------------------------
-void add_inplace(float* y, const float* x, int64_t n);  // y += x
 void scale_inplace(float* y, float s, int64_t n);
 double sum_squares(const float* x, int64_t n);
 

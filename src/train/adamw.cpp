@@ -9,15 +9,6 @@ namespace subllm {
 
 double grad_norm(const float* g, int64_t n) { return std::sqrt(kernels::sum_squares(g, n)); }
 
-double clip_grad_norm(float* g, int64_t n, float max_norm) {
-  const double norm = grad_norm(g, n);
-  if (max_norm > 0 && std::isfinite(norm)) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) kernels::scale_inplace(g, (float)coef, n);
-  }
-  return norm;
-}
-
 AdamW::AdamW(const Model& model, AdamWOptions opt)
     : opt_(opt), params_(model.params()), m_(model.num_params(), 0.f), v_(model.num_params(), 0.f) {}
 

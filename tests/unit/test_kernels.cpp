@@ -168,10 +168,9 @@ TEST(Kernels, SumSquaresAndElementwise) {
   double ref = 0;
   for (float f : x) ref += (double)f * f;
   EXPECT_NEAR(k::sum_squares(x.data(), (int64_t)x.size()), ref, 1e-4 * ref);
-  std::vector<float> y(x.size(), 1.0f);
-  k::add_inplace(y.data(), x.data(), (int64_t)x.size());
+  std::vector<float> y = x;
   k::scale_inplace(y.data(), 2.0f, (int64_t)x.size());
-  EXPECT_FLOAT_EQ(y[77], 2.0f * (1.0f + x[77]));
+  EXPECT_FLOAT_EQ(y[77], 2.0f * x[77]);
 }
 
 }  // namespace

@@ -71,11 +71,6 @@ void swiglu_backward(const float* gu, const float* da, float* dgu, int n, int F)
   }
 }
 
-void add_inplace(float* y, const float* x, int64_t n) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
-}
-
 void scale_inplace(float* y, float s, int64_t n) {
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < n; ++i) y[i] *= s;
