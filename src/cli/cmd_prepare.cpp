@@ -5,6 +5,8 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "subllm/error.h"
+#include "subllm/eval.h"
 #include "subllm/prepare.h"
 
 namespace subllm::cli {
@@ -24,6 +26,33 @@ int prepare(const PrepareOptions& options) {
   return 0;
 }
 
+// `--task spam`: the few-shot task's train.jsonl / test.jsonl instead of token shards.
+struct TaskCli {
+  std::string task;
+  int test_per_class = 200;
+};
+
+int prepare_task(const PrepareOptions& p, const TaskCli& t, bool out_given) {
+  check(t.task == "spam", "unknown --task '" + t.task + "': the task prepare builds is spam");
+  check(p.inputs.size() <= 1, "--task spam takes at most one input: a spam-assassin data folder");
+  SpamTaskOptions o;
+  o.out_dir = out_given ? p.out_dir : "data/spam";
+  if (!p.inputs.empty()) o.source_dir = p.inputs[0];
+  o.cache_dir = p.cache_dir;
+  o.seed = p.seed;
+  o.test_per_class = t.test_per_class;
+  o.log = p.log;
+  const SpamTaskSummary s = build_spam_task(o);
+  std::printf("%-12s %s\n", "train", s.train_path.c_str());
+  std::printf("%-12s %s\n", "test", s.test_path.c_str());
+  std::printf("%-12s %s\n", "task spec", s.spec_path.c_str());
+  std::printf("%-12s train %lld ham, %lld spam; test %lld ham, %lld spam\n", "e-mails", (long long)s.train_ham,
+              (long long)s.train_spam, (long long)s.test_ham, (long long)s.test_spam);
+  std::printf("%-12s %lld not UTF-8, %lld without a body\n", "skipped", (long long)s.skipped_non_utf8,
+              (long long)s.skipped_empty);
+  return 0;
+}
+
 }  // namespace
 
 void add_prepare_command(CLI::App& app, Runner& run) {
@@ -36,7 +65,10 @@ void add_prepare_command(CLI::App& app, Runner& run) {
       "with a warning. Without INPUTS, the default corpus (State of the Union addresses and Moby-Dick, "
       "about 12 MB) is fetched once with npm into $SUBLLM_CACHE_DIR (default data/cache).\n"
       "Every k-th document (--valid-every) is held out for validation; the tokenizer is trained on the "
-      "training documents only, and every document ends with eos.");
+      "training documents only, and every document ends with eos.\n"
+      "--task spam instead writes the few-shot spam task (train.jsonl, test.jsonl, task.json; default -o data/spam) "
+      "from the spam-assassin e-mails of the same npm package, or from the spam-assassin data folder given as input: "
+      "text = the body's first ~400 characters, label 0 ham, 1 spam; a balanced test split picked with --seed.");
   auto opts = std::make_shared<PrepareOptions>();
   cmd->add_option("inputs", opts->inputs, "text files, folders or .jsonl files (none: the default corpus)");
   cmd->add_option("-o,--out", opts->out_dir, "output data folder (replaced only once the new one is complete)")
@@ -51,7 +83,16 @@ void add_prepare_command(CLI::App& app, Runner& run) {
       ->capture_default_str();
   cmd->add_option("--seed", opts->seed, "seed for the tokenizer's sampling of training lines")->capture_default_str();
   cmd->add_option("--shard-tokens", opts->shard_tokens, "most tokens in one shard file")->capture_default_str();
-  cmd->callback([&run, opts] { run = [opts] { return prepare(*opts); }; });
+  auto task = std::make_shared<TaskCli>();
+  cmd->add_option("--task", task->task, "build a few-shot task instead of token shards: spam")
+      ->check(CLI::IsMember({"spam"}));
+  cmd->add_option("--test-per-class", task->test_per_class, "--task spam: test e-mails per class")
+      ->capture_default_str();
+  auto* out = cmd->get_option("--out");
+  cmd->callback([&run, opts, task, out] {
+    const bool out_given = out->count() > 0;
+    run = [opts, task, out_given] { return task->task.empty() ? prepare(*opts) : prepare_task(*opts, *task, out_given); };
+  });
 }
 
 }  // namespace subllm::cli

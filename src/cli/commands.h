@@ -12,5 +12,6 @@ void add_prepare_command(CLI::App& app, Runner& run);
 void add_train_command(CLI::App& app, Runner& run);
 void add_plot_command(CLI::App& app, Runner& run);
 void add_generate_command(CLI::App& app, Runner& run);
+void add_eval_command(CLI::App& app, Runner& run);
 
 }  // namespace subllm::cli

@@ -1,15 +1,16 @@
 // Few-shot task definitions, prompt formatting, the authors' random choices, and the
 // spam-assassin task builder.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <cstring>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <unistd.h>
 
 #include "subllm/error.h"
 #include "subllm/eval.h"

@@ -1,0 +1,316 @@
+// `subllm eval ppl` and `subllm eval fewshot`: perplexity on held-out text and few-shot
+// classification with the SUBLLM authors' protocol.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "subllm/error.h"
+#include "subllm/eval.h"
+#include "subllm/generate.h"
+#include "subllm/threads.h"
+
+namespace subllm::cli {
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// A progress bar redrawn in place when stderr is a terminal; otherwise a plain line about
+// every 10% (at most one per 5 s), so logs of batch jobs stay short.
+class ProgressLine {
+ public:
+  ProgressLine(std::string label, std::string unit)
+      : label_(std::move(label)), unit_(std::move(unit)), tty_(isatty(fileno(stderr))), t0_(Clock::now()) {}
+  ~ProgressLine() {
+    if (tty_ && drawn_) std::fprintf(stderr, "\r\033[K");
+  }
+  void operator()(int64_t done, int64_t total) {
+    const double s = std::chrono::duration<double>(Clock::now() - t0_).count();
+    const double rate = s > 0 ? done / s : 0;
+    const double eta = rate > 0 ? (total - done) / rate : 0;
+    if (tty_) {
+      if (done < total && s - last_ < 0.1) return;
+      last_ = s;
+      constexpr int kWidth = 28;
+      const int fill = total > 0 ? (int)(kWidth * done / total) : kWidth;
+      std::string bar(fill, '#');
+      bar.resize(kWidth, '.');
+      std::fprintf(stderr, "\r\033[K%s [%s] %3d%% %lld/%lld %s  %.1f %s/s  ETA %.0fs", label_.c_str(), bar.c_str(),
+                   total > 0 ? (int)(100 * done / total) : 100, (long long)done, (long long)total, unit_.c_str(), rate,
+                   unit_.c_str(), eta);
+      drawn_ = true;
+      return;
+    }
+    const int decile = total > 0 ? (int)(10 * done / total) : 10;
+    if (decile <= decile_ || (done < total && s - last_ < 5.0)) return;
+    decile_ = decile;
+    last_ = s;
+    std::fprintf(stderr, "%s: %lld/%lld %s (%.1f %s/s)\n", label_.c_str(), (long long)done, (long long)total,
+                 unit_.c_str(), rate, unit_.c_str());
+  }
+
+ private:
+  std::string label_, unit_;
+  bool tty_;
+  Clock::time_point t0_;
+  double last_ = -1e9;
+  int decile_ = 0;
+  bool drawn_ = false;
+};
+
+const char* mode_name(Mode m) { return m == Mode::Train ? "train" : "inference"; }
+
+// ---------------------------------------------------------------------------------------
+// ppl
+
+struct PplCli {
+  std::string model_dir;
+  std::vector<std::string> data;
+  std::string split = "valid";
+  int seq = 0, batch = 1;
+  int64_t max_tokens = 0;
+  std::string mode = "inference";
+  float keep_threshold = 0.0f;
+  uint64_t seed = 0;
+  int threads = 0;
+  bool json_out = false;
+};
+
+int run_ppl(const PplCli& c) {
+  set_num_threads(c.threads);
+  LoadedModel lm = load_model_dir(c.model_dir);
+  Model& m = *lm.model;
+  m.knobs().keep_threshold = c.keep_threshold;
+  std::vector<Mode> modes;
+  if (c.mode == "inference" || c.mode == "both") modes.push_back(Mode::Inference);
+  if (c.mode == "train" || c.mode == "both") modes.push_back(Mode::Train);
+  const std::vector<int32_t> tokens =
+      load_eval_tokens(c.data, lm.tokenizer, c.split, c.max_tokens > 0 ? c.max_tokens + 1 : 0);
+  std::vector<PplResult> results;
+  for (Mode mode : modes) {
+    PplOptions o;
+    o.seq = c.seq;
+    o.batch = c.batch;
+    o.max_tokens = c.max_tokens;
+    o.mode = mode;
+    o.seed = c.seed;
+    ProgressLine bar(std::string("ppl ") + mode_name(mode), "tok");
+    o.progress = [&bar](int64_t d, int64_t t) { bar(d, t); };
+    results.push_back(evaluate_ppl(m, tokens, o));
+  }
+  const bool subllm = !m.structure().is_plain();
+  if (c.json_out) {
+    json j = {{"model", lm.dir}, {"data", c.data}, {"split", c.split}, {"seq", results[0].seq}, {"batch", c.batch},
+              {"keep_threshold", c.keep_threshold}};
+    json arr = json::array();
+    for (const auto& r : results) {
+      json e = {{"mode", mode_name(r.mode)},   {"loss", r.loss},       {"perplexity", r.perplexity},
+                {"tokens", r.tokens},          {"windows", r.windows}, {"seconds", r.seconds},
+                {"tokens_per_s", r.tokens_per_s}};
+      if (subllm) e["retention"] = r.retention;
+      arr.push_back(e);
+    }
+    j["results"] = arr;
+    if (results.size() == 2) j["train_minus_inference_loss"] = results[1].loss - results[0].loss;
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%-12s %s\n", "model", lm.dir.c_str());
+  std::string data;
+  bool folders = false;
+  for (const auto& d : c.data) {
+    data += (data.empty() ? "" : ", ") + d;
+    folders = folders || std::filesystem::exists(std::filesystem::path(d) / "manifest.json");
+  }
+  std::printf("%-12s %s%s\n", "data", data.c_str(), folders ? (" (" + c.split + " split)").c_str() : "");
+  std::printf("%-12s %lld predicted, windows of %d, batch %d\n", "tokens", (long long)results[0].tokens,
+              results[0].seq, c.batch);
+  std::printf("%-12s %-9s %-11s %-10s%s\n", "mode", "loss", "perplexity", "tokens/s", subllm ? "retention" : "");
+  for (const auto& r : results) {
+    std::printf("%-12s %-9.4f %-11.3f %-10.1f", mode_name(r.mode), r.loss, r.perplexity, r.tokens_per_s);
+    for (size_t j = 0; j < r.retention.size(); ++j)
+      std::printf("%s%.3f", j ? " " : "", r.retention[j]);
+    std::printf("\n");
+  }
+  if (subllm) {
+    std::printf("%-12s", "configured");
+    for (int j = 0; j < m.structure().num_subsamplers; ++j)
+      for (const auto& s : m.structure().segments)
+        if (s.subsampler == j) std::printf(" %.3f", s.retention);
+    std::printf("  (retention per subsampler: kept / seen)\n");
+  }
+  if (results.size() == 2)
+    std::printf("%-12s %+.4f (train-mode loss minus inference-mode loss)\n", "gap", results[1].loss - results[0].loss);
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// fewshot
+
+struct FewshotCli {
+  std::string model_dir, task, task_spec, train, test, scoring = "generate", predictions;
+  int shots = 4;
+  std::vector<uint32_t> seeds;
+  int64_t max_test = 0;
+  float keep_threshold = 0.0f;
+  int threads = 0;
+  bool json_out = false;
+};
+
+int run_fewshot(const FewshotCli& c) {
+  set_num_threads(c.threads);
+  check(!c.task.empty() || !c.task_spec.empty(), "give --task NAME or --task-spec FILE.json");
+  const FewshotTask task = c.task_spec.empty() ? builtin_task(c.task) : load_task_spec(c.task_spec);
+  validate_task(task);
+  // Data errors surface before the model loads.
+  const auto train = load_fewshot_jsonl(c.train, task);
+  const auto test = load_fewshot_jsonl(c.test, task);
+  LoadedModel lm = load_model_dir(c.model_dir);
+  lm.model->knobs().keep_threshold = c.keep_threshold;
+  FewshotOptions o;
+  o.shots = c.shots;
+  if (!c.seeds.empty()) o.seeds = c.seeds;
+  o.scoring = c.scoring == "loglik" ? Scoring::Loglik : Scoring::Generate;
+  o.max_test = c.max_test;
+  ProgressLine bar("fewshot " + task.name, "items");
+  o.progress = [&bar](int64_t d, int64_t t) { bar(d, t); };
+  const FewshotResult r = evaluate_fewshot(*lm.model, lm.tokenizer, task, train, test, o);
+
+  if (!c.predictions.empty()) {
+    std::ofstream out(c.predictions, std::ios::trunc);
+    check(out.good(), "cannot write predictions file " + c.predictions);
+    for (const auto& s : r.seeds)
+      for (size_t i = 0; i < s.items.size(); ++i) {
+        const auto& it = s.items[i];
+        json e = {{"seed", s.seed}, {"item", i}, {"label", it.label}, {"predicted", it.predicted},
+                  {"demos_used", it.demos_used}};
+        if (r.scoring == Scoring::Generate)
+          e["generated"] = it.generated;
+        else
+          e["scores"] = it.scores;
+        out << e.dump() << "\n";
+      }
+  }
+  const char* scoring = r.scoring == Scoring::Loglik ? "loglik" : "generate";
+  if (c.json_out) {
+    json seeds = json::array();
+    for (const auto& s : r.seeds)
+      seeds.push_back({{"seed", s.seed},
+                       {"accuracy", s.accuracy},
+                       {"correct", s.correct},
+                       {"total", s.total},
+                       {"prompts_shortened", s.shortened},
+                       {"demonstrations_dropped", s.demos_dropped},
+                       {"queries_truncated", s.truncated}});
+    json j = {{"model", lm.dir},          {"task", r.task},         {"shots", r.shots},
+              {"scoring", scoring},       {"test_items", r.test_items}, {"max_new_tokens", r.max_new_tokens},
+              {"seeds", seeds},           {"mean", r.mean},         {"std", r.stddev},
+              {"seconds", r.seconds}};
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%-12s %s\n", "model", lm.dir.c_str());
+  std::printf("%-12s %s (%d shots, %s scoring", "task", r.task.c_str(), r.shots, scoring);
+  if (r.scoring == Scoring::Generate) std::printf(", up to %d new tokens", r.max_new_tokens);
+  std::printf(")\n%-12s %lld\n", "test items", (long long)r.test_items);
+  for (const auto& s : r.seeds) {
+    char name[32];
+    std::snprintf(name, sizeof name, "seed %u", s.seed);
+    std::printf("%-12s accuracy %6.2f%% (%lld/%lld)", name, s.accuracy, (long long)s.correct, (long long)s.total);
+    if (s.shortened)
+      std::printf("  %lld prompts shortened to fit the context (%lld demonstrations dropped)", (long long)s.shortened,
+                  (long long)s.demos_dropped);
+    if (s.truncated) std::printf("  %lld queries truncated", (long long)s.truncated);
+    std::printf("\n");
+  }
+  std::printf("%-12s %.2f%% ± %.2f (sample std over %zu seed%s)\n", "mean", r.mean, r.stddev, r.seeds.size(),
+              r.seeds.size() == 1 ? "" : "s");
+  std::printf("%-12s %.1f\n", "seconds", r.seconds);
+  return 0;
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app, Runner& run) {
+  auto* ev = app.add_subcommand("eval", "Evaluate a model: perplexity (ppl) or few-shot classification (fewshot)");
+  ev->require_subcommand(1);
+
+  auto p = std::make_shared<PplCli>();
+  auto* ppl = ev->add_subcommand(
+      "ppl",
+      "Perplexity over non-overlapping windows: window w feeds tokens [wT, wT+T) and predicts each next token, so "
+      "every token but the first is predicted once; the leftover tokens form a last, shorter window. Prints mean loss "
+      "(nats/token), perplexity = exp(loss), tokens/s and, for SUBLLM, each subsampler's actual retention.\n"
+      "--mode inference subsamples by the keep threshold (as the model is used); train keeps the top ceil(T*r) "
+      "scores per sequence (as in training, forward only); both prints the two and their gap.");
+  ppl->add_option("-m,--model", p->model_dir, "model folder (a checkpoint) or run folder (its newest checkpoint)")
+      ->required();
+  ppl->add_option("--data", p->data,
+                  "a data folder of `subllm prepare` (its --split), or text files, folders and .jsonl files "
+                  "({\"text\": ...} per line), tokenized with the model's tokenizer, each document ended by eos")
+      ->required();
+  ppl->add_option("--split", p->split, "split of a data folder")->check(CLI::IsMember({"train", "valid"}))
+      ->capture_default_str();
+  ppl->add_option("--seq", p->seq, "window length T (0: the model's context)")->capture_default_str();
+  ppl->add_option("--batch", p->batch, "windows per forward pass")->check(CLI::PositiveNumber)->capture_default_str();
+  ppl->add_option("--max-tokens", p->max_tokens, "predict at most this many tokens (0: all)")->capture_default_str();
+  ppl->add_option("--mode", p->mode, "subsampling: inference (threshold), train (top-k) or both")
+      ->check(CLI::IsMember({"inference", "train", "both"}))
+      ->capture_default_str();
+  ppl->add_option("--keep-threshold", p->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
+      ->capture_default_str();
+  ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
+  ppl->add_option("-t,--threads", p->threads, "threads (0: all cores)")->capture_default_str();
+  ppl->add_flag("--json", p->json_out, "print one JSON object instead of the table");
+  ppl->callback([&run, p] { run = [p] { return run_ppl(*p); }; });
+
+  auto f = std::make_shared<FewshotCli>();
+  auto* fs = ev->add_subcommand(
+      "fewshot",
+      "Few-shot classification as the SUBLLM authors ran it (fewshot_eval/fewshot.py): k demonstrations, the first k "
+      "of the train split after numpy's RandomState(seed).shuffle, each written with the task's template and "
+      "separator; the test item last, its template cut before {label} with trailing spaces removed (\"... "
+      "sentiment:\"). Field values are stripped. Scoring generate: greedy decoding; prediction = output stripped, "
+      "first line, stripped; correct = exact match with the label word (\"positive.\" is wrong). Scoring loglik: the "
+      "label whose tokens (after the template's space) are likeliest given the prompt.\n"
+      "Built-in tasks: sst2, yelp (text), amazon, dbpedia (title, content), agnews, tweet_hate (text), spam "
+      "(text; see `subllm prepare --task spam`). Data: jsonl with those string fields and an integer \"label\".\n"
+      "--task-spec FILE.json describes another task: {\"name\": \"topic\", \"template\": \"Q: {text} A: {label}\", "
+      "\"separator\": \"\\n\\n\", \"labels\": [\"no\", \"yes\"], \"fields\": [\"text\"]} with optional "
+      "\"query_template\" (the test item's own template, no {label}), \"max_new_tokens\" and \"strip_fields\" "
+      "(default true). See docs/EVAL.md.\n"
+      "A prompt longer than the context (minus the generated tokens) drops demonstrations from the front; the "
+      "count is reported.");
+  fs->add_option("-m,--model", f->model_dir, "model folder (a checkpoint) or run folder (its newest checkpoint)")
+      ->required();
+  auto* task = fs->add_option("--task", f->task, "built-in task: sst2, yelp, amazon, agnews, dbpedia, tweet_hate, spam");
+  fs->add_option("--task-spec", f->task_spec, "a task described in JSON (see above)")
+      ->check(CLI::ExistingFile)
+      ->excludes(task);
+  fs->add_option("--train", f->train, "jsonl the demonstrations are drawn from")->required()->check(CLI::ExistingFile);
+  fs->add_option("--test", f->test, "jsonl of test items")->required()->check(CLI::ExistingFile);
+  fs->add_option("--shots", f->shots, "demonstrations per prompt")->capture_default_str();
+  fs->add_option("--seed", f->seeds, "seed of the demonstration choice; repeat for several (default 12345)");
+  fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
+      ->check(CLI::IsMember({"generate", "loglik"}))
+      ->capture_default_str();
+  fs->add_option("--max-test", f->max_test,
+                 "evaluate this many test items, chosen as the authors downsample (RandomState(666)); 0: all")
+      ->capture_default_str();
+  fs->add_option("--keep-threshold", f->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
+      ->capture_default_str();
+  fs->add_option("--predictions", f->predictions, "write every item's prediction to this jsonl file");
+  fs->add_option("-t,--threads", f->threads, "threads (0: all cores)")->capture_default_str();
+  fs->add_flag("--json", f->json_out, "print one JSON object instead of the table");
+  fs->callback([&run, f] { run = [f] { return run_fewshot(*f); }; });
+}
+
+}  // namespace subllm::cli
