@@ -44,6 +44,16 @@ PrepareSummary prepare_data(const PrepareOptions& options);
 std::vector<std::string> default_corpus_files(const std::string& cache_dir,
                                               const std::function<void(const std::string&)>& log = nullptr);
 
+// The documents of one input file as `prepare` reads it: a plain file is one document, a
+// .jsonl file one per line ({"text": ...}; a malformed line is an Error naming file and line).
+// A byte-order mark is dropped, blank documents too. A file that is not UTF-8 yields no
+// documents and the offset of its first bad byte.
+struct FileDocuments {
+  std::vector<std::string> docs;
+  size_t bad_utf8_at = std::string::npos;
+};
+FileDocuments read_documents(const std::string& path);
+
 // $SUBLLM_CACHE_DIR, else data/cache.
 std::string default_cache_dir();
 

@@ -10,6 +10,7 @@
 #include "subllm/dataset.h"
 #include "subllm/error.h"
 #include "subllm/eval.h"
+#include "subllm/prepare.h"
 
 namespace subllm {
 namespace {
@@ -29,39 +30,13 @@ bool is_data_folder(const fs::path& p) {
   return p.filename() == "manifest.json" && fs::is_regular_file(p, ec);
 }
 
-// The documents of a text or .jsonl file, as `subllm prepare` reads them.
+// The documents of a text or .jsonl file, as `subllm prepare` reads them; evaluation data
+// that is not UTF-8 is an error rather than a skipped file.
 std::vector<std::string> documents_of(const std::string& path) {
-  std::string text = read_bytes(path);
-  const size_t bad = utf8_error_offset(text);
-  check(bad == text.size(), "input " + path + " is not UTF-8 text (byte " + std::to_string(bad) + ")");
-  if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);
-  auto blank = [](std::string_view s) { return s.find_first_not_of(" \t\r\n") == std::string_view::npos; };
-  std::vector<std::string> docs;
-  if (fs::path(path).extension() != ".jsonl") {
-    if (!blank(text)) docs.push_back(std::move(text));
-    return docs;
-  }
-  size_t pos = 0, line_no = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string::npos) end = text.size();
-    std::string_view line(text.data() + pos, end - pos);
-    pos = end + 1;
-    ++line_no;
-    if (blank(line)) continue;
-    const std::string where = path + ":" + std::to_string(line_no);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(where + ": malformed JSON (" + e.what() + "): each line must be {\"text\": ...}");
-    }
-    check(j.is_object() && j.contains("text") && j["text"].is_string(),
-          where + ": no string field \"text\": each line must be {\"text\": ...}");
-    std::string doc = j["text"].get<std::string>();
-    if (!blank(doc)) docs.push_back(std::move(doc));
-  }
-  return docs;
+  FileDocuments f = read_documents(path);
+  check(f.bad_utf8_at == std::string::npos,
+        "input " + path + " is not UTF-8 text (byte " + std::to_string(f.bad_utf8_at) + ")");
+  return std::move(f.docs);
 }
 
 }  // namespace

@@ -146,49 +146,6 @@ bool is_blank(std::string_view s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; });
 }
 
-struct FileDocuments {
-  std::vector<std::string> docs;
-  size_t bad_utf8_at = std::string::npos;  // set when the file is not UTF-8 text
-};
-
-// The documents of one input file. A plain file is one document; a .jsonl file is one per
-// line. Blank documents are dropped.
-FileDocuments read_documents(const std::string& path) {
-  std::string text = read_file(path);
-  FileDocuments result;
-  if (const size_t bad = utf8_error_offset(text); bad != text.size()) {
-    result.bad_utf8_at = bad;
-    return result;
-  }
-  auto& docs = result.docs;
-  if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a byte-order mark is not text
-  if (!is_jsonl(path)) {
-    if (!is_blank(text)) docs.push_back(std::move(text));
-    return result;
-  }
-  size_t line_no = 0, pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string::npos) end = text.size();
-    std::string_view line(text.data() + pos, end - pos);
-    pos = end + 1;
-    ++line_no;
-    if (is_blank(line)) continue;
-    const std::string where = path + ":" + std::to_string(line_no);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(where + ": not a JSON object (" + e.what() + "): each line of a .jsonl input must be {\"text\": ...}");
-    }
-    check(j.is_object() && j.contains("text") && j["text"].is_string(),
-          where + ": no string field \"text\": each line of a .jsonl input must be {\"text\": ...}");
-    std::string doc = j["text"].get<std::string>();
-    if (!is_blank(doc)) docs.push_back(std::move(doc));
-  }
-  return result;
-}
-
 // Expands the inputs to files: folders recursively, each folder's files in path order.
 std::vector<Source> expand_inputs(const std::vector<std::string>& inputs, const fs::path& out_dir) {
   std::vector<Source> files;
@@ -419,6 +376,42 @@ void encode_batch(const Tokenizer& tok, const std::vector<std::string>& docs, st
 }
 
 }  // namespace
+
+FileDocuments read_documents(const std::string& path) {
+  std::string text = read_file(path);
+  FileDocuments result;
+  if (const size_t bad = utf8_error_offset(text); bad != text.size()) {
+    result.bad_utf8_at = bad;
+    return result;
+  }
+  auto& docs = result.docs;
+  if (text.rfind("\xEF\xBB\xBF", 0) == 0) text.erase(0, 3);  // a byte-order mark is not text
+  if (!is_jsonl(path)) {
+    if (!is_blank(text)) docs.push_back(std::move(text));
+    return result;
+  }
+  size_t line_no = 0, pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string_view line(text.data() + pos, end - pos);
+    pos = end + 1;
+    ++line_no;
+    if (is_blank(line)) continue;
+    const std::string where = path + ":" + std::to_string(line_no);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(where + ": not a JSON object (" + e.what() + "): each line of a .jsonl input must be {\"text\": ...}");
+    }
+    check(j.is_object() && j.contains("text") && j["text"].is_string(),
+          where + ": no string field \"text\": each line of a .jsonl input must be {\"text\": ...}");
+    std::string doc = j["text"].get<std::string>();
+    if (!is_blank(doc)) docs.push_back(std::move(doc));
+  }
+  return result;
+}
 
 std::string default_cache_dir() {
   const char* env = std::getenv("SUBLLM_CACHE_DIR");
