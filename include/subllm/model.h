@@ -66,11 +66,32 @@ struct BlockIO {
   float *n1, *qkv, *att, *h, *gu, *a, *rstd1, *rstd2;
 };
 
+// Cached key or value rows of one block. Memory is reserved without being initialised, so
+// untouched capacity costs no RSS, and growth doubles so appending stays amortised O(1).
+class KVRows {
+ public:
+  KVRows() = default;
+  KVRows(const KVRows& o) { *this = o; }
+  KVRows& operator=(const KVRows& o);
+  KVRows(KVRows&&) = default;
+  KVRows& operator=(KVRows&&) = default;
+  // Makes room for `floats` in total, keeping the floats in use.
+  void reserve(size_t floats);
+  void set_used(size_t floats) { used_ = floats; }
+  float* data() { return buf_.get(); }
+  const float* data() const { return buf_.get(); }
+  size_t capacity() const { return cap_; }
+
+ private:
+  std::unique_ptr<float[]> buf_;
+  size_t cap_ = 0, used_ = 0;
+};
+
 // The incremental state of one sequence in inference mode: the key/value cache of every
 // block (a block inside subsamplers holds only the tokens they all kept), the tokens
 // consumed, and how many tokens each subsampler saw and kept.
 struct SequenceCache {
-  std::vector<std::vector<float>> k, v;  // per block: (rows, C), grown as tokens arrive
+  std::vector<KVRows> k, v;              // per block: (rows, C), grown as tokens arrive
   std::vector<int> rows;                 // per block
   int length = 0;                        // tokens consumed (root positions used)
   int width = 0;                         // floats per cached row (the model width)
@@ -124,7 +145,8 @@ class Model {
   // Inference with a cache: runs n new tokens of one sequence (positions cache.length ..)
   // and appends to the cache. Writes the logits of all n rows, or of the last row only.
   // Equals the inference-mode forward() over the whole sequence, token for token.
-  SequenceCache new_cache() const;
+  // `reserve_tokens`: room made up front for this many tokens in every block (a hint).
+  SequenceCache new_cache(int reserve_tokens = 0) const;
   void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows);
   // The keep threshold of subsampler j (knobs().keep_thresholds[j] if set, else keep_threshold).
   float keep_threshold(int j) const;

@@ -156,8 +156,9 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
 
 std::string Generator::generate(const std::string& prompt, const GenerateOptions& opt,
                                 const std::function<void(const std::string&)>& on_text, GenerateStats* stats) {
-  Stream s(model_.new_cache(), opt.sampling, tok_);
-  prefill(model_, s, prompt_tokens(prompt, opt));
+  const std::vector<int32_t> ids = prompt_tokens(prompt, opt);
+  Stream s(model_.new_cache((int)ids.size() + opt.max_new_tokens), opt.sampling, tok_);
+  prefill(model_, s, ids);
   // Text is held back while it could still be the start of a stop string.
   size_t shown = 0;
   auto show = [&](bool final) {

@@ -16,10 +16,32 @@ size_t SequenceCache::bytes() const {
   return total;
 }
 
-SequenceCache Model::new_cache() const {
+KVRows& KVRows::operator=(const KVRows& o) {
+  if (this == &o) return *this;
+  buf_.reset(o.cap_ ? new float[o.cap_] : nullptr);
+  cap_ = o.cap_;
+  used_ = o.used_;
+  if (used_) std::memcpy(buf_.get(), o.buf_.get(), sizeof(float) * used_);
+  return *this;
+}
+
+void KVRows::reserve(size_t floats) {
+  if (floats <= cap_) return;
+  const size_t cap = std::max(floats, cap_ * 2);
+  std::unique_ptr<float[]> grown(new float[cap]);
+  if (used_) std::memcpy(grown.get(), buf_.get(), sizeof(float) * used_);
+  buf_ = std::move(grown);
+  cap_ = cap;
+}
+
+SequenceCache Model::new_cache(int reserve_tokens) const {
   SequenceCache c;
   c.k.resize(cfg_.n_layers);
   c.v.resize(cfg_.n_layers);
+  for (int b = 0; b < cfg_.n_layers && reserve_tokens > 0; ++b) {
+    c.k[b].reserve((size_t)reserve_tokens * cfg_.dim);
+    c.v[b].reserve((size_t)reserve_tokens * cfg_.dim);
+  }
   c.rows.assign(cfg_.n_layers, 0);
   c.width = cfg_.dim;
   c.seen.assign(structure_.num_subsamplers, 0);
@@ -49,19 +71,17 @@ void Model::segment_cached(SequenceCache& cache, int seg, float* x, int rows, co
       float* lse = w + (size_t)rows * (6 * C + 3 * F + 2);
       float* y = lse + (size_t)rows * H;
       block_core(blk, x, y, rows, pos, io, [&] {
-        std::vector<float>& K = cache.k[blk];
-        std::vector<float>& V = cache.v[blk];
+        KVRows& K = cache.k[blk];
+        KVRows& V = cache.v[blk];
         const int L0 = cache.rows[blk], L = L0 + rows;
-        if (K.size() < (size_t)L * C) {
-          // Grow geometrically so appending one token at a time stays amortised O(1).
-          const size_t cap = std::max((size_t)L * C, K.size() * 2);
-          K.resize(cap);
-          V.resize(cap);
-        }
+        K.reserve((size_t)L * C);
+        V.reserve((size_t)L * C);
         for (int r = 0; r < rows; ++r) {
           std::memcpy(K.data() + (size_t)(L0 + r) * C, io.qkv + (size_t)r * 3 * C + C, sizeof(float) * C);
           std::memcpy(V.data() + (size_t)(L0 + r) * C, io.qkv + (size_t)r * 3 * C + 2 * C, sizeof(float) * C);
         }
+        K.set_used((size_t)L * C);
+        V.set_used((size_t)L * C);
         cache.rows[blk] = L;
         if (L0 == 0)
           k::attention_forward(io.qkv, io.qkv + C, io.qkv + 2 * C, 3 * C, io.att, C, lse, 1, rows, H, hd);
