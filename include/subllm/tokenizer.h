@@ -69,6 +69,9 @@ class StreamDecoder {
   // Ends the stream: whatever is held back, as decode would render it (an unfinished
   // character becomes U+FFFD). The decoder then starts a fresh stream.
   std::string flush();
+  // The text continues one already shown (a prompt), so a leading word-start mark is a real
+  // space rather than the start of the text.
+  void continue_text() { emitted_ = true; }
 
  private:
   std::string take_bytes(bool final);

@@ -90,7 +90,8 @@ void accept(Stream& s, int32_t id, const GenerateOptions& opt, int eos) {
 }
 
 // Prompt processing: fills the cache and leaves the next-token logits in s.logits.
-void prefill(Model& m, Stream& s, const std::vector<int32_t>& ids) {
+void prefill(Model& m, Stream& s, const std::vector<int32_t>& ids, bool prompt_has_text) {
+  if (prompt_has_text) s.decoder.continue_text();
   const auto t0 = Clock::now();
   s.logits.assign(m.config().vocab_size, 0.f);
   m.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
@@ -121,7 +122,7 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
   std::vector<Clock::time_point> decode_start(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
     Stream& s = *streams[i];
-    prefill(model_, s, prompt_tokens(prompts[i], opt));
+    prefill(model_, s, prompt_tokens(prompts[i], opt), !prompts[i].empty());
     if (opt.max_new_tokens <= 0) {
       s.done = true;
       continue;
@@ -158,7 +159,7 @@ std::string Generator::generate(const std::string& prompt, const GenerateOptions
                                 const std::function<void(const std::string&)>& on_text, GenerateStats* stats) {
   const std::vector<int32_t> ids = prompt_tokens(prompt, opt);
   Stream s(model_.new_cache((int)ids.size() + opt.max_new_tokens), opt.sampling, tok_);
-  prefill(model_, s, ids);
+  prefill(model_, s, ids, !prompt.empty());
   // Text is held back while it could still be the start of a stop string.
   size_t shown = 0;
   auto show = [&](bool final) {
