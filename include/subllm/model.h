@@ -180,6 +180,7 @@ class Model {
   std::vector<BlockOffsets> blocks_;
   Structure structure_;
   std::vector<int64_t> score_offset_, bypass_offset_;  // per subsampler j
+  int64_t embed_offset_ = 0, final_norm_offset_ = 0, head_offset_ = 0;  // the head may be the embedding
   SubllmKnobs knobs_;
   long train_step_ = 0;
   uint64_t train_seed_ = 0;

@@ -155,7 +155,7 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
     params_.push_back(std::move(p));
     return params_.back().offset;
   };
-  add("decoder.embed_tokens.weight", {V, C}, true);
+  embed_offset_ = add("decoder.embed_tokens.weight", {V, C}, true);
   for (int i = 0; i < cfg_.n_layers; ++i) {
     const std::string pre = layer_prefix(i);
     BlockOffsets b;
@@ -176,8 +176,8 @@ Model::Model(ModelConfig cfg) : cfg_(std::move(cfg)) {
         add("decoder.downsamplers." + std::to_string(j) + ".to_scores.weight", {1, C}, false, true, 0.5f));
   for (int j = 0; j < structure_.num_subsamplers; ++j)
     bypass_offset_.push_back(add("decoder.bypasses." + std::to_string(j) + ".bypass_scale", {C}, false));
-  add("decoder.layer_norm.weight", {C}, false);
-  if (!cfg_.tie_weights) add("decoder.output_projection.weight", {V, C}, true);
+  final_norm_offset_ = add("decoder.layer_norm.weight", {C}, false);
+  head_offset_ = cfg_.tie_weights ? 0 : add("decoder.output_projection.weight", {V, C}, true);
   params_buf_ = Tensor::zeros({num_params_});
   grads_buf_ = Tensor::zeros({num_params_});
   traces_.assign(structure_.num_subsamplers, SubsamplerTrace{});
@@ -667,16 +667,13 @@ double Model::run(const int32_t* tokens, const int32_t* targets, int B, int T, M
   ModelActivations& a = plan(B, T, mode);
   float* P = param_data();
   float* G = grad_data();
-  const int64_t embed_off = param_info("decoder.embed_tokens.weight").offset;
-  const int64_t norm_off = param_info("decoder.layer_norm.weight").offset;
-  const int64_t head_off =
-      param_info(cfg_.tie_weights ? "decoder.embed_tokens.weight" : "decoder.output_projection.weight").offset;
+  const int64_t head_off = cfg_.tie_weights ? embed_offset_ : head_offset_;
   SegmentActs& root = a.seg[0];
 
-  k::embedding_forward(tokens, P + embed_off, root.stream[0].f32(), N, C);
+  k::embedding_forward(tokens, P + embed_offset_, root.stream[0].f32(), N, C);
   segment_forward(a, 0, tokens, mode);
   float* last = root.stream.back().f32();
-  k::rmsnorm_forward(last, P + norm_off, a.norm_out.f32(), a.rstd_f.f32(), N, C, cfg_.norm_eps);
+  k::rmsnorm_forward(last, P + final_norm_offset_, a.norm_out.f32(), a.rstd_f.f32(), N, C, cfg_.norm_eps);
 
   // Counting first lets the head produce gradients of the mean loss directly.
   int64_t n_counted = 0;
@@ -690,9 +687,9 @@ double Model::run(const int32_t* tokens, const int32_t* targets, int B, int T, M
                                 backward ? G + head_off : nullptr, logits, a.logits_scratch.f32(), a.chunk_rows, count);
   if (!backward) return loss;
 
-  k::rmsnorm_backward(last, P + norm_off, a.rstd_f.f32(), a.d_tmp_c.f32(), root.d_stream.f32(), G + norm_off, N, C, false);
+  k::rmsnorm_backward(last, P + final_norm_offset_, a.rstd_f.f32(), a.d_tmp_c.f32(), root.d_stream.f32(), G + final_norm_offset_, N, C, false);
   segment_backward(a, 0);
-  k::embedding_backward(tokens, root.d_stream.f32(), G + embed_off, N, C, V);
+  k::embedding_backward(tokens, root.d_stream.f32(), G + embed_offset_, N, C, V);
   return loss;
 }
 

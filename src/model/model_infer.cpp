@@ -132,16 +132,14 @@ void Model::forward_cached(SequenceCache& cache, const int32_t* tokens, int n, f
   std::vector<float> x((size_t)n * C);
   std::vector<int32_t> pos(n);
   for (int i = 0; i < n; ++i) pos[i] = cache.length + i;
-  kernels::embedding_forward(tokens, param_data() + param_info("decoder.embed_tokens.weight").offset, x.data(), n, C);
+  kernels::embedding_forward(tokens, param_data() + embed_offset_, x.data(), n, C);
   segment_cached(cache, 0, x.data(), n, pos.data(), tokens);
   cache.length += n;
   const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
   std::vector<float> normed((size_t)count * C), rstd(count);
-  kernels::rmsnorm_forward(x.data() + (size_t)first * C, param_data() + param_info("decoder.layer_norm.weight").offset,
-                           normed.data(), rstd.data(), count, C, cfg_.norm_eps);
-  const float* head =
-      param_data() +
-      param_info(cfg_.tie_weights ? "decoder.embed_tokens.weight" : "decoder.output_projection.weight").offset;
+  kernels::rmsnorm_forward(x.data() + (size_t)first * C, param_data() + final_norm_offset_, normed.data(), rstd.data(),
+                           count, C, cfg_.norm_eps);
+  const float* head = param_data() + (cfg_.tie_weights ? embed_offset_ : head_offset_);
   kernels::linear_forward(normed.data(), head, logits, count, C, V);
 }
 
