@@ -56,6 +56,13 @@ struct SubsamplerTrace {
   std::vector<float> scores;   // (B, parent length): the scores the choice was made from
 };
 
+// Summary of the scores of subsampler j's last pass: the fraction above the keep threshold
+// (the retention inference mode would give on these tokens), their RMS, and the mean
+// clamp(s, 0, 1) of the tokens the pass kept.
+struct ScoreStats {
+  double above = 0, rms = 0, kept_weight = 0;
+};
+
 // Offsets of one transformer block's tensors in the flat buffers; q, k, v are adjacent.
 struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
@@ -137,6 +144,7 @@ class Model {
   void set_train_context(long step, uint64_t seed);
   SubllmKnobs& knobs() { return knobs_; }
   const std::vector<SubsamplerTrace>& last_traces() const { return traces_; }
+  std::vector<ScoreStats> score_stats() const;
   // Tokens seen and kept at each subsampler over inference-mode passes since the last reset.
   void reset_retention_stats();
   std::vector<double> retention() const;

@@ -25,6 +25,11 @@ class ScheduledFloat {
   ScheduledFloat(float constant = 0.f) : points_{{0.0, constant}} {}
   ScheduledFloat(std::vector<std::pair<double, double>> points);
   double at(double step) const;
+  // "STEP:VALUE,STEP:VALUE,..." (or one VALUE, constant); a bad string is an error naming
+  // `what` and the expected form.
+  static ScheduledFloat parse(const std::string& text, const std::string& what);
+  std::string str() const;  // the same form
+
 
  private:
   std::vector<std::pair<double, double>> points_;

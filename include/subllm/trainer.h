@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "subllm/config.h"
+#include "subllm/model.h"
 #include "subllm/optim.h"
 #include "subllm/schedule.h"
 
@@ -26,6 +27,7 @@ struct TrainOptions {
   LrSchedule lr;
   AdamWOptions adamw;
   ScaledAdamOptions scaled_adam;
+  SubllmKnobs subllm;            // SUBLLM's balancer and bypass-limit schedules
   int eval_every = 100;          // steps between validation passes (0: only at the end)
   int eval_batches = 8;          // micro-batches per validation pass
   int ckpt_every = 200;          // steps between checkpoints (0: only at the end)

@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "subllm/config.h"
 #include "subllm/dataset.h"
+#include "subllm/error.h"
 #include "subllm/trainer.h"
 
 namespace subllm::cli {
@@ -19,7 +20,8 @@ struct TrainCli {
   std::string retention;
   bool layers_given = false;
   std::string recipe;
-  bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false;
+  std::string balancer_prob = SubllmKnobs{}.balancer_prob.str(), bypass_min = SubllmKnobs{}.bypass_min.str();
+  bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false, warmup_given = false;
   float lr = 2e-3f;
 };
 
@@ -53,11 +55,15 @@ int run_train(TrainCli& c) {
     if (!c.optimizer_given) o.optimizer = "scaled_adam";
     if (!c.lr_given) c.lr = 0.045f;
     if (!c.schedule_given) o.lr.kind = "eden";
+    if (!c.warmup_given) o.lr.warmup_steps = 500;
   }
   if (o.optimizer == "scaled-adam") o.optimizer = "scaled_adam";
   if (c.beta2_given) o.scaled_adam.beta2 = o.adamw.beta2;
   o.scaled_adam.beta1 = o.adamw.beta1;
   o.lr.base_lr = c.lr;
+  o.subllm.balancer_prob = ScheduledFloat::parse(c.balancer_prob, "--balancer-prob");
+  o.subllm.bypass_min = ScheduledFloat::parse(c.bypass_min, "--bypass-min");
+  check(o.subllm.balancer_grad_scale >= 0, "--balancer-grad-scale must be 0 or more");
   TrainResult r = train(o);
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
   if (r.val_loss >= 0) std::printf("  validation loss %.4f", r.val_loss);
@@ -102,13 +108,14 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
   t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
   t->add_option("--tokens", o.token_budget, "token budget (sets --steps)");
-  t->add_option("--recipe", c->recipe, "paper: ScaledAdam, base lr 0.045, Eden (flags given still win)")
+  t->add_option("--recipe", c->recipe,
+                "paper: ScaledAdam, base lr 0.045, Eden, 500 warm-up steps (flags given still win)")
       ->check(CLI::IsMember({"paper"}));
   auto* optimizer = t->add_option("--optimizer", o.optimizer, "adamw | scaled-adam")
                         ->capture_default_str()
                         ->check(CLI::IsMember({"adamw", "scaled-adam", "scaled_adam"}));
   auto* lr = t->add_option("--lr", c->lr, "peak (base) learning rate")->capture_default_str();
-  t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")->capture_default_str();
+  auto* warmup = t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")->capture_default_str();
   auto* schedule = t->add_option("--schedule", o.lr.kind, "cosine | constant | eden | eden2")
                        ->capture_default_str()
                        ->check(CLI::IsMember({"cosine", "constant", "eden", "eden2"}));
@@ -133,6 +140,13 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--size-update-period", sa.size_update_period, "ScaledAdam: steps between tensor-scale updates")
       ->capture_default_str();
   t->add_option("--adam-eps", o.adamw.eps, "epsilon of both optimizers")->capture_default_str();
+  t->add_option("--balancer-grad-scale", o.subllm.balancer_grad_scale,
+                "SUBLLM: strength of the score balancer's gradient edit")
+      ->capture_default_str();
+  t->add_option("--balancer-prob", c->balancer_prob, "SUBLLM: chance the score balancer acts, STEP:VALUE,...")
+      ->capture_default_str();
+  t->add_option("--bypass-min", c->bypass_min, "SUBLLM: lower limit of the bypass scales, STEP:VALUE,...")
+      ->capture_default_str();
   t->add_option("--eval-every", o.eval_every, "steps between validation passes")->capture_default_str();
   t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")->capture_default_str();
   t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
@@ -140,7 +154,8 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
   t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
-  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2] {
+  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
+               warmup] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
     c->layers_given = layers->count() > 0;
@@ -148,6 +163,7 @@ void add_train_command(CLI::App& app, Runner& run) {
     c->schedule_given = schedule->count() > 0;
     c->optimizer_given = optimizer->count() > 0;
     c->beta2_given = beta2->count() > 0;
+    c->warmup_given = warmup->count() > 0;
     c->o.scaled_adam.eps = c->o.adamw.eps;
     run = [c] { return run_train(*c); };
   });

@@ -278,6 +278,39 @@ std::vector<double> Model::retention() const {
   return r;
 }
 
+std::vector<ScoreStats> Model::score_stats() const {
+  std::vector<ScoreStats> out;
+  for (int j = 0; j < (int)traces_.size(); ++j) {
+    const SubsamplerTrace& tr = traces_[j];
+    ScoreStats st;
+    const size_t n = tr.scores.size();
+    if (n == 0) {
+      out.push_back(st);
+      continue;
+    }
+    const float v = keep_threshold(j);
+    double sq = 0;
+    int64_t above = 0;
+    for (float s : tr.scores) {
+      sq += (double)s * s;
+      above += s > v;
+    }
+    st.above = (double)above / n;
+    st.rms = std::sqrt(sq / n);
+    // kept holds positions within each parent sequence of length n / B.
+    const size_t per_seq = tr.kept_per_seq, B = per_seq ? tr.kept.size() / per_seq : 0;
+    double w = 0;
+    if (B > 0) {
+      const size_t Tp = n / B;
+      for (size_t i = 0; i < tr.kept.size(); ++i)
+        w += std::clamp(tr.scores[(i / per_seq) * Tp + (size_t)tr.kept[i]], 0.0f, 1.0f);
+      st.kept_weight = w / tr.kept.size();
+    }
+    out.push_back(st);
+  }
+  return out;
+}
+
 ModelActivations& Model::plan(int B, int T, Mode mode) {
   if (acts_ && acts_->B == B && acts_->T == T && acts_->mode == mode) return *acts_;
   acts_.reset();  // release the old plan before allocating the new one

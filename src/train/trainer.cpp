@@ -224,6 +224,7 @@ TrainResult train(const TrainOptions& o) {
 
   Model model(cfg);
   model.init_weights(o.seed);
+  model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);
   if (!resume_from.empty()) {
     const fs::path ck(resume_from);
@@ -290,6 +291,9 @@ TrainResult train(const TrainOptions& o) {
                 {"total_steps", total_steps},
                 {"tokens_seen", (int64_t)step * tokens_per_step},
                 {"optimizer", opt->name()},
+                {"balancer_grad_scale", o.subllm.balancer_grad_scale},
+                {"balancer_prob", o.subllm.balancer_prob.str()},
+                {"bypass_min", o.subllm.bypass_min.str()},
                 {"lr_schedule", lr.kind},
                 {"base_lr", lr.base_lr},
                 {"data_dir", o.data_dir}};
@@ -341,6 +345,23 @@ TrainResult train(const TrainOptions& o) {
     json m = {{"step", done},           {"loss", loss},          {"lr", cur_lr},
               {"grad_norm", norm},      {"clip", rep.clip_factor}, {"step_s", dt},
               {"tokens_per_s", tps},    {"tokens", (int64_t)done * tokens_per_step}, {"elapsed_s", elapsed}};
+    // Per subsampler, on the last micro-batch: the fraction of scores above the keep
+    // threshold (what inference mode would keep), their RMS and the kept tokens' mean weight.
+    std::string keep_text;
+    if (!model.structure().is_plain()) {
+      std::vector<double> above, rms, kw;
+      for (const ScoreStats& st : model.score_stats()) {
+        above.push_back(st.above);
+        rms.push_back(st.rms);
+        kw.push_back(st.kept_weight);
+        char b[16];
+        std::snprintf(b, sizeof b, "%s%.2f", keep_text.empty() ? " | keep " : "/", st.above);
+        keep_text += b;
+      }
+      m["score_above"] = above;
+      m["score_rms"] = rms;
+      m["kept_weight"] = kw;
+    }
     if (rep.quartiles_changed) {
       m["clip_quartiles"] = std::vector<double>(rep.quartiles, rep.quartiles + 5);
       if (!o.quiet && !tty)
@@ -362,7 +383,7 @@ TrainResult train(const TrainOptions& o) {
       char line[256];
       std::snprintf(line, sizeof line, "step %ld/%ld | loss %.4f | lr %.2e | gnorm %.2f | %.0f tok/s | ETA %s", done,
                     total_steps, loss, cur_lr, norm, tps, format_duration(eta).c_str());
-      std::string text = line;
+      std::string text = line + keep_text;
       if (m.contains("val_loss")) text += " | val " + std::to_string(res.val_loss).substr(0, 6);
       if (tty)
         std::fprintf(stderr, "\r%-100s%s", text.c_str(), m.contains("val_loss") || last ? "\n" : "");

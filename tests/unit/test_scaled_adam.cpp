@@ -15,6 +15,7 @@
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"
 #include "subllm/scaled_adam.h"
+#include "subllm/schedule.h"
 #include "subllm/threads.h"
 #include "test_util.h"
 
@@ -560,6 +561,22 @@ TEST(Eden, Eden2HasNoEpochTerm) {
   EXPECT_EQ(e.at(5000, 0), e.at(5000, 30));
   EXPECT_NEAR(e.at(15000, 1), (double)0.045f / std::sqrt(10.0), 1e-15);
   EXPECT_NEAR(e.at(100, 0), (double)0.045f * std::pow(1.0004, -0.5) * 0.6, 1e-15);
+}
+
+TEST(ScheduledFloat, ParsesPointsAndConstants) {
+  const ScheduledFloat p = ScheduledFloat::parse("0:1,8000:0.25", "--balancer-prob");
+  EXPECT_DOUBLE_EQ(p.at(-5), 1.0);
+  EXPECT_DOUBLE_EQ(p.at(4000), 0.625);
+  EXPECT_DOUBLE_EQ(p.at(9000), 0.25);
+  EXPECT_EQ(p.str(), "0:1,8000:0.25");
+  EXPECT_EQ(ScheduledFloat::parse(p.str(), "x").str(), p.str());
+  EXPECT_DOUBLE_EQ(ScheduledFloat::parse("0.3", "x").at(123), 0.3);
+  EXPECT_DOUBLE_EQ(ScheduledFloat::parse("100:0.5", "x").at(0), 0.5);
+  for (const char* bad : {"", "abc", "0:1,", "0:1,0:2", "5:1,2:2", "0:1,0.5", "1:2:3", "0:nan"}) {
+    const std::string e = error_of([&] { ScheduledFloat::parse(bad, "--balancer-prob"); });
+    EXPECT_NE(e.find("--balancer-prob '" + std::string(bad) + "'"), std::string::npos) << bad << ": " << e;
+    EXPECT_NE(e.find("STEP:VALUE"), std::string::npos) << e;
+  }
 }
 
 // ---------------------------------------------------------------------------------------

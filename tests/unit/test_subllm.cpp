@@ -1,6 +1,7 @@
 // SUBLLM: subsampling, upsampling, bypass and balancer, in training and inference modes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -143,6 +144,35 @@ TEST(Subllm, TrainingSelectionKeepsTopScoresInOrderAtOriginalPositions) {
   auto before = tr[0].kept;
   m.forward(tok.data(), tgt.data(), B, T, nullptr, Mode::Train);
   EXPECT_EQ(m.last_traces()[0].kept, before);
+}
+
+TEST(Subllm, ScoreStatsSummariseTheLastPass) {
+  Model m(subllm_config("T(T(T)T)T", {0.6f, 0.5f}));
+  randomize(m, 5);
+  m.set_train_context(0, 9);
+  const int B = 3, T = 17;
+  std::vector<int32_t> tok(B * T), tgt(B * T, 1);
+  for (int i = 0; i < B * T; ++i) tok[i] = (int32_t)(1 + i * 7 % 12);
+  m.knobs().keep_threshold = 0.1f;
+  m.forward(tok.data(), tgt.data(), B, T, nullptr, Mode::Train);
+  const auto& tr = m.last_traces();
+  const auto st = m.score_stats();
+  ASSERT_EQ(st.size(), 2u);
+  for (int j = 0; j < 2; ++j) {
+    const int Tp = (int)tr[j].scores.size() / B, Tc = tr[j].kept_per_seq;
+    int above = 0;
+    double sq = 0, w = 0;
+    for (float s : tr[j].scores) {
+      above += s > 0.1f;
+      sq += (double)s * s;
+    }
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < Tc; ++i) w += std::clamp(tr[j].scores[b * Tp + tr[j].kept[b * Tc + i]], 0.0f, 1.0f);
+    EXPECT_NEAR(st[j].above, (double)above / (B * Tp), 1e-12);
+    EXPECT_NEAR(st[j].rms, std::sqrt(sq / (B * Tp)), 1e-6);
+    EXPECT_NEAR(st[j].kept_weight, w / (B * Tc), 1e-6);
+    EXPECT_GT(st[j].rms, 0.0);
+  }
 }
 
 TEST(Subllm, InferenceKeepsExactlyTheTokensAboveTheThreshold) {

@@ -107,6 +107,20 @@ void check_resume_is_exact(const std::function<void(TrainOptions&)>& configure) 
             read_all(tmp.file("part/checkpoint-00000030/model.safetensors")));
   EXPECT_EQ(read_all(tmp.file("full/checkpoint-00000030/optimizer.safetensors")),
             read_all(tmp.file("part/checkpoint-00000030/optimizer.safetensors")));
+  // A SUBLLM logs its subsamplers' score statistics every step; LLaMA has none.
+  const size_t subsamplers = full.model.retentions.size();
+  for (const auto& m : a) {
+    ASSERT_EQ(m.contains("score_above"), subsamplers > 0);
+    if (subsamplers == 0) continue;
+    for (const char* key : {"score_above", "score_rms", "kept_weight"}) ASSERT_EQ(m[key].size(), subsamplers) << key;
+    for (size_t j = 0; j < subsamplers; ++j) {
+      EXPECT_GE(m["score_above"][j].get<double>(), 0.0);
+      EXPECT_LE(m["score_above"][j].get<double>(), 1.0);
+      EXPECT_GT(m["score_rms"][j].get<double>(), 0.0);
+      EXPECT_GE(m["kept_weight"][j].get<double>(), 0.0);
+      EXPECT_LE(m["kept_weight"][j].get<double>(), 1.0);
+    }
+  }
 }
 
 TEST(Train, ResumeInProcessContinuesBitForBit) {
@@ -208,6 +222,31 @@ TEST(Train, CtrlCSavesACheckpointAndExits130) {
   const std::string ck = find_checkpoint(tmp.file("run"));
   auto state = nlohmann::json::parse(read_all(ck + "/trainer_state.json"));
   EXPECT_EQ(state["step"].get<long>(), (long)read_metrics(tmp.file("run")).size());
+}
+
+TEST(Train, SubllmKnobsReachTheModelAndTheState) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  auto run = [&](const std::string& name, double balancer_prob) {
+    TrainOptions o = tiny_run(data, tmp.file(name));
+    o.steps = 10;
+    o.model.structure = "T(T)";
+    o.model.retentions = {0.6f};
+    o.subllm.balancer_prob = ScheduledFloat(balancer_prob);
+    o.subllm.balancer_grad_scale = 0.5f;
+    train(o);
+    return read_metrics(tmp.file(name));
+  };
+  const auto on = run("on", 1.0), off = run("off", 0.0);
+  ASSERT_EQ(on.size(), off.size());
+  // The first step's loss precedes any update; the balancer's edit changes what follows.
+  EXPECT_EQ(on[0]["loss"].get<double>(), off[0]["loss"].get<double>());
+  bool differ = false;
+  for (size_t i = 1; i < on.size(); ++i) differ |= on[i]["loss"].get<double>() != off[i]["loss"].get<double>();
+  EXPECT_TRUE(differ) << "the balancer's probability did not reach the model";
+  auto state = nlohmann::json::parse(read_all(find_checkpoint(tmp.file("on")) + "/trainer_state.json"));
+  EXPECT_EQ(state["balancer_prob"].get<std::string>(), "0:1");
+  EXPECT_NEAR(state["balancer_grad_scale"].get<double>(), 0.5, 1e-7);
 }
 
 TEST(Train, BadInputsAreClearErrors) {
