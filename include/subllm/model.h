@@ -68,10 +68,7 @@ struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
 };
 
-// Where one block pass keeps its intermediates (rows of C, 3C, 2F or F floats).
-struct BlockIO {
-  float *n1, *qkv, *att, *h, *gu, *a, *rstd1, *rstd2;
-};
+struct BlockIO;  // where one block pass keeps its intermediates; private to the model's sources
 
 // Cached key or value rows of one block. Memory is reserved without being initialised, so
 // untouched capacity costs no RSS, and growth doubles so appending stays amortised O(1).

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include "kernels/kernels.h"
+#include "model/block_io.h"
 #include "subllm/error.h"
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "model/block_io.h"
 #include "subllm/error.h"
 #include "subllm/model.h"
 
