@@ -5,7 +5,9 @@
 # the subsamplers) and a deep one (8 blocks, 6 inside one subsampler). Same data order for
 # all four. For each SUBLLM it reports the validation loss and the retention per subsampler
 # over the run, and how much its inner blocks are worth at the end (validation loss with
-# every token skipping them: keep threshold 1e9).
+# every token skipping them: keep threshold 1e9). Each SUBLLM runs twice: with the paper's
+# balancer, which judges the positive fraction from mean/std, and with --balancer-fraction
+# counted, which counts it.
 # Writes runs/retention/<name>, loss-curve plots and the tables.
 # Usage: scripts/experiment_retention.sh [STEPS] [OUT]
 set -euo pipefail
@@ -25,13 +27,15 @@ run() {
 }
 mkdir -p "$OUT"
 run subllm-deep --structure "T(TTTTTT)T" --retention 0.64
+run subllm-deep-counted --structure "T(TTTTTT)T" --retention 0.64 --balancer-fraction counted
 run llama-8 --structure TTTTTTTT
 run subllm-halved --structure "TTT(TT(TT)TT)TTT" --retention 0.64
+run subllm-halved-counted --structure "TTT(TT(TT)TT)TTT" --retention 0.64 --balancer-fraction counted
 run llama-12 --structure TTTTTTTTTTTT
-"$BIN" plot "$OUT/llama-8" "$OUT/subllm-deep" "$OUT/llama-12" "$OUT/subllm-halved" \
+"$BIN" plot "$OUT/llama-8" "$OUT/subllm-deep-counted" "$OUT/llama-12" "$OUT/subllm-halved-counted" \
   --label "LLaMA 8 blocks" --label "SUBLLM T(TTTTTT)T" --label "LLaMA 12 blocks" --label "SUBLLM TTT(TT(TT)TT)TTT" \
-  -o "$OUT/curves.svg" --ylim 4.4,6 --title "LLaMA vs SUBLLM, d 256, ScaledAdam + Eden"
-for name in subllm-deep subllm-halved; do
+  -o "$OUT/curves.svg" --ylim 4.4,6 --title "LLaMA vs SUBLLM (counted balancer), d 256, ScaledAdam + Eden"
+for name in subllm-deep subllm-deep-counted subllm-halved subllm-halved-counted; do
   for v in 0 1e9; do
     "$BIN" eval ppl -m "$OUT/$name" --data data/default --seq 256 --keep-threshold "$v" --json >"$OUT/$name.ppl-$v.json"
   done
@@ -40,7 +44,8 @@ done
 import json, sys, os
 out = sys.argv[1]
 load = lambda name: [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl"))]
-for name, base in [("subllm-deep", "llama-8"), ("subllm-halved", "llama-12")]:
+for name, base in [("subllm-deep", "llama-8"), ("subllm-deep-counted", "llama-8"),
+                   ("subllm-halved", "llama-12"), ("subllm-halved-counted", "llama-12")]:
     llama = {x["step"]: x["val_loss"] for x in load(base) if "val_loss" in x}
     m = load(name)
     print(f"\n{name} against {base}\n")

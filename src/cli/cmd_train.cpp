@@ -20,6 +20,7 @@ struct TrainCli {
   std::string retention;
   bool layers_given = false;
   std::string recipe;
+  std::string balancer_fraction = "gaussian";
   std::string balancer_prob = SubllmKnobs{}.balancer_prob.str(), bypass_min = SubllmKnobs{}.bypass_min.str();
   bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false, warmup_given = false;
   float lr = 2e-3f;
@@ -62,6 +63,7 @@ int run_train(TrainCli& c) {
   o.scaled_adam.beta1 = o.adamw.beta1;
   o.lr.base_lr = c.lr;
   o.subllm.balancer_prob = ScheduledFloat::parse(c.balancer_prob, "--balancer-prob");
+  o.subllm.balancer_counted = c.balancer_fraction == "counted";
   o.subllm.bypass_min = ScheduledFloat::parse(c.bypass_min, "--bypass-min");
   check(o.subllm.balancer_grad_scale >= 0, "--balancer-grad-scale must be 0 or more");
   TrainResult r = train(o);
@@ -143,6 +145,11 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--balancer-grad-scale", o.subllm.balancer_grad_scale,
                 "SUBLLM: strength of the score balancer's gradient edit")
       ->capture_default_str();
+  t->add_option("--balancer-fraction", c->balancer_fraction,
+                "SUBLLM: how the balancer judges the positive fraction: gaussian (from mean/std, the paper's) | "
+                "counted")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"gaussian", "counted"}));
   t->add_option("--balancer-prob", c->balancer_prob, "SUBLLM: chance the score balancer acts, STEP:VALUE,...")
       ->capture_default_str();
   t->add_option("--bypass-min", c->bypass_min, "SUBLLM: lower limit of the bypass scales, STEP:VALUE,...")

@@ -293,6 +293,7 @@ TrainResult train(const TrainOptions& o) {
                 {"optimizer", opt->name()},
                 {"balancer_grad_scale", o.subllm.balancer_grad_scale},
                 {"balancer_prob", o.subllm.balancer_prob.str()},
+                {"balancer_fraction", o.subllm.balancer_counted ? "counted" : "gaussian"},
                 {"bypass_min", o.subllm.bypass_min.str()},
                 {"lr_schedule", lr.kind},
                 {"base_lr", lr.base_lr},

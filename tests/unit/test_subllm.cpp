@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <set>
 
 #include "grad_check.h"
@@ -298,6 +299,51 @@ TEST(Subllm, BalancerEditMatchesItsFormula) {
   const double m_ok = kernels::proportion_positive_to_mean(0.5);
   kernels::balancer_backward(ok.data(), dd.data(), n, m_ok - 10, m_ok + 10, 0.1, 100, scale);
   EXPECT_EQ(dd, d);
+}
+
+// Skewed scores: 30 % positive but a long positive tail, so mean/std says "too many positive"
+// while the count says too few. The counted variant acts on the count, with the same gradient.
+TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
+  const int n = 100;
+  std::vector<float> x(n), d(n);
+  Rng r(5);
+  for (int i = 0; i < n; ++i) {
+    x[i] = i % 10 < 3 ? 3.0f : -0.5f;
+    d[i] = (float)r.normal();
+  }
+  const double mmin = kernels::proportion_positive_to_mean(0.55), mmax = kernels::proportion_positive_to_mean(0.65);
+  const double rmin = 1.25331413732, rmax = 4 * 1.25331413732, scale = 0.04;
+  double s = 0, ss = 0;
+  for (float v : x) {
+    s += v;
+    ss += (double)v * v;
+  }
+  const double mean = s / n, sd = std::sqrt(ss / n - mean * mean), m = mean / sd, rms = std::sqrt(ss / n);
+  ASSERT_GT(m, mmax);  // mean/std above the window: the paper's balancer pushes scores down
+  ASSERT_GT(rms, rmin);
+  ASSERT_LT(rms, rmax);
+  auto sum = [](const std::vector<float>& v) { return std::accumulate(v.begin(), v.end(), 0.0); };
+  std::vector<float> gaussian = d, counted = d;
+  kernels::balancer_backward(x.data(), gaussian.data(), n, mmin, mmax, rmin, rmax, scale);
+  kernels::balancer_backward(x.data(), counted.data(), n, mmin, mmax, rmin, rmax, scale, 0.55, 0.65);
+  EXPECT_GT(sum(gaussian), sum(d));  // larger gradients: scores pushed down
+  EXPECT_LT(sum(counted), sum(d));   // smaller gradients: scores pushed up
+  // The counted edit is -d(mean/std)/dx rescaled to RMS `scale`, times |d|.
+  std::vector<double> g(n);
+  double g_sq = 0;
+  for (int i = 0; i < n; ++i) {
+    g[i] = -(1.0 - m * (x[i] - mean) / sd) / (n * sd);
+    g_sq += g[i] * g[i];
+  }
+  const double g_rms = std::sqrt(g_sq / n);
+  for (int i = 0; i < n; ++i) {
+    const double expect = d[i] + std::fabs(d[i]) * g[i] * scale / g_rms;
+    EXPECT_NEAR(counted[i], expect, 1e-5 * (1 + std::fabs(expect))) << i;
+  }
+  // A counted fraction inside its window leaves the gradient alone.
+  std::vector<float> inside = d;
+  kernels::balancer_backward(x.data(), inside.data(), n, mmin, mmax, rmin, rmax, scale, 0.25, 0.35);
+  EXPECT_EQ(inside, d);
 }
 
 TEST(Subllm, BalancerAndBypassLimitChangeTheGradientsWhenOn) {

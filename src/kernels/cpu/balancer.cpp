@@ -9,18 +9,24 @@ namespace subllm::kernels {
 
 // loss = |m - clamp(m, m_min, m_max)| + |log(clamp(rms, r_min, r_max) / rms)|, m = mean/std.
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
-                       double grad_scale) {
+                       double grad_scale, double p_lo, double p_hi) {
   double sum = 0, sum_sq = 0;
+  int64_t positive = 0;
   for (int64_t i = 0; i < n; ++i) {
     sum += x[i];
     sum_sq += (double)x[i] * x[i];
+    positive += x[i] > 0;
   }
   const double mean = sum / n, uvar = sum_sq / n;
   const double var = std::max(uvar - mean * mean, 1e-20), sd = std::sqrt(var), rms = std::sqrt(std::max(uvar, 1e-20));
   const double m = mean / sd;
   // d(m_loss)/dm and d(r_loss)/d(rms); zero inside the allowed ranges. Where the variance
   // floor is hit its derivative is zero, as a clamp's is.
-  const double dm = m > m_max ? 1.0 : (m < m_min ? -1.0 : 0.0);
+  double dm = m > m_max ? 1.0 : (m < m_min ? -1.0 : 0.0);
+  if (p_lo >= 0) {
+    const double p = (double)positive / n;
+    dm = p > p_hi ? 1.0 : (p < p_lo ? -1.0 : 0.0);
+  }
   const double dr = rms > r_max ? 1.0 / rms : (rms < r_min ? -1.0 / rms : 0.0);
   if (dm == 0.0 && dr == 0.0) return;
   const bool var_live = uvar - mean * mean > 1e-20, rms_live = uvar > 1e-20;
