@@ -117,7 +117,8 @@ void add_train_command(CLI::App& app, Runner& run) {
                         ->capture_default_str()
                         ->check(CLI::IsMember({"adamw", "scaled-adam", "scaled_adam"}));
   auto* lr = t->add_option("--lr", c->lr, "peak (base) learning rate")->capture_default_str();
-  auto* warmup = t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")->capture_default_str();
+  auto* warmup = t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")
+                     ->capture_default_str();
   auto* schedule = t->add_option("--schedule", o.lr.kind, "cosine | constant | eden | eden2")
                        ->capture_default_str()
                        ->check(CLI::IsMember({"cosine", "constant", "eden", "eden2"}));
