@@ -66,6 +66,8 @@ int run_train(TrainCli& c) {
   o.subllm.balancer_counted = c.balancer_fraction == "counted";
   o.subllm.bypass_min = ScheduledFloat::parse(c.bypass_min, "--bypass-min");
   check(o.subllm.balancer_grad_scale >= 0, "--balancer-grad-scale must be 0 or more");
+  check(o.subllm.balancer_window > 0 && o.subllm.balancer_window < 0.5,
+        "--balancer-window must lie in (0, 0.5): the balancer keeps the positive fraction in [r - w, r + w]");
   TrainResult r = train(o);
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
   if (r.val_loss >= 0) std::printf("  validation loss %.4f", r.val_loss);
@@ -151,6 +153,9 @@ void add_train_command(CLI::App& app, Runner& run) {
                 "counted")
       ->capture_default_str()
       ->check(CLI::IsMember({"gaussian", "counted"}));
+  t->add_option("--balancer-window", o.subllm.balancer_window,
+                "SUBLLM: the balancer acts when the positive fraction leaves [r - w, r + w]")
+      ->capture_default_str();
   t->add_option("--balancer-prob", c->balancer_prob, "SUBLLM: chance the score balancer acts, STEP:VALUE,...")
       ->capture_default_str();
   t->add_option("--bypass-min", c->bypass_min, "SUBLLM: lower limit of the bypass scales, STEP:VALUE,...")

@@ -294,6 +294,7 @@ TrainResult train(const TrainOptions& o) {
                 {"balancer_grad_scale", o.subllm.balancer_grad_scale},
                 {"balancer_prob", o.subllm.balancer_prob.str()},
                 {"balancer_fraction", o.subllm.balancer_counted ? "counted" : "gaussian"},
+                {"balancer_window", o.subllm.balancer_window},
                 {"bypass_min", o.subllm.bypass_min.str()},
                 {"lr_schedule", lr.kind},
                 {"base_lr", lr.base_lr},

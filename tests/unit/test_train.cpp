@@ -234,6 +234,8 @@ TEST(Train, SubllmKnobsReachTheModelAndTheState) {
     o.model.retentions = {0.6f};
     o.subllm.balancer_prob = ScheduledFloat(balancer_prob);
     o.subllm.balancer_grad_scale = 0.5f;
+    o.subllm.balancer_window = 0.03f;
+    o.subllm.balancer_counted = true;
     train(o);
     return read_metrics(tmp.file(name));
   };
@@ -247,6 +249,8 @@ TEST(Train, SubllmKnobsReachTheModelAndTheState) {
   auto state = nlohmann::json::parse(read_all(find_checkpoint(tmp.file("on")) + "/trainer_state.json"));
   EXPECT_EQ(state["balancer_prob"].get<std::string>(), "0:1");
   EXPECT_NEAR(state["balancer_grad_scale"].get<double>(), 0.5, 1e-7);
+  EXPECT_NEAR(state["balancer_window"].get<double>(), 0.03, 1e-7);
+  EXPECT_EQ(state["balancer_fraction"].get<std::string>(), "counted");
 }
 
 TEST(Train, BadInputsAreClearErrors) {
