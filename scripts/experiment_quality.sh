@@ -3,13 +3,11 @@
 # the default corpus with the same data order, steps and tokens. Writes runs/quality/<name>,
 # a loss-curve plot and a summary table (docs/RESULTS.md quotes it).
 # Usage: scripts/experiment_quality.sh [STEPS] [OUT]
+#   RUNS="subllm-adamw subllm-scaledadam"  trains only these (the others must be in OUT already)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 STEPS=${1:-450}
 OUT=${2:-runs/quality}
-BIN=${BIN:-build/subllm}
-[ -x "$BIN" ] || bash scripts/build.sh
-[ -f data/default/manifest.json ] || "$BIN" prepare
+source "$(dirname "$0")/experiment_lib.sh"
 # d 256, 12 blocks: 6 outside, 4 inside one subsampler, 2 inside both (the paper's 24-block
 # layout halved), retention 0.64 at both levels.
 COMMON=(--dim 256 --heads 4 --batch 8 --seq 512 --steps "$STEPS" --eval-every 50 --eval-batches 16
@@ -18,18 +16,12 @@ LLAMA=(--structure TTTTTTTTTTTT)
 SUBLLM=(--structure "TTT(TT(TT)TT)TTT" --retention 0.64)
 ADAMW=(--optimizer adamw --lr 2e-3 --warmup 50 --schedule cosine)
 PAPER=(--recipe paper --warmup 50 --lr-batches 5000)
-run() {
-  local name=$1; shift
-  echo "== $name"
-  "$BIN" train -o "$OUT/$name" "${COMMON[@]}" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.summary"
-}
-mkdir -p "$OUT"
 run llama-adamw "${LLAMA[@]}" "${ADAMW[@]}"
 run subllm-adamw "${SUBLLM[@]}" "${ADAMW[@]}"
 run llama-scaledadam "${LLAMA[@]}" "${PAPER[@]}"
 run subllm-scaledadam "${SUBLLM[@]}" "${PAPER[@]}"
 "$BIN" plot "$OUT/llama-adamw" "$OUT/subllm-adamw" "$OUT/llama-scaledadam" "$OUT/subllm-scaledadam" \
-  -o "$OUT/curves.png"
+  -o "$OUT/curves.svg"
 /usr/bin/python3 - "$OUT" <<'PY'
 import json, sys, os
 out = sys.argv[1]

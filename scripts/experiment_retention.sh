@@ -3,13 +3,14 @@
 # the paper's recipe (ScaledAdam, Eden, 500 warm-up steps), for two SUBLLM layouts, each next
 # to the LLaMA with the same blocks: the paper's layout halved (12 blocks, 6 of them outside
 # the subsamplers) and a deep one (8 blocks, 6 inside one subsampler). Same data order for
-# all four. For each SUBLLM it reports the validation loss and the retention per subsampler
-# over the run, and how much its inner blocks are worth at the end (validation loss with
-# every token skipping them: keep threshold 1e9). Each SUBLLM runs twice: with the paper's
-# balancer, which judges the positive fraction from mean/std, and with --balancer-fraction
-# counted, which counts it.
+# all. For each SUBLLM it reports the validation loss and the retention per subsampler over
+# the run, and how much its inner blocks are worth at the end (validation loss with every
+# token skipping them: keep threshold 1e9). Each SUBLLM runs twice: with the engine's default
+# score balancer, which counts the positive fraction, and with the paper's
+# (--balancer-fraction gaussian), which judges it from mean/std.
 # Writes runs/retention/<name>, loss-curve plots and the tables.
 # Usage: scripts/experiment_retention.sh [STEPS] [OUT]
+#   RUNS="subllm-deep llama-8"  trains only these (the others must be in OUT already)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-1500}
@@ -22,20 +23,24 @@ COMMON=(--dim 256 --heads 4 --batch 4 --seq 256 --steps "$STEPS" --eval-every 30
         --ckpt-every 0 --keep 1 --seed 1 --recipe paper)
 run() {
   local name=$1; shift
+  if [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]]; then
+    [ -f "$OUT/$name/metrics.jsonl" ] || { echo "error: $OUT/$name is missing; train it (leave RUNS empty or add $name)" >&2; exit 1; }
+    return 0
+  fi
   echo "== $name"
   "$BIN" train -o "$OUT/$name" "${COMMON[@]}" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.summary"
 }
 mkdir -p "$OUT"
 run subllm-deep --structure "T(TTTTTT)T" --retention 0.64
-run subllm-deep-counted --structure "T(TTTTTT)T" --retention 0.64 --balancer-fraction counted
+run subllm-deep-gaussian --structure "T(TTTTTT)T" --retention 0.64 --balancer-fraction gaussian
 run llama-8 --structure TTTTTTTT
 run subllm-halved --structure "TTT(TT(TT)TT)TTT" --retention 0.64
-run subllm-halved-counted --structure "TTT(TT(TT)TT)TTT" --retention 0.64 --balancer-fraction counted
+run subllm-halved-gaussian --structure "TTT(TT(TT)TT)TTT" --retention 0.64 --balancer-fraction gaussian
 run llama-12 --structure TTTTTTTTTTTT
-"$BIN" plot "$OUT/llama-8" "$OUT/subllm-deep-counted" "$OUT/llama-12" "$OUT/subllm-halved-counted" \
+"$BIN" plot "$OUT/llama-8" "$OUT/subllm-deep" "$OUT/llama-12" "$OUT/subllm-halved" \
   --label "LLaMA 8 blocks" --label "SUBLLM T(TTTTTT)T" --label "LLaMA 12 blocks" --label "SUBLLM TTT(TT(TT)TT)TTT" \
-  -o "$OUT/curves.svg" --ylim 4.4,6 --title "LLaMA vs SUBLLM (counted balancer), d 256, ScaledAdam + Eden"
-for name in subllm-deep subllm-deep-counted subllm-halved subllm-halved-counted; do
+  -o "$OUT/curves.svg" --ylim 4.4,6 --title "LLaMA vs SUBLLM, d 256, ScaledAdam + Eden"
+for name in subllm-deep subllm-deep-gaussian subllm-halved subllm-halved-gaussian; do
   for v in 0 1e9; do
     "$BIN" eval ppl -m "$OUT/$name" --data data/default --seq 256 --keep-threshold "$v" --json >"$OUT/$name.ppl-$v.json"
   done
@@ -44,8 +49,8 @@ done
 import json, sys, os
 out = sys.argv[1]
 load = lambda name: [json.loads(l) for l in open(os.path.join(out, name, "metrics.jsonl"))]
-for name, base in [("subllm-deep", "llama-8"), ("subllm-deep-counted", "llama-8"),
-                   ("subllm-halved", "llama-12"), ("subllm-halved-counted", "llama-12")]:
+for name, base in [("subllm-deep", "llama-8"), ("subllm-deep-gaussian", "llama-8"),
+                   ("subllm-halved", "llama-12"), ("subllm-halved-gaussian", "llama-12")]:
     llama = {x["step"]: x["val_loss"] for x in load(base) if "val_loss" in x}
     m = load(name)
     print(f"\n{name} against {base}\n")

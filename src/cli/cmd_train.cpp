@@ -20,7 +20,7 @@ struct TrainCli {
   std::string retention;
   bool layers_given = false;
   std::string recipe;
-  std::string balancer_fraction = "gaussian";
+  std::string balancer_fraction = SubllmKnobs{}.balancer_counted ? "counted" : "gaussian";
   std::string balancer_prob = SubllmKnobs{}.balancer_prob.str(), bypass_min = SubllmKnobs{}.bypass_min.str();
   bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false, warmup_given = false;
   float lr = 2e-3f;
@@ -149,12 +149,13 @@ void add_train_command(CLI::App& app, Runner& run) {
                 "SUBLLM: strength of the score balancer's gradient edit")
       ->capture_default_str();
   t->add_option("--balancer-fraction", c->balancer_fraction,
-                "SUBLLM: how the balancer judges the positive fraction: gaussian (from mean/std, the paper's) | "
-                "counted")
+                "SUBLLM: how the score balancer sees the positive fraction: counted (counts it and steers it to "
+                "the retention) | gaussian (judges it from mean/std, the paper's function)")
       ->capture_default_str()
       ->check(CLI::IsMember({"gaussian", "counted"}));
   t->add_option("--balancer-window", o.subllm.balancer_window,
-                "SUBLLM: the balancer acts when the positive fraction leaves [r - w, r + w]")
+                "SUBLLM: the score balancer's window [r - w, r + w]: full strength at its edges and beyond "
+                "(counted: proportional to the distance from r inside; gaussian: no push inside)")
       ->capture_default_str();
   t->add_option("--balancer-prob", c->balancer_prob, "SUBLLM: chance the score balancer acts, STEP:VALUE,...")
       ->capture_default_str();

@@ -71,11 +71,12 @@ size_t attention_scratch_bytes(int hd, bool backward);
 // ---- balancer (SUBLLM.md §7): a backward-only edit of the gradient d of n values x seen as
 // one channel: d += |d| * g, g = d(constraint loss)/dx rescaled to RMS grad_scale. The loss
 // keeps mean/std in [m_min, m_max] and the RMS in [r_min, r_max]; inside both, d is unchanged.
-// With p_lo >= 0 the mean/std term acts (with the same gradient) when the counted fraction of
-// positive x lies outside [p_lo, p_hi] instead of when mean/std lies outside [m_min, m_max]:
-// the two agree for normally distributed x, not for skewed x.
+// With p_target >= 0 the mean/std term is driven by the counted fraction p of positive x
+// instead: its gradient is weighted by clamp((p - p_target) / p_window, -1, 1) (full strength
+// at the window's edges and beyond, none at the target) and multiplied by the mean |d| of the
+// channel rather than each element's own |d|, so it also moves values whose own gradient is 0.
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
-                       double grad_scale, double p_lo = -1, double p_hi = -1);
+                       double grad_scale, double p_target = -1, double p_window = 0);
 // The mean/std ratio of a normal variable that is positive with probability p (the
 // balancer's bounds are given as positive fractions).
 double proportion_positive_to_mean(double p);

@@ -611,9 +611,9 @@ void Model::subsample_backward_post(ModelActivations& a, int child, const float*
   if (g.balancer_on) {
     const double r = sg.retention, win = knobs_.balancer_window;
     kernels::balancer_backward(scores, dwt, Np, kernels::proportion_positive_to_mean(r - win),
-                               kernels::proportion_positive_to_mean(r + win),
-                      1.25331413732 * knobs_.balancer_min_abs, 1.25331413732 * knobs_.balancer_max_abs,
-                      knobs_.balancer_grad_scale, knobs_.balancer_counted ? r - win : -1.0, r + win);
+                               kernels::proportion_positive_to_mean(r + win), 1.25331413732 * knobs_.balancer_min_abs,
+                               1.25331413732 * knobs_.balancer_max_abs, knobs_.balancer_grad_scale,
+                               knobs_.balancer_counted ? r : -1.0, win);
   }
   // scores = x · w_score: d(w_score) += dscores^T x, d(x) += dscores ⊗ w_score
   kernels::linear_backward(x, param_data() + score_offset_[j], dwt, dout, grad_data() + score_offset_[j], (int)Np, C,

@@ -302,21 +302,24 @@ TEST(Subllm, BalancerEditMatchesItsFormula) {
 }
 
 // Skewed scores: 30 % positive but a long positive tail, so mean/std says "too many positive"
-// while the count says too few. The counted variant acts on the count, with the same gradient.
+// while the count says too few. The counted variant acts on the count: the mean/std term's
+// gradient, weighted by how far the count is from its target and spread over every score at
+// the mean |d| (so scores whose own gradient is 0, as below the clamp, move too).
 TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   const int n = 100;
   std::vector<float> x(n), d(n);
   Rng r(5);
   for (int i = 0; i < n; ++i) {
     x[i] = i % 10 < 3 ? 3.0f : -0.5f;
-    d[i] = (float)r.normal();
+    d[i] = i % 10 == 9 ? 0.0f : (float)r.normal();
   }
   const double mmin = kernels::proportion_positive_to_mean(0.55), mmax = kernels::proportion_positive_to_mean(0.65);
   const double rmin = 1.25331413732, rmax = 4 * 1.25331413732, scale = 0.04;
-  double s = 0, ss = 0;
-  for (float v : x) {
-    s += v;
-    ss += (double)v * v;
+  double s = 0, ss = 0, sum_abs_d = 0;
+  for (int i = 0; i < n; ++i) {
+    s += x[i];
+    ss += (double)x[i] * x[i];
+    sum_abs_d += std::fabs(d[i]);
   }
   const double mean = s / n, sd = std::sqrt(ss / n - mean * mean), m = mean / sd, rms = std::sqrt(ss / n);
   ASSERT_GT(m, mmax);  // mean/std above the window: the paper's balancer pushes scores down
@@ -325,25 +328,32 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   auto sum = [](const std::vector<float>& v) { return std::accumulate(v.begin(), v.end(), 0.0); };
   std::vector<float> gaussian = d, counted = d;
   kernels::balancer_backward(x.data(), gaussian.data(), n, mmin, mmax, rmin, rmax, scale);
-  kernels::balancer_backward(x.data(), counted.data(), n, mmin, mmax, rmin, rmax, scale, 0.55, 0.65);
+  kernels::balancer_backward(x.data(), counted.data(), n, mmin, mmax, rmin, rmax, scale, 0.6, 0.05);
   EXPECT_GT(sum(gaussian), sum(d));  // larger gradients: scores pushed down
   EXPECT_LT(sum(counted), sum(d));   // smaller gradients: scores pushed up
-  // The counted edit is -d(mean/std)/dx rescaled to RMS `scale`, times |d|.
+  // 0.3 positive against 0.6 +- 0.05: full strength. The edit is -d(mean/std)/dx rescaled to
+  // RMS `scale`, times the mean |d|.
   std::vector<double> g(n);
   double g_sq = 0;
   for (int i = 0; i < n; ++i) {
-    g[i] = -(1.0 - m * (x[i] - mean) / sd) / (n * sd);
+    g[i] = (1.0 - m * (x[i] - mean) / sd) / (n * sd);
     g_sq += g[i] * g[i];
   }
   const double g_rms = std::sqrt(g_sq / n);
   for (int i = 0; i < n; ++i) {
-    const double expect = d[i] + std::fabs(d[i]) * g[i] * scale / g_rms;
+    const double expect = d[i] - sum_abs_d / n * g[i] * scale / g_rms;
     EXPECT_NEAR(counted[i], expect, 1e-5 * (1 + std::fabs(expect))) << i;
+    if (d[i] == 0.0f) {
+      EXPECT_LT(counted[i], 0.0f) << i;  // no gradient of its own, pushed up all the same
+    }
   }
-  // A counted fraction inside its window leaves the gradient alone.
-  std::vector<float> inside = d;
-  kernels::balancer_backward(x.data(), inside.data(), n, mmin, mmax, rmin, rmax, scale, 0.25, 0.35);
-  EXPECT_EQ(inside, d);
+  // Inside the window the push is proportional to the distance from the target: 0.3 against
+  // 0.32 +- 0.05 is 0.4 of full strength, and a count on the target leaves d alone.
+  std::vector<float> near = d, on = d;
+  kernels::balancer_backward(x.data(), near.data(), n, mmin, mmax, rmin, rmax, scale, 0.32, 0.05);
+  for (int i = 0; i < n; ++i) EXPECT_NEAR(near[i] - d[i], 0.4 * (counted[i] - d[i]), 1e-6) << i;
+  kernels::balancer_backward(x.data(), on.data(), n, mmin, mmax, rmin, rmax, scale, 0.3, 0.05);
+  EXPECT_EQ(on, d);
 }
 
 TEST(Subllm, BalancerAndBypassLimitChangeTheGradientsWhenOn) {

@@ -235,7 +235,7 @@ TEST(Train, SubllmKnobsReachTheModelAndTheState) {
     o.subllm.balancer_prob = ScheduledFloat(balancer_prob);
     o.subllm.balancer_grad_scale = 0.5f;
     o.subllm.balancer_window = 0.03f;
-    o.subllm.balancer_counted = true;
+    o.subllm.balancer_counted = false;
     train(o);
     return read_metrics(tmp.file(name));
   };
@@ -250,7 +250,7 @@ TEST(Train, SubllmKnobsReachTheModelAndTheState) {
   EXPECT_EQ(state["balancer_prob"].get<std::string>(), "0:1");
   EXPECT_NEAR(state["balancer_grad_scale"].get<double>(), 0.5, 1e-7);
   EXPECT_NEAR(state["balancer_window"].get<double>(), 0.03, 1e-7);
-  EXPECT_EQ(state["balancer_fraction"].get<std::string>(), "counted");
+  EXPECT_EQ(state["balancer_fraction"].get<std::string>(), "gaussian");
 }
 
 TEST(Train, BadInputsAreClearErrors) {

@@ -9,12 +9,13 @@ namespace subllm::kernels {
 
 // loss = |m - clamp(m, m_min, m_max)| + |log(clamp(rms, r_min, r_max) / rms)|, m = mean/std.
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
-                       double grad_scale, double p_lo, double p_hi) {
-  double sum = 0, sum_sq = 0;
+                       double grad_scale, double p_target, double p_window) {
+  double sum = 0, sum_sq = 0, sum_abs_d = 0;
   int64_t positive = 0;
   for (int64_t i = 0; i < n; ++i) {
     sum += x[i];
     sum_sq += (double)x[i] * x[i];
+    sum_abs_d += std::fabs((double)d[i]);
     positive += x[i] > 0;
   }
   const double mean = sum / n, uvar = sum_sq / n;
@@ -22,24 +23,31 @@ void balancer_backward(const float* x, float* d, int64_t n, double m_min, double
   const double m = mean / sd;
   // d(m_loss)/dm and d(r_loss)/d(rms); zero inside the allowed ranges. Where the variance
   // floor is hit its derivative is zero, as a clamp's is.
-  double dm = m > m_max ? 1.0 : (m < m_min ? -1.0 : 0.0);
-  if (p_lo >= 0) {
-    const double p = (double)positive / n;
-    dm = p > p_hi ? 1.0 : (p < p_lo ? -1.0 : 0.0);
-  }
+  const bool counted = p_target >= 0;
+  const double dm = counted ? std::clamp(((double)positive / n - p_target) / p_window, -1.0, 1.0)
+                            : (m > m_max ? 1.0 : (m < m_min ? -1.0 : 0.0));
   const double dr = rms > r_max ? 1.0 / rms : (rms < r_min ? -1.0 / rms : 0.0);
   if (dm == 0.0 && dr == 0.0) return;
   const bool var_live = uvar - mean * mean > 1e-20, rms_live = uvar > 1e-20;
-  std::vector<double> g(n);
+  // The two terms' gradients, and the scale that brings their full-strength sum to RMS grad_scale.
+  std::vector<double> gm(n), gr(n);
+  const double dm_sign = dm > 0 ? 1.0 : (dm < 0 ? -1.0 : 0.0);
   double g_sq = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double dm_dx = var_live ? (1.0 - m * (x[i] - mean) / sd) / (n * sd) : 1.0 / (n * sd);
-    const double drms_dx = rms_live ? x[i] / (n * rms) : 0.0;
-    g[i] = dm * dm_dx + dr * drms_dx;
-    g_sq += g[i] * g[i];
+    gm[i] = var_live ? (1.0 - m * (x[i] - mean) / sd) / (n * sd) : 1.0 / (n * sd);
+    gr[i] = dr * (rms_live ? x[i] / (n * rms) : 0.0);
+    const double g = dm_sign * gm[i] + gr[i];
+    g_sq += g * g;
   }
   const double scale = grad_scale / std::max(std::sqrt(g_sq / n), 1e-20);
-  for (int64_t i = 0; i < n; ++i) d[i] = (float)(d[i] + std::fabs((double)d[i]) * g[i] * scale);
+  const double mean_abs_d = sum_abs_d / n;
+  for (int64_t i = 0; i < n; ++i) {
+    const double ad = std::fabs((double)d[i]);
+    if (counted)
+      d[i] = (float)(d[i] + (mean_abs_d * dm * gm[i] + ad * gr[i]) * scale);
+    else
+      d[i] = (float)(d[i] + ad * (dm * gm[i] + gr[i]) * scale);
+  }
 }
 
 double proportion_positive_to_mean(double p) {
