@@ -74,7 +74,8 @@ size_t attention_scratch_bytes(int hd, bool backward);
 // With p_target >= 0 the mean/std term is driven by the counted fraction p of positive x
 // instead: its gradient is weighted by clamp((p - p_target) / p_window, -1, 1) (full strength
 // at the window's edges and beyond, none at the target) and multiplied by the mean |d| of the
-// channel rather than each element's own |d|, so it also moves values whose own gradient is 0.
+// elements whose d is not 0, rather than each element's own |d|, so it also moves values whose
+// own gradient is 0.
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
                        double grad_scale, double p_target = -1, double p_window = 0);
 // The mean/std ratio of a normal variable that is positive with probability p (the

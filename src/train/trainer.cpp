@@ -241,6 +241,13 @@ TrainResult train(const TrainOptions& o) {
     const std::string saved_opt = st.value("optimizer", "adamw");
     check(saved_opt == opt->name(), "cannot resume from '" + resume_from + "': it was trained with --optimizer " +
                                         saved_opt + ", not " + opt->name() + "; pass the same optimizer");
+    if (!model.structure().is_plain()) {
+      // States written before the flag existed were trained with the paper's balancer.
+      const std::string saved_bal = st.value("balancer_fraction", "gaussian");
+      const std::string now_bal = o.subllm.balancer_counted ? "counted" : "gaussian";
+      check(saved_bal == now_bal, "cannot resume from '" + resume_from + "': it was trained with --balancer-fraction " +
+                                      saved_bal + ", not " + now_bal + "; pass --balancer-fraction " + saved_bal);
+    }
     model.load((ck / "model.safetensors").string());
     opt->load_state((ck / "optimizer.safetensors").string());
     start_step = st.at("step").get<long>();

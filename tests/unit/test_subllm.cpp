@@ -316,10 +316,12 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   const double mmin = kernels::proportion_positive_to_mean(0.55), mmax = kernels::proportion_positive_to_mean(0.65);
   const double rmin = 1.25331413732, rmax = 4 * 1.25331413732, scale = 0.04;
   double s = 0, ss = 0, sum_abs_d = 0;
+  int with_grad = 0;
   for (int i = 0; i < n; ++i) {
     s += x[i];
     ss += (double)x[i] * x[i];
     sum_abs_d += std::fabs(d[i]);
+    with_grad += d[i] != 0.0f;
   }
   const double mean = s / n, sd = std::sqrt(ss / n - mean * mean), m = mean / sd, rms = std::sqrt(ss / n);
   ASSERT_GT(m, mmax);  // mean/std above the window: the paper's balancer pushes scores down
@@ -332,7 +334,7 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   EXPECT_GT(sum(gaussian), sum(d));  // larger gradients: scores pushed down
   EXPECT_LT(sum(counted), sum(d));   // smaller gradients: scores pushed up
   // 0.3 positive against 0.6 +- 0.05: full strength. The edit is -d(mean/std)/dx rescaled to
-  // RMS `scale`, times the mean |d|.
+  // RMS `scale`, times the mean |d| of the scores that have a gradient.
   std::vector<double> g(n);
   double g_sq = 0;
   for (int i = 0; i < n; ++i) {
@@ -341,7 +343,7 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   }
   const double g_rms = std::sqrt(g_sq / n);
   for (int i = 0; i < n; ++i) {
-    const double expect = d[i] - sum_abs_d / n * g[i] * scale / g_rms;
+    const double expect = d[i] - sum_abs_d / with_grad * g[i] * scale / g_rms;
     EXPECT_NEAR(counted[i], expect, 1e-5 * (1 + std::fabs(expect))) << i;
     if (d[i] == 0.0f) {
       EXPECT_LT(counted[i], 0.0f) << i;  // no gradient of its own, pushed up all the same

@@ -251,6 +251,15 @@ TEST(Train, SubllmKnobsReachTheModelAndTheState) {
   EXPECT_NEAR(state["balancer_grad_scale"].get<double>(), 0.5, 1e-7);
   EXPECT_NEAR(state["balancer_window"].get<double>(), 0.03, 1e-7);
   EXPECT_EQ(state["balancer_fraction"].get<std::string>(), "gaussian");
+  // Resuming it with the other balancer is refused, naming the flag that continues it.
+  TrainOptions more = tiny_run(data, tmp.file("on"));
+  more.steps = 12;
+  more.model.structure = "T(T)";
+  more.model.retentions = {0.6f};
+  more.resume = tmp.file("on");
+  ASSERT_TRUE(more.subllm.balancer_counted);
+  const std::string msg = error_of([&] { train(more); });
+  EXPECT_NE(msg.find("--balancer-fraction gaussian"), std::string::npos) << msg;
 }
 
 TEST(Train, BadInputsAreClearErrors) {

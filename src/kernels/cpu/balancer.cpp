@@ -11,11 +11,12 @@ namespace subllm::kernels {
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
                        double grad_scale, double p_target, double p_window) {
   double sum = 0, sum_sq = 0, sum_abs_d = 0;
-  int64_t positive = 0;
+  int64_t positive = 0, with_grad = 0;
   for (int64_t i = 0; i < n; ++i) {
     sum += x[i];
     sum_sq += (double)x[i] * x[i];
     sum_abs_d += std::fabs((double)d[i]);
+    with_grad += d[i] != 0.0f;
     positive += x[i] > 0;
   }
   const double mean = sum / n, uvar = sum_sq / n;
@@ -40,7 +41,9 @@ void balancer_backward(const float* x, float* d, int64_t n, double m_min, double
     g_sq += g * g;
   }
   const double scale = grad_scale / std::max(std::sqrt(g_sq / n), 1e-20);
-  const double mean_abs_d = sum_abs_d / n;
+  // The typical size of a gradient among the values that have one: when few do (most scores
+  // below the clamp), this keeps the push on the others from vanishing with them.
+  const double mean_abs_d = with_grad ? sum_abs_d / with_grad : 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double ad = std::fabs((double)d[i]);
     if (counted)
