@@ -36,11 +36,11 @@ enum class Mode { Train, Inference };
 // The scheduled knobs of SUBLLM's training machinery (SUBLLM.md §4, §5, §7).
 struct SubllmKnobs {
   ScheduledFloat balancer_prob{{{0.0, 1.0}, {8000.0, 0.25}}};  // chance the score balancer acts on a step
-  float balancer_grad_scale = 0.04f;
-  float balancer_window = 0.05f;     // positive fraction kept in [r - w, r + w]
   // Count the positive fraction and steer it to r (false: judge it from mean/std, as the
   // paper's balancer does; see kernels::balancer_backward).
   bool balancer_counted = true;
+  float balancer_grad_scale = 0.1f;  // the paper's balancer uses 0.04
+  float balancer_window = 0.05f;     // positive fraction kept in [r - w, r + w]
   float balancer_min_abs = 1.0f, balancer_max_abs = 4.0f;
   ScheduledFloat bypass_min{{{0.0, 0.9}, {20000.0, 0.2}}};     // lower limit of the bypass scale
   float bypass_max = 1.0f;

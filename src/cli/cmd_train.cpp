@@ -23,6 +23,7 @@ struct TrainCli {
   std::string balancer_fraction = SubllmKnobs{}.balancer_counted ? "counted" : "gaussian";
   std::string balancer_prob = SubllmKnobs{}.balancer_prob.str(), bypass_min = SubllmKnobs{}.bypass_min.str();
   bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false, warmup_given = false;
+  bool balancer_grad_scale_given = false;
   float lr = 2e-3f;
 };
 
@@ -64,6 +65,7 @@ int run_train(TrainCli& c) {
   o.lr.base_lr = c.lr;
   o.subllm.balancer_prob = ScheduledFloat::parse(c.balancer_prob, "--balancer-prob");
   o.subllm.balancer_counted = c.balancer_fraction == "counted";
+  if (!c.balancer_grad_scale_given && !o.subllm.balancer_counted) o.subllm.balancer_grad_scale = 0.04f;  // the paper's
   o.subllm.bypass_min = ScheduledFloat::parse(c.bypass_min, "--bypass-min");
   check(o.subllm.balancer_grad_scale >= 0, "--balancer-grad-scale must be 0 or more");
   check(o.subllm.balancer_window > 0 && o.subllm.balancer_window < 0.5,
@@ -145,9 +147,10 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--size-update-period", sa.size_update_period, "ScaledAdam: steps between tensor-scale updates")
       ->capture_default_str();
   t->add_option("--adam-eps", o.adamw.eps, "epsilon of both optimizers")->capture_default_str();
-  t->add_option("--balancer-grad-scale", o.subllm.balancer_grad_scale,
-                "SUBLLM: strength of the score balancer's gradient edit")
-      ->capture_default_str();
+  auto* bal_scale = t->add_option("--balancer-grad-scale", o.subllm.balancer_grad_scale,
+                                  "SUBLLM: strength of the score balancer's gradient edit (0.04 with "
+                                  "--balancer-fraction gaussian, the paper's)")
+                        ->capture_default_str();
   t->add_option("--balancer-fraction", c->balancer_fraction,
                 "SUBLLM: how the score balancer sees the positive fraction: counted (counts it and steers it to "
                 "the retention) | gaussian (judges it from mean/std, the paper's function)")
@@ -169,7 +172,7 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
   t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
-               warmup] {
+               warmup, bal_scale] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
     c->layers_given = layers->count() > 0;
@@ -178,6 +181,7 @@ void add_train_command(CLI::App& app, Runner& run) {
     c->optimizer_given = optimizer->count() > 0;
     c->beta2_given = beta2->count() > 0;
     c->warmup_given = warmup->count() > 0;
+    c->balancer_grad_scale_given = bal_scale->count() > 0;
     c->o.scaled_adam.eps = c->o.adamw.eps;
     run = [c] { return run_train(*c); };
   });

@@ -78,8 +78,9 @@ size_t attention_scratch_bytes(int hd, bool backward);
 // own gradient is 0.
 void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
                        double grad_scale, double p_target = -1, double p_window = 0);
-// The mean/std ratio of a normal variable that is positive with probability p (the
-// balancer's bounds are given as positive fractions).
+// The paper's mean/std bound for a positive fraction p: 0.814 * atanh(2p - 1), which
+// approximates erfinv(2p - 1). (A normal variable positive with probability p has a mean/std
+// sqrt(2) times that, so the bounds admit fewer positive values than p.)
 double proportion_positive_to_mean(double p);
 
 // ---- SwiGLU on the packed w12 output ----------------------------------------------------

@@ -55,6 +55,7 @@ void run_oracle(const OracleCase& oc, const std::string& tag) {
   // balancers and bypass limits act) are handed to the reference, which selects tokens itself.
   m.knobs().balancer_prob = ScheduledFloat(oc.balancer_prob);
   m.knobs().balancer_counted = false;  // the reference implements the paper's balancer
+  m.knobs().balancer_grad_scale = 0.04f;
   m.knobs().bypass_limit_prob = oc.limit_prob;
   m.set_train_context(oc.step, 5);
   m.forward(tokens.data(), targets.data(), oc.B, oc.T, nullptr, Mode::Train);
