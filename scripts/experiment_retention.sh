@@ -12,25 +12,12 @@
 # Usage: scripts/experiment_retention.sh [STEPS] [OUT]
 #   RUNS="subllm-deep llama-8"  trains only these (the others must be in OUT already)
 set -euo pipefail
-cd "$(dirname "$0")/.."
 STEPS=${1:-1500}
 OUT=${2:-runs/retention}
-BIN=${BIN:-build/subllm}
-[ -x "$BIN" ] || bash scripts/build.sh
-[ -f data/default/manifest.json ] || "$BIN" prepare
+source "$(dirname "$0")/experiment_lib.sh"
 # d 256, 4 heads, 4 x 256 tokens per step.
 COMMON=(--dim 256 --heads 4 --batch 4 --seq 256 --steps "$STEPS" --eval-every 300 --eval-batches 32
         --ckpt-every 0 --keep 1 --seed 1 --recipe paper)
-run() {
-  local name=$1; shift
-  if [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]]; then
-    [ -f "$OUT/$name/metrics.jsonl" ] || { echo "error: $OUT/$name is missing; train it (leave RUNS empty or add $name)" >&2; exit 1; }
-    return 0
-  fi
-  echo "== $name"
-  "$BIN" train -o "$OUT/$name" "${COMMON[@]}" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.summary"
-}
-mkdir -p "$OUT"
 run subllm-deep --structure "T(TTTTTT)T" --retention 0.64
 run subllm-deep-gaussian --structure "T(TTTTTT)T" --retention 0.64 --balancer-fraction gaussian
 run llama-8 --structure TTTTTTTT

@@ -87,6 +87,9 @@ float evaluate(Model& model, const TokenDataset& ds, int batch, int seq, int bat
   return (float)(total / batches);
 }
 
+// The --balancer-fraction value of these knobs, as trainer_state.json records it.
+const char* balancer_fraction(const SubllmKnobs& k) { return k.balancer_counted ? "counted" : "gaussian"; }
+
 std::string format_duration(double s) {
   char buf[32];
   if (s < 0 || !std::isfinite(s)) return "?";
@@ -244,7 +247,7 @@ TrainResult train(const TrainOptions& o) {
     if (!model.structure().is_plain()) {
       // States written before the flag existed were trained with the paper's balancer.
       const std::string saved_bal = st.value("balancer_fraction", "gaussian");
-      const std::string now_bal = o.subllm.balancer_counted ? "counted" : "gaussian";
+      const std::string now_bal = balancer_fraction(o.subllm);
       check(saved_bal == now_bal, "cannot resume from '" + resume_from + "': it was trained with --balancer-fraction " +
                                       saved_bal + ", not " + now_bal + "; pass --balancer-fraction " + saved_bal);
     }
@@ -300,7 +303,7 @@ TrainResult train(const TrainOptions& o) {
                 {"optimizer", opt->name()},
                 {"balancer_grad_scale", o.subllm.balancer_grad_scale},
                 {"balancer_prob", o.subllm.balancer_prob.str()},
-                {"balancer_fraction", o.subllm.balancer_counted ? "counted" : "gaussian"},
+                {"balancer_fraction", balancer_fraction(o.subllm)},
                 {"balancer_window", o.subllm.balancer_window},
                 {"bypass_min", o.subllm.bypass_min.str()},
                 {"lr_schedule", lr.kind},

@@ -30,14 +30,15 @@ void balancer_backward(const float* x, float* d, int64_t n, double m_min, double
   const double dr = rms > r_max ? 1.0 / rms : (rms < r_min ? -1.0 / rms : 0.0);
   if (dm == 0.0 && dr == 0.0) return;
   const bool var_live = uvar - mean * mean > 1e-20, rms_live = uvar > 1e-20;
-  // The two terms' gradients, and the scale that brings their full-strength sum to RMS grad_scale.
-  std::vector<double> gm(n), gr(n);
+  // The two terms' gradients (gm kept, gr cheap to recompute), and the scale that brings their
+  // full-strength sum to RMS grad_scale.
+  std::vector<double> gm(n);
+  const auto gr = [&](int64_t i) { return dr * (rms_live ? x[i] / (n * rms) : 0.0); };
   const double dm_sign = dm > 0 ? 1.0 : (dm < 0 ? -1.0 : 0.0);
   double g_sq = 0;
   for (int64_t i = 0; i < n; ++i) {
     gm[i] = var_live ? (1.0 - m * (x[i] - mean) / sd) / (n * sd) : 1.0 / (n * sd);
-    gr[i] = dr * (rms_live ? x[i] / (n * rms) : 0.0);
-    const double g = dm_sign * gm[i] + gr[i];
+    const double g = dm_sign * gm[i] + gr(i);
     g_sq += g * g;
   }
   const double scale = grad_scale / std::max(std::sqrt(g_sq / n), 1e-20);
@@ -47,9 +48,9 @@ void balancer_backward(const float* x, float* d, int64_t n, double m_min, double
   for (int64_t i = 0; i < n; ++i) {
     const double ad = std::fabs((double)d[i]);
     if (counted)
-      d[i] = (float)(d[i] + (mean_abs_d * dm * gm[i] + ad * gr[i]) * scale);
+      d[i] = (float)(d[i] + (mean_abs_d * dm * gm[i] + ad * gr(i)) * scale);
     else
-      d[i] = (float)(d[i] + ad * (dm * gm[i] + gr[i]) * scale);
+      d[i] = (float)(d[i] + ad * (dm * gm[i] + gr(i)) * scale);
   }
 }
 
