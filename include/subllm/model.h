@@ -1,7 +1,9 @@
 #pragma once
 // The decoder-only transformer (LLaMA layout; SUBLLM segments build on the same blocks).
-// Parameters and their gradients each live in one flat buffer, so optimizers, clipping and
-// checkpoint I/O walk plain arrays; every named tensor is a view into it.
+// `Weights` are the parameters on one backend (device), in one flat buffer with every named
+// tensor a view into it; any number of `Session`s run passes over one `Weights`, each with its
+// own workspace, knobs, traces and caches, so several requests can share one loaded model.
+// `Model` is Weights + a gradient buffer + one Session: what training and single-user tools use.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -13,9 +15,9 @@
 #include "subllm/tensor.h"
 
 namespace subllm {
-namespace kernels {
-struct RopeTable;
-}
+
+class Backend;  // the device; chosen by name (backend_names() lists them)
+std::vector<std::string> backend_names();
 
 struct ParamInfo {
   std::string name;   // official SUBLLM checkpoint name
@@ -26,7 +28,6 @@ struct ParamInfo {
   float lr_scale = 1.0f;
 };
 
-struct ModelActivations;  // planned per (batch, length); defined in the model's source
 
 // Training mode selects a fixed ceil(T * r) tokens per sequence at each subsampler (top
 // scores); inference mode keeps every token whose score exceeds the keep threshold, so
@@ -71,13 +72,13 @@ struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
 };
 
-struct BlockIO;  // where one block pass keeps its intermediates; private to the model's sources
-
-// Cached key or value rows of one block. Memory is reserved without being initialised, so
-// untouched capacity costs no RSS, and growth doubles so appending stays amortised O(1).
+// Cached key or value rows of one block in backend memory. Memory is reserved without being
+// initialised, so untouched capacity costs no RSS, and growth doubles so appending stays
+// amortised O(1).
 class KVRows {
  public:
   KVRows() = default;
+  explicit KVRows(Backend* backend) : backend_(backend) {}
   KVRows(const KVRows& o) { *this = o; }
   KVRows& operator=(const KVRows& o);
   KVRows(KVRows&&) = default;
@@ -85,12 +86,13 @@ class KVRows {
   // Makes room for `floats` in total, keeping the floats in use.
   void reserve(size_t floats);
   void set_used(size_t floats) { used_ = floats; }
-  float* data() { return buf_.get(); }
-  const float* data() const { return buf_.get(); }
+  float* data() { return static_cast<float*>(buf_.get()); }
+  const float* data() const { return static_cast<const float*>(buf_.get()); }
   size_t capacity() const { return cap_; }
 
  private:
-  std::unique_ptr<float[]> buf_;
+  Backend* backend_ = nullptr;
+  std::shared_ptr<void> buf_;
   size_t cap_ = 0, used_ = 0;
 };
 
@@ -106,36 +108,74 @@ struct SequenceCache {
   size_t bytes() const;                  // key/value bytes in use
 };
 
-class Model {
+// The parameters of one model on one backend. Immutable to sessions; training changes them
+// through the optimizers only.
+class Weights {
  public:
-  explicit Model(ModelConfig cfg);  // validates the config; parameters start at zero
-  ~Model();
-  Model(const Model&) = delete;
-  Model& operator=(const Model&) = delete;
+  Weights(ModelConfig cfg, Backend& backend);  // validates the config; parameters start at zero
+  ~Weights();
+  Weights(const Weights&) = delete;
+  Weights& operator=(const Weights&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
+  const Structure& structure() const { return structure_; }
   const std::vector<ParamInfo>& params() const { return params_; }
   const ParamInfo& param_info(const std::string& name) const;  // error names the tensor
   int64_t num_params() const { return num_params_; }
-  float* param_data() { return params_buf_.f32(); }
-  float* grad_data() { return grads_buf_.f32(); }
-  Tensor param(const std::string& name);
-  Tensor grad(const std::string& name);
+  Backend& backend() const { return *backend_; }
+  float* data() const { return buf_.f32(); }  // backend memory, (num_params)
 
-  // The authors' initialisation (SUBLLM.md §3), seeded.
-  void init_weights(uint64_t seed);
+  // The authors' initialisation (SUBLLM.md §3), seeded; drawn on the host, then uploaded.
+  void init(uint64_t seed);
   // Safetensors with the official names; load checks every name and shape against the
   // config and converts BF16/F16 to fp32.
   void load(const std::string& path);
   void save(const std::string& path) const;
 
-  void zero_grad();
-  // tokens, targets: (B, T) row-major; targets < 0 are ignored. Returns the mean loss over
-  // counted targets. With backward, gradients of (mean loss * grad_multiplier) are ADDED to
-  // the gradient buffer, so micro-batches accumulate.
-  float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_multiplier = 1.0f);
-  // Forward only. Writes the (B, T, V) logits when `logits` is given; returns the mean loss
-  // when targets are given (else 0). Inference mode runs one sequence at a time.
+  // Where each tensor sits in the flat buffer (elements).
+  const BlockOffsets& block(int i) const { return blocks_[i]; }
+  int64_t score_offset(int j) const { return score_offset_[j]; }
+  int64_t bypass_offset(int j) const { return bypass_offset_[j]; }
+  int64_t embed_offset() const { return embed_offset_; }
+  int64_t final_norm_offset() const { return final_norm_offset_; }
+  int64_t head_offset() const { return cfg_.tie_weights ? embed_offset_ : head_offset_; }
+  // RoPE cos/sin tables, (context, head_dim / 2) each, in backend memory.
+  const Tensor& rope_cos() const { return rope_cos_; }
+  const Tensor& rope_sin() const { return rope_sin_; }
+
+ private:
+  ModelConfig cfg_;
+  Structure structure_;
+  Backend* backend_;
+  std::vector<ParamInfo> params_;
+  std::vector<BlockOffsets> blocks_;
+  std::vector<int64_t> score_offset_, bypass_offset_;  // per subsampler j
+  int64_t embed_offset_ = 0, final_norm_offset_ = 0, head_offset_ = 0;
+  int64_t num_params_ = 0;
+  Tensor buf_, rope_cos_, rope_sin_;
+};
+
+struct SessionState;  // plans, workspaces and traces; private to the model's sources
+
+// One user of a Weights: runs training and inference passes with its own activation plans
+// (cached per batch, length and mode), workspaces, knobs, random context, traces and
+// retention counts. Sessions on one Weights may run concurrently on different threads.
+class Session {
+ public:
+  explicit Session(const Weights& weights);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  const Weights& weights() const { return w_; }
+
+  // tokens, targets: (B, T) row-major host arrays; targets < 0 are ignored. Returns the mean
+  // loss over counted targets. Gradients of (mean loss * grad_multiplier) are ADDED to
+  // `grads` (backend memory in the weights' layout), so micro-batches accumulate.
+  float forward_backward(float* grads, const int32_t* tokens, const int32_t* targets, int B, int T,
+                         float grad_multiplier = 1.0f);
+  // Forward only. Writes the (B, T, V) logits to host memory when `logits` is given; returns
+  // the mean loss when targets are given (else 0). Inference mode runs one sequence at a time.
   float forward(const int32_t* tokens, const int32_t* targets, int B, int T, float* logits = nullptr,
                 Mode mode = Mode::Inference);
 
@@ -143,24 +183,88 @@ class Model {
   // the next training-mode passes (the same context gives the same choices).
   void set_train_context(long step, uint64_t seed);
   SubllmKnobs& knobs() { return knobs_; }
-  const std::vector<SubsamplerTrace>& last_traces() const { return traces_; }
+  const SubllmKnobs& knobs() const { return knobs_; }
+  // The keep threshold of subsampler j (knobs().keep_thresholds[j] if set, else keep_threshold).
+  float keep_threshold(int j) const;
+  // The last pass's choices at each subsampler, read from the backend on request.
+  std::vector<SubsamplerTrace> last_traces() const;
+  // Statistics of the last pass's scores, reduced on the backend.
   std::vector<ScoreStats> score_stats() const;
   // Tokens seen and kept at each subsampler over inference-mode passes since the last reset.
   void reset_retention_stats();
   std::vector<double> retention() const;
-  const Structure& structure() const { return structure_; }
 
   // Inference with a cache: runs n new tokens of one sequence (positions cache.length ..)
-  // and appends to the cache. Writes the logits of all n rows, or of the last row only.
-  // Equals the inference-mode forward() over the whole sequence, token for token.
+  // and appends to the cache. Writes the logits (host memory) of all n rows, or of the last
+  // row only. Equals the inference-mode forward() over the whole sequence, token for token.
   // `reserve_tokens`: room made up front for this many tokens in every block (a hint).
   SequenceCache new_cache(int reserve_tokens = 0) const;
   void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows);
-  // The keep threshold of subsampler j (knobs().keep_thresholds[j] if set, else keep_threshold).
-  float keep_threshold(int j) const;
 
   // Bytes of planned activation memory for (B, T) in training.
-  size_t activation_bytes(int B, int T);
+  size_t activation_bytes(int B, int T) const;
+
+ private:
+  const Weights& w_;
+  SubllmKnobs knobs_;
+  long train_step_ = 0;
+  uint64_t train_seed_ = 0;
+  std::vector<int64_t> seen_, kept_;
+  std::unique_ptr<SessionState> st_;
+  friend struct Pass;
+};
+
+class Model {
+ public:
+  // Validates the config; parameters start at zero. `device` names the backend ("cpu").
+  explicit Model(ModelConfig cfg, const std::string& device = "cpu");
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  Weights& weights() { return weights_; }
+  const Weights& weights() const { return weights_; }
+  Session& session() { return *session_; }
+  Backend& backend() const { return weights_.backend(); }
+
+  const ModelConfig& config() const { return weights_.config(); }
+  const std::vector<ParamInfo>& params() const { return weights_.params(); }
+  const ParamInfo& param_info(const std::string& name) const { return weights_.param_info(name); }
+  int64_t num_params() const { return weights_.num_params(); }
+  // Backend memory (host memory on the CPU backend).
+  float* param_data() { return weights_.data(); }
+  float* grad_data() { return grads_.f32(); }
+  Tensor param(const std::string& name);
+  Tensor grad(const std::string& name);
+
+  void init_weights(uint64_t seed) { weights_.init(seed); }
+  void load(const std::string& path) { weights_.load(path); }
+  void save(const std::string& path) const { weights_.save(path); }
+
+  void zero_grad();
+  float forward_backward(const int32_t* tokens, const int32_t* targets, int B, int T, float grad_multiplier = 1.0f) {
+    return session_->forward_backward(grad_data(), tokens, targets, B, T, grad_multiplier);
+  }
+  float forward(const int32_t* tokens, const int32_t* targets, int B, int T, float* logits = nullptr,
+                Mode mode = Mode::Inference) {
+    return session_->forward(tokens, targets, B, T, logits, mode);
+  }
+
+  void set_train_context(long step, uint64_t seed) { session_->set_train_context(step, seed); }
+  SubllmKnobs& knobs() { return session_->knobs(); }
+  std::vector<SubsamplerTrace> last_traces() const { return session_->last_traces(); }
+  std::vector<ScoreStats> score_stats() const { return session_->score_stats(); }
+  void reset_retention_stats() { session_->reset_retention_stats(); }
+  std::vector<double> retention() const { return session_->retention(); }
+  const Structure& structure() const { return weights_.structure(); }
+
+  SequenceCache new_cache(int reserve_tokens = 0) const { return session_->new_cache(reserve_tokens); }
+  void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
+    session_->forward_cached(cache, tokens, n, logits, all_rows);
+  }
+  float keep_threshold(int j) const { return session_->keep_threshold(j); }
+
+  size_t activation_bytes(int B, int T) const { return session_->activation_bytes(B, T); }
   // Matmul FLOPs per trained token at length T: 6 * (matrix params of each block, weighted by
   // the fraction of tokens its segment sees) + causal attention + the output projection.
   double train_flops_per_token(int T) const;
@@ -168,38 +272,9 @@ class Model {
   std::vector<int> segment_lengths(int T) const;
 
  private:
-  void check_tokens(const int32_t* tokens, const int32_t* targets, int64_t n) const;
-  ModelActivations& plan(int B, int T, Mode mode);
-  double run(const int32_t* tokens, const int32_t* targets, int B, int T, Mode mode, bool backward,
-             float grad_multiplier, float* logits, int64_t* count);
-  void segment_forward(ModelActivations& a, int seg, const int32_t* tokens, Mode mode);
-  void segment_backward(ModelActivations& a, int seg);
-  void block_core(int blk, const float* x, float* y, int rows, const int32_t* pos, const BlockIO& io,
-                  const std::function<void()>& attend);
-  void block_forward(ModelActivations& a, int blk, int seg, const float* x, float* y);
-  void segment_cached(SequenceCache& cache, int seg, float* x, int rows, const int32_t* pos, const int32_t* tokens);
-  void block_backward(ModelActivations& a, int blk, int seg, const float* x, float* dres);
-  void subsample_forward(ModelActivations& a, int child, const float* x, const int32_t* tokens, Mode mode);
-  void upsample_backward_pre(ModelActivations& a, int child, const float* x);
-  void subsample_backward_post(ModelActivations& a, int child, const float* x);
-
-  ModelConfig cfg_;
-  std::vector<ParamInfo> params_;
-  std::vector<BlockOffsets> blocks_;
-  Structure structure_;
-  std::vector<int64_t> score_offset_, bypass_offset_;  // per subsampler j
-  int64_t embed_offset_ = 0, final_norm_offset_ = 0, head_offset_ = 0;  // the head may be the embedding
-  SubllmKnobs knobs_;
-  long train_step_ = 0;
-  uint64_t train_seed_ = 0;
-  std::vector<SubsamplerTrace> traces_;
-  std::vector<int64_t> seen_, kept_;
-  std::vector<float> rope_cos_, rope_sin_;
-  std::vector<float> infer_ws_;  // block workspace of forward_cached
-  std::unique_ptr<kernels::RopeTable> rope_;
-  int64_t num_params_ = 0;
-  Tensor params_buf_, grads_buf_;
-  std::unique_ptr<ModelActivations> acts_;
+  Weights weights_;
+  Tensor grads_;
+  std::unique_ptr<Session> session_;
 };
 
 }  // namespace subllm

@@ -1,6 +1,6 @@
 #pragma once
-// A tagged, shaped view of memory. fp32 is the only compute type today; the dtype and
-// device tags exist so bf16 storage and a CUDA backend can arrive without changing callers.
+// A shaped view of memory with its dtype and the backend (device) that owns it. fp32 is the
+// only compute type today; bf16 is declared so a backend can add kernels for it.
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -10,8 +10,9 @@
 
 namespace subllm {
 
-enum class DType : uint8_t { F32, BF16, F16, I32 };
-enum class Device : uint8_t { CPU };
+enum class DType : uint8_t { F32, BF16, F16, I32, F64 };
+
+class Backend;  // backend/backend.h
 
 size_t dtype_size(DType dt);
 const char* dtype_name(DType dt);
@@ -23,44 +24,43 @@ std::string shape_str(const Shape& s);
 class Tensor {
  public:
   Tensor() = default;
-  // Owns fresh 64-byte aligned memory, zero-filled.
-  static Tensor zeros(Shape shape, DType dt = DType::F32, Device dev = Device::CPU);
+  // Owns fresh, zero-filled host memory (Backend::zeros makes one in a backend's memory).
+  static Tensor zeros(Shape shape, DType dt = DType::F32);
   // Does not own `data`; the caller keeps it alive.
-  static Tensor view(void* data, Shape shape, DType dt = DType::F32, Device dev = Device::CPU);
+  static Tensor view(void* data, Shape shape, DType dt = DType::F32, Backend* backend = nullptr);
+  // Owns `owner` (memory of `backend`).
+  static Tensor owning(std::shared_ptr<void> owner, Shape shape, DType dt, Backend* backend);
 
   bool defined() const { return ptr_ != nullptr || numel() == 0; }
   const Shape& shape() const { return shape_; }
   int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }
-  int ndim() const { return static_cast<int>(shape_.size()); }
   int64_t numel() const { return shape_numel(shape_); }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
-  Device device() const { return device_; }
+  Backend* backend() const { return backend_; }
 
   void* raw() const { return ptr_; }
   float* f32() const;
   int32_t* i32() const;
-
-  void zero();
 
  private:
   std::shared_ptr<void> owner_;
   void* ptr_ = nullptr;
   Shape shape_;
   DType dtype_ = DType::F32;
-  Device device_ = Device::CPU;
+  Backend* backend_ = nullptr;
 };
 
 // 64-byte aligned host allocation released by the returned owner.
 std::shared_ptr<void> aligned_alloc_shared(size_t bytes);
 
-// A bump allocator for activations. Sized once per (batch, length) by a measuring pass
-// (`Arena::measuring()`), then every step reuses the same memory.
+// A bump allocator for activations in one block of backend memory. Sized once per (batch,
+// length, mode) by a measuring pass (`Arena::measuring()`), then every step reuses it.
 class Arena {
  public:
   Arena() = default;
   static Arena measuring() { Arena a; a.measuring_ = true; return a; }
-  void reserve(size_t bytes);
+  void reserve(size_t bytes, Backend& backend);
   // In a measuring arena the returned tensor has no memory; only the size is counted.
   Tensor alloc(Shape shape, DType dt = DType::F32);
   size_t used() const { return used_; }
@@ -69,6 +69,7 @@ class Arena {
 
  private:
   std::shared_ptr<void> mem_;
+  Backend* backend_ = nullptr;
   size_t capacity_ = 0;
   size_t used_ = 0;
   bool measuring_ = false;

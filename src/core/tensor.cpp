@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "backend/backend.h"
 #include "subllm/error.h"
 
 namespace subllm {
@@ -13,6 +14,7 @@ size_t dtype_size(DType dt) {
     case DType::BF16: return 2;
     case DType::F16: return 2;
     case DType::I32: return 4;
+    case DType::F64: return 8;
   }
   return 0;
 }
@@ -23,6 +25,7 @@ const char* dtype_name(DType dt) {
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
     case DType::I32: return "I32";
+    case DType::F64: return "F64";
   }
   return "?";
 }
@@ -47,23 +50,28 @@ std::shared_ptr<void> aligned_alloc_shared(size_t bytes) {
   return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
 }
 
-Tensor Tensor::zeros(Shape shape, DType dt, Device dev) {
+Tensor Tensor::zeros(Shape shape, DType dt) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dt;
-  t.device_ = dev;
   t.owner_ = aligned_alloc_shared(t.nbytes());
   t.ptr_ = t.owner_.get();
   std::memset(t.ptr_, 0, t.nbytes());
   return t;
 }
 
-Tensor Tensor::view(void* data, Shape shape, DType dt, Device dev) {
+Tensor Tensor::view(void* data, Shape shape, DType dt, Backend* backend) {
   Tensor t;
   t.shape_ = std::move(shape);
   t.dtype_ = dt;
-  t.device_ = dev;
+  t.backend_ = backend;
   t.ptr_ = data;
+  return t;
+}
+
+Tensor Tensor::owning(std::shared_ptr<void> owner, Shape shape, DType dt, Backend* backend) {
+  Tensor t = view(owner.get(), std::move(shape), dt, backend);
+  t.owner_ = std::move(owner);
   return t;
 }
 
@@ -77,13 +85,10 @@ int32_t* Tensor::i32() const {
   return static_cast<int32_t*>(ptr_);
 }
 
-void Tensor::zero() {
-  if (ptr_) std::memset(ptr_, 0, nbytes());
-}
-
-void Arena::reserve(size_t bytes) {
+void Arena::reserve(size_t bytes, Backend& backend) {
   if (bytes <= capacity_) return;
-  mem_ = aligned_alloc_shared(bytes);
+  mem_ = backend.alloc_shared(bytes);
+  backend_ = &backend;
   capacity_ = bytes;
   used_ = 0;
 }
@@ -94,7 +99,7 @@ Tensor Arena::alloc(Shape shape, DType dt) {
   used_ += bytes;
   if (measuring_) return Tensor::view(nullptr, std::move(shape), dt);
   check(used_ <= capacity_, "activation arena overflow: planned " + std::to_string(capacity_) + " bytes, need " + std::to_string(used_));
-  return Tensor::view(static_cast<char*>(mem_.get()) + at, std::move(shape), dt);
+  return Tensor::view(static_cast<char*>(mem_.get()) + at, std::move(shape), dt, backend_);
 }
 
 }  // namespace subllm

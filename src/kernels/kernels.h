@@ -1,7 +1,7 @@
 #pragma once
-// The kernel layer: every op the model needs, as forward/backward pairs on raw device
-// pointers. This header is device-neutral; the CPU implementations live in kernels/cpu/.
-// Layers above this one call only these functions and never look at the device.
+// The CPU kernels: every op the model needs, as forward/backward pairs on raw pointers,
+// implemented in kernels/cpu/. The CPU backend (backend/cpu_backend.cpp) is their caller;
+// layers above reach them only through the Backend interface (backend/backend.h).
 //
 // Conventions: activations are row-major matrices of N = B*T rows; `ld` is the row stride
 // in elements. Backward functions ACCUMULATE (+=) into parameter gradients and overwrite
@@ -32,8 +32,9 @@ void embedding_backward(const int32_t* tokens, const float* dout, float* dtable,
 // y = x * rstd * g, rstd(N) = 1/sqrt(mean(x^2) + eps)
 void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int n, int C, float eps);
 // dx (=|+=) ; dg += ; uses saved rstd
+// scratch: workers * C floats
 void rmsnorm_backward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, float* dg, int n,
-                      int C, bool accumulate_dx);
+                      int C, bool accumulate_dx, float* scratch);
 
 // ---- RoPE (rotate-half, explicit positions) ---------------------------------------------
 // Precomputed cos/sin for positions [0, max_pos) and head_dim; angle = pos * base^(-2i/hd).
@@ -53,19 +54,22 @@ void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const R
 //   q[(b*T + t)*ld_qkv + h*hd .. + hd). Causal within each sequence of length T.
 // o: (B*T, ld_o) same head layout; lse: (B, H, T) log-sum-exp of the scaled scores.
 // scale = 1/sqrt(hd).
+// scratch: workers * attention_scratch_bytes(hd, false), 64-byte aligned.
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd);
+                       int B, int T, int H, int hd, float* scratch);
 // Recomputes the scores; writes (overwrites) dq, dk, dv with row stride ld_dqkv.
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd);
+                        int T, int H, int hd, float* scratch);
 
 // New queries against a cache: q (m, ld_q) are the last m of L positions, k/v (L, ld_kv) the
 // cache including them; query i attends to cache rows [0, L - m + i]. Forward only.
+// scratch: workers * attention_cached_scratch_floats(L, hd) floats.
 void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
-                      float* out, int ld_o);
+                      float* out, int ld_o, float* scratch);
+size_t attention_cached_scratch_floats(int L, int hd);
 
-// Per-thread working memory of the attention kernels in bytes (independent of T).
+// Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.
 size_t attention_scratch_bytes(int hd, bool backward);
 
 // ---- balancer (SUBLLM.md §7): a backward-only edit of the gradient d of n values x seen as
@@ -76,8 +80,9 @@ size_t attention_scratch_bytes(int hd, bool backward);
 // at the window's edges and beyond, none at the target) and multiplied by the mean |d| of the
 // elements whose d is not 0, rather than each element's own |d|, so it also moves values whose
 // own gradient is 0.
-void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
-                       double grad_scale, double p_target = -1, double p_window = 0);
+// scratch: n doubles.
+void balancer_backward(const float* x, float* d, int64_t n, double* scratch, double m_min, double m_max, double r_min,
+                       double r_max, double grad_scale, double p_target = -1, double p_window = 0);
 // The paper's mean/std bound for a positive fraction p: 0.814 * atanh(2p - 1), which
 // approximates erfinv(2p - 1). (A normal variable positive with probability p has a mean/std
 // sqrt(2) times that, so the bounds admit fewer positive values than p.)
@@ -88,6 +93,45 @@ double proportion_positive_to_mean(double p);
 void swiglu_forward(const float* gu, float* a, int n, int F);
 // dgu(N,2F) overwritten from da(N,F)
 void swiglu_backward(const float* gu, const float* da, float* dgu, int n, int F);
+
+// ---- rows -------------------------------------------------------------------------------
+// dst(i, :) = src(idx[i], :) for i < n; elements of 4 bytes (floats or int32 values).
+void gather_rows(const void* src, int64_t ld_src, const int32_t* idx, void* dst, int64_t ld_dst, int64_t n, int cols);
+// dst(idx[i], :) += src(i, :); idx has no repeats.
+void scatter_add_rows(const float* src, int64_t ld_src, const int32_t* idx, float* dst, int64_t ld_dst, int64_t n,
+                      int cols);
+// dst(r, :) = src(r, :) for r < rows; elements of 4 bytes.
+void copy_rows(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows, int cols);
+// pos(b*T + t) = offset + t
+void fill_positions(int32_t* pos, int B, int T, int offset);
+
+// ---- SUBLLM subsampling, upsampling and bypass ------------------------------------------
+// Training selection in B sequences of Tp scores: the top Tc of each (ties in sequence order),
+// kept in sequence order; partner: the discarded rank paired with each kept rank (Tc + r, or
+// Tc + (Tc-1-r) when flip), -1 past the end; w = clamp(s_kept) - clamp(s_partner).
+// scratch: 2 * Tp int32.
+void select_top(const float* scores, int B, int Tp, int Tc, bool flip, int32_t* kept, int32_t* partner, float* w,
+                int32_t* scratch);
+// Inference selection: rows t < n with scores[t] > threshold and tokens[t] != pad, ascending.
+// Returns how many; w = clamp(s, 0, 1).
+int select_threshold(const float* scores, const int32_t* tokens, int n, float threshold, int pad, int32_t* kept,
+                     float* w);
+// out[kept[i]] = x[kept[i]] + c * w[i] * (y[i] - x[kept[i]]) for i < rows; out may be x.
+void upsample_bypass_forward(const float* x, const float* y, const int32_t* kept, const float* w, const float* c,
+                             float* out, int64_t rows, int C);
+// Backward of the above with out = x elsewhere: dout (parent rows, C) holds d(out) on entry and
+// d(x) of the direct path on return; dy (rows, C) and dw (rows) are overwritten, dc (C) too.
+// scratch: workers * C floats (per-thread partial sums of dc, added in thread order).
+void upsample_bypass_backward(const float* x, const float* y, const int32_t* kept, const float* w, const float* c,
+                              float* dout, float* dy, float* dw, float* dc, int64_t rows, int C, float* scratch);
+// dscores(np) = d/ds of sum_i dw[i] * (clamp(s[kept[i]]) - clamp(s[partner[i]])), zero where
+// the clamp is flat.
+void selection_backward(const float* dw, const int32_t* kept, const int32_t* partner, int64_t rows,
+                        const float* scores, float* dscores, int64_t np);
+// gc += dc, with dc reversed first where it pushes c further outside [lo, hi] (when limit).
+void bypass_limit_accumulate(const float* dc, const float* c, float lo, float hi, bool limit, float* gc, int C);
+// out = {fraction of scores > threshold, RMS, mean clamp(scores[kept[i]], 0, 1)}
+void score_stats(const float* scores, int64_t n, const int32_t* kept, int64_t nkept, float threshold, double* out);
 
 // ---- elementwise ------------------------------------------------------------------------
 void scale_inplace(float* y, float s, int64_t n);

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "kernels/kernels.h"
 
 namespace {
@@ -63,13 +64,19 @@ struct Problem {
 
   void forward() {
     attention_forward(qkv.data(), qkv.data() + C, qkv.data() + 2 * C, ld_qkv, o.data(), ld_o, lse.data(), B, T, H,
-                      hd);
+                      hd, scratch(false));
   }
   // dout = R, so dqkv is the gradient of L = sum(o * R).
   void backward() {
     attention_backward(qkv.data(), qkv.data() + C, qkv.data() + 2 * C, ld_qkv, o.data(), ld_o, R.data(), lse.data(),
-                       dqkv.data(), dqkv.data() + C, dqkv.data() + 2 * C, ld_d, B, T, H, hd);
+                       dqkv.data(), dqkv.data() + C, dqkv.data() + 2 * C, ld_d, B, T, H, hd, scratch(true));
   }
+  // The kernels' working memory, from the CPU backend as the model gets it.
+  float* scratch(bool backward) {
+    scratch_mem = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(hd, backward));
+    return static_cast<float*>(scratch_mem.get());
+  }
+  std::shared_ptr<void> scratch_mem;
 };
 
 // Double-precision reference for one (b, h); x is the fused qkv buffer in double.

@@ -1,5 +1,6 @@
 // Finite-difference checks of every kernel backward except attention (test_attention.cpp).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 
@@ -60,7 +61,8 @@ TEST(Kernels, RmsNormForwardAndBackward) {
     EXPECT_NEAR(y[i * C + 3], x[i * C + 3] * ref * g[3], 1e-5);
   }
   std::vector<float> dx(n * C), dg(C, 0.f);
-  k::rmsnorm_backward(x.data(), g.data(), rstd.data(), r.data(), dx.data(), dg.data(), n, C, false);
+  std::vector<float> part((size_t)omp_get_max_threads() * C);
+  k::rmsnorm_backward(x.data(), g.data(), rstd.data(), r.data(), dx.data(), dg.data(), n, C, false, part.data());
   expect_grad_matches("dx", x, dx, loss, 2e-2f);
   expect_grad_matches("dg", g, dg, loss, 2e-2f);
 }

@@ -15,6 +15,13 @@
 namespace subllm {
 namespace {
 
+// Working memory for kernels::balancer_backward (n doubles).
+double* balancer_scratch(int64_t n) {
+  static std::vector<double> buf;
+  buf.resize((size_t)n);
+  return buf.data();
+}
+
 ModelConfig subllm_config(const std::string& structure, std::vector<float> retentions) {
   ModelConfig c;
   c.vocab_size = 13;
@@ -280,7 +287,7 @@ TEST(Subllm, BalancerEditMatchesItsFormula) {
   }
   const double g_rms = std::sqrt(g_sq / n);
   std::vector<float> edited = d;
-  kernels::balancer_backward(x.data(), edited.data(), n, mmin, mmax, rmin, rmax, scale);
+  kernels::balancer_backward(x.data(), edited.data(), n, balancer_scratch(n), mmin, mmax, rmin, rmax, scale);
   for (int i = 0; i < n; ++i) {
     const double expect = d[i] + std::fabs(d[i]) * g[i] * scale / g_rms;
     EXPECT_NEAR(edited[i], expect, 1e-5 * (1 + std::fabs(expect))) << i;
@@ -297,7 +304,7 @@ TEST(Subllm, BalancerEditMatchesItsFormula) {
   std::vector<float> ok(n), dd = d;
   for (int i = 0; i < n; ++i) ok[i] = (float)(2.0 * r.normal() + 0.6);
   const double m_ok = kernels::proportion_positive_to_mean(0.5);
-  kernels::balancer_backward(ok.data(), dd.data(), n, m_ok - 10, m_ok + 10, 0.1, 100, scale);
+  kernels::balancer_backward(ok.data(), dd.data(), n, balancer_scratch(n), m_ok - 10, m_ok + 10, 0.1, 100, scale);
   EXPECT_EQ(dd, d);
 }
 
@@ -329,8 +336,8 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   ASSERT_LT(rms, rmax);
   auto sum = [](const std::vector<float>& v) { return std::accumulate(v.begin(), v.end(), 0.0); };
   std::vector<float> gaussian = d, counted = d;
-  kernels::balancer_backward(x.data(), gaussian.data(), n, mmin, mmax, rmin, rmax, scale);
-  kernels::balancer_backward(x.data(), counted.data(), n, mmin, mmax, rmin, rmax, scale, 0.6, 0.05);
+  kernels::balancer_backward(x.data(), gaussian.data(), n, balancer_scratch(n), mmin, mmax, rmin, rmax, scale);
+  kernels::balancer_backward(x.data(), counted.data(), n, balancer_scratch(n), mmin, mmax, rmin, rmax, scale, 0.6, 0.05);
   EXPECT_GT(sum(gaussian), sum(d));  // larger gradients: scores pushed down
   EXPECT_LT(sum(counted), sum(d));   // smaller gradients: scores pushed up
   // 0.3 positive against 0.6 +- 0.05: full strength. The edit is -d(mean/std)/dx rescaled to
@@ -352,9 +359,9 @@ TEST(Subllm, CountedBalancerJudgesThePositiveFractionByCounting) {
   // Inside the window the push is proportional to the distance from the target: 0.3 against
   // 0.32 +- 0.05 is 0.4 of full strength, and a count on the target leaves d alone.
   std::vector<float> near = d, on = d;
-  kernels::balancer_backward(x.data(), near.data(), n, mmin, mmax, rmin, rmax, scale, 0.32, 0.05);
+  kernels::balancer_backward(x.data(), near.data(), n, balancer_scratch(n), mmin, mmax, rmin, rmax, scale, 0.32, 0.05);
   for (int i = 0; i < n; ++i) EXPECT_NEAR(near[i] - d[i], 0.4 * (counted[i] - d[i]), 1e-6) << i;
-  kernels::balancer_backward(x.data(), on.data(), n, mmin, mmax, rmin, rmax, scale, 0.3, 0.05);
+  kernels::balancer_backward(x.data(), on.data(), n, balancer_scratch(n), mmin, mmax, rmin, rmax, scale, 0.3, 0.05);
   EXPECT_EQ(on, d);
 }
 

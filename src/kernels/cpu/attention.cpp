@@ -182,14 +182,8 @@ void tile_acc(const float* a, int lda, int rows, int n, int lo_off, int hi_off, 
   }
 }
 
-// Per-thread scratch, 64-byte aligned; every section size is a multiple of 16 floats.
-struct Scratch {
-  float* p;
-  explicit Scratch(size_t n) : p(static_cast<float*>(::operator new[](n * sizeof(float), std::align_val_t(64)))) {}
-  ~Scratch() { ::operator delete[](p, std::align_val_t(64)); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
+// Per-thread scratch is a 64-byte aligned slice of the caller's; every section size is a
+// multiple of 16 floats.
 
 // Rows [0, rows) of a head slice copied into a contiguous, zero-padded (rows, hdp) block.
 // Reading the fused buffer in place would be cheaper on paper, but its row stride (3C floats,
@@ -292,7 +286,7 @@ size_t attention_scratch_bytes(int hd, bool backward) {
 // A task is a group of kFwdGroup consecutive query tiles of one head: each key/value tile is
 // gathered from the strided fused buffer once and used by the whole group.
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd) {
+                       int B, int T, int H, int hd, float* scratch) {
   if (B <= 0 || T <= 0 || H <= 0 || hd <= 0) return;
   const int hdp = round_up16(hd);
   const float scale = 1.0f / std::sqrt((float)hd);
@@ -305,8 +299,7 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
 
 #pragma omp parallel
   {
-    Scratch buf(fwd_scratch_floats(hdp));
-    float* Ks = buf.p;                       // (64, hdp): key tile, contiguous and zero-padded
+    float* Ks = scratch + (size_t)omp_get_thread_num() * fwd_scratch_floats(hdp);  // (64, hdp): key tile, contiguous and zero-padded
     float* Vs = Ks + tile;                   // (64, hdp)
     float* St = Vs + tile;                   // (64 keys, 64 queries): scores, then probabilities
     float* alpha = St + (size_t)kBlk * kBlk; // (64): per-query rescale of Oa for this key tile
@@ -374,7 +367,7 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
 // buffers once per group rather than once per key tile.
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd) {
+                        int T, int H, int hd, float* scratch) {
   if (B <= 0 || T <= 0 || H <= 0 || hd <= 0) return;
   const int hdp = round_up16(hd);
   const float scale = 1.0f / std::sqrt((float)hd);
@@ -385,10 +378,10 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
 
 #pragma omp parallel
   {
-    Scratch buf(bwd_scratch_floats(hdp));
+
     // Per key tile of the group, 5 tiles: Kt (hdp, 64) scaled keys transposed, Vt (hdp, 64),
     // Ks (64, hdp) contiguous keys, dKa and dVa (64, hdp) gradient accumulators.
-    float* grp = buf.p;
+    float* grp = scratch + (size_t)omp_get_thread_num() * bwd_scratch_floats(hdp);
     float* Qs = grp + 5 * kBwdGroup * tile;  // (64, hdp): query tile; also staging for Vt
     float* dOs = Qs + tile;                  // (64, hdp)
     float* dQa = dOs + tile;                 // (64, hdp): dq of the query tile over the group

@@ -6,21 +6,22 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
 
+size_t attention_cached_scratch_floats(int L, int hd) { return (size_t)(L + 15) / 16 * 16 + (size_t)(hd + 15) / 16 * 16; }
+
 // q: (m, ld_q), k/v cache: (L, ld_kv), out: (m, ld_o); heads at columns [h*hd, (h+1)*hd).
 void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
-                      float* out, int ld_o) {
+                      float* out, int ld_o, float* scratch) {
   const float scale = 1.0f / std::sqrt((float)hd);
 #pragma omp parallel
   {
-    std::vector<float> s(L);
-    std::vector<float> acc(hd);
+    float* s = scratch + (size_t)omp_get_thread_num() * attention_cached_scratch_floats(L, hd);
+    float* acc = s + (L + 15) / 16 * 16;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int h = 0; h < H; ++h) {
       for (int i = 0; i < m; ++i) {
@@ -41,7 +42,7 @@ void attention_cached(const float* q, int ld_q, int m, const float* k, const flo
           s[j] = exp_approx(s[j] - mx);
           sum += s[j];
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(acc, acc + hd, 0.f);
         for (int j = 0; j < n; ++j) {
           const float* vj = v + (int64_t)j * ld_kv + h * hd;
           const float p = s[j];

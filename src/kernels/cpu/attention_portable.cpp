@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "kernels/kernels.h"
 
@@ -16,18 +15,18 @@ namespace subllm::kernels {
 size_t attention_scratch_bytes(int hd, bool /*backward*/) { return sizeof(float) * (size_t)hd; }
 
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd) {
+                       int B, int T, int H, int hd, float* scratch) {
   const float scale = 1.0f / std::sqrt((float)hd);
 #pragma omp parallel
   {
-    std::vector<float> acc(hd);
+    float* acc = scratch + (size_t)omp_get_thread_num() * hd;
 #pragma omp for collapse(2) schedule(dynamic, 16)
     for (int bh = 0; bh < B * H; ++bh) {
       for (int t = 0; t < T; ++t) {
         const int b = bh / H, h = bh % H;
         const float* qt = q + (size_t)(b * T + t) * ld_qkv + h * hd;
         float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(acc, acc + hd, 0.f);
         for (int j = 0; j <= t; ++j) {
           const float* kj = k + (size_t)(b * T + j) * ld_qkv + h * hd;
           const float* vj = v + (size_t)(b * T + j) * ld_qkv + h * hd;
@@ -50,7 +49,7 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
 
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd) {
+                        int T, int H, int hd, float* /*scratch*/) {
   const float scale = 1.0f / std::sqrt((float)hd);
   // One (b, h) per task: it alone writes that head's columns of dq, dk, dv.
 #pragma omp parallel for schedule(dynamic, 1)

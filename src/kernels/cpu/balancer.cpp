@@ -1,14 +1,13 @@
 // The balancer's gradient edit (a backward-only constraint on the statistics of activations).
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
 
 // loss = |m - clamp(m, m_min, m_max)| + |log(clamp(rms, r_min, r_max) / rms)|, m = mean/std.
-void balancer_backward(const float* x, float* d, int64_t n, double m_min, double m_max, double r_min, double r_max,
+void balancer_backward(const float* x, float* d, int64_t n, double* scratch, double m_min, double m_max, double r_min, double r_max,
                        double grad_scale, double p_target, double p_window) {
   double sum = 0, sum_sq = 0, sum_abs_d = 0;
   int64_t positive = 0, with_grad = 0;
@@ -32,7 +31,7 @@ void balancer_backward(const float* x, float* d, int64_t n, double m_min, double
   const bool var_live = uvar - mean * mean > 1e-20, rms_live = uvar > 1e-20;
   // The two terms' gradients (gm kept, gr cheap to recompute), and the scale that brings their
   // full-strength sum to RMS grad_scale.
-  std::vector<double> gm(n);
+  double* gm = scratch;
   const auto gr = [&](int64_t i) { return dr * (rms_live ? x[i] / (n * rms) : 0.0); };
   const double dm_sign = dm > 0 ? 1.0 : (dm < 0 ? -1.0 : 0.0);
   double g_sq = 0;

@@ -48,12 +48,16 @@ void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int 
 // y = x * r * g with r = (mean(x^2)+eps)^-1/2:
 // dx = r * (dy*g) - x * r^3 / C * sum(dy*g*x); dg += dy * x * r
 void rmsnorm_backward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, float* dg, int n,
-                      int C, bool accumulate_dx) {
-  int nthreads = omp_get_max_threads();
-  std::vector<float> dg_part((size_t)nthreads * C, 0.f);
+                      int C, bool accumulate_dx, float* scratch) {
+  int nthreads = 1;
+  float* dg_part = scratch;
 #pragma omp parallel
   {
-    float* dgp = dg_part.data() + (size_t)omp_get_thread_num() * C;
+#pragma omp single
+    nthreads = omp_get_num_threads();
+    float* dgp = dg_part + (size_t)omp_get_thread_num() * C;
+    std::fill(dgp, dgp + C, 0.f);
+#pragma omp barrier
 #pragma omp for schedule(static)
     for (int i = 0; i < n; ++i) {
       const float* xi = x + (int64_t)i * C;

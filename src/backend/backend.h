@@ -1,0 +1,171 @@
+#pragma once
+// The device under the model: memory, copies, synchronisation and every kernel the model and
+// the optimizers need. One instance per device and stream; `backend_for` (registry.cpp) is the
+// only place in the code that chooses a device. Layers above call these methods on views and
+// never look at tensor data themselves.
+//
+// Views carry pointer, dtype, shape and row stride. Conventions follow kernels.h: matrices are
+// row-major with N = B*T rows; backward methods ACCUMULATE (+=) into parameter gradients and
+// overwrite activation gradients unless stated otherwise. Methods that need working memory take
+// caller-provided `Scratch` sized by the matching *_scratch_bytes query; no kernel allocates.
+// Only F32 kernels exist today; a view of another dtype is refused with a clear error.
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "subllm/tensor.h"
+
+namespace subllm {
+
+// rows x cols elements of `dtype`, row stride `ld` elements. A vector is (n, 1) with ld 1.
+struct View {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 1, ld = 1;
+
+  float* f32() const;
+  int32_t* i32() const;
+  double* f64() const;
+  int64_t numel() const { return rows * cols; }
+  explicit operator bool() const { return data != nullptr; }
+  // Columns [c0, c0 + n) of every row (e.g. the k part of a fused qkv matrix).
+  View cols_at(int64_t c0, int64_t n) const;
+  // Rows [r0, r0 + n).
+  View rows_at(int64_t r0, int64_t n) const;
+};
+
+View mat(const float* p, int64_t rows, int64_t cols, int64_t ld = 0);  // ld 0: cols
+View vec(const float* p, int64_t n);
+View ivec(const int32_t* p, int64_t n);
+View dvec(const double* p, int64_t n);
+// A tensor as (elements / last dim, last dim); 1-D tensors as (n, 1).
+View view_of(const Tensor& t);
+
+struct Scratch {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  // Threads (CPU) or streams the kernels use; a hint for sizing per-worker scratch.
+  virtual int workers() const = 0;
+
+  // ---- memory (device pointers; bytes) ---------------------------------------------------
+  virtual void* alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
+  virtual void free(void* p) = 0;
+  virtual void to_device(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void zero(void* p, size_t bytes) = 0;
+  virtual void sync() = 0;
+  // Owned device memory released with the last reference.
+  std::shared_ptr<void> alloc_shared(size_t bytes);
+  Tensor zeros(Shape shape, DType dt = DType::F32);
+
+  // ---- dense algebra -------------------------------------------------------------------
+  // y(N,out) = x(N,in) · w(out,in)^T (+ y if accumulate)
+  virtual void linear_forward(View x, View w, View y, bool accumulate = false) = 0;
+  // dx(N,in) (=|+=) dy · w ; dw(out,in) += dy^T · x; either output may be empty
+  virtual void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx = false) = 0;
+
+  // ---- rows --------------------------------------------------------------------------------
+  // dst(n, cols) = src(idx[i]) for i < n; any 4-byte dtype (rows of floats, or int32 values)
+  virtual void gather_rows(View src, View idx, View dst) = 0;
+  // dst(idx[i]) += src(i); idx must not repeat
+  virtual void scatter_add_rows(View src, View idx, View dst) = 0;
+  // dst(rows, cols) = src(rows, cols), both strided
+  virtual void copy_rows(View src, View dst) = 0;
+  // pos(B*T) = offset + t for token t of each sequence
+  virtual void fill_positions(View pos, int B, int T, int offset) = 0;
+
+  // ---- embedding, norms, RoPE, SwiGLU --------------------------------------------------------
+  virtual void embedding_forward(View tokens, View table, View out) = 0;
+  virtual void embedding_backward(View tokens, View dout, View dtable) = 0;
+  // y = x · rstd · g
+  virtual void rmsnorm_forward(View x, View g, View y, View rstd, float eps) = 0;
+  virtual size_t rmsnorm_scratch_bytes(int C) const = 0;
+  virtual void rmsnorm_backward(View x, View g, View rstd, View dy, View dx, View dg, bool accumulate_dx,
+                                Scratch s) = 0;
+  // cos, sin: (max_pos, head_dim / 2)
+  virtual void rope_table(View cos, View sin, int head_dim, float base) = 0;
+  // x (n, nheads * head_dim) in place at positions pos(n); inverse rotates back
+  virtual void rope_apply(View x, View pos, View cos, View sin, int head_dim, bool inverse) = 0;
+  // gu(N, 2F) = [gate | up] -> a(N, F) = silu(gate) · up
+  virtual void swiglu_forward(View gu, View a) = 0;
+  virtual void swiglu_backward(View gu, View da, View dgu) = 0;
+
+  // ---- attention -------------------------------------------------------------------------
+  // q, k, v, o: (B*T, H*hd) strided views; lse (B, H, T). Causal within each sequence.
+  virtual size_t attention_scratch_bytes(int hd, bool backward) const = 0;
+  virtual void attention_forward(View q, View k, View v, View o, View lse, int B, int T, int H, Scratch s) = 0;
+  virtual void attention_backward(View q, View k, View v, View o, View dout, View lse, View dq, View dk, View dv,
+                                  int B, int T, int H, Scratch s) = 0;
+  // q (m, H*hd): the last m of the L cached rows of k, v (L, H*hd); query i sees rows [0, L-m+i]
+  virtual size_t attention_cached_scratch_bytes(int L, int hd) const = 0;
+  virtual void attention_cached(View q, View k, View v, View out, int H, Scratch s) = 0;
+
+  // ---- output head -------------------------------------------------------------------------
+  // Fused projection + softmax cross-entropy over x(N,C), w(V,C), targets(N) (< 0: ignored),
+  // `chunk` (chunk_rows, V) at a time. Writes out(2, f64) = {summed loss, counted rows}.
+  // With dx: gradient of (sum loss) · grad_scale into dx (overwritten) and dw (+=).
+  // With logits: the full (N, V) logits.
+  virtual void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits,
+                            View chunk, View out) = 0;
+
+  // ---- SUBLLM: subsampling, upsampling, bypass (SUBLLM.md §2, §4, §7) ------------------------
+  // Training selection: in each of B sequences of scores (B, Tp) keep the top Tc (equal scores
+  // keep sequence order), in sequence order. kept (B*Tc): parent row; partner (B*Tc): parent row
+  // of the discarded rank paired with it (kept rank r with Tc + r, or Tc + (Tc-1-r) when
+  // `flip`), or -1; w (B*Tc) = clamp(s_kept) - clamp(s_partner).
+  virtual size_t select_top_scratch_bytes(int Tp) const = 0;
+  virtual void select_top(View scores, int B, int Tc, bool flip, View kept, View partner, View w, Scratch s) = 0;
+  // Inference selection in one sequence: keep row t when scores[t] > threshold and
+  // tokens[t] != pad. kept (n), w (n) = clamp(s, 0, 1); count(1, i32) = n.
+  virtual void select_threshold(View scores, View tokens, float threshold, int pad, View kept, View w,
+                                View count) = 0;
+  // Upsample + bypass on kept rows: out[kept[i]] = x[kept[i]] + c ⊙ w[i] · (y[i] - x[kept[i]]).
+  // Rows of out not kept are left as they are (the caller copies x there, or out is x).
+  virtual void upsample_bypass_forward(View x, View y, View kept, View w, View c, View out) = 0;
+  // Its backward. dout (parent rows, C) holds d(out) and becomes d(x) of the direct path;
+  // dy (rows, C) = d(y); dw (rows) = d(w); dc (C) = d(c) (overwritten).
+  virtual size_t upsample_bypass_scratch_bytes(int C) const = 0;
+  virtual void upsample_bypass_backward(View x, View y, View kept, View w, View c, View dout, View dy, View dw,
+                                        View dc, Scratch s) = 0;
+  // d(w) of kept rows -> d(scores) over the parent rows through w = clamp(s_kept) - clamp(s_partner)
+  virtual void selection_backward(View dw, View kept, View partner, View scores, View dscores) = 0;
+  // The score balancer's edit of dscores (kernels::balancer_backward).
+  virtual size_t balancer_scratch_bytes(int64_t n) const = 0;
+  virtual void balancer_backward(View scores, View dscores, double m_min, double m_max, double r_min, double r_max,
+                                 double grad_scale, double p_target, double p_window, Scratch s) = 0;
+  // gc (C) += dc, where a dc that would push c further outside [lo, hi] is reversed first (if limit)
+  virtual void bypass_limit_accumulate(View dc, View c, float lo, float hi, bool limit, View gc) = 0;
+  // out(3, f64) = {fraction of scores > threshold, RMS of scores, mean clamp(s, 0, 1) over kept}
+  // scores (B*Tp), kept (B*Tc) parent rows
+  virtual void score_stats(View scores, View kept, float threshold, View out) = 0;
+
+  // ---- reductions and optimizers -----------------------------------------------------------
+  virtual void scale(View x, float s) = 0;
+  // out(1, f64) = sum of x²
+  virtual void sum_squares(View x, View out) = 0;
+  // torch.optim.AdamW on flat p, g, m, v
+  virtual void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps,
+                          float weight_decay, int step) = 0;
+};
+
+// The balancer's mean/std bound for a positive fraction p: 0.814 * atanh(2p - 1), which
+// approximates erfinv(2p - 1) (SUBLLM.md §7).
+double balancer_mean_bound(double p);
+
+// The backend for a --device value ("cpu"); an unknown or unavailable device is an Error
+// naming the choices. Instances live for the program.
+Backend& backend_for(const std::string& device);
+std::vector<std::string> backend_names();
+// The CPU backend (the default device).
+Backend& cpu_backend();
+
+}  // namespace subllm

@@ -1,0 +1,180 @@
+// The CPU backend: host memory, and the kernels of kernels/cpu/ called on the views' pointers.
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "kernels/kernels.h"
+#include "subllm/error.h"
+#include "subllm/threads.h"
+
+namespace subllm {
+
+namespace {
+
+namespace k = kernels;
+
+constexpr size_t round64(size_t b) { return (b + 63) / 64 * 64; }
+
+void need_scratch(const Scratch& s, size_t bytes, const char* op) {
+  check(s.bytes >= bytes, std::string(op) + ": scratch of " + std::to_string(s.bytes) + " bytes, needs " +
+                              std::to_string(bytes));
+}
+
+class CpuBackend final : public Backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  int workers() const override { return num_threads(); }
+
+  void* alloc(size_t bytes) override {
+    void* p = std::aligned_alloc(64, round64(bytes ? bytes : 64));
+    if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes; reduce batch size or context length");
+    return p;
+  }
+  void free(void* p) override { std::free(p); }
+  void to_device(void* dst, const void* src, size_t bytes) override { if (bytes) std::memcpy(dst, src, bytes); }
+  void to_host(void* dst, const void* src, size_t bytes) override { if (bytes) std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { if (bytes && dst != src) std::memmove(dst, src, bytes); }
+  void zero(void* p, size_t bytes) override { if (bytes) std::memset(p, 0, bytes); }
+  void sync() override {}
+
+  void linear_forward(View x, View w, View y, bool accumulate) override {
+    k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
+  }
+  void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx) override {
+    k::linear_backward(x.f32(), w.f32(), dy.f32(), dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr, (int)x.rows,
+                       (int)x.cols, (int)w.rows, accumulate_dx);
+  }
+
+  void gather_rows(View src, View idx, View dst) override {
+    check(dtype_size(src.dtype) == 4 && src.dtype == dst.dtype, "gather_rows: 4-byte elements of one dtype");
+    k::gather_rows(src.data, src.ld, idx.i32(), dst.data, dst.ld, idx.rows, (int)src.cols);
+  }
+  void scatter_add_rows(View src, View idx, View dst) override {
+    k::scatter_add_rows(src.f32(), src.ld, idx.i32(), dst.f32(), dst.ld, idx.rows, (int)src.cols);
+  }
+  void copy_rows(View src, View dst) override {
+    check(dtype_size(src.dtype) == 4 && src.dtype == dst.dtype, "copy_rows: 4-byte elements of one dtype");
+    k::copy_rows(src.data, src.ld, dst.data, dst.ld, src.rows, (int)src.cols);
+  }
+  void fill_positions(View pos, int B, int T, int offset) override { k::fill_positions(pos.i32(), B, T, offset); }
+
+  void embedding_forward(View tokens, View table, View out) override {
+    k::embedding_forward(tokens.i32(), table.f32(), out.f32(), (int)tokens.rows, (int)table.cols);
+  }
+  void embedding_backward(View tokens, View dout, View dtable) override {
+    k::embedding_backward(tokens.i32(), dout.f32(), dtable.f32(), (int)tokens.rows, (int)dtable.cols,
+                          (int)dtable.rows);
+  }
+  void rmsnorm_forward(View x, View g, View y, View rstd, float eps) override {
+    k::rmsnorm_forward(x.f32(), g.f32(), y.f32(), rstd.f32(), (int)x.rows, (int)x.cols, eps);
+  }
+  size_t rmsnorm_scratch_bytes(int C) const override { return sizeof(float) * (size_t)num_threads() * C; }
+  void rmsnorm_backward(View x, View g, View rstd, View dy, View dx, View dg, bool accumulate_dx, Scratch s) override {
+    need_scratch(s, rmsnorm_scratch_bytes((int)x.cols), "rmsnorm_backward");
+    k::rmsnorm_backward(x.f32(), g.f32(), rstd.f32(), dy.f32(), dx.f32(), dg.f32(), (int)x.rows, (int)x.cols,
+                        accumulate_dx, static_cast<float*>(s.data));
+  }
+  void rope_table(View cos, View sin, int head_dim, float base) override {
+    k::RopeTable t{head_dim, (int)cos.rows, cos.f32(), sin.f32()};
+    k::rope_table_fill(t, base);
+  }
+  void rope_apply(View x, View pos, View cos, View sin, int head_dim, bool inverse) override {
+    const k::RopeTable t{head_dim, (int)cos.rows, cos.f32(), sin.f32()};
+    k::rope_apply(x.f32(), (int)x.ld, (int)x.rows, (int)(x.cols / head_dim), pos.i32(), t, inverse);
+  }
+  void swiglu_forward(View gu, View a) override { k::swiglu_forward(gu.f32(), a.f32(), (int)gu.rows, (int)a.cols); }
+  void swiglu_backward(View gu, View da, View dgu) override {
+    k::swiglu_backward(gu.f32(), da.f32(), dgu.f32(), (int)gu.rows, (int)da.cols);
+  }
+
+  size_t attention_scratch_bytes(int hd, bool backward) const override {
+    return (size_t)num_threads() * round64(k::attention_scratch_bytes(hd, backward));
+  }
+  void attention_forward(View q, View kk, View v, View o, View lse, int B, int T, int H, Scratch s) override {
+    check(q.ld == kk.ld && q.ld == v.ld, "attention_forward: q, k and v share one row stride");
+    const int hd = (int)(q.cols / H);
+    need_scratch(s, attention_scratch_bytes(hd, false), "attention_forward");
+    k::attention_forward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, lse.f32(), B, T, H, hd,
+                         static_cast<float*>(s.data));
+  }
+  void attention_backward(View q, View kk, View v, View o, View dout, View lse, View dq, View dk, View dv, int B, int T,
+                          int H, Scratch s) override {
+    check(q.ld == kk.ld && q.ld == v.ld && dq.ld == dk.ld && dq.ld == dv.ld && o.ld == dout.ld,
+          "attention_backward: q, k, v (and their gradients, and o, dout) share a row stride");
+    const int hd = (int)(q.cols / H);
+    need_scratch(s, attention_scratch_bytes(hd, true), "attention_backward");
+    k::attention_backward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, dout.f32(), lse.f32(), dq.f32(),
+                          dk.f32(), dv.f32(), (int)dq.ld, B, T, H, hd, static_cast<float*>(s.data));
+  }
+  size_t attention_cached_scratch_bytes(int L, int hd) const override {
+    return sizeof(float) * (size_t)num_threads() * k::attention_cached_scratch_floats(L, hd);
+  }
+  void attention_cached(View q, View kk, View v, View out, int H, Scratch s) override {
+    check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
+    const int hd = (int)(q.cols / H), L = (int)kk.rows;
+    need_scratch(s, attention_cached_scratch_bytes(L, hd), "attention_cached");
+    k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, hd, out.f32(), (int)out.ld,
+                        static_cast<float*>(s.data));
+  }
+
+  void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,
+                    View out) override {
+    int64_t count = 0;
+    const double loss = k::lm_head_xent(x.f32(), w.f32(), targets.i32(), (int)x.rows, (int)x.cols, (int)w.rows,
+                                        grad_scale, dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr,
+                                        logits ? logits.f32() : nullptr, chunk.f32(), (int)chunk.rows, &count);
+    out.f64()[0] = loss;
+    out.f64()[1] = (double)count;
+  }
+
+  size_t select_top_scratch_bytes(int Tp) const override { return sizeof(int32_t) * 2 * (size_t)Tp; }
+  void select_top(View scores, int B, int Tc, bool flip, View kept, View partner, View w, Scratch s) override {
+    const int Tp = (int)(scores.rows / B);
+    need_scratch(s, select_top_scratch_bytes(Tp), "select_top");
+    k::select_top(scores.f32(), B, Tp, Tc, flip, kept.i32(), partner.i32(), w.f32(), static_cast<int32_t*>(s.data));
+  }
+  void select_threshold(View scores, View tokens, float threshold, int pad, View kept, View w, View count) override {
+    count.i32()[0] = k::select_threshold(scores.f32(), tokens.i32(), (int)scores.rows, threshold, pad, kept.i32(),
+                                         w.f32());
+  }
+  void upsample_bypass_forward(View x, View y, View kept, View w, View c, View out) override {
+    k::upsample_bypass_forward(x.f32(), y.f32(), kept.i32(), w.f32(), c.f32(), out.f32(), kept.rows, (int)x.cols);
+  }
+  size_t upsample_bypass_scratch_bytes(int C) const override { return sizeof(float) * (size_t)num_threads() * C; }
+  void upsample_bypass_backward(View x, View y, View kept, View w, View c, View dout, View dy, View dw, View dc,
+                                Scratch s) override {
+    need_scratch(s, upsample_bypass_scratch_bytes((int)x.cols), "upsample_bypass_backward");
+    k::upsample_bypass_backward(x.f32(), y.f32(), kept.i32(), w.f32(), c.f32(), dout.f32(), dy.f32(), dw.f32(),
+                                dc.f32(), kept.rows, (int)x.cols, static_cast<float*>(s.data));
+  }
+  void selection_backward(View dw, View kept, View partner, View scores, View dscores) override {
+    k::selection_backward(dw.f32(), kept.i32(), partner ? partner.i32() : nullptr, kept.rows, scores.f32(),
+                          dscores.f32(), scores.rows);
+  }
+  size_t balancer_scratch_bytes(int64_t n) const override { return sizeof(double) * (size_t)n; }
+  void balancer_backward(View scores, View dscores, double m_min, double m_max, double r_min, double r_max,
+                         double grad_scale, double p_target, double p_window, Scratch s) override {
+    need_scratch(s, balancer_scratch_bytes(scores.rows), "balancer_backward");
+    k::balancer_backward(scores.f32(), dscores.f32(), scores.rows, static_cast<double*>(s.data), m_min, m_max, r_min,
+                         r_max, grad_scale, p_target, p_window);
+  }
+  void bypass_limit_accumulate(View dc, View c, float lo, float hi, bool limit, View gc) override {
+    k::bypass_limit_accumulate(dc.f32(), c.f32(), lo, hi, limit, gc.f32(), (int)dc.numel());
+  }
+  void score_stats(View scores, View kept, float threshold, View out) override {
+    k::score_stats(scores.f32(), scores.rows, kept.i32(), kept.rows, threshold, out.f64());
+  }
+
+  void scale(View x, float s) override { k::scale_inplace(x.f32(), s, x.numel()); }
+  void sum_squares(View x, View out) override { out.f64()[0] = k::sum_squares(x.f32(), x.numel()); }
+  void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps, float weight_decay,
+                  int step) override {
+    k::adamw_step(p.f32(), g.f32(), m.f32(), v.f32(), p.numel(), lr, beta1, beta2, eps, weight_decay, step);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace subllm

@@ -1,0 +1,120 @@
+#pragma once
+// The model's passes over a Weights, shared by the full (training / evaluation) and the
+// cached (generation) paths; private to the model's sources.
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "subllm/model.h"
+
+namespace subllm {
+
+// Activations of one transformer block, sized for the rows of its segment.
+struct BlockActs {
+  Tensor rstd1, rstd2;  // (rows)
+  Tensor qkv;           // (rows, 3C), q and k after RoPE
+  Tensor att;           // (rows, C) attention output before out_proj
+  Tensor lse;           // (B, H, T_seg)
+  Tensor h;             // (rows, C) after the attention residual
+  Tensor gu;            // (rows, 2F)
+};
+
+// One level of the layout: the whole sequence (segment 0) or the tokens a subsampler kept.
+struct SegmentActs {
+  int T = 0;                   // tokens per sequence now (inference: this pass's count)
+  int T_cap = 0;               // tokens per sequence the memory was planned for
+  Tensor pos;                  // (B*T) original positions, for RoPE
+  Tensor tok;                  // (B*T) token ids (inference: padding is never kept)
+  std::vector<Tensor> stream;  // items+1 of (B*T, C): the residual stream between items
+  Tensor d_stream;             // (B*T, C)
+  // Subsampler side (segments other than the root); parent rows are (B * parent T).
+  Tensor scores, d_scores;     // (parent rows)
+  Tensor kept;                 // (B*T) parent row of each kept token, ascending per sequence
+  Tensor partner;              // (B*T) parent row whose weight is subtracted from w_scale, or -1
+  Tensor w_scale, d_w_scale;   // (B*T)
+  Tensor d_bypass;             // (C) this pass's bypass-scale gradient, before the limit
+  Tensor count;                // (1) i32: tokens kept (inference)
+  bool balancer_on = false, limit_on = false, flipped = false;
+};
+
+// Activations saved for backward, planned once per (B, T, mode) and reused every step.
+struct ModelActivations {
+  int B = 0, T = 0;
+  Mode mode = Mode::Train;
+  Arena arena;
+  std::vector<SegmentActs> seg;
+  std::vector<BlockActs> blk;
+  Tensor targets;                    // (N) i32
+  Tensor norm_out, rstd_f;           // (N, C), (N) final norm
+  Tensor tmp_c, tmp_f;               // (N, C), (N, F): recomputed norm / swiglu outputs
+  Tensor d_tmp_c, d_att;             // (N, C)
+  Tensor d_qkv;                      // (N, 3C)
+  Tensor d_f, d_gu;                  // (N, F), (N, 2F)
+  Tensor logits_chunk;               // (chunk, V)
+  Tensor loss;                       // (2) f64: summed loss, counted rows
+  Tensor stats;                      // (3) f64: score statistics
+  Tensor scratch;                    // kernel working memory, bytes
+};
+
+// Where one block pass keeps its intermediates.
+struct BlockIO {
+  View n1, qkv, att, h, gu, a, rstd1, rstd2, lse;  // (rows, C | 3C | C | C | 2F | F), (rows) x2, (H, rows)
+  Scratch scratch;
+};
+
+// Buffers of the cached path for one segment, grown to the largest chunk seen.
+struct CachedSegment {
+  int cap = 0;
+  Tensor scores, w, kept, count, x, pos, tok;  // (rows), (rows), (rows) i32, (1) i32, (rows, C), (rows) i32 x2
+};
+
+struct SessionState {
+  // Plans, most recently used first; a few shapes (training, validation, ...) stay planned.
+  std::vector<std::unique_ptr<ModelActivations>> plans;
+  ModelActivations* last = nullptr;  // the plan of the last full pass (traces, statistics)
+  // Cached path.
+  std::vector<CachedSegment> cseg;   // per segment (0: the new tokens)
+  int block_cap = 0;                 // rows the block workspace holds
+  Tensor block_ws;                   // one block's intermediates
+  Tensor normed, rstd, logits;       // final norm and head of the cached path
+  Tensor scratch;                    // kernel working memory, bytes
+};
+
+// Layer lengths of a plan (segment 0 = T); training keeps ceil(T * r) at each subsampler.
+std::vector<int> plan_lengths(const Structure& st, int T, Mode mode);
+// Every token id in [0, vocab) and every target below vocab, or an error naming the position.
+void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int64_t n);
+
+// A matrix view of the first `rows` rows of a tensor planned for more.
+inline View rows_of(const Tensor& t, int64_t rows) { return view_of(t).rows_at(0, rows); }
+inline Scratch scratch_of(const Tensor& t) { return Scratch{t.raw(), t.nbytes()}; }
+
+// ---- transformer block (shared by the full and the cached path) -------------------------
+
+// x (rows, C) -> y (rows, C), keeping the intermediates in io. `attend` turns io.qkv into
+// io.att (full causal attention, or against a cache).
+template <class Attend>
+void block_core(Backend& be, const Weights& w, int blk, View x, View y, View pos, const BlockIO& io, Attend attend) {
+  const ModelConfig& c = w.config();
+  const int64_t C = c.dim, F = c.ffn_dim, hd = c.head_dim();
+  const BlockOffsets& o = w.block(blk);
+  const float* P = w.data();
+  const View cos = view_of(w.rope_cos()), sin = view_of(w.rope_sin());
+  // h = x + wo · attention(rope(qkv(norm(x))))
+  be.rmsnorm_forward(x, vec(P + o.attn_norm, C), io.n1, io.rstd1, c.norm_eps);
+  // q, k, v weights are adjacent, so one GEMM against the (3C, C) block makes all three.
+  be.linear_forward(io.n1, mat(P + o.wqkv, 3 * C, C), io.qkv);
+  be.rope_apply(io.qkv.cols_at(0, C), pos, cos, sin, (int)hd, false);
+  be.rope_apply(io.qkv.cols_at(C, C), pos, cos, sin, (int)hd, false);
+  attend();
+  be.copy_rows(x, io.h);
+  be.linear_forward(io.att, mat(P + o.wo, C, C), io.h, true);
+  // y = h + w3 · swiglu(w12 · norm(h))
+  be.rmsnorm_forward(io.h, vec(P + o.ffn_norm, C), io.n1, io.rstd2, c.norm_eps);
+  be.linear_forward(io.n1, mat(P + o.w12, 2 * F, C), io.gu);
+  be.swiglu_forward(io.gu, io.a);
+  be.copy_rows(io.h, y);
+  be.linear_forward(io.a, mat(P + o.w3, C, F), y, true);
+}
+
+}  // namespace subllm

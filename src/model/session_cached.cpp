@@ -1,0 +1,198 @@
+// Inference with a key/value cache: incremental decoding and (chunked) prefill of one
+// sequence, in inference mode. Blocks inside subsamplers cache only the tokens that every
+// enclosing subsampler kept; a token scoring at or below the threshold skips the segment.
+#include <algorithm>
+
+#include "model/passes.h"
+#include "subllm/error.h"
+
+namespace subllm {
+
+size_t SequenceCache::bytes() const {
+  size_t total = 0;
+  for (size_t b = 0; b < k.size(); ++b) total += 2 * sizeof(float) * (size_t)rows[b] * width;
+  return total;
+}
+
+KVRows& KVRows::operator=(const KVRows& o) {
+  if (this == &o) return *this;
+  backend_ = o.backend_;
+  buf_ = o.cap_ ? backend_->alloc_shared(sizeof(float) * o.cap_) : nullptr;
+  cap_ = o.cap_;
+  used_ = o.used_;
+  if (used_) backend_->copy(buf_.get(), o.buf_.get(), sizeof(float) * used_);
+  return *this;
+}
+
+void KVRows::reserve(size_t floats) {
+  if (floats <= cap_) return;
+  check(backend_ != nullptr, "key/value rows without a backend: make caches with Session::new_cache");
+  const size_t cap = std::max(floats, cap_ * 2);
+  std::shared_ptr<void> grown = backend_->alloc_shared(sizeof(float) * cap);
+  if (used_) backend_->copy(grown.get(), buf_.get(), sizeof(float) * used_);
+  buf_ = std::move(grown);
+  cap_ = cap;
+}
+
+SequenceCache Session::new_cache(int reserve_tokens) const {
+  const ModelConfig& c = w_.config();
+  SequenceCache cache;
+  cache.k.assign(c.n_layers, KVRows(&w_.backend()));
+  cache.v.assign(c.n_layers, KVRows(&w_.backend()));
+  for (int b = 0; b < c.n_layers && reserve_tokens > 0; ++b) {
+    cache.k[b].reserve((size_t)reserve_tokens * c.dim);
+    cache.v[b].reserve((size_t)reserve_tokens * c.dim);
+  }
+  cache.rows.assign(c.n_layers, 0);
+  cache.width = c.dim;
+  cache.seen.assign(w_.structure().num_subsamplers, 0);
+  cache.kept.assign(w_.structure().num_subsamplers, 0);
+  return cache;
+}
+
+namespace {
+
+// Makes `t` hold at least `numel` elements (doubling, so growth is amortised).
+void ensure(Backend& be, Tensor& t, int64_t numel, DType dt = DType::F32) {
+  if (t.numel() >= numel) return;
+  t = be.zeros({std::max(numel, 2 * t.numel())}, dt);
+}
+
+// The cached walk of one segment: x (rows, C) in and out; pos, tok (rows).
+struct CachedPass {
+  Session& s;
+  const Weights& w;
+  Backend& be;
+  const ModelConfig& cfg;
+  SessionState& st;
+  SequenceCache& cache;
+
+  void block(int blk, View x, int rows, View pos);
+  void segment(int seg, View x, int rows, View pos, View tok);
+};
+
+void CachedPass::block(int blk, View x, int rows, View pos) {
+  const int64_t C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim();
+  // One workspace serves every block: blocks never run nested inside one another.
+  const int64_t per_row = 7 * C + 3 * F + 2 + H;
+  ensure(be, st.block_ws, rows * per_row);
+  float* ws = st.block_ws.f32();
+  auto take = [&](int64_t cols) {
+    View v = mat(ws, rows, cols);
+    ws += rows * cols;
+    return v;
+  };
+  BlockIO io;
+  io.n1 = take(C);
+  io.qkv = take(3 * C);
+  io.att = take(C);
+  io.h = take(C);
+  io.gu = take(2 * F);
+  io.a = take(F);
+  io.rstd1 = take(1);
+  io.rstd2 = take(1);
+  io.lse = take(H);
+  const View y = take(C);
+  KVRows& K = cache.k[blk];
+  KVRows& V = cache.v[blk];
+  const int L0 = cache.rows[blk], L = L0 + rows;
+  ensure(be, st.scratch,
+         (int64_t)std::max(be.attention_scratch_bytes((int)hd, false), be.attention_cached_scratch_bytes(L, (int)hd)),
+         DType::I32);
+  io.scratch = Scratch{st.scratch.raw(), st.scratch.nbytes()};
+  block_core(be, w, blk, x, y, pos, io, [&] {
+    // Append this chunk's keys and values, then attend over the whole cache.
+    K.reserve((size_t)L * C);
+    V.reserve((size_t)L * C);
+    be.copy_rows(io.qkv.cols_at(C, C), mat(K.data(), L, C).rows_at(L0, rows));
+    be.copy_rows(io.qkv.cols_at(2 * C, C), mat(V.data(), L, C).rows_at(L0, rows));
+    K.set_used((size_t)L * C);
+    V.set_used((size_t)L * C);
+    cache.rows[blk] = L;
+    if (L0 == 0)
+      be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, 1,
+                           rows, (int)H, io.scratch);
+    else
+      be.attention_cached(io.qkv.cols_at(0, C), mat(K.data(), L, C), mat(V.data(), L, C), io.att, (int)H, io.scratch);
+  });
+  be.copy_rows(y, x);
+}
+
+void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
+  const int C = cfg.dim;
+  for (const SegmentItem& it : w.structure().segments[seg].items) {
+    if (it.is_block) {
+      block(it.index, x, rows, pos);
+      continue;
+    }
+    const int child = it.index;
+    const int j = w.structure().segments[child].subsampler;
+    CachedSegment& b = st.cseg[child];
+    if (b.cap < rows) {
+      b.cap = std::max(rows, 2 * b.cap);
+      b.scores = be.zeros({b.cap});
+      b.w = be.zeros({b.cap});
+      b.kept = be.zeros({b.cap}, DType::I32);
+      b.count = be.zeros({1}, DType::I32);
+      b.x = be.zeros({b.cap, (int64_t)C});
+      b.pos = be.zeros({b.cap}, DType::I32);
+      b.tok = be.zeros({b.cap}, DType::I32);
+    }
+    const View scores = rows_of(b.scores, rows);
+    be.linear_forward(x, mat(w.data() + w.score_offset(j), 1, C), scores);
+    be.select_threshold(scores, tok, s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
+                        view_of(b.count));
+    int32_t nk = 0;
+    be.to_host(&nk, b.count.raw(), sizeof nk);  // the kept length shapes everything after
+    cache.seen[j] += rows;
+    cache.kept[j] += nk;
+    if (nk == 0) continue;
+    const View kept = rows_of(b.kept, nk), xk = rows_of(b.x, nk);
+    be.gather_rows(x, kept, xk);
+    be.gather_rows(pos, kept, rows_of(b.pos, nk));
+    be.gather_rows(tok, kept, rows_of(b.tok, nk));
+    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk));
+    // Upsample + bypass in place: x[kept] += c * w * (y' - x[kept]).
+    be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), vec(w.data() + w.bypass_offset(j), C), x);
+  }
+}
+
+}  // namespace
+
+void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
+  const ModelConfig& c = w_.config();
+  check(n > 0, "nothing to run: no new tokens");
+  check(cache.length + n <= c.context,
+        "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(n) + " tokens exceed " +
+            std::to_string(c.context) + " (tokens_per_sample); shorten the prompt or the generation");
+  check_token_ids(c, tokens, nullptr, n);
+  Backend& be = w_.backend();
+  const int C = c.dim, V = c.vocab_size;
+  SessionState& st = *st_;
+  st.cseg.resize(w_.structure().segments.size());
+  CachedSegment& root = st.cseg[0];
+  if (root.cap < n) {
+    root.cap = std::max(n, 2 * root.cap);
+    root.x = be.zeros({root.cap, (int64_t)C});
+    root.pos = be.zeros({root.cap}, DType::I32);
+    root.tok = be.zeros({root.cap}, DType::I32);
+    st.normed = be.zeros({root.cap, (int64_t)C});
+    st.rstd = be.zeros({root.cap});
+    st.logits = be.zeros({root.cap, (int64_t)V});
+  }
+  const View x = rows_of(root.x, n), pos = rows_of(root.pos, n), tok = rows_of(root.tok, n);
+  be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * n);
+  be.fill_positions(pos, 1, n, cache.length);
+  be.embedding_forward(tok, mat(w_.data() + w_.embed_offset(), V, C), x);
+  CachedPass p{*this, w_, be, c, st, cache};
+  p.segment(0, x, n, pos, tok);
+  cache.length += n;
+  const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
+  const View normed = rows_of(st.normed, count), out = rows_of(st.logits, count);
+  be.rmsnorm_forward(x.rows_at(first, count), vec(w_.data() + w_.final_norm_offset(), C), normed,
+                     rows_of(st.rstd, count), c.norm_eps);
+  be.linear_forward(normed, mat(w_.data() + w_.head_offset(), V, C), out);
+  be.to_host(logits, out.data, sizeof(float) * count * V);
+}
+
+}  // namespace subllm

@@ -1,0 +1,133 @@
+// The parameters: their layout in one flat buffer, initialisation and checkpoint I/O.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "subllm/error.h"
+#include "subllm/model.h"
+#include "subllm/rng.h"
+#include "subllm/safetensors.h"
+
+namespace subllm {
+
+namespace {
+std::string layer_prefix(int i) { return "decoder.layers." + std::to_string(i) + "."; }
+}  // namespace
+
+Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), backend_(&backend) {
+  cfg_.validate();
+  structure_ = cfg_.parse();
+  const int64_t C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
+  // Tensors start on 64-byte boundaries, except that q, k and v stay back to back so one
+  // GEMM against their (3C, C) block computes all three projections.
+  auto add = [&](const std::string& name, Shape shape, bool decay, bool pad_after = true, float lr_scale = 1.0f) {
+    ParamInfo p;
+    p.name = name;
+    p.shape = std::move(shape);
+    p.numel = shape_numel(p.shape);
+    p.offset = num_params_;
+    p.decay = decay;
+    p.lr_scale = lr_scale;
+    num_params_ += pad_after ? (p.numel + 15) / 16 * 16 : p.numel;
+    params_.push_back(std::move(p));
+    return params_.back().offset;
+  };
+  embed_offset_ = add("decoder.embed_tokens.weight", {V, C}, true);
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    const std::string pre = layer_prefix(i);
+    BlockOffsets b;
+    b.attn_norm = add(pre + "self_attn_layer_norm.weight", {C}, false);
+    b.wqkv = add(pre + "self_attn.q_proj.weight", {C, C}, true, false);
+    add(pre + "self_attn.k_proj.weight", {C, C}, true, false);
+    add(pre + "self_attn.v_proj.weight", {C, C}, true);
+    b.wo = add(pre + "self_attn.out_proj.weight", {C, C}, true);
+    b.ffn_norm = add(pre + "final_layer_norm.weight", {C}, false);
+    b.w12 = add(pre + "feedforward.swiglu.w12.weight", {2 * F, C}, true);
+    b.w3 = add(pre + "feedforward.swiglu.w3.weight", {C, F}, true);
+    blocks_.push_back(b);
+  }
+  // The score layers learn at half the rate (SUBLLM.md §4); neither they nor the bypass
+  // scales are decayed, as both are control values rather than features.
+  for (int j = 0; j < structure_.num_subsamplers; ++j)
+    score_offset_.push_back(
+        add("decoder.downsamplers." + std::to_string(j) + ".to_scores.weight", {1, C}, false, true, 0.5f));
+  for (int j = 0; j < structure_.num_subsamplers; ++j)
+    bypass_offset_.push_back(add("decoder.bypasses." + std::to_string(j) + ".bypass_scale", {C}, false));
+  final_norm_offset_ = add("decoder.layer_norm.weight", {C}, false);
+  head_offset_ = cfg_.tie_weights ? 0 : add("decoder.output_projection.weight", {V, C}, true);
+  buf_ = backend_->zeros({num_params_});
+  const int64_t half = cfg_.head_dim() / 2;
+  rope_cos_ = backend_->zeros({(int64_t)cfg_.context, half});
+  rope_sin_ = backend_->zeros({(int64_t)cfg_.context, half});
+  backend_->rope_table(view_of(rope_cos_), view_of(rope_sin_), cfg_.head_dim(), cfg_.rope_base);
+}
+
+Weights::~Weights() = default;
+
+const ParamInfo& Weights::param_info(const std::string& name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return p;
+  throw Error("model has no parameter named '" + name + "'");
+}
+
+void Weights::init(uint64_t seed) {
+  // Drawn on the host in parameter order, so every backend starts from the same weights.
+  std::vector<float> host((size_t)num_params_, 0.f);
+  Rng rng(seed);
+  const double C = cfg_.dim;
+  auto ends_with = [](const std::string& n, const char* s) {
+    const size_t k = std::strlen(s);
+    return n.size() >= k && n.compare(n.size() - k, k, s) == 0;
+  };
+  for (const auto& p : params_) {
+    float* w = host.data() + p.offset;
+    const std::string& n = p.name;
+    if (n == "decoder.embed_tokens.weight") {
+      const double sd = 1.0 / std::sqrt(C);
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(rng.normal() * sd);
+      std::fill(w + (int64_t)cfg_.padding_idx * cfg_.dim, w + (int64_t)(cfg_.padding_idx + 1) * cfg_.dim, 0.f);
+    } else if (ends_with(n, "bypass_scale")) {
+      std::fill(w, w + p.numel, 0.5f);
+    } else if (p.shape.size() == 1) {
+      std::fill(w, w + p.numel, 1.0f);
+    } else if (ends_with(n, "out_proj.weight") || ends_with(n, "w3.weight")) {
+      const int layer = std::stoi(n.substr(std::strlen("decoder.layers.")));
+      const double sd = 0.006 / std::sqrt(2.0 * (layer + 1));
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)rng.truncated_normal(sd);
+    } else if (n == "decoder.output_projection.weight" || ends_with(n, "to_scores.weight")) {
+      // PyTorch's default Linear init: uniform in ±1/sqrt(fan_in).
+      const double bound = 1.0 / std::sqrt(C);
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)((2.0 * rng.uniform() - 1.0) * bound);
+    } else {  // q, k, v, w12
+      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)rng.truncated_normal(0.006);
+    }
+  }
+  backend_->to_device(data(), host.data(), sizeof(float) * host.size());
+}
+
+void Weights::load(const std::string& path) {
+  SafetensorsFile f(path);
+  for (const auto& name : f.names()) {
+    bool known = std::any_of(params_.begin(), params_.end(), [&](const ParamInfo& p) { return p.name == name; });
+    check(known, path + ": tensor '" + name + "' has no place in this model: the checkpoint does not match config.json");
+  }
+  // Read and check everything before the live weights change.
+  std::vector<float> host((size_t)num_params_, 0.f);
+  for (const auto& p : params_) {
+    check(f.has(p.name), path + ": tensor '" + p.name + "' is missing: the checkpoint does not match config.json (" +
+                             cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")");
+    f.read_f32(p.name, p.shape, host.data() + p.offset);
+  }
+  backend_->to_device(data(), host.data(), sizeof(float) * host.size());
+}
+
+void Weights::save(const std::string& path) const {
+  std::vector<float> host((size_t)num_params_);
+  backend_->to_host(host.data(), data(), sizeof(float) * host.size());
+  std::vector<SafetensorsOut> out;
+  for (const auto& p : params_) out.push_back({p.name, DType::F32, p.shape, host.data() + p.offset});
+  write_safetensors(path, out, {{"format", "pt"}});
+}
+
+}  // namespace subllm
