@@ -66,21 +66,22 @@ class ScaledAdam {
   void load_state(const std::string& safetensors_path);
 
  private:
-  struct Chunk {
-    int tensor;
-    int64_t begin, end;  // absolute element indices into the flat buffers
-  };
-  struct Sums {
-    double grad_sq, param_grad, param_sq;
-  };
   bool is_scalar(size_t t) const { return params_[t].numel == 1; }
-  void reduce(const float* params, const float* grads, bool want_param_sq, std::vector<Sums>& out) const;
   double clip_factor(double norm, ScaledAdamStepInfo& info);
 
   ScaledAdamOptions opt_;
   std::vector<ParamInfo> params_;
   int64_t total_ = 0;
-  std::vector<Chunk> chunks_;  // fixed split of every tensor, so sums do not depend on threads
+  // Fixed split of every tensor into chunks, so sums do not depend on threads: chunk c is
+  // tensor chunk_tensor_[c], absolute element indices [chunk_begin_[c], chunk_end_[c]).
+  std::vector<int32_t> chunk_tensor_;
+  std::vector<int64_t> chunk_begin_, chunk_end_;
+  std::vector<uint8_t> clamp_tensor_;  // per tensor: 1 for scalars (clamped to +-scalar_max)
+
+  // Working memory of a step, sized once.
+  std::vector<double> sums_;            // per tensor x (grad^2, param*grad, param^2)
+  std::vector<double> sums_scratch_;    // of the chunk reduction
+  std::vector<float> step_coef_, scale_step_;  // per-tensor coefficients of the update
 
   std::vector<float> exp_avg_sq_, momentum_;  // per element, [total_]
   std::vector<float> param_rms_;              // per tensor

@@ -6,10 +6,7 @@
 #include <cstdlib>
 #include <map>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
+#include "kernels/optimizer_kernels.h"
 #include "subllm/error.h"
 #include "subllm/safetensors.h"
 
@@ -17,8 +14,8 @@ namespace subllm {
 
 namespace {
 
-// Reductions are summed per fixed-size chunk and then in chunk order, so results are the
-// same for any thread count.
+// Reductions are summed per fixed-size chunk and then in chunk order (by the kernels), so
+// results are the same for any thread count.
 constexpr int64_t kChunk = 4096;
 
 // Ascending, NaN last (as torch.sort does), so a window with a few NaNs still has a
@@ -27,57 +24,6 @@ bool norm_less(float a, float b) {
   if (std::isnan(a)) return false;
   if (std::isnan(b)) return true;
   return a < b;
-}
-
-// The update of one chunk. GCC does not vectorize a loop with std::sqrt unless errno
-// handling is off for the whole build (-fno-math-errno), and this loop is most of the
-// optimizer's time, so on AVX machines it is written out by hand. A short tail goes through
-// the same 8-wide code via a padded copy: a scalar tail could be contracted into FMAs by the
-// compiler and round differently from the other elements.
-void update_chunk(float* __restrict p, const float* __restrict g, float* __restrict v, float* __restrict m,
-                  int64_t n, float step_coef, float scale_step, float inv_bc2, float b1, float one_minus_b1,
-                  float b2, float one_minus_b2, float eps) {
-#if defined(__AVX__)
-  const __m256 c_b1 = _mm256_set1_ps(b1), c_omb1 = _mm256_set1_ps(one_minus_b1);
-  const __m256 c_b2 = _mm256_set1_ps(b2), c_omb2 = _mm256_set1_ps(one_minus_b2);
-  const __m256 c_inv = _mm256_set1_ps(inv_bc2), c_eps = _mm256_set1_ps(eps);
-  const __m256 c_step = _mm256_set1_ps(step_coef), c_scale = _mm256_set1_ps(scale_step);
-  auto block = [&](float* pp, const float* gg, float* vv, float* mm) {
-    const __m256 gi = _mm256_loadu_ps(gg);
-    const __m256 vi = _mm256_add_ps(_mm256_mul_ps(c_b2, _mm256_loadu_ps(vv)), _mm256_mul_ps(c_omb2, _mm256_mul_ps(gi, gi)));
-    _mm256_storeu_ps(vv, vi);
-    const __m256 den = _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(vi, c_inv)), c_eps);
-    const __m256 pi = _mm256_loadu_ps(pp);
-    const __m256 d = _mm256_add_ps(_mm256_div_ps(_mm256_mul_ps(c_step, gi), den), _mm256_mul_ps(pi, c_scale));
-    const __m256 mi = _mm256_add_ps(_mm256_mul_ps(c_b1, _mm256_loadu_ps(mm)), _mm256_mul_ps(c_omb1, d));
-    _mm256_storeu_ps(mm, mi);
-    _mm256_storeu_ps(pp, _mm256_add_ps(pi, mi));
-  };
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) block(p + i, g + i, v + i, m + i);
-  if (i < n) {
-    const int64_t r = n - i;
-    float tp[8] = {0}, tg[8] = {0}, tv[8] = {0}, tm[8] = {0};
-    std::copy(p + i, p + n, tp);
-    std::copy(g + i, g + n, tg);
-    std::copy(v + i, v + n, tv);
-    std::copy(m + i, m + n, tm);
-    block(tp, tg, tv, tm);
-    std::copy(tp, tp + r, p + i);
-    std::copy(tv, tv + r, v + i);
-    std::copy(tm, tm + r, m + i);
-  }
-#else
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i];
-    const float vi = b2 * v[i] + one_minus_b2 * (gi * gi);
-    v[i] = vi;
-    const float d = step_coef * gi / (std::sqrt(vi * inv_bc2) + eps) + p[i] * scale_step;
-    const float mi = b1 * m[i] + one_minus_b1 * d;
-    m[i] = mi;
-    p[i] += mi;
-  }
-#endif
 }
 
 std::string exact_double(double x) {
@@ -103,48 +49,23 @@ ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_eleme
           "ScaledAdam: parameter '" + p.name + "' (offset " + std::to_string(p.offset) + ", " +
               std::to_string(p.numel) + " elements) does not fit the " + std::to_string(total_) +
               "-element buffer");
-    for (int64_t b = p.offset; b < p.offset + p.numel; b += kChunk)
-      chunks_.push_back({(int)t, b, std::min(b + kChunk, p.offset + p.numel)});
+    for (int64_t b = p.offset; b < p.offset + p.numel; b += kChunk) {
+      chunk_tensor_.push_back((int32_t)t);
+      chunk_begin_.push_back(b);
+      chunk_end_.push_back(std::min(b + kChunk, p.offset + p.numel));
+    }
+    clamp_tensor_.push_back(p.numel == 1 ? 1 : 0);
   }
+  sums_.assign(params_.size() * 3, 0.0);
+  sums_scratch_.assign(kernels::optim_chunk_sums_scratch((int)chunk_tensor_.size()), 0.0);
+  step_coef_.assign(params_.size(), 0.f);
+  scale_step_.assign(params_.size(), 0.f);
   exp_avg_sq_.assign(total_, 0.f);
   momentum_.assign(total_, 0.f);
   param_rms_.assign(params_.size(), 0.f);
   scale_exp_avg_sq_.assign(params_.size(), 0.f);
   scale_grads_.assign(params_.size() * opt_.size_update_period, 0.f);
   model_norms_.assign(opt_.clipping_update_period, 0.f);
-}
-
-void ScaledAdam::reduce(const float* params, const float* grads, bool want_param_sq, std::vector<Sums>& out) const {
-  std::vector<Sums> part(chunks_.size());
-#pragma omp parallel for schedule(static)
-  for (size_t c = 0; c < chunks_.size(); ++c) {
-    const Chunk ch = chunks_[c];
-    double gg = 0, pg = 0, pp = 0;
-    if (want_param_sq) {
-#pragma omp simd reduction(+ : gg, pg, pp)
-      for (int64_t i = ch.begin; i < ch.end; ++i) {
-        const double g = grads[i], p = params[i];
-        gg += g * g;
-        pg += p * g;
-        pp += p * p;
-      }
-    } else {
-#pragma omp simd reduction(+ : gg, pg)
-      for (int64_t i = ch.begin; i < ch.end; ++i) {
-        const double g = grads[i], p = params[i];
-        gg += g * g;
-        pg += p * g;
-      }
-    }
-    part[c] = {gg, pg, pp};
-  }
-  out.assign(params_.size(), Sums{0, 0, 0});
-  for (size_t c = 0; c < chunks_.size(); ++c) {
-    Sums& s = out[chunks_[c].tensor];
-    s.grad_sq += part[c].grad_sq;
-    s.param_grad += part[c].param_grad;
-    s.param_sq += part[c].param_sq;
-  }
 }
 
 double ScaledAdam::clip_factor(double norm, ScaledAdamStepInfo& info) {
@@ -189,43 +110,30 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
   const size_t nt = params_.size();
   const bool size_step = (s % P == P - 1);
 
-  std::vector<Sums> sums;
-  reduce(params, grads, s == 0 || size_step, sums);
+  const int nc = (int)chunk_tensor_.size();
+  kernels::optim_chunk_sums(params, grads, chunk_tensor_.data(), chunk_begin_.data(), chunk_end_.data(), nc,
+                            (int)nt, s == 0 || size_step, sums_.data(), sums_scratch_.data());
+  auto grad_sq = [&](size_t t) { return sums_[t * 3 + 0]; };
+  auto param_grad = [&](size_t t) { return sums_[t * 3 + 1]; };
+  auto param_sq = [&](size_t t) { return sums_[t * 3 + 2]; };
   if (s == 0)
     for (size_t t = 0; t < nt; ++t)
-      if (!is_scalar(t)) param_rms_[t] = (float)std::sqrt(sums[t].param_sq / (double)params_[t].numel);
+      if (!is_scalar(t)) param_rms_[t] = (float)std::sqrt(param_sq(t) / (double)params_[t].numel);
 
   // The clipping norm weights each tensor's gradient by how its update is scaled.
   double sumsq = 0;
   for (size_t t = 0; t < nt; ++t) {
     const double w = is_scalar(t) ? (double)opt_.scalar_lr_scale : (double)param_rms_[t];
-    sumsq += sums[t].grad_sq * w * w;
+    sumsq += grad_sq(t) * w * w;
   }
   info.grad_norm = std::sqrt(sumsq);
   double f = 1.0;
   if (opt_.clipping_scale > 0) f = clip_factor(info.grad_norm, info);
   info.clip_factor = f;
   info.skipped = (f == 0.0);
-  if (f != 1.0) {
-    const float ff = (float)f;
-#pragma omp parallel for schedule(static)
-    for (size_t c = 0; c < chunks_.size(); ++c) {
-      const Chunk ch = chunks_[c];
-      if (ff == 0.f) {
-        // A product with 0 would keep NaN and Inf.
-        std::fill(grads + ch.begin, grads + ch.end, 0.f);
-      } else {
-#pragma omp simd
-        for (int64_t i = ch.begin; i < ch.end; ++i) grads[i] *= ff;
-      }
-    }
-  }
+  if (f != 1.0) kernels::optim_scale_chunks(grads, chunk_begin_.data(), chunk_end_.data(), nc, (float)f);
 
   // Per-tensor coefficients of the elementwise update.
-  struct Coef {
-    float step_coef, scale_step;
-  };
-  std::vector<Coef> coef(nt);
   const double beta2 = opt_.beta2, eps = opt_.eps;
   const double bc2 = 1.0 - std::pow(beta2, s + 1);
   const float inv_bc2 = bc2 < 0.99 ? (float)(1.0 / bc2) : 1.0f;
@@ -233,12 +141,13 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
     const ParamInfo& p = params_[t];
     const double lr_t = (double)lr * (double)p.lr_scale;
     if (is_scalar(t)) {
-      coef[t] = {(float)(-lr_t * opt_.scalar_lr_scale), 0.f};
+      step_coef_[t] = (float)(-lr_t * opt_.scalar_lr_scale);
+      scale_step_[t] = 0.f;
       continue;
     }
     float* sg = &scale_grads_[t * P];
-    sg[s % P] = f == 0.0 ? 0.f : (float)(sums[t].param_grad * f);
-    if (size_step) param_rms_[t] = (float)std::sqrt(sums[t].param_sq / (double)p.numel);
+    sg[s % P] = f == 0.0 ? 0.f : (float)(param_grad(t) * f);
+    if (size_step) param_rms_[t] = (float)std::sqrt(param_sq(t) / (double)p.numel);
     const double rms = param_rms_[t];
     double scale_step = 0;
     if (size_step && s > 0) {
@@ -259,23 +168,16 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
       scale_step = std::clamp(scale_step, -0.1, 0.1);
       scale_step = std::min(scale_step, ((double)opt_.param_max_rms - rms) / rms);
     }
-    coef[t] = {(float)(-lr_t * std::max(rms, (double)opt_.param_min_rms)), (float)scale_step};
+    step_coef_[t] = (float)(-lr_t * std::max(rms, (double)opt_.param_min_rms));
+    scale_step_[t] = (float)scale_step;
   }
 
   const float b1 = opt_.beta1, one_minus_b1 = (float)(1.0 - (double)opt_.beta1);
   const float b2 = opt_.beta2, one_minus_b2 = (float)(1.0 - (double)opt_.beta2);
-  const float feps = opt_.eps, smax = opt_.scalar_max;
-  float* v = exp_avg_sq_.data();
-  float* m = momentum_.data();
-#pragma omp parallel for schedule(static)
-  for (size_t c = 0; c < chunks_.size(); ++c) {
-    const Chunk ch = chunks_[c];
-    const Coef k = coef[ch.tensor];
-    const bool scalar = params_[ch.tensor].numel == 1;
-    update_chunk(params + ch.begin, grads + ch.begin, v + ch.begin, m + ch.begin, ch.end - ch.begin, k.step_coef,
-                 k.scale_step, inv_bc2, b1, one_minus_b1, b2, one_minus_b2, feps);
-    if (scalar) params[ch.begin] = std::clamp(params[ch.begin], -smax, smax);
-  }
+  kernels::optim_scaled_adam_update(params, grads, exp_avg_sq_.data(), momentum_.data(), chunk_tensor_.data(),
+                                    chunk_begin_.data(), chunk_end_.data(), nc, step_coef_.data(),
+                                    scale_step_.data(), clamp_tensor_.data(), opt_.scalar_max, inv_bc2, b1,
+                                    one_minus_b1, b2, one_minus_b2, opt_.eps);
   ++step_;
   return info;
 }
