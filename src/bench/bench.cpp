@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/memory_kernels.h"
 #include "subllm/config.h"
 #include "subllm/error.h"
 #include "subllm/generate.h"
@@ -112,18 +113,7 @@ double measure_read_bandwidth() {
   double best = 0;
   for (int r = 0; r < 3; ++r) {
     auto t0 = Clock::now();
-    double total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-    for (size_t b = 0; b < n; b += 4096) {
-      // 64 independent partial sums: four vector accumulators, so the loop is bound by
-      // loads rather than by the latency of one addition chain.
-      float acc[64] = {};
-      for (size_t i = b; i < b + 4096; i += 64)
-        for (int k = 0; k < 64; ++k) acc[k] += buf[i + k];
-      float s = 0.f;
-      for (float x : acc) s += x;
-      total += s;
-    }
+    const double total = kernels::read_sum(buf.data(), n);
     const double dt = seconds_since(t0);
     if (total != (double)n) std::fprintf(stderr, "bandwidth check sum mismatch\n");
     best = std::max(best, n * sizeof(float) / dt / 1e9);

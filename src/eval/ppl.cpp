@@ -8,9 +8,9 @@
 #include <nlohmann/json.hpp>
 
 #include "subllm/dataset.h"
+#include "subllm/documents.h"
 #include "subllm/error.h"
 #include "subllm/eval.h"
-#include "subllm/prepare.h"
 
 namespace subllm {
 namespace {

@@ -12,9 +12,9 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "subllm/documents.h"
 #include "subllm/error.h"
 #include "subllm/eval.h"
-#include "subllm/prepare.h"
 #include "subllm/rng.h"
 #include "subllm/tokenizer.h"
 

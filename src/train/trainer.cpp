@@ -138,19 +138,6 @@ void save_checkpoint(const fs::path& dir, const Model& model, const Optimizer& o
   fs::rename(tmp, dir);
 }
 
-std::vector<fs::path> list_checkpoints(const fs::path& run) {
-  std::vector<fs::path> out;
-  if (!fs::is_directory(run)) return out;
-  for (const auto& e : fs::directory_iterator(run)) {
-    const std::string name = e.path().filename().string();
-    if (e.is_directory() && name.rfind("checkpoint-", 0) == 0 && name.find(".tmp") == std::string::npos &&
-        fs::exists(e.path() / "trainer_state.json"))
-      out.push_back(e.path());
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 // Config fields that must agree between a checkpoint and the run resuming it.
 void check_same_config(const ModelConfig& saved, const ModelConfig& now, const std::string& where) {
   auto differ = [&](const char* key, const std::string& a, const std::string& b) {
@@ -168,14 +155,6 @@ void check_same_config(const ModelConfig& saved, const ModelConfig& now, const s
 }
 
 }  // namespace
-
-std::string find_checkpoint(const std::string& path) {
-  check(fs::exists(path), "resume path '" + path + "' does not exist");
-  if (fs::exists(fs::path(path) / "trainer_state.json")) return path;
-  auto all = list_checkpoints(path);
-  check(!all.empty(), "'" + path + "' holds no complete checkpoint (checkpoint-*/trainer_state.json)");
-  return all.back().string();
-}
 
 TrainResult train(const TrainOptions& o) {
   set_num_threads(o.threads);
@@ -315,7 +294,7 @@ TrainResult train(const TrainOptions& o) {
     std::snprintf(name, sizeof name, "checkpoint-%08ld", step);
     const fs::path dir = run_dir / name;
     save_checkpoint(dir, model, *opt, state_json(step), train_ds.tokenizer_path());
-    auto all = list_checkpoints(run_dir);
+    auto all = list_checkpoints(run_dir.string());
     for (size_t i = 0; i + std::max(1, o.keep_last) < all.size(); ++i) fs::remove_all(all[i]);
     res.last_checkpoint = dir.string();
   };
