@@ -19,6 +19,7 @@ struct TrainBenchOptions {
   int seq = 1024, batch = 4, steps = 3, warmup = 1;
   uint64_t seed = 1;
   std::string optimizer = "adamw";
+  std::string device = "cpu";
   bool progress = true;  // a line per timed step on stderr
 };
 // Forward + backward + optimizer step of `config_path` on random tokens: tokens_per_s, step_s,
@@ -29,6 +30,7 @@ struct InferBenchOptions {
   int prompt_len = 256, gen = 64;
   uint64_t seed = 1;
   std::string model_dir;  // a trained model folder instead of random weights
+  std::string device = "cpu";
 };
 // Prefill of a random prompt, first token, `gen` greedy decode steps: first_token_ms,
 // prefill_tokens_per_s, decode_tokens_per_s, retention, kv_cache_bytes, ...
@@ -44,6 +46,7 @@ struct PaperBenchOptions {
   int tokens_per_step = 4096;  // training batch = tokens_per_step / length sequences
   int train_steps = 2, gen = 32;
   uint64_t seed = 1;
+  std::string device = "cpu";
 };
 // Both models at every length: training and inference, measured back to back.
 nlohmann::json bench_paper(const PaperBenchOptions& o);

@@ -21,7 +21,8 @@ struct LoadedModel {
 // A model folder holds config.json, model.safetensors and tokenizer.model (a checkpoint of
 // `subllm train`); a run folder resolves to its newest checkpoint. Errors name the missing
 // or inconsistent file.
-LoadedModel load_model_dir(const std::string& path);
+// `device` names the backend the weights are loaded to ("cpu").
+LoadedModel load_model_dir(const std::string& path, const std::string& device = "cpu");
 
 struct GenerateOptions {
   int max_new_tokens = 128;
@@ -47,23 +48,27 @@ struct GenerateStats {
   double decode_tokens_per_s() const { return decode_s > 0 ? (generated_tokens - 1) / decode_s : 0; }
 };
 
+// Generates with one Session: its knobs (keep thresholds) and workspace. Generators on
+// different Sessions of one Weights may run on different threads at once.
 class Generator {
  public:
-  Generator(Model& model, const Tokenizer& tokenizer) : model_(model), tok_(tokenizer) {}
+  Generator(Session& session, const Tokenizer& tokenizer) : session_(session), tok_(tokenizer) {}
+  Generator(Model& model, const Tokenizer& tokenizer) : Generator(model.session(), tokenizer) {}
   // Generates a continuation of `prompt`; `on_text` (optional) receives text as it completes,
   // never splitting a UTF-8 character. Returns the generated text.
   std::string generate(const std::string& prompt, const GenerateOptions& opt,
                        const std::function<void(const std::string&)>& on_text = nullptr,
                        GenerateStats* stats = nullptr);
-  // Several prompts advanced together, one token each per round; prompt i samples with seed
-  // `seed + i`, so the results equal generate() of each prompt with that seed.
-  std::vector<std::string> generate_batch(const std::vector<std::string>& prompts, const GenerateOptions& opt,
+  // Several prompts interleaved, one token each per round (one sequence per forward pass);
+  // prompt i samples with seed `seed + i`, so the results equal generate() of each prompt
+  // with that seed.
+  std::vector<std::string> generate_interleaved(const std::vector<std::string>& prompts, const GenerateOptions& opt,
                                           std::vector<GenerateStats>* stats = nullptr);
   // The token ids a prompt becomes (with the document-start token and truncation applied).
   std::vector<int32_t> prompt_tokens(const std::string& prompt, const GenerateOptions& opt) const;
 
  private:
-  Model& model_;
+  Session& session_;
   const Tokenizer& tok_;
 };
 

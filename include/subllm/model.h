@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "subllm/config.h"
-#include "subllm/schedule.h"
+#include "subllm/scheduled_float.h"
 #include "subllm/tensor.h"
 
 namespace subllm {

@@ -11,9 +11,6 @@
 
 namespace subllm {
 
-// Global L2 norm of the gradient buffer (double accumulation). NaN/Inf propagate.
-double grad_norm(const float* g, int64_t n);
-
 // What one optimizer step did.
 struct StepReport {
   double grad_norm = 0;     // the norm the clipping looked at, before clipping
@@ -58,7 +55,7 @@ class AdamW : public Optimizer {
  private:
   AdamWOptions opt_;
   std::vector<ParamInfo> params_;
-  std::vector<float> m_, v_;
+  Tensor m_, v_;  // moments, in the model's backend memory
   int step_ = 0;
 };
 

@@ -51,7 +51,9 @@ struct ScaledAdamStepInfo {
 class ScaledAdam {
  public:
   // `params` are the tensors to train, laid out in buffers of `total_elements` floats.
-  ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt);
+  // Its state lives in `backend` memory (null: the CPU), as must params and grads of step().
+  ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt,
+             Backend* backend = nullptr);
 
   // One step at learning rate `lr` (each tensor's lr_scale multiplies it). `grads` is
   // scaled in place by the clip factor (zeroed on a skipped step). Throws subllm::Error
@@ -74,16 +76,17 @@ class ScaledAdam {
   int64_t total_ = 0;
   // Fixed split of every tensor into chunks, so sums do not depend on threads: chunk c is
   // tensor chunk_tensor_[c], absolute element indices [chunk_begin_[c], chunk_end_[c]).
-  std::vector<int32_t> chunk_tensor_;
-  std::vector<int64_t> chunk_begin_, chunk_end_;
-  std::vector<uint8_t> clamp_tensor_;  // per tensor: 1 for scalars (clamped to +-scalar_max)
+  // Backend memory: the chunk split, clamp flags (per tensor: 1 for scalars, clamped to
+  // +-scalar_max), per-step sums and coefficients, and the per-element state.
+  Backend* be_;
+  Tensor chunk_tensor_, chunk_begin_, chunk_end_, clamp_tensor_;
+  Tensor sums_dev_, sums_scratch_, step_coef_dev_, scale_step_dev_;
+  Tensor exp_avg_sq_, momentum_;  // per element, [total_]
 
-  // Working memory of a step, sized once.
-  std::vector<double> sums_;            // per tensor x (grad^2, param*grad, param^2)
-  std::vector<double> sums_scratch_;    // of the chunk reduction
+  // Host copies of the per-tensor values the step's control reads and writes.
+  std::vector<double> sums_;                   // per tensor x (grad^2, param*grad, param^2)
   std::vector<float> step_coef_, scale_step_;  // per-tensor coefficients of the update
 
-  std::vector<float> exp_avg_sq_, momentum_;  // per element, [total_]
   std::vector<float> param_rms_;              // per tensor
   std::vector<float> scale_exp_avg_sq_;       // per tensor
   std::vector<float> scale_grads_;            // per tensor x size_update_period

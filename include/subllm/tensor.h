@@ -10,7 +10,7 @@
 
 namespace subllm {
 
-enum class DType : uint8_t { F32, BF16, F16, I32, F64 };
+enum class DType : uint8_t { F32, BF16, F16, I32, F64, I64, U8 };
 
 class Backend;  // backend/backend.h
 

@@ -25,6 +25,7 @@ struct TrainOptions {
   long steps = 1000;             // optimizer steps (a token budget, if given, sets this)
   int64_t token_budget = 0;
   std::string optimizer = "adamw";  // adamw | scaled_adam
+  std::string device = "cpu";       // backend_names() lists the choices
   LrSchedule lr;
   AdamWOptions adamw;
   ScaledAdamOptions scaled_adam;

@@ -18,6 +18,8 @@ void* require(const View& v, DType dt) {
 float* View::f32() const { return static_cast<float*>(require(*this, DType::F32)); }
 int32_t* View::i32() const { return static_cast<int32_t*>(require(*this, DType::I32)); }
 double* View::f64() const { return static_cast<double*>(require(*this, DType::F64)); }
+int64_t* View::i64() const { return static_cast<int64_t*>(require(*this, DType::I64)); }
+uint8_t* View::u8() const { return static_cast<uint8_t*>(require(*this, DType::U8)); }
 
 View View::cols_at(int64_t c0, int64_t n) const {
   View v = *this;

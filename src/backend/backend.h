@@ -28,6 +28,8 @@ struct View {
   float* f32() const;
   int32_t* i32() const;
   double* f64() const;
+  int64_t* i64() const;
+  uint8_t* u8() const;
   int64_t numel() const { return rows * cols; }
   explicit operator bool() const { return data != nullptr; }
   // Columns [c0, c0 + n) of every row (e.g. the k part of a fused qkv matrix).
@@ -47,6 +49,7 @@ struct Scratch {
   void* data = nullptr;
   size_t bytes = 0;
 };
+inline Scratch scratch_of(const Tensor& t) { return Scratch{t.raw(), t.nbytes()}; }
 
 class Backend {
  public:
@@ -155,6 +158,19 @@ class Backend {
   // torch.optim.AdamW on flat p, g, m, v
   virtual void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps,
                           float weight_decay, int step) = 0;
+  // ScaledAdam over a fixed split of the flat buffers into chunks (kernels/optimizer_kernels.h):
+  // per-tensor sums out(n_tensors, 3) f64 of g², p·g and (optionally) p²; gradient scaling;
+  // the elementwise update with per-tensor step_coef, scale_step (f32) and clamp flags (u8).
+  struct Chunks {
+    View tensor, begin, end;  // (n) i32, i64, i64
+  };
+  virtual size_t optim_sums_scratch_bytes(int n_chunks) const = 0;
+  virtual void optim_chunk_sums(View p, View g, const Chunks& ch, int n_tensors, bool want_param_sq, View out,
+                                Scratch s) = 0;
+  virtual void optim_scale_chunks(View g, const Chunks& ch, float factor) = 0;
+  virtual void scaled_adam_update(View p, View g, View v, View m, const Chunks& ch, View step_coef, View scale_step,
+                                  View clamp, float clamp_max, float inv_bc2, float b1, float one_minus_b1, float b2,
+                                  float one_minus_b2, float eps) = 0;
 };
 
 // The balancer's mean/std bound for a positive fraction p: 0.814 * atanh(2p - 1), which

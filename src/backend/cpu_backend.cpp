@@ -4,6 +4,7 @@
 
 #include "backend/backend.h"
 #include "kernels/kernels.h"
+#include "kernels/optimizer_kernels.h"
 #include "subllm/error.h"
 #include "subllm/threads.h"
 
@@ -170,6 +171,26 @@ class CpuBackend final : public Backend {
   void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps, float weight_decay,
                   int step) override {
     k::adamw_step(p.f32(), g.f32(), m.f32(), v.f32(), p.numel(), lr, beta1, beta2, eps, weight_decay, step);
+  }
+  size_t optim_sums_scratch_bytes(int n_chunks) const override {
+    return sizeof(double) * k::optim_chunk_sums_scratch(n_chunks);
+  }
+  void optim_chunk_sums(View p, View g, const Chunks& ch, int n_tensors, bool want_param_sq, View out,
+                        Scratch s) override {
+    const int n = (int)ch.tensor.rows;
+    need_scratch(s, optim_sums_scratch_bytes(n), "optim_chunk_sums");
+    k::optim_chunk_sums(p.f32(), g.f32(), ch.tensor.i32(), ch.begin.i64(), ch.end.i64(), n, n_tensors, want_param_sq,
+                        out.f64(), static_cast<double*>(s.data));
+  }
+  void optim_scale_chunks(View g, const Chunks& ch, float factor) override {
+    k::optim_scale_chunks(g.f32(), ch.begin.i64(), ch.end.i64(), (int)ch.begin.rows, factor);
+  }
+  void scaled_adam_update(View p, View g, View v, View m, const Chunks& ch, View step_coef, View scale_step, View clamp,
+                          float clamp_max, float inv_bc2, float b1, float one_minus_b1, float b2, float one_minus_b2,
+                          float eps) override {
+    k::optim_scaled_adam_update(p.f32(), g.f32(), v.f32(), m.f32(), ch.tensor.i32(), ch.begin.i64(), ch.end.i64(),
+                                (int)ch.tensor.rows, step_coef.f32(), scale_step.f32(), clamp.u8(), clamp_max, inv_bc2,
+                                b1, one_minus_b1, b2, one_minus_b2, eps);
   }
 };
 

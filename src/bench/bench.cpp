@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/kernels.h"
+#include "backend/backend.h"
 #include "kernels/memory_kernels.h"
 #include "subllm/config.h"
 #include "subllm/error.h"
@@ -40,11 +40,12 @@ double peak_rss_mb() {
 double measure_sgemm_gflops() {
   const int n = 2048;
   std::vector<float> a((size_t)n * n, 0.5f), b((size_t)n * n, 0.25f), c((size_t)n * n);
-  kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+  Backend& be = cpu_backend();  // host vectors: the CPU's rate
+  be.linear_forward(mat(a.data(), n, n), mat(b.data(), n, n), mat(c.data(), n, n));
   double best = 0;
   for (int r = 0; r < 3; ++r) {
     auto t0 = Clock::now();
-    kernels::gemm(false, false, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+    be.linear_forward(mat(a.data(), n, n), mat(b.data(), n, n), mat(c.data(), n, n));
     best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
   }
   return best;
@@ -54,7 +55,7 @@ double measure_sgemm_gflops() {
 nlohmann::json measure_training(const std::string& config_path, const TrainBenchOptions& a, double sgemm) {
   ModelConfig cfg = load_config(config_path);
   if (cfg.context < a.seq) cfg.context = a.seq;
-  Model model(cfg);
+  Model model(cfg, a.device);
   model.init_weights(a.seed);
   std::unique_ptr<Optimizer> opt = make_optimizer(a.optimizer, model, AdamWOptions{}, ScaledAdamOptions{});
   Rng rng(a.seed);
@@ -161,12 +162,12 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
   std::unique_ptr<Model> model;
   const std::string& source = config_path;
   if (!a.model_dir.empty() && config_path == a.model_dir) {
-    LoadedModel lm = load_model_dir(a.model_dir);
+    LoadedModel lm = load_model_dir(a.model_dir, a.device);
     model = std::move(lm.model);
   } else {
     ModelConfig cfg = load_config(config_path);
     if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
-    model = std::make_unique<Model>(cfg);
+    model = std::make_unique<Model>(cfg, a.device);
     model->init_weights(a.seed);
   }
   Model& m = *model;
@@ -248,10 +249,12 @@ nlohmann::json bench_paper(const PaperBenchOptions& o) {
     t.steps = o.train_steps;
     t.seed = o.seed;
     t.progress = false;
+    t.device = o.device;
     InferBenchOptions in;
     in.prompt_len = T;
     in.gen = o.gen;
     in.seed = o.seed;
+    in.device = o.device;
     nlohmann::json row = {{"length", T}};
     for (const auto& [name, cfg] : {std::pair{"llama", o.llama_config}, std::pair{"subllm", o.subllm_config}}) {
       std::fprintf(stderr, "bench paper: %s at %d tokens\n", name, T);

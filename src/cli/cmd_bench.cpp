@@ -143,6 +143,7 @@ void add_bench_command(CLI::App& app, Runner& run) {
   train->add_option("--warmup", args->opt.warmup, "untimed steps first")->capture_default_str();
   train->add_option("-t,--threads", args->threads, "threads (0: all cores)")->capture_default_str();
   train->add_option("--seed", args->opt.seed, "seed for weights and tokens")->capture_default_str();
+  add_device_option(train, args->opt.device);
   train->add_flag("--json", args->json, "print one JSON line");
   train->callback([&run, args] { run = [args] { return bench_train(*args); }; });
 
@@ -157,6 +158,7 @@ void add_bench_command(CLI::App& app, Runner& run) {
   infer->add_option("--gen", ia->opt.gen, "tokens decoded after the prompt")->capture_default_str();
   infer->add_option("-t,--threads", ia->threads, "threads (0: all cores)")->capture_default_str();
   infer->add_option("--seed", ia->opt.seed, "seed for weights and prompt")->capture_default_str();
+  add_device_option(infer, ia->opt.device);
   infer->add_flag("--json", ia->json, "print one JSON line");
   infer->callback([&run, ia] { run = [ia] { return bench_infer(*ia); }; });
 
@@ -172,6 +174,7 @@ void add_bench_command(CLI::App& app, Runner& run) {
   paper->add_option("--train-steps", pa->train_steps, "timed training steps per model and length")
       ->capture_default_str();
   paper->add_option("--gen", pa->gen, "decoded tokens per model and length")->capture_default_str();
+  add_device_option(paper, pa->device);
   paper->add_option("-t,--threads", *threads, "threads (0: all cores)")->capture_default_str();
   paper->add_flag("--json", *json, "print one JSON object instead of Markdown");
   paper->callback([&run, pa, threads, json] {

@@ -73,6 +73,7 @@ const char* mode_name(Mode m) { return m == Mode::Train ? "train" : "inference";
 
 struct PplCli {
   std::string model_dir;
+  std::string device = "cpu";
   std::vector<std::string> data;
   std::string split = "valid";
   int seq = 0, batch = 1;
@@ -86,7 +87,7 @@ struct PplCli {
 
 int run_ppl(const PplCli& c) {
   set_num_threads(c.threads);
-  LoadedModel lm = load_model_dir(c.model_dir);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device);
   Model& m = *lm.model;
   m.knobs().keep_threshold = c.keep_threshold;
   std::vector<Mode> modes;
@@ -157,6 +158,7 @@ int run_ppl(const PplCli& c) {
 
 struct FewshotCli {
   std::string model_dir, task, task_spec, train, test, scoring = "generate", predictions;
+  std::string device = "cpu";
   int shots = 4;
   std::vector<uint32_t> seeds;
   int64_t max_test = 0;
@@ -173,7 +175,7 @@ int run_fewshot(const FewshotCli& c) {
   // Data errors surface before the model loads.
   const auto train = load_fewshot_jsonl(c.train, task);
   const auto test = load_fewshot_jsonl(c.test, task);
-  LoadedModel lm = load_model_dir(c.model_dir);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   FewshotOptions o;
   o.shots = c.shots;
@@ -268,6 +270,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
   ppl->add_option("--keep-threshold", p->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
       ->capture_default_str();
   ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
+  add_device_option(ppl, p->device);
   ppl->add_option("-t,--threads", p->threads, "threads (0: all cores)")->capture_default_str();
   ppl->add_flag("--json", p->json_out, "print one JSON object instead of the table");
   ppl->callback([&run, p] { run = [p] { return run_ppl(*p); }; });
@@ -299,6 +302,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
   fs->add_option("--test", f->test, "jsonl of test items")->required()->check(CLI::ExistingFile);
   fs->add_option("--shots", f->shots, "demonstrations per prompt")->capture_default_str();
   fs->add_option("--seed", f->seeds, "seed of the demonstration choice; repeat for several (default 12345)");
+  add_device_option(fs, f->device);
   fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
       ->check(CLI::IsMember({"generate", "loglik"}))
       ->capture_default_str();

@@ -12,6 +12,7 @@ namespace {
 
 struct GenerateCli {
   std::string model_dir;
+  std::string device = "cpu";
   std::string prompt;
   std::string prompt_file;
   GenerateOptions opt;
@@ -37,7 +38,7 @@ void print_stats(const GenerateStats& s, const Model& m) {
 
 int run_generate(GenerateCli& c) {
   set_num_threads(c.threads);
-  LoadedModel lm = load_model_dir(c.model_dir);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   Generator gen(*lm.model, lm.tokenizer);
   if (!c.prompt_file.empty()) {
@@ -48,7 +49,7 @@ int run_generate(GenerateCli& c) {
       if (!line.empty()) prompts.push_back(line);
     check(!prompts.empty(), "prompt file '" + c.prompt_file + "' has no prompts (one per line)");
     std::vector<GenerateStats> stats;
-    auto texts = gen.generate_batch(prompts, c.opt, &stats);
+    auto texts = gen.generate_interleaved(prompts, c.opt, &stats);
     for (size_t i = 0; i < texts.size(); ++i) {
       std::printf("=== %zu: %s\n%s%s\n", i + 1, prompts[i].c_str(), prompts[i].c_str(), texts[i].c_str());
       if (c.stats) print_stats(stats[i], *lm.model);
@@ -78,7 +79,7 @@ void add_generate_command(CLI::App& app, Runner& run) {
   g->add_option("-m,--model", c->model_dir, "model folder (a checkpoint) or run folder (its newest checkpoint)")
       ->required();
   auto* p = g->add_option("-p,--prompt", c->prompt, "prompt text (empty: start a new document)");
-  g->add_option("-f,--file", c->prompt_file, "prompts, one per line, generated as a batch")->excludes(p);
+  g->add_option("-f,--file", c->prompt_file, "prompts, one per line, generated interleaved (one token each per round)")->excludes(p);
   g->add_option("-n,--n-predict", c->opt.max_new_tokens, "tokens to generate at most")->capture_default_str();
   g->add_option("--temp", c->opt.sampling.temperature, "temperature (0: greedy)")->capture_default_str();
   g->add_option("--top-k", c->opt.sampling.top_k, "sample among the k likeliest (0: all)")->capture_default_str();
@@ -87,6 +88,7 @@ void add_generate_command(CLI::App& app, Runner& run) {
       ->capture_default_str();
   g->add_option("--repeat-last-n", c->opt.sampling.repeat_last_n, "tokens the penalty looks back")->capture_default_str();
   g->add_option("-s,--seed", c->opt.sampling.seed, "seed of the sampler")->capture_default_str();
+  add_device_option(g, c->device);
   g->add_option("--stop", c->opt.stop, "stop when this text appears (repeatable)");
   g->add_flag("--truncate", c->opt.truncate, "drop the start of a prompt longer than the context allows");
   g->add_flag("!--no-eos-stop", c->opt.stop_at_eos, "keep generating past the end-of-document token");

@@ -169,6 +169,7 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
   t->add_option("--keep", o.keep_last, "checkpoints kept")->capture_default_str();
   t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
+  add_device_option(t, o.device);
   t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
   t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,

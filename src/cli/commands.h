@@ -2,6 +2,9 @@
 // Each `subllm <command>` lives in its own file and registers itself on the app here.
 #include <CLI/CLI.hpp>
 #include <functional>
+#include <string>
+
+#include "subllm/model.h"
 
 namespace subllm::cli {
 
@@ -13,5 +16,12 @@ void add_train_command(CLI::App& app, Runner& run);
 void add_plot_command(CLI::App& app, Runner& run);
 void add_generate_command(CLI::App& app, Runner& run);
 void add_eval_command(CLI::App& app, Runner& run);
+
+// --device: the backend to run on, one of backend_names().
+inline void add_device_option(CLI::App* cmd, std::string& device) {
+  cmd->add_option("--device", device, "device to run on")
+      ->capture_default_str()
+      ->check(CLI::IsMember(backend_names()));
+}
 
 }  // namespace subllm::cli

@@ -15,6 +15,8 @@ size_t dtype_size(DType dt) {
     case DType::F16: return 2;
     case DType::I32: return 4;
     case DType::F64: return 8;
+    case DType::I64: return 8;
+    case DType::U8: return 1;
   }
   return 0;
 }
@@ -26,6 +28,8 @@ const char* dtype_name(DType dt) {
     case DType::F16: return "F16";
     case DType::I32: return "I32";
     case DType::F64: return "F64";
+    case DType::I64: return "I64";
+    case DType::U8: return "U8";
   }
   return "?";
 }

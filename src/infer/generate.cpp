@@ -4,13 +4,13 @@
 #include <filesystem>
 
 #include "subllm/error.h"
-#include "subllm/trainer.h"
+#include "subllm/checkpoint.h"
 
 namespace subllm {
 
 namespace fs = std::filesystem;
 
-LoadedModel load_model_dir(const std::string& path) {
+LoadedModel load_model_dir(const std::string& path, const std::string& device) {
   check(fs::exists(path), "model folder '" + path + "' does not exist");
   std::string dir = path;
   if (!fs::exists(fs::path(dir) / "model.safetensors") && fs::is_directory(dir)) {
@@ -29,7 +29,7 @@ LoadedModel load_model_dir(const std::string& path) {
   check(tok.vocab_size() <= cfg.vocab_size,
         "model folder '" + dir + "': tokenizer.model has " + std::to_string(tok.vocab_size()) +
             " pieces but the model only " + std::to_string(cfg.vocab_size) + ": the files do not belong together");
-  auto model = std::make_unique<Model>(cfg);
+  auto model = std::make_unique<Model>(cfg, device);
   model->load((fs::path(dir) / "model.safetensors").string());
   return LoadedModel{std::move(model), std::move(tok), dir};
 }
@@ -39,7 +39,7 @@ std::vector<int32_t> Generator::prompt_tokens(const std::string& prompt, const G
   if (opt.document_start) ids.push_back(tok_.eos_id());
   for (int32_t t : tok_.encode(prompt)) ids.push_back(t);
   check(!ids.empty(), "empty prompt: give some text (or keep the document-start token)");
-  const int context = model_.config().context;
+  const int context = session_.weights().config().context;
   const int room = context - opt.max_new_tokens;
   check(room > 0, "-n " + std::to_string(opt.max_new_tokens) + " leaves no room for the prompt in the context of " +
                       std::to_string(context) + " tokens: generate fewer tokens");
@@ -90,39 +90,39 @@ void accept(Stream& s, int32_t id, const GenerateOptions& opt, int eos) {
 }
 
 // Prompt processing: fills the cache and leaves the next-token logits in s.logits.
-void prefill(Model& m, Stream& s, const std::vector<int32_t>& ids, bool prompt_has_text) {
+void prefill(Session& m, Stream& s, const std::vector<int32_t>& ids, bool prompt_has_text) {
   if (prompt_has_text) s.decoder.continue_text();
   const auto t0 = Clock::now();
-  s.logits.assign(m.config().vocab_size, 0.f);
+  s.logits.assign(m.weights().config().vocab_size, 0.f);
   m.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
   s.stats.prefill_s = since(t0);
   s.stats.prompt_tokens = (int)ids.size();
   s.history = ids;
 }
 
-void finish_stats(Stream& s, const Model& m) {
+void finish_stats(Stream& s, const ModelConfig& mc) {
   const auto& c = s.cache;
   s.stats.retention.clear();
   for (size_t j = 0; j < c.seen.size(); ++j) s.stats.retention.push_back(c.seen[j] ? (double)c.kept[j] / c.seen[j] : 0.0);
   s.stats.kv_cache_bytes = c.bytes();
-  s.stats.kv_cache_bytes_llama = 2 * sizeof(float) * (size_t)m.config().n_layers * c.length * m.config().dim;
+  s.stats.kv_cache_bytes_llama = 2 * sizeof(float) * (size_t)mc.n_layers * c.length * mc.dim;
 }
 
 }  // namespace
 
-std::vector<std::string> Generator::generate_batch(const std::vector<std::string>& prompts, const GenerateOptions& opt,
+std::vector<std::string> Generator::generate_interleaved(const std::vector<std::string>& prompts, const GenerateOptions& opt,
                                                    std::vector<GenerateStats>* stats) {
   std::vector<std::unique_ptr<Stream>> streams;
   for (size_t i = 0; i < prompts.size(); ++i) {
     SamplingOptions so = opt.sampling;
     so.seed = opt.sampling.seed + i;
-    streams.push_back(std::make_unique<Stream>(model_.new_cache(), so, tok_));
+    streams.push_back(std::make_unique<Stream>(session_.new_cache(), so, tok_));
   }
   // Prefill every prompt and sample its first token; then one token per prompt per round.
   std::vector<Clock::time_point> decode_start(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i) {
     Stream& s = *streams[i];
-    prefill(model_, s, prompt_tokens(prompts[i], opt), !prompts[i].empty());
+    prefill(session_, s, prompt_tokens(prompts[i], opt), !prompts[i].empty());
     if (opt.max_new_tokens <= 0) {
       s.done = true;
       continue;
@@ -138,7 +138,7 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
       Stream& s = *streams[i];
       if (s.done) continue;
       any = true;
-      model_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
+      session_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
       accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
       if (s.done) s.stats.decode_s = since(decode_start[i]);
     }
@@ -148,7 +148,7 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
   for (auto& sp : streams) {
     Stream& s = *sp;
     if (!s.stopped) s.text += s.decoder.flush();
-    finish_stats(s, model_);
+    finish_stats(s, session_.weights().config());
     out.push_back(s.text);
     if (stats) stats->push_back(s.stats);
   }
@@ -158,8 +158,8 @@ std::vector<std::string> Generator::generate_batch(const std::vector<std::string
 std::string Generator::generate(const std::string& prompt, const GenerateOptions& opt,
                                 const std::function<void(const std::string&)>& on_text, GenerateStats* stats) {
   const std::vector<int32_t> ids = prompt_tokens(prompt, opt);
-  Stream s(model_.new_cache((int)ids.size() + opt.max_new_tokens), opt.sampling, tok_);
-  prefill(model_, s, ids, !prompt.empty());
+  Stream s(session_.new_cache((int)ids.size() + opt.max_new_tokens), opt.sampling, tok_);
+  prefill(session_, s, ids, !prompt.empty());
   // Text is held back while it could still be the start of a stop string.
   size_t shown = 0;
   auto show = [&](bool final) {
@@ -178,7 +178,7 @@ std::string Generator::generate(const std::string& prompt, const GenerateOptions
   Clock::time_point decode_start;
   while (!s.done) {
     const auto ts = Clock::now();
-    if (s.stats.generated_tokens > 0) model_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
+    if (s.stats.generated_tokens > 0) session_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
     accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
     if (s.stats.generated_tokens == 1) {
       s.stats.first_token_s = s.stats.prefill_s + since(ts);
@@ -189,7 +189,7 @@ std::string Generator::generate(const std::string& prompt, const GenerateOptions
   if (s.stats.generated_tokens > 1) s.stats.decode_s = since(decode_start);
   if (!s.stopped) s.text += s.decoder.flush();
   show(true);
-  finish_stats(s, model_);
+  finish_stats(s, session_.weights().config());
   if (stats) *stats = s.stats;
   return s.text;
 }

@@ -87,7 +87,6 @@ void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t*
 
 // A matrix view of the first `rows` rows of a tensor planned for more.
 inline View rows_of(const Tensor& t, int64_t rows) { return view_of(t).rows_at(0, rows); }
-inline Scratch scratch_of(const Tensor& t) { return Scratch{t.raw(), t.nbytes()}; }
 
 // ---- transformer block (shared by the full and the cached path) -------------------------
 

@@ -1,20 +1,34 @@
 #include <cmath>
 
-#include "kernels/kernels.h"
+#include "backend/backend.h"
 #include "subllm/error.h"
 #include "subllm/optim.h"
 #include "subllm/safetensors.h"
 
 namespace subllm {
 
-double grad_norm(const float* g, int64_t n) { return std::sqrt(kernels::sum_squares(g, n)); }
+namespace {
+// The global gradient norm, reduced on the backend; the step's one read.
+double grad_norm(Model& model) {
+  Backend& be = model.backend();
+  Tensor out = be.zeros({1}, DType::F64);
+  be.sum_squares(vec(model.grad_data(), model.num_params()), view_of(out));
+  double sq = 0;
+  be.to_host(&sq, out.raw(), sizeof sq);
+  return std::sqrt(sq);
+}
+}  // namespace
 
 AdamW::AdamW(const Model& model, AdamWOptions opt)
-    : opt_(opt), params_(model.params()), m_(model.num_params(), 0.f), v_(model.num_params(), 0.f) {}
+    : opt_(opt),
+      params_(model.params()),
+      m_(model.backend().zeros({model.num_params()})),
+      v_(model.backend().zeros({model.num_params()})) {}
 
 StepReport AdamW::step(Model& model, float lr) {
+  Backend& be = model.backend();
   StepReport r;
-  r.grad_norm = grad_norm(model.grad_data(), model.num_params());
+  r.grad_norm = grad_norm(model);
   if (!std::isfinite(r.grad_norm)) {
     r.skipped = true;
     r.clip_factor = 0;
@@ -23,24 +37,28 @@ StepReport AdamW::step(Model& model, float lr) {
   if (opt_.grad_clip > 0) {
     const double coef = opt_.grad_clip / (r.grad_norm + 1e-6);
     if (coef < 1.0) {
-      kernels::scale_inplace(model.grad_data(), (float)coef, model.num_params());
+      be.scale(vec(model.grad_data(), model.num_params()), (float)coef);
       r.clip_factor = coef;
     }
   }
   ++step_;
   for (const ParamInfo& p : params_) {
-    kernels::adamw_step(model.param_data() + p.offset, model.grad_data() + p.offset, m_.data() + p.offset,
-                        v_.data() + p.offset, p.numel, lr * p.lr_scale, opt_.beta1, opt_.beta2, opt_.eps,
-                        p.decay ? opt_.weight_decay : 0.0f, step_);
+    be.adamw_step(vec(model.param_data() + p.offset, p.numel), vec(model.grad_data() + p.offset, p.numel),
+                  vec(m_.f32() + p.offset, p.numel), vec(v_.f32() + p.offset, p.numel), lr * p.lr_scale, opt_.beta1,
+                  opt_.beta2, opt_.eps, p.decay ? opt_.weight_decay : 0.0f, step_);
   }
   return r;
 }
 
 void AdamW::save_state(const std::string& path) const {
+  Backend& be = *m_.backend();
+  std::vector<float> m(m_.numel()), v(v_.numel());
+  be.to_host(m.data(), m_.raw(), m_.nbytes());
+  be.to_host(v.data(), v_.raw(), v_.nbytes());
   std::vector<SafetensorsOut> out;
   for (const auto& p : params_) {
-    out.push_back({"m/" + p.name, DType::F32, p.shape, m_.data() + p.offset});
-    out.push_back({"v/" + p.name, DType::F32, p.shape, v_.data() + p.offset});
+    out.push_back({"m/" + p.name, DType::F32, p.shape, m.data() + p.offset});
+    out.push_back({"v/" + p.name, DType::F32, p.shape, v.data() + p.offset});
   }
   write_safetensors(path, out, {{"format", "subllm.adamw.v1"}, {"steps", std::to_string(step_)}});
 }
@@ -50,15 +68,21 @@ void AdamW::load_state(const std::string& path) {
   auto it = f.metadata().find("format");
   check(it != f.metadata().end() && it->second == "subllm.adamw.v1",
         path + ": not an AdamW state (was the run trained with another --optimizer?)");
+  // Read everything before the live moments change.
+  std::vector<float> m(m_.numel(), 0.f), v(v_.numel(), 0.f);
   for (const auto& p : params_) {
-    f.read_f32("m/" + p.name, p.shape, m_.data() + p.offset);
-    f.read_f32("v/" + p.name, p.shape, v_.data() + p.offset);
+    f.read_f32("m/" + p.name, p.shape, m.data() + p.offset);
+    f.read_f32("v/" + p.name, p.shape, v.data() + p.offset);
   }
-  step_ = std::stoi(f.metadata().at("steps"));
+  const int steps = std::stoi(f.metadata().at("steps"));
+  Backend& be = *m_.backend();
+  be.to_device(m_.raw(), m.data(), m_.nbytes());
+  be.to_device(v_.raw(), v.data(), v_.nbytes());
+  step_ = steps;
 }
 
 ScaledAdamOptimizer::ScaledAdamOptimizer(const Model& model, ScaledAdamOptions opt)
-    : impl_(model.params(), model.num_params(), opt) {}
+    : impl_(model.params(), model.num_params(), opt, &model.backend()) {}
 
 StepReport ScaledAdamOptimizer::step(Model& model, float lr) {
   const ScaledAdamStepInfo info = impl_.step(model.param_data(), model.grad_data(), lr);

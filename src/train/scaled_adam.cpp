@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <map>
 
-#include "kernels/optimizer_kernels.h"
+#include "backend/backend.h"
 #include "subllm/error.h"
 #include "subllm/safetensors.h"
 
@@ -34,8 +34,9 @@ std::string exact_double(double x) {
 
 }  // namespace
 
-ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt)
-    : opt_(opt), params_(params), total_(total_elements) {
+ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_elements, ScaledAdamOptions opt,
+                       Backend* backend)
+    : opt_(opt), params_(params), total_(total_elements), be_(backend ? backend : &cpu_backend()) {
   check(!params_.empty(), "ScaledAdam: no parameters to optimize");
   check(opt_.size_update_period >= 1,
         "ScaledAdam: size_update_period must be >= 1 (got " + std::to_string(opt_.size_update_period) + ")");
@@ -43,6 +44,9 @@ ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_eleme
         "ScaledAdam: clipping_update_period must be >= 1 (got " + std::to_string(opt_.clipping_update_period) + ")");
   check(opt_.beta1 >= 0 && opt_.beta1 < 1 && opt_.beta2 > 0 && opt_.beta2 < 1,
         "ScaledAdam: betas must satisfy 0 <= beta1 < 1 and 0 < beta2 < 1");
+  std::vector<int32_t> chunk_tensor;
+  std::vector<int64_t> chunk_begin, chunk_end;
+  std::vector<uint8_t> clamp_tensor;
   for (size_t t = 0; t < params_.size(); ++t) {
     const ParamInfo& p = params_[t];
     check(p.numel > 0 && p.offset >= 0 && p.offset + p.numel <= total_,
@@ -50,18 +54,31 @@ ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_eleme
               std::to_string(p.numel) + " elements) does not fit the " + std::to_string(total_) +
               "-element buffer");
     for (int64_t b = p.offset; b < p.offset + p.numel; b += kChunk) {
-      chunk_tensor_.push_back((int32_t)t);
-      chunk_begin_.push_back(b);
-      chunk_end_.push_back(std::min(b + kChunk, p.offset + p.numel));
+      chunk_tensor.push_back((int32_t)t);
+      chunk_begin.push_back(b);
+      chunk_end.push_back(std::min(b + kChunk, p.offset + p.numel));
     }
-    clamp_tensor_.push_back(p.numel == 1 ? 1 : 0);
+    clamp_tensor.push_back(p.numel == 1 ? 1 : 0);
   }
+  const int64_t nc = (int64_t)chunk_tensor.size(), nt = (int64_t)params_.size();
+  auto upload = [&](const auto& host, DType dt) {
+    Tensor t = be_->zeros({(int64_t)host.size()}, dt);
+    be_->to_device(t.raw(), host.data(), t.nbytes());
+    return t;
+  };
+  chunk_tensor_ = upload(chunk_tensor, DType::I32);
+  chunk_begin_ = upload(chunk_begin, DType::I64);
+  chunk_end_ = upload(chunk_end, DType::I64);
+  clamp_tensor_ = upload(clamp_tensor, DType::U8);
+  sums_dev_ = be_->zeros({nt, 3}, DType::F64);
+  sums_scratch_ = be_->zeros({(int64_t)be_->optim_sums_scratch_bytes((int)nc)}, DType::U8);
+  step_coef_dev_ = be_->zeros({nt});
+  scale_step_dev_ = be_->zeros({nt});
   sums_.assign(params_.size() * 3, 0.0);
-  sums_scratch_.assign(kernels::optim_chunk_sums_scratch((int)chunk_tensor_.size()), 0.0);
   step_coef_.assign(params_.size(), 0.f);
   scale_step_.assign(params_.size(), 0.f);
-  exp_avg_sq_.assign(total_, 0.f);
-  momentum_.assign(total_, 0.f);
+  exp_avg_sq_ = be_->zeros({total_});
+  momentum_ = be_->zeros({total_});
   param_rms_.assign(params_.size(), 0.f);
   scale_exp_avg_sq_.assign(params_.size(), 0.f);
   scale_grads_.assign(params_.size() * opt_.size_update_period, 0.f);
@@ -110,9 +127,10 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
   const size_t nt = params_.size();
   const bool size_step = (s % P == P - 1);
 
-  const int nc = (int)chunk_tensor_.size();
-  kernels::optim_chunk_sums(params, grads, chunk_tensor_.data(), chunk_begin_.data(), chunk_end_.data(), nc,
-                            (int)nt, s == 0 || size_step, sums_.data(), sums_scratch_.data());
+  const Backend::Chunks ch{view_of(chunk_tensor_), view_of(chunk_begin_), view_of(chunk_end_)};
+  const View p = vec(params, total_), g = vec(grads, total_);
+  be_->optim_chunk_sums(p, g, ch, (int)nt, s == 0 || size_step, view_of(sums_dev_), scratch_of(sums_scratch_));
+  be_->to_host(sums_.data(), sums_dev_.raw(), sums_dev_.nbytes());  // the step's one read
   auto grad_sq = [&](size_t t) { return sums_[t * 3 + 0]; };
   auto param_grad = [&](size_t t) { return sums_[t * 3 + 1]; };
   auto param_sq = [&](size_t t) { return sums_[t * 3 + 2]; };
@@ -131,7 +149,7 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
   if (opt_.clipping_scale > 0) f = clip_factor(info.grad_norm, info);
   info.clip_factor = f;
   info.skipped = (f == 0.0);
-  if (f != 1.0) kernels::optim_scale_chunks(grads, chunk_begin_.data(), chunk_end_.data(), nc, (float)f);
+  if (f != 1.0) be_->optim_scale_chunks(g, ch, (float)f);
 
   // Per-tensor coefficients of the elementwise update.
   const double beta2 = opt_.beta2, eps = opt_.eps;
@@ -174,19 +192,23 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
 
   const float b1 = opt_.beta1, one_minus_b1 = (float)(1.0 - (double)opt_.beta1);
   const float b2 = opt_.beta2, one_minus_b2 = (float)(1.0 - (double)opt_.beta2);
-  kernels::optim_scaled_adam_update(params, grads, exp_avg_sq_.data(), momentum_.data(), chunk_tensor_.data(),
-                                    chunk_begin_.data(), chunk_end_.data(), nc, step_coef_.data(),
-                                    scale_step_.data(), clamp_tensor_.data(), opt_.scalar_max, inv_bc2, b1,
-                                    one_minus_b1, b2, one_minus_b2, opt_.eps);
+  be_->to_device(step_coef_dev_.raw(), step_coef_.data(), step_coef_dev_.nbytes());
+  be_->to_device(scale_step_dev_.raw(), scale_step_.data(), scale_step_dev_.nbytes());
+  be_->scaled_adam_update(p, g, view_of(exp_avg_sq_), view_of(momentum_), ch, view_of(step_coef_dev_),
+                          view_of(scale_step_dev_), view_of(clamp_tensor_), opt_.scalar_max, inv_bc2, b1, one_minus_b1,
+                          b2, one_minus_b2, opt_.eps);
   ++step_;
   return info;
 }
 
 void ScaledAdam::save_state(const std::string& path) const {
   const int64_t nt = (int64_t)params_.size();
+  std::vector<float> v(total_), m(total_);
+  be_->to_host(v.data(), exp_avg_sq_.raw(), exp_avg_sq_.nbytes());
+  be_->to_host(m.data(), momentum_.raw(), momentum_.nbytes());
   std::vector<SafetensorsOut> out = {
-      {"exp_avg_sq", DType::F32, {total_}, exp_avg_sq_.data()},
-      {"momentum", DType::F32, {total_}, momentum_.data()},
+      {"exp_avg_sq", DType::F32, {total_}, v.data()},
+      {"momentum", DType::F32, {total_}, m.data()},
       {"param_rms", DType::F32, {nt}, param_rms_.data()},
       {"scale_exp_avg_sq", DType::F32, {nt}, scale_exp_avg_sq_.data()},
       {"scale_grads", DType::F32, {nt, (int64_t)opt_.size_update_period}, scale_grads_.data()},
@@ -240,8 +262,8 @@ void ScaledAdam::load_state(const std::string& path) {
   const double thr = std::strtod(thr_s.c_str(), &end);
   check(!thr_s.empty() && *end == '\0', where + "metadata 'threshold' is not a number: '" + thr_s + "'");
 
-  exp_avg_sq_ = std::move(v);
-  momentum_ = std::move(m);
+  be_->to_device(exp_avg_sq_.raw(), v.data(), exp_avg_sq_.nbytes());
+  be_->to_device(momentum_.raw(), m.data(), momentum_.nbytes());
   param_rms_ = std::move(rms);
   scale_exp_avg_sq_ = std::move(sea);
   scale_grads_ = std::move(sg);

@@ -204,7 +204,7 @@ TrainResult train(const TrainOptions& o) {
     fs::remove(probe);
   }
 
-  Model model(cfg);
+  Model model(cfg, o.device);
   model.init_weights(o.seed);
   model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);

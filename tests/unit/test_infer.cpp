@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <thread>
 
 #include "subllm/error.h"
 #include "subllm/generate.h"
@@ -179,7 +180,7 @@ std::string make_model_dir(const TempDir& tmp, const std::string& structure, std
   return dir;
 }
 
-TEST(Infer, GenerationIsDeterministicAndBatchedEqualsOneByOne) {
+TEST(Infer, GenerationIsDeterministicAndInterleavedEqualsOneByOne) {
   TempDir tmp("infer");
   const std::string dir = make_model_dir(tmp, "T(TT)T", {0.6f});
   LoadedModel lm = load_model_dir(dir);
@@ -197,7 +198,7 @@ TEST(Infer, GenerationIsDeterministicAndBatchedEqualsOneByOne) {
   EXPECT_EQ(s1, s2);
   std::vector<std::string> prompts = {"The captain", "A quiet student watched", ""};
   std::vector<GenerateStats> st;
-  auto batch = gen.generate_batch(prompts, o, &st);
+  auto batch = gen.generate_interleaved(prompts, o, &st);
   ASSERT_EQ(batch.size(), 3u);
   for (size_t i = 0; i < prompts.size(); ++i) {
     GenerateOptions oi = o;
@@ -213,6 +214,47 @@ TEST(Infer, GenerationIsDeterministicAndBatchedEqualsOneByOne) {
   EXPECT_EQ(streamed, full);
   EXPECT_GT(gs.decode_tokens_per_s(), 0);
   EXPECT_LT(gs.kv_cache_bytes, gs.kv_cache_bytes_llama);
+}
+
+// Sessions share one loaded model: two threads generating at once give the tokens that two
+// sequential runs give, and neither disturbs the other's knobs or counters.
+TEST(Infer, TwoSessionsOnOneModelGenerateConcurrentlyAsSequentially) {
+  TempDir tmp("infer");
+  LoadedModel lm = load_model_dir(make_model_dir(tmp, "T(TT)T", {0.6f}));
+  GenerateOptions o;
+  o.max_new_tokens = 24;
+  o.stop_at_eos = false;
+  o.sampling.temperature = 0.8f;
+  o.sampling.seed = 5;
+  const std::vector<std::string> prompts = {"The captain of the ship", "Our nation and its people"};
+  std::vector<std::string> sequential;
+  std::vector<std::vector<double>> retention(2);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Session session(lm.model->weights());
+    GenerateStats gs;
+    sequential.push_back(Generator(session, lm.tokenizer).generate(prompts[i], o, nullptr, &gs));
+    retention[i] = gs.retention;
+  }
+  ASSERT_NE(sequential[0], sequential[1]);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<std::string> concurrent(2);
+    std::vector<GenerateStats> stats(2);
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < prompts.size(); ++i)
+      threads.emplace_back([&, i] {
+        Session session(lm.model->weights());
+        concurrent[i] = Generator(session, lm.tokenizer).generate(prompts[i], o, nullptr, &stats[i]);
+      });
+    for (auto& t : threads) t.join();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(concurrent[i], sequential[i]) << "prompt " << i << ", round " << round;
+      EXPECT_EQ(stats[i].retention, retention[i]) << "prompt " << i;
+    }
+  }
+  // A session's knobs are its own: a threshold set on one does not reach another.
+  Session a(lm.model->weights()), b(lm.model->weights());
+  a.knobs().keep_threshold = 5.0f;
+  EXPECT_EQ(b.keep_threshold(0), 0.0f);
 }
 
 TEST(Infer, StopStringsEndGenerationAndAreNotShown) {
