@@ -134,6 +134,18 @@ class Weights {
 
   // Where each tensor sits in the flat buffer (elements).
   const BlockOffsets& block(int i) const { return blocks_[i]; }
+  // The span [first, last) of the flat buffer holding a group of tensors (with their padding):
+  // block i, subsampler j's score weights, its bypass scales, the final norm, the embedding
+  // (with the head when tied) and the untied head (empty when tied). The spans tile the buffer.
+  struct Span {
+    int64_t first = 0, last = 0;
+  };
+  Span block_span(int i) const { return block_span_[i]; }
+  Span score_span(int j) const { return score_span_[j]; }
+  Span bypass_span(int j) const { return bypass_span_[j]; }
+  Span final_norm_span() const { return final_norm_span_; }
+  Span embed_span() const { return embed_span_; }
+  Span head_span() const { return head_span_; }
   int64_t score_offset(int j) const { return score_offset_[j]; }
   int64_t bypass_offset(int j) const { return bypass_offset_[j]; }
   int64_t embed_offset() const { return embed_offset_; }
@@ -151,6 +163,8 @@ class Weights {
   std::vector<BlockOffsets> blocks_;
   std::vector<int64_t> score_offset_, bypass_offset_;  // per subsampler j
   int64_t embed_offset_ = 0, final_norm_offset_ = 0, head_offset_ = 0;
+  std::vector<Span> block_span_, score_span_, bypass_span_;
+  Span final_norm_span_, embed_span_, head_span_;
   int64_t num_params_ = 0;
   Tensor buf_, rope_cos_, rope_sin_;
 };
@@ -204,12 +218,22 @@ class Session {
   // Bytes of planned activation memory for (B, T) in training.
   size_t activation_bytes(int B, int T) const;
 
+  // Called during forward_backward each time a span of the gradient buffer has received the
+  // pass's last contribution (offsets in elements, in the weights' layout): block by block
+  // in backward order, each subsampler after its inner blocks, then the final norm and head,
+  // the embedding last. A data-parallel trainer starts the all-reduce of the span there, so
+  // communication overlaps the rest of the backward; with micro-batches only the last
+  // pass's calls matter. The spans of one pass tile the buffer.
+  using GradReady = std::function<void(int64_t first, int64_t last)>;
+  void on_grad_ready(GradReady fn) { grad_ready_ = std::move(fn); }
+
  private:
   const Weights& w_;
   SubllmKnobs knobs_;
   long train_step_ = 0;
   uint64_t train_seed_ = 0;
   std::vector<int64_t> seen_, kept_;
+  GradReady grad_ready_;
   std::unique_ptr<SessionState> st_;
   friend struct Pass;
 };

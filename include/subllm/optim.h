@@ -55,7 +55,8 @@ class AdamW : public Optimizer {
  private:
   AdamWOptions opt_;
   std::vector<ParamInfo> params_;
-  Tensor m_, v_;  // moments, in the model's backend memory
+  Tensor m_, v_;   // moments, in the model's backend memory
+  Tensor norm_sq_;  // (1) f64: the squared gradient norm of a step
   int step_ = 0;
 };
 

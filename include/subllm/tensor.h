@@ -24,16 +24,13 @@ std::string shape_str(const Shape& s);
 class Tensor {
  public:
   Tensor() = default;
-  // Owns fresh, zero-filled host memory (Backend::zeros makes one in a backend's memory).
-  static Tensor zeros(Shape shape, DType dt = DType::F32);
+  // (Backend::zeros makes a tensor that owns backend memory.)
   // Does not own `data`; the caller keeps it alive.
   static Tensor view(void* data, Shape shape, DType dt = DType::F32, Backend* backend = nullptr);
   // Owns `owner` (memory of `backend`).
   static Tensor owning(std::shared_ptr<void> owner, Shape shape, DType dt, Backend* backend);
 
-  bool defined() const { return ptr_ != nullptr || numel() == 0; }
   const Shape& shape() const { return shape_; }
-  int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }
   int64_t numel() const { return shape_numel(shape_); }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
@@ -41,7 +38,6 @@ class Tensor {
 
   void* raw() const { return ptr_; }
   float* f32() const;
-  int32_t* i32() const;
 
  private:
   std::shared_ptr<void> owner_;
@@ -50,9 +46,6 @@ class Tensor {
   DType dtype_ = DType::F32;
   Backend* backend_ = nullptr;
 };
-
-// 64-byte aligned host allocation released by the returned owner.
-std::shared_ptr<void> aligned_alloc_shared(size_t bytes);
 
 // A bump allocator for activations in one block of backend memory. Sized once per (batch,
 // length, mode) by a measuring pass (`Arena::measuring()`), then every step reuses it.

@@ -1,6 +1,7 @@
 // The CPU backend: host memory, and the kernels of kernels/cpu/ called on the views' pointers.
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "backend/backend.h"
 #include "kernels/kernels.h"
@@ -15,6 +16,12 @@ namespace {
 namespace k = kernels;
 
 constexpr size_t round64(size_t b) { return (b + 63) / 64 * 64; }
+
+// The dense kernels read rows back to back.
+void dense(const char* op, std::initializer_list<View> views) {
+  for (const View& v : views)
+    check(!v || v.ld == v.cols, std::string(op) + ": operands must be dense rows (row stride = columns)");
+}
 
 void need_scratch(const Scratch& s, size_t bytes, const char* op) {
   check(s.bytes >= bytes, std::string(op) + ": scratch of " + std::to_string(s.bytes) + " bytes, needs " +
@@ -39,9 +46,11 @@ class CpuBackend final : public Backend {
   void sync() override {}
 
   void linear_forward(View x, View w, View y, bool accumulate) override {
+    dense("linear_forward", {x, w, y});
     k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
   }
   void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx) override {
+    dense("linear_backward", {x, w, dy, dx, dw});
     k::linear_backward(x.f32(), w.f32(), dy.f32(), dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr, (int)x.rows,
                        (int)x.cols, (int)w.rows, accumulate_dx);
   }

@@ -46,24 +46,6 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
-std::shared_ptr<void> aligned_alloc_shared(size_t bytes) {
-  size_t rounded = (bytes + 63) / 64 * 64;
-  if (rounded == 0) rounded = 64;
-  void* p = std::aligned_alloc(64, rounded);
-  if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes; reduce batch size or context length");
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
-}
-
-Tensor Tensor::zeros(Shape shape, DType dt) {
-  Tensor t;
-  t.shape_ = std::move(shape);
-  t.dtype_ = dt;
-  t.owner_ = aligned_alloc_shared(t.nbytes());
-  t.ptr_ = t.owner_.get();
-  std::memset(t.ptr_, 0, t.nbytes());
-  return t;
-}
-
 Tensor Tensor::view(void* data, Shape shape, DType dt, Backend* backend) {
   Tensor t;
   t.shape_ = std::move(shape);
@@ -82,11 +64,6 @@ Tensor Tensor::owning(std::shared_ptr<void> owner, Shape shape, DType dt, Backen
 float* Tensor::f32() const {
   check(dtype_ == DType::F32, std::string("tensor of dtype ") + dtype_name(dtype_) + " used as F32");
   return static_cast<float*>(ptr_);
-}
-
-int32_t* Tensor::i32() const {
-  check(dtype_ == DType::I32, std::string("tensor of dtype ") + dtype_name(dtype_) + " used as I32");
-  return static_cast<int32_t*>(ptr_);
 }
 
 void Arena::reserve(size_t bytes, Backend& backend) {

@@ -273,6 +273,9 @@ void SafetensorsFile::read_f32(const std::string& name, const Shape& expected, f
       }
       return;
     case DType::I32:
+    case DType::F64:  // never parsed from a file; the engine's own reductions only
+    case DType::I64:
+    case DType::U8:
       break;
   }
   throw Error(path_ + ": tensor '" + name + "' has dtype " + dtype_name(e.dtype) +

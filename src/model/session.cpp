@@ -122,6 +122,11 @@ struct Pass {
   ModelActivations& a;
   float* G;  // gradients (backend memory), or null in a forward-only pass
 
+  // A span of the gradients is final for this pass.
+  void ready(Weights::Span sp) const {
+    if (s.grad_ready_ && sp.last > sp.first) s.grad_ready_(sp.first, sp.last);
+  }
+
   const float* P() const { return w.data(); }
   View param(int64_t offset, int64_t rows, int64_t cols) const { return mat(P() + offset, rows, cols); }
   View grad(int64_t offset, int64_t rows, int64_t cols) const { return mat(G + offset, rows, cols); }
@@ -306,12 +311,15 @@ void Pass::segment_backward(int seg) {
     const View x = rows_of(g.stream[k], rows);
     if (items[k].is_block) {
       block_backward(items[k].index, seg, x, rows_of(g.d_stream, rows));
+      ready(w.block_span(items[k].index));
       continue;
     }
     const int child = items[k].index;
     upsample_backward_pre(child, x);
     segment_backward(child);
     subsample_backward_post(child, x);
+    ready(w.score_span(st.segments[child].subsampler));
+    ready(w.bypass_span(st.segments[child].subsampler));
   }
 }
 
@@ -349,10 +357,13 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
   *count = (int64_t)loss[1];
   if (!backward) return loss[0];
 
+  ready(w.head_span());
   be.rmsnorm_backward(last, vec(P() + w.final_norm_offset(), C), rstd_f, dlast, rows_of(root.d_stream, N),
                       vec(G + w.final_norm_offset(), C), false, scratch_of(a.scratch));
+  ready(w.final_norm_span());
   segment_backward(0);
   be.embedding_backward(tok, rows_of(root.d_stream, N), grad(w.embed_offset(), V, C));
+  ready(w.embed_span());
   return loss[0];
 }
 

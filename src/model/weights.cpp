@@ -34,8 +34,10 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
     return params_.back().offset;
   };
   embed_offset_ = add("decoder.embed_tokens.weight", {V, C}, true);
+  embed_span_ = {embed_offset_, num_params_};
   for (int i = 0; i < cfg_.n_layers; ++i) {
     const std::string pre = layer_prefix(i);
+    const int64_t first = num_params_;
     BlockOffsets b;
     b.attn_norm = add(pre + "self_attn_layer_norm.weight", {C}, false);
     b.wqkv = add(pre + "self_attn.q_proj.weight", {C, C}, true, false);
@@ -46,16 +48,23 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
     b.w12 = add(pre + "feedforward.swiglu.w12.weight", {2 * F, C}, true);
     b.w3 = add(pre + "feedforward.swiglu.w3.weight", {C, F}, true);
     blocks_.push_back(b);
+    block_span_.push_back({first, num_params_});
   }
   // The score layers learn at half the rate (SUBLLM.md §4); neither they nor the bypass
   // scales are decayed, as both are control values rather than features.
-  for (int j = 0; j < structure_.num_subsamplers; ++j)
+  for (int j = 0; j < structure_.num_subsamplers; ++j) {
     score_offset_.push_back(
         add("decoder.downsamplers." + std::to_string(j) + ".to_scores.weight", {1, C}, false, true, 0.5f));
-  for (int j = 0; j < structure_.num_subsamplers; ++j)
+    score_span_.push_back({score_offset_.back(), num_params_});
+  }
+  for (int j = 0; j < structure_.num_subsamplers; ++j) {
     bypass_offset_.push_back(add("decoder.bypasses." + std::to_string(j) + ".bypass_scale", {C}, false));
+    bypass_span_.push_back({bypass_offset_.back(), num_params_});
+  }
   final_norm_offset_ = add("decoder.layer_norm.weight", {C}, false);
+  final_norm_span_ = {final_norm_offset_, num_params_};
   head_offset_ = cfg_.tie_weights ? 0 : add("decoder.output_projection.weight", {V, C}, true);
+  head_span_ = cfg_.tie_weights ? Span{num_params_, num_params_} : Span{head_offset_, num_params_};
   buf_ = backend_->zeros({num_params_});
   const int64_t half = cfg_.head_dim() / 2;
   rope_cos_ = backend_->zeros({(int64_t)cfg_.context, half});

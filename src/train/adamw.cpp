@@ -7,28 +7,21 @@
 
 namespace subllm {
 
-namespace {
-// The global gradient norm, reduced on the backend; the step's one read.
-double grad_norm(Model& model) {
-  Backend& be = model.backend();
-  Tensor out = be.zeros({1}, DType::F64);
-  be.sum_squares(vec(model.grad_data(), model.num_params()), view_of(out));
-  double sq = 0;
-  be.to_host(&sq, out.raw(), sizeof sq);
-  return std::sqrt(sq);
-}
-}  // namespace
-
 AdamW::AdamW(const Model& model, AdamWOptions opt)
     : opt_(opt),
       params_(model.params()),
       m_(model.backend().zeros({model.num_params()})),
-      v_(model.backend().zeros({model.num_params()})) {}
+      v_(model.backend().zeros({model.num_params()})),
+      norm_sq_(model.backend().zeros({1}, DType::F64)) {}
 
 StepReport AdamW::step(Model& model, float lr) {
   Backend& be = model.backend();
   StepReport r;
-  r.grad_norm = grad_norm(model);
+  // The global gradient norm, reduced on the backend; the step's one read.
+  be.sum_squares(vec(model.grad_data(), model.num_params()), view_of(norm_sq_));
+  double sq = 0;
+  be.to_host(&sq, norm_sq_.raw(), sizeof sq);
+  r.grad_norm = std::sqrt(sq);
   if (!std::isfinite(r.grad_norm)) {
     r.skipped = true;
     r.clip_factor = 0;

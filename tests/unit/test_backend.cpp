@@ -95,7 +95,7 @@ TEST(BackendViews, ViewOfColsAtRowsAtAndDtypeChecks) {
   View dv{d.data(), DType::F64, 3, 4, 4};
   EXPECT_EQ(dv.rows_at(2, 1).cols_at(1, 2).f64(), d.data() + 9);
   View iv = v3.rows_at(1, 2).cols_at(3, 1);
-  EXPECT_EQ(iv.i32(), t3.i32() + 8);
+  EXPECT_EQ(iv.i32(), static_cast<int32_t*>(t3.raw()) + 8);
 
   // A kernel given the wrong dtype is refused.
   std::vector<int32_t> ints(6, 1);

@@ -396,6 +396,51 @@ TEST(Subllm, BalancerAndBypassLimitChangeTheGradientsWhenOn) {
   EXPECT_TRUE(m.last_traces()[0].limit_on);
 }
 
+// The data-parallel hook: each span is reported once, when its gradient is final, and the
+// spans of a pass tile the whole gradient buffer.
+TEST(Subllm, GradientReadyHookReportsEverySpanOnceWhenFinal) {
+  for (const bool tie : {false, true}) {
+    ModelConfig c = subllm_config("T(T(T)T)T", {0.6f, 0.5f});
+    c.tie_weights = tie;
+    Model m(c);
+    randomize(m, 31);
+    std::vector<int32_t> tokens(2 * 12), targets(2 * 12);
+    Rng r(3);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      tokens[i] = (int32_t)r.below(c.vocab_size);
+      targets[i] = (int32_t)r.below(c.vocab_size);
+    }
+    std::vector<std::pair<int64_t, int64_t>> spans;
+    std::vector<std::vector<float>> at_report;
+    m.session().on_grad_ready([&](int64_t first, int64_t last) {
+      spans.emplace_back(first, last);
+      at_report.emplace_back(m.grad_data() + first, m.grad_data() + last);
+    });
+    m.set_train_context(4, 9);
+    m.zero_grad();
+    m.forward_backward(tokens.data(), targets.data(), 2, 12);
+    // Backward order: the head (untied), the final norm, the last block, ..., the embedding.
+    const Weights& w = m.weights();
+    std::vector<int64_t> expect_first;
+    if (!tie) expect_first.push_back(w.head_span().first);
+    expect_first.push_back(w.final_norm_span().first);
+    expect_first.push_back(w.block_span(4).first);
+    ASSERT_GT(spans.size(), expect_first.size());
+    for (size_t i = 0; i < expect_first.size(); ++i) EXPECT_EQ(spans[i].first, expect_first[i]) << "tie " << tie;
+    EXPECT_EQ(spans.back().first, w.embed_span().first);
+    for (size_t i = 0; i < spans.size(); ++i)
+      EXPECT_EQ(at_report[i], std::vector<float>(m.grad_data() + spans[i].first, m.grad_data() + spans[i].second))
+          << "span " << i << " changed after it was reported final";
+    std::sort(spans.begin(), spans.end());
+    int64_t at = 0;
+    for (const auto& [first, last] : spans) {
+      EXPECT_EQ(first, at) << "gap or overlap before " << first;
+      at = last;
+    }
+    EXPECT_EQ(at, m.num_params());
+  }
+}
+
 TEST(Subllm, PublishedConfigLoadsWithTheAuthorsNames) {
   ModelConfig c = load_config(std::string(SUBLLM_SOURCE_DIR) + "/configs/subllm-1.3B-keep0p4-4k.json");
   Model m(c);
