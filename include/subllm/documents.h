@@ -2,6 +2,7 @@
 // Where text comes from: the documents of an input file as `subllm prepare` and the
 // evaluations read them, and the default corpus (fetched with npm into a cache folder).
 #include <cstddef>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -30,5 +31,9 @@ std::vector<std::string> default_corpus_files(const std::string& cache_dir,
 
 // $SUBLLM_CACHE_DIR, else data/cache.
 std::string default_cache_dir();
+
+// A new folder `prefix` + six random characters (mkdtemp); an Error naming `what` and the fix
+// when it cannot be made.
+std::filesystem::path make_temp_folder(const std::string& prefix, const std::string& what);
 
 }  // namespace subllm

@@ -102,15 +102,6 @@ class FolderGuard {
   fs::path path_;
 };
 
-// mkdtemp on `prefix` + "XXXXXX".
-fs::path make_temp_folder(const std::string& prefix, const std::string& what) {
-  std::string pattern = prefix + "XXXXXX";
-  if (::mkdtemp(pattern.data()) == nullptr)
-    throw Error("cannot create " + what + " " + pattern + ": " + std::strerror(errno) +
-                ": choose a writable location");
-  return pattern;
-}
-
 // ---------------------------------------------------------------------------------------
 // Reading documents
 
@@ -217,6 +208,14 @@ std::vector<std::string> default_corpus_files(const std::string& cache_dir, cons
   files = corpus_in(root);
   check(!files.empty(), "the default corpus is missing from " + root.string() + " after extraction");
   return files;
+}
+
+std::filesystem::path make_temp_folder(const std::string& prefix, const std::string& what) {
+  std::string pattern = prefix + "XXXXXX";
+  if (::mkdtemp(pattern.data()) == nullptr)
+    throw Error("cannot create " + what + " " + pattern + ": " + std::strerror(errno) +
+                ": choose a writable location");
+  return pattern;
 }
 
 }  // namespace subllm

@@ -44,15 +44,6 @@ std::string format_seconds(double s) {
   return buf;
 }
 
-// mkdtemp on `prefix` + "XXXXXX".
-fs::path make_temp_folder(const std::string& prefix, const std::string& what) {
-  std::string pattern = prefix + "XXXXXX";
-  if (::mkdtemp(pattern.data()) == nullptr)
-    throw Error("cannot create " + what + " " + pattern + ": " + std::strerror(errno) +
-                ": choose a writable location");
-  return pattern;
-}
-
 // ---------------------------------------------------------------------------------------
 // Reading documents
 
