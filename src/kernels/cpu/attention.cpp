@@ -299,7 +299,8 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
 
 #pragma omp parallel
   {
-    float* Ks = scratch + (size_t)omp_get_thread_num() * fwd_scratch_floats(hdp);  // (64, hdp): key tile, contiguous and zero-padded
+    // (64, hdp): key tile, contiguous and zero-padded
+    float* Ks = scratch + (size_t)omp_get_thread_num() * fwd_scratch_floats(hdp);
     float* Vs = Ks + tile;                   // (64, hdp)
     float* St = Vs + tile;                   // (64 keys, 64 queries): scores, then probabilities
     float* alpha = St + (size_t)kBlk * kBlk; // (64): per-query rescale of Oa for this key tile
@@ -378,7 +379,6 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
 
 #pragma omp parallel
   {
-
     // Per key tile of the group, 5 tiles: Kt (hdp, 64) scaled keys transposed, Vt (hdp, 64),
     // Ks (64, hdp) contiguous keys, dKa and dVa (64, hdp) gradient accumulators.
     float* grp = scratch + (size_t)omp_get_thread_num() * bwd_scratch_floats(hdp);
