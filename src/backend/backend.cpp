@@ -9,8 +9,9 @@ namespace subllm {
 
 namespace {
 void* require(const View& v, DType dt) {
-  check(v.dtype == dt, std::string("kernel expects ") + dtype_name(dt) + " data, got " + dtype_name(v.dtype) +
-                           ": this backend has no kernel for that dtype");
+  if (v.dtype != dt)
+    throw Error(std::string("kernel expects ") + dtype_name(dt) + " data, got " + dtype_name(v.dtype) +
+                ": this backend has no kernel for that dtype");
   return v.data;
 }
 }  // namespace
@@ -54,10 +55,14 @@ std::shared_ptr<void> Backend::alloc_shared(size_t bytes) {
   return std::shared_ptr<void>(p, [this](void* q) { free(q); });
 }
 
-Tensor Backend::zeros(Shape shape, DType dt) {
+Tensor Backend::empty(Shape shape, DType dt) {
   const size_t bytes = (size_t)shape_numel(shape) * dtype_size(dt);
-  Tensor t = Tensor::owning(alloc_shared(bytes), std::move(shape), dt, this);
-  zero(t.raw(), bytes);
+  return Tensor::owning(alloc_shared(bytes), std::move(shape), dt, this);
+}
+
+Tensor Backend::zeros(Shape shape, DType dt) {
+  Tensor t = empty(std::move(shape), dt);
+  zero(t.raw(), t.nbytes());
   return t;
 }
 

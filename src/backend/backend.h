@@ -55,8 +55,6 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
-  // Threads (CPU) or streams the kernels use; a hint for sizing per-worker scratch.
-  virtual int workers() const = 0;
 
   // ---- memory (device pointers; bytes) ---------------------------------------------------
   virtual void* alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
@@ -68,6 +66,7 @@ class Backend {
   virtual void sync() = 0;
   // Owned device memory released with the last reference.
   std::shared_ptr<void> alloc_shared(size_t bytes);
+  Tensor empty(Shape shape, DType dt = DType::F32);  // uninitialised
   Tensor zeros(Shape shape, DType dt = DType::F32);
 
   // ---- dense algebra -------------------------------------------------------------------
@@ -113,8 +112,8 @@ class Backend {
   virtual void attention_cached(View q, View k, View v, View out, int H, Scratch s) = 0;
 
   // ---- output head -------------------------------------------------------------------------
-  // Fused projection + softmax cross-entropy over x(N,C), w(V,C), targets(N) (< 0: ignored),
-  // `chunk` (chunk_rows, V) at a time. Writes out(2, f64) = {summed loss, counted rows}.
+  // Fused projection + softmax cross-entropy over x(N,C), w(V,C), targets(N) (< 0: ignored;
+  // an empty view: none, for logits only), `chunk` (chunk_rows, V) at a time. Writes out(2, f64) = {summed loss, counted rows}.
   // With dx: gradient of (sum loss) · grad_scale into dx (overwritten) and dw (+=).
   // With logits: the full (N, V) logits.
   virtual void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits,

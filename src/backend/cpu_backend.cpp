@@ -20,18 +20,17 @@ constexpr size_t round64(size_t b) { return (b + 63) / 64 * 64; }
 // The dense kernels read rows back to back.
 void dense(const char* op, std::initializer_list<View> views) {
   for (const View& v : views)
-    check(!v || v.ld == v.cols, std::string(op) + ": operands must be dense rows (row stride = columns)");
+    if (v && v.ld != v.cols) throw Error(std::string(op) + ": operands must be dense rows (row stride = columns)");
 }
 
 void need_scratch(const Scratch& s, size_t bytes, const char* op) {
-  check(s.bytes >= bytes, std::string(op) + ": scratch of " + std::to_string(s.bytes) + " bytes, needs " +
-                              std::to_string(bytes));
+  if (s.bytes < bytes)
+    throw Error(std::string(op) + ": scratch of " + std::to_string(s.bytes) + " bytes, needs " + std::to_string(bytes));
 }
 
 class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
-  int workers() const override { return num_threads(); }
 
   void* alloc(size_t bytes) override {
     void* p = std::aligned_alloc(64, round64(bytes ? bytes : 64));
@@ -130,7 +129,7 @@ class CpuBackend final : public Backend {
   void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,
                     View out) override {
     int64_t count = 0;
-    const double loss = k::lm_head_xent(x.f32(), w.f32(), targets.i32(), (int)x.rows, (int)x.cols, (int)w.rows,
+    const double loss = k::lm_head_xent(x.f32(), w.f32(), targets ? targets.i32() : nullptr, (int)x.rows, (int)x.cols, (int)w.rows,
                                         grad_scale, dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr,
                                         logits ? logits.f32() : nullptr, chunk.f32(), (int)chunk.rows, &count);
     out.f64()[0] = loss;

@@ -62,7 +62,7 @@ Tensor Tensor::owning(std::shared_ptr<void> owner, Shape shape, DType dt, Backen
 }
 
 float* Tensor::f32() const {
-  check(dtype_ == DType::F32, std::string("tensor of dtype ") + dtype_name(dtype_) + " used as F32");
+  if (dtype_ != DType::F32) throw Error(std::string("tensor of dtype ") + dtype_name(dtype_) + " used as F32");
   return static_cast<float*>(ptr_);
 }
 

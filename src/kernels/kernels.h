@@ -138,7 +138,7 @@ void scale_inplace(float* y, float s, int64_t n);
 double sum_squares(const float* x, int64_t n);
 
 // ---- output projection + softmax cross-entropy, fused and chunked ----------------------
-// x(N,C) final hidden states, w(V,C) output weight, targets(N) (negative = ignored).
+// x(N,C) final hidden states, w(V,C) output weight, targets(N) (negative = ignored; null: none).
 // Returns the summed loss over non-ignored rows; `count` gets their number.
 // If dx != nullptr: also computes the gradient of (sum loss) * grad_scale:
 //   dx(N,C) overwritten, dw(V,C) accumulated.

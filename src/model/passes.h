@@ -62,10 +62,12 @@ struct BlockIO {
   Scratch scratch;
 };
 
-// Buffers of the cached path for one segment, grown to the largest chunk seen.
+// Buffers of the cached path for one segment (0: the new tokens), grown to the largest
+// chunk seen; uninitialised, as every pass writes the rows it reads.
 struct CachedSegment {
   int cap = 0;
   Tensor scores, w, kept, count, x, pos, tok;  // (rows), (rows), (rows) i32, (1) i32, (rows, C), (rows) i32 x2
+  void reserve(Backend& be, int rows, int C);
 };
 
 struct SessionState {
@@ -74,9 +76,8 @@ struct SessionState {
   ModelActivations* last = nullptr;  // the plan of the last full pass (traces, statistics)
   // Cached path.
   std::vector<CachedSegment> cseg;   // per segment (0: the new tokens)
-  int block_cap = 0;                 // rows the block workspace holds
   Tensor block_ws;                   // one block's intermediates
-  Tensor normed, rstd, logits;       // final norm and head of the cached path
+  Tensor normed, rstd, logits;       // final norm and head of the rows whose logits are asked for
   Tensor scratch;                    // kernel working memory, bytes
 };
 

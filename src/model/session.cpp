@@ -114,6 +114,9 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
 
 // One pass of a Session over its Weights: the structure walk, each step one backend kernel.
 struct Pass {
+  Pass(Session& session, ModelActivations& acts, float* grads)
+      : s(session), w(session.w_), be(w.backend()), cfg(w.config()), st(w.structure()), a(acts), G(grads) {}
+
   Session& s;
   const Weights& w;
   Backend& be;
@@ -327,7 +330,7 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
                  int64_t* count) {
   const int B = a.B, T = a.T, N = B * T, C = cfg.dim, V = cfg.vocab_size;
   SegmentActs& root = a.seg[0];
-  const View tok = rows_of(root.tok, N), tgt = rows_of(a.targets, N);
+  const View tok = rows_of(root.tok, N), tgt = targets ? rows_of(a.targets, N) : View{};
   be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * N);
   be.fill_positions(rows_of(root.pos, N), B, T, 0);
   // Counting first lets the head produce gradients of the mean loss directly.
@@ -335,9 +338,6 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
   if (targets) {
     for (int i = 0; i < N; ++i) n_counted += targets[i] >= 0;
     be.to_device(a.targets.raw(), targets, sizeof(int32_t) * N);
-  } else {
-    const std::vector<int32_t> none(N, -1);
-    be.to_device(a.targets.raw(), none.data(), sizeof(int32_t) * N);
   }
   const float gscale = n_counted ? grad_multiplier / (float)n_counted : 0.f;
   const int64_t head = w.head_offset();
@@ -348,7 +348,7 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
   segment_forward(0);
   be.rmsnorm_forward(last, vec(P() + w.final_norm_offset(), C), norm_out, rstd_f, cfg.norm_eps);
   Tensor logits_dev;  // only evaluation asks for every logit
-  if (logits) logits_dev = Tensor::owning(be.alloc_shared(sizeof(float) * N * V), {(int64_t)N, (int64_t)V}, DType::F32, &be);
+  if (logits) logits_dev = be.empty({(int64_t)N, (int64_t)V});
   be.lm_head_xent(norm_out, param(head, V, C), tgt, gscale, backward ? dlast : View{}, backward ? grad(head, V, C) : View{},
                   logits ? view_of(logits_dev) : View{}, view_of(a.logits_chunk), view_of(a.loss));
   double loss[2];
@@ -429,8 +429,9 @@ ModelActivations& plan(SessionState& st, const Weights& w, int B, int T, Mode mo
 
 void check_run(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int B, int T) {
   check(B > 0 && T > 0, "batch and length must be positive");
-  check(T <= c.context, "sequence length " + std::to_string(T) + " exceeds the model's context (tokens_per_sample = " +
-                            std::to_string(c.context) + "): shorten the input or raise tokens_per_sample");
+  if (T > c.context)
+    throw Error("sequence length " + std::to_string(T) + " exceeds the model's context (tokens_per_sample = " +
+                std::to_string(c.context) + "): shorten the input or raise tokens_per_sample");
   check_token_ids(c, tokens, targets, (int64_t)B * T);
 }
 
@@ -438,12 +439,13 @@ void check_run(const ModelConfig& c, const int32_t* tokens, const int32_t* targe
 
 void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    check(tokens[i] >= 0 && tokens[i] < c.vocab_size,
-          "token id " + std::to_string(tokens[i]) + " at position " + std::to_string(i) + " is outside the vocabulary [0, " +
-              std::to_string(c.vocab_size) + "): the data was tokenized with a different tokenizer");
-    if (targets)
-      check(targets[i] < c.vocab_size, "target id " + std::to_string(targets[i]) + " at position " + std::to_string(i) +
-                                           " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      throw Error("token id " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary [0, " + std::to_string(c.vocab_size) +
+                  "): the data was tokenized with a different tokenizer");
+    if (targets && targets[i] >= c.vocab_size)
+      throw Error("target id " + std::to_string(targets[i]) + " at position " + std::to_string(i) +
+                  " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   }
 }
 
@@ -452,7 +454,7 @@ float Session::forward_backward(float* grads, const int32_t* tokens, const int32
   check(targets, "training needs targets");
   check_run(w_.config(), tokens, targets, B, T);
   ModelActivations& a = plan(*st_, w_, B, T, Mode::Train);
-  Pass p{*this, w_, w_.backend(), w_.config(), w_.structure(), a, grads};
+  Pass p(*this, a, grads);
   int64_t count = 0;
   const double loss = p.run(tokens, targets, true, grad_multiplier, nullptr, &count);
   st_->last = &a;
@@ -470,7 +472,7 @@ float Session::forward(const int32_t* tokens, const int32_t* targets, int B, int
     const int Bp = per_sequence ? 1 : B;
     const int64_t off = (int64_t)b * T;
     ModelActivations& a = plan(*st_, w_, Bp, T, mode);
-    Pass p{*this, w_, w_.backend(), w_.config(), w_.structure(), a, nullptr};
+    Pass p(*this, a, nullptr);
     int64_t c = 0;
     loss += p.run(tokens + off, targets ? targets + off : nullptr, false, 1.0f, logits ? logits + off * V : nullptr, &c);
     count += c;

@@ -50,16 +50,32 @@ SequenceCache Session::new_cache(int reserve_tokens) const {
   return cache;
 }
 
+void CachedSegment::reserve(Backend& be, int rows, int C) {
+  if (rows <= cap) return;
+  cap = std::max(rows, 2 * cap);
+  scores = be.empty({cap});
+  w = be.empty({cap});
+  kept = be.empty({cap}, DType::I32);
+  count = be.empty({1}, DType::I32);
+  x = be.empty({cap, (int64_t)C});
+  pos = be.empty({cap}, DType::I32);
+  tok = be.empty({cap}, DType::I32);
+}
+
 namespace {
 
-// Makes `t` hold at least `numel` elements (doubling, so growth is amortised).
+// Makes `t` hold at least `numel` elements, uninitialised (doubling, so growth is amortised).
 void ensure(Backend& be, Tensor& t, int64_t numel, DType dt = DType::F32) {
-  if (t.numel() >= numel) return;
-  t = be.zeros({std::max(numel, 2 * t.numel())}, dt);
+  const int64_t have = t.raw() ? t.numel() : 0;  // an unallocated tensor holds nothing
+  if (have >= numel) return;
+  t = be.empty({std::max(numel, 2 * have)}, dt);
 }
 
 // The cached walk of one segment: x (rows, C) in and out; pos, tok (rows).
 struct CachedPass {
+  CachedPass(Session& session, SessionState& state, SequenceCache& c)
+      : s(session), w(session.weights()), be(w.backend()), cfg(w.config()), st(state), cache(c) {}
+
   Session& s;
   const Weights& w;
   Backend& be;
@@ -98,8 +114,8 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   const int L0 = cache.rows[blk], L = L0 + rows;
   ensure(be, st.scratch,
          (int64_t)std::max(be.attention_scratch_bytes((int)hd, false), be.attention_cached_scratch_bytes(L, (int)hd)),
-         DType::I32);
-  io.scratch = Scratch{st.scratch.raw(), st.scratch.nbytes()};
+         DType::U8);
+  io.scratch = scratch_of(st.scratch);
   block_core(be, w, blk, x, y, pos, io, [&] {
     // Append this chunk's keys and values, then attend over the whole cache.
     K.reserve((size_t)L * C);
@@ -128,16 +144,7 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
     const int child = it.index;
     const int j = w.structure().segments[child].subsampler;
     CachedSegment& b = st.cseg[child];
-    if (b.cap < rows) {
-      b.cap = std::max(rows, 2 * b.cap);
-      b.scores = be.zeros({b.cap});
-      b.w = be.zeros({b.cap});
-      b.kept = be.zeros({b.cap}, DType::I32);
-      b.count = be.zeros({1}, DType::I32);
-      b.x = be.zeros({b.cap, (int64_t)C});
-      b.pos = be.zeros({b.cap}, DType::I32);
-      b.tok = be.zeros({b.cap}, DType::I32);
-    }
+    b.reserve(be, rows, C);
     const View scores = rows_of(b.scores, rows);
     be.linear_forward(x, mat(w.data() + w.score_offset(j), 1, C), scores);
     be.select_threshold(scores, tok, s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
@@ -162,35 +169,29 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
 void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
   const ModelConfig& c = w_.config();
   check(n > 0, "nothing to run: no new tokens");
-  check(cache.length + n <= c.context,
-        "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(n) + " tokens exceed " +
-            std::to_string(c.context) + " (tokens_per_sample); shorten the prompt or the generation");
+  if (cache.length + n > c.context)
+    throw Error("the context is full: " + std::to_string(cache.length) + " + " + std::to_string(n) + " tokens exceed " +
+                std::to_string(c.context) + " (tokens_per_sample); shorten the prompt or the generation");
   check_token_ids(c, tokens, nullptr, n);
   Backend& be = w_.backend();
   const int C = c.dim, V = c.vocab_size;
   SessionState& st = *st_;
   st.cseg.resize(w_.structure().segments.size());
   CachedSegment& root = st.cseg[0];
-  if (root.cap < n) {
-    root.cap = std::max(n, 2 * root.cap);
-    root.x = be.zeros({root.cap, (int64_t)C});
-    root.pos = be.zeros({root.cap}, DType::I32);
-    root.tok = be.zeros({root.cap}, DType::I32);
-    st.normed = be.zeros({root.cap, (int64_t)C});
-    st.rstd = be.zeros({root.cap});
-    st.logits = be.zeros({root.cap, (int64_t)V});
-  }
+  root.reserve(be, n, C);
   const View x = rows_of(root.x, n), pos = rows_of(root.pos, n), tok = rows_of(root.tok, n);
   be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * n);
   be.fill_positions(pos, 1, n, cache.length);
   be.embedding_forward(tok, mat(w_.data() + w_.embed_offset(), V, C), x);
-  CachedPass p{*this, w_, be, c, st, cache};
-  p.segment(0, x, n, pos, tok);
+  CachedPass(*this, st, cache).segment(0, x, n, pos, tok);
   cache.length += n;
   const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
-  const View normed = rows_of(st.normed, count), out = rows_of(st.logits, count);
+  ensure(be, st.normed, (int64_t)count * C);
+  ensure(be, st.rstd, count);
+  ensure(be, st.logits, (int64_t)count * V);
+  const View normed = mat(st.normed.f32(), count, C), out = mat(st.logits.f32(), count, V);
   be.rmsnorm_forward(x.rows_at(first, count), vec(w_.data() + w_.final_norm_offset(), C), normed,
-                     rows_of(st.rstd, count), c.norm_eps);
+                     vec(st.rstd.f32(), count), c.norm_eps);
   be.linear_forward(normed, mat(w_.data() + w_.head_offset(), V, C), out);
   be.to_host(logits, out.data, sizeof(float) * count * V);
 }

@@ -10,7 +10,7 @@
 
 namespace subllm::kernels {
 
-// x: (n, C), w: (V, C), targets: (n), scratch: (chunk_rows, V)
+// x: (n, C), w: (V, C), targets: (n) or null, scratch: (chunk_rows, V)
 // The logits of one chunk live only in `scratch`: they become probabilities, then the
 // chunk's gradient, which is multiplied out into dx and dw before the next chunk.
 double lm_head_xent(const float* x, const float* w, const int32_t* targets, int n, int C, int V, float grad_scale,
@@ -22,12 +22,13 @@ double lm_head_xent(const float* x, const float* w, const int32_t* targets, int 
     const float* xc = x + (int64_t)r0 * C;
     linear_forward(xc, w, scratch, rows, C, V);
     if (logits) std::memcpy(logits + (int64_t)r0 * V, scratch, sizeof(float) * rows * V);
+    if (!targets && !dx) continue;  // logits only: no loss to count
     double chunk_loss = 0.0;
     int64_t chunk_count = 0;
 #pragma omp parallel for schedule(static) reduction(+ : chunk_loss, chunk_count)
     for (int r = 0; r < rows; ++r) {
       float* l = scratch + (int64_t)r * V;
-      const int32_t tgt = targets[r0 + r];
+      const int32_t tgt = targets ? targets[r0 + r] : -1;
       float mx = l[0];
 #pragma omp simd reduction(max : mx)
       for (int j = 1; j < V; ++j) mx = std::max(mx, l[j]);
