@@ -42,7 +42,7 @@ void BM_AttentionForward(benchmark::State& state) {
   const size_t N = (size_t)kB * T;
   const long rss0 = max_rss_bytes();
   std::vector<float> qkv = filled(N * 3 * kC, 1), o(N * kC, 0.0f), lse((size_t)kB * kH * T, 0.0f);
-  auto scratch = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(kHd, false));
+  auto scratch = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(kB, T, kH, kHd, false));
   const long rss1 = max_rss_bytes();
   for (auto _ : state) {
     attention_forward(qkv.data(), qkv.data() + kC, qkv.data() + 2 * kC, 3 * kC, o.data(), kC, lse.data(), kB, T, kH,
@@ -64,7 +64,7 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   const long rss0 = max_rss_bytes();
   std::vector<float> qkv = filled(N * 3 * kC, 1), dout = filled(N * kC, 2), o(N * kC, 0.0f),
                      lse((size_t)kB * kH * T, 0.0f), dqkv(N * 3 * kC, 0.0f);
-  auto scratch = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(kHd, true));
+  auto scratch = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(kB, T, kH, kHd, true));
   float* sp = static_cast<float*>(scratch.get());
   const long rss1 = max_rss_bytes();
   for (auto _ : state) {

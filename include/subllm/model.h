@@ -72,26 +72,27 @@ struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
 };
 
-// Cached key or value rows of one block in backend memory. Memory is reserved without being
-// initialised, so untouched capacity costs no RSS, and growth doubles so appending stays
-// amortised O(1).
+// Cached key or value rows of one block in backend memory, in the backend's compute dtype.
+// Memory is reserved without being initialised, so untouched capacity costs no RSS, and
+// growth doubles so appending stays amortised O(1).
 class KVRows {
  public:
   KVRows() = default;
-  explicit KVRows(Backend* backend) : backend_(backend) {}
+  KVRows(Backend* backend, DType dtype) : backend_(backend), dtype_(dtype) {}
   KVRows(const KVRows& o) { *this = o; }
   KVRows& operator=(const KVRows& o);
   KVRows(KVRows&&) = default;
   KVRows& operator=(KVRows&&) = default;
-  // Makes room for `floats` in total, keeping the floats in use.
-  void reserve(size_t floats);
-  void set_used(size_t floats) { used_ = floats; }
-  float* data() { return static_cast<float*>(buf_.get()); }
-  const float* data() const { return static_cast<const float*>(buf_.get()); }
+  // Makes room for `elements` in total, keeping the elements in use.
+  void reserve(size_t elements);
+  void set_used(size_t elements) { used_ = elements; }
+  void* data() const { return buf_.get(); }
+  DType dtype() const { return dtype_; }
   size_t capacity() const { return cap_; }
 
  private:
   Backend* backend_ = nullptr;
+  DType dtype_ = DType::F32;
   std::shared_ptr<void> buf_;
   size_t cap_ = 0, used_ = 0;
 };
@@ -103,7 +104,8 @@ struct SequenceCache {
   std::vector<KVRows> k, v;              // per block: (rows, C), grown as tokens arrive
   std::vector<int> rows;                 // per block
   int length = 0;                        // tokens consumed (root positions used)
-  int width = 0;                         // floats per cached row (the model width)
+  int width = 0;                         // elements per cached row (the model width)
+  size_t element_bytes = 4;              // bytes per cached element (the compute dtype's)
   std::vector<int64_t> seen, kept;       // per subsampler
   size_t bytes() const;                  // key/value bytes in use
 };
@@ -123,7 +125,15 @@ class Weights {
   const ParamInfo& param_info(const std::string& name) const;  // error names the tensor
   int64_t num_params() const { return num_params_; }
   Backend& backend() const { return *backend_; }
-  float* data() const { return buf_.f32(); }  // backend memory, (num_params)
+  // The fp32 master weights, (num_params) in backend memory: what optimizers update and
+  // checkpoints hold. After changing them, call params_changed().
+  float* data() const { return buf_.f32(); }
+  // The copy kernels read: the master weights in the backend's compute dtype (the master
+  // itself when that is F32, as on the CPU).
+  DType compute_dtype() const { return compute_dtype_; }
+  void* compute_data() const { return compute_buf_.raw() ? compute_buf_.raw() : buf_.raw(); }
+  // Refreshes the compute copy from the master weights (init and load call it themselves).
+  void params_changed();
 
   // The authors' initialisation (SUBLLM.md §3), seeded; drawn on the host, then uploaded.
   void init(uint64_t seed);
@@ -166,7 +176,8 @@ class Weights {
   std::vector<Span> block_span_, score_span_, bypass_span_;
   Span final_norm_span_, embed_span_, head_span_;
   int64_t num_params_ = 0;
-  Tensor buf_, rope_cos_, rope_sin_;
+  DType compute_dtype_ = DType::F32;
+  Tensor buf_, compute_buf_, rope_cos_, rope_sin_;  // compute_buf_ empty when it would equal buf_
 };
 
 struct SessionState;  // plans, workspaces and traces; private to the model's sources

@@ -2,6 +2,8 @@
 // name to a backend.
 #include "backend/backend.h"
 
+#include <mutex>
+
 #include "kernels/kernels.h"
 #include "subllm/error.h"
 
@@ -75,13 +77,80 @@ Backend& cpu_backend() {
   return *cpu;
 }
 
-std::vector<std::string> backend_names() { return {"cpu"}; }
+#ifdef SUBLLM_HAVE_CUDA
+// cuda_backend.cpp: the backend of GPU 0 computing in `compute`; nullptr with `why` set when no
+// GPU can be used.
+std::unique_ptr<Backend> make_cuda_backend(DType compute, std::string* why);
+#endif
+
+std::vector<std::string> backend_names() {
+#ifdef SUBLLM_HAVE_CUDA
+  return {"cpu", "cuda", "cuda:fp32"};
+#else
+  return {"cpu"};
+#endif
+}
+
+namespace {
+
+std::string names_list() {
+  std::string names;
+  for (const auto& n : backend_names()) names += (names.empty() ? "" : ", ") + n;
+  return names;
+}
+
+#ifdef SUBLLM_HAVE_CUDA
+// Each CUDA backend is made on first use; a failure is remembered with its reason.
+struct LazyBackend {
+  std::unique_ptr<Backend> be;
+  std::string why;
+  bool tried = false;
+};
+Backend* cuda_backend(DType compute, std::string* why) {
+  static std::mutex mu;
+  static LazyBackend bf16, fp32;
+  std::lock_guard<std::mutex> lock(mu);
+  LazyBackend& l = compute == DType::BF16 ? bf16 : fp32;
+  if (!l.tried) {
+    l.tried = true;
+    l.be = make_cuda_backend(compute, &l.why);
+  }
+  if (!l.be && why) *why = l.why;
+  return l.be.get();
+}
+#endif
+
+}  // namespace
+
+bool backend_available(const std::string& device, std::string* why) {
+  if (device == "cpu") return true;
+#ifdef SUBLLM_HAVE_CUDA
+  if (device == "cuda" || device == "cuda:fp32") {
+    std::string reason;
+    if (cuda_backend(device == "cuda" ? DType::BF16 : DType::F32, &reason)) return true;
+    if (why) *why = "device '" + device + "' is not usable here: " + reason;
+    return false;
+  }
+  if (why) *why = "unknown device '" + device + "': this build has " + names_list();
+#else
+  if (why)
+    *why = device.rfind("cuda", 0) == 0
+               ? "device '" + device + "': this build has no CUDA backend (rebuild on a machine with the CUDA toolkit, "
+                 "cmake -DSUBLLM_CUDA=ON)"
+               : "unknown device '" + device + "': this build has " + names_list();
+#endif
+  return false;
+}
 
 Backend& backend_for(const std::string& device) {
   if (device == "cpu") return cpu_backend();
-  std::string names;
-  for (const auto& n : backend_names()) names += (names.empty() ? "" : ", ") + n;
-  throw Error("unknown device '" + device + "': this build has " + names);
+#ifdef SUBLLM_HAVE_CUDA
+  if (device == "cuda" || device == "cuda:fp32")
+    if (Backend* be = cuda_backend(device == "cuda" ? DType::BF16 : DType::F32, nullptr)) return *be;
+#endif
+  std::string why;
+  backend_available(device, &why);
+  throw Error(why);
 }
 
 }  // namespace subllm

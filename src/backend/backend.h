@@ -8,7 +8,15 @@
 // row-major with N = B*T rows; backward methods ACCUMULATE (+=) into parameter gradients and
 // overwrite activation gradients unless stated otherwise. Methods that need working memory take
 // caller-provided `Scratch` sized by the matching *_scratch_bytes query; no kernel allocates.
-// Only F32 kernels exist today; a view of another dtype is refused with a clear error.
+//
+// Dtypes by role. A backend computes in its compute_dtype() (F32 on the CPU, BF16 on a GPU):
+//  - activations (anything of B*T rows of features: streams, q/k/v, attention output, SwiGLU
+//    input and output, their gradients, the KV cache, the head's logit chunk) and parameters
+//    read by kernels (the compute copy of the weights) are of the compute dtype;
+//  - parameter gradients, master weights, optimizer state, per-row statistics (rstd, lse,
+//    scores and their gradients, subsampling weights), RoPE tables and the user-facing logits
+//    are F32; indices are I32; reductions F64.
+// A view of a dtype a kernel does not take is refused with a clear error.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -55,6 +63,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+  // The dtype of activations and of the weights' compute copy (see above).
+  virtual DType compute_dtype() const { return DType::F32; }
 
   // ---- memory (device pointers; bytes) ---------------------------------------------------
   virtual void* alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
@@ -69,11 +79,20 @@ class Backend {
   Tensor empty(Shape shape, DType dt = DType::F32);  // uninitialised
   Tensor zeros(Shape shape, DType dt = DType::F32);
 
+  // dst = src converted elementwise (F32 <-> compute dtype; same dtype: a copy); equal shapes,
+  // both strided.
+  virtual void convert(View src, View dst) = 0;
+
   // ---- dense algebra -------------------------------------------------------------------
   // y(N,out) = x(N,in) · w(out,in)^T (+ y if accumulate)
   virtual void linear_forward(View x, View w, View y, bool accumulate = false) = 0;
   // dx(N,in) (=|+=) dy · w ; dw(out,in) += dy^T · x; either output may be empty
   virtual void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx = false) = 0;
+
+  // The subsampler's score layer: scores(N) = x(N,C) · w(C) (a one-output linear layer whose
+  // scores are F32), and its backward: dx (=|+=) dscores ⊗ w, dw(C) += dscores^T · x.
+  virtual void score_forward(View x, View w, View scores) = 0;
+  virtual void score_backward(View x, View w, View dscores, View dx, View dw, bool accumulate_dx) = 0;
 
   // ---- rows --------------------------------------------------------------------------------
   // dst(n, cols) = src(idx[i]) for i < n; any 4-byte dtype (rows of floats, or int32 values)
@@ -103,12 +122,12 @@ class Backend {
 
   // ---- attention -------------------------------------------------------------------------
   // q, k, v, o: (B*T, H*hd) strided views; lse (B, H, T). Causal within each sequence.
-  virtual size_t attention_scratch_bytes(int hd, bool backward) const = 0;
+  virtual size_t attention_scratch_bytes(int B, int T, int H, int hd, bool backward) const = 0;
   virtual void attention_forward(View q, View k, View v, View o, View lse, int B, int T, int H, Scratch s) = 0;
   virtual void attention_backward(View q, View k, View v, View o, View dout, View lse, View dq, View dk, View dv,
                                   int B, int T, int H, Scratch s) = 0;
   // q (m, H*hd): the last m of the L cached rows of k, v (L, H*hd); query i sees rows [0, L-m+i]
-  virtual size_t attention_cached_scratch_bytes(int L, int hd) const = 0;
+  virtual size_t attention_cached_scratch_bytes(int m, int L, int H, int hd) const = 0;
   virtual void attention_cached(View q, View k, View v, View out, int H, Scratch s) = 0;
 
   // ---- output head -------------------------------------------------------------------------
@@ -176,10 +195,14 @@ class Backend {
 // approximates erfinv(2p - 1) (SUBLLM.md §7).
 double balancer_mean_bound(double p);
 
-// The backend for a --device value ("cpu"); an unknown or unavailable device is an Error
-// naming the choices. Instances live for the program.
+// The backend for a --device value: "cpu", "cuda" (bf16 compute) or "cuda:fp32" (fp32 compute,
+// for verification); an unknown or unavailable device is an Error naming the choices.
+// Instances live for the program.
 Backend& backend_for(const std::string& device);
 std::vector<std::string> backend_names();
+// Whether `device` names a backend this build has and this machine can run (e.g. a GPU is
+// present); `why` says what is missing when it cannot.
+bool backend_available(const std::string& device, std::string* why = nullptr);
 // The CPU backend (the default device).
 Backend& cpu_backend();
 

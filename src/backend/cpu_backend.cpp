@@ -23,6 +23,33 @@ void dense(const char* op, std::initializer_list<View> views) {
     if (v && v.ld != v.cols) throw Error(std::string(op) + ": operands must be dense rows (row stride = columns)");
 }
 
+// One element of an F32 or BF16 view as float (bf16: the top half of an fp32; stores round to
+// nearest even).
+float get_f32(const View& v, int64_t r, int64_t c) {
+  const int64_t i = r * v.ld + c;
+  if (v.dtype == DType::BF16) {
+    const uint32_t bits = (uint32_t) static_cast<const uint16_t*>(v.data)[i] << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return v.f32()[i];
+}
+void set_f32(const View& v, int64_t r, int64_t c, float f) {
+  const int64_t i = r * v.ld + c;
+  if (v.dtype == DType::BF16) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) bits |= 0x00400000u;  // NaN stays a (quiet) NaN
+    else bits += 0x7fffu + ((bits >> 16) & 1u);
+    static_cast<uint16_t*>(v.data)[i] = (uint16_t)(bits >> 16);
+    return;
+  }
+  v.f32()[i] = f;
+}
+
+View as_row(const View& v) { return View{v.data, v.dtype, 1, v.numel(), v.numel()}; }
+
 void need_scratch(const Scratch& s, size_t bytes, const char* op) {
   if (s.bytes < bytes)
     throw Error(std::string(op) + ": scratch of " + std::to_string(s.bytes) + " bytes, needs " + std::to_string(bytes));
@@ -44,6 +71,12 @@ class CpuBackend final : public Backend {
   void zero(void* p, size_t bytes) override { if (bytes) std::memset(p, 0, bytes); }
   void sync() override {}
 
+  void convert(View src, View dst) override {
+    check(src.rows == dst.rows && src.cols == dst.cols, "convert: source and destination shapes differ");
+    for (int64_t r = 0; r < src.rows; ++r)
+      for (int64_t c = 0; c < src.cols; ++c) set_f32(dst, r, c, get_f32(src, r, c));
+  }
+
   void linear_forward(View x, View w, View y, bool accumulate) override {
     dense("linear_forward", {x, w, y});
     k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
@@ -52,6 +85,12 @@ class CpuBackend final : public Backend {
     dense("linear_backward", {x, w, dy, dx, dw});
     k::linear_backward(x.f32(), w.f32(), dy.f32(), dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr, (int)x.rows,
                        (int)x.cols, (int)w.rows, accumulate_dx);
+  }
+
+  // The score layer is a linear layer with one output: w as a (1, C) row.
+  void score_forward(View x, View w, View scores) override { linear_forward(x, as_row(w), scores, false); }
+  void score_backward(View x, View w, View dscores, View dx, View dw, bool accumulate_dx) override {
+    linear_backward(x, as_row(w), dscores, dx, dw ? as_row(dw) : dw, accumulate_dx);
   }
 
   void gather_rows(View src, View idx, View dst) override {
@@ -96,13 +135,13 @@ class CpuBackend final : public Backend {
     k::swiglu_backward(gu.f32(), da.f32(), dgu.f32(), (int)gu.rows, (int)da.cols);
   }
 
-  size_t attention_scratch_bytes(int hd, bool backward) const override {
+  size_t attention_scratch_bytes(int, int, int, int hd, bool backward) const override {
     return (size_t)num_threads() * round64(k::attention_scratch_bytes(hd, backward));
   }
   void attention_forward(View q, View kk, View v, View o, View lse, int B, int T, int H, Scratch s) override {
     check(q.ld == kk.ld && q.ld == v.ld, "attention_forward: q, k and v share one row stride");
     const int hd = (int)(q.cols / H);
-    need_scratch(s, attention_scratch_bytes(hd, false), "attention_forward");
+    need_scratch(s, attention_scratch_bytes(B, T, H, hd, false), "attention_forward");
     k::attention_forward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, lse.f32(), B, T, H, hd,
                          static_cast<float*>(s.data));
   }
@@ -111,17 +150,17 @@ class CpuBackend final : public Backend {
     check(q.ld == kk.ld && q.ld == v.ld && dq.ld == dk.ld && dq.ld == dv.ld && o.ld == dout.ld,
           "attention_backward: q, k, v (and their gradients, and o, dout) share a row stride");
     const int hd = (int)(q.cols / H);
-    need_scratch(s, attention_scratch_bytes(hd, true), "attention_backward");
+    need_scratch(s, attention_scratch_bytes(B, T, H, hd, true), "attention_backward");
     k::attention_backward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, dout.f32(), lse.f32(), dq.f32(),
                           dk.f32(), dv.f32(), (int)dq.ld, B, T, H, hd, static_cast<float*>(s.data));
   }
-  size_t attention_cached_scratch_bytes(int L, int hd) const override {
+  size_t attention_cached_scratch_bytes(int, int L, int, int hd) const override {
     return sizeof(float) * (size_t)num_threads() * k::attention_cached_scratch_floats(L, hd);
   }
   void attention_cached(View q, View kk, View v, View out, int H, Scratch s) override {
     check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
     const int hd = (int)(q.cols / H), L = (int)kk.rows;
-    need_scratch(s, attention_cached_scratch_bytes(L, hd), "attention_cached");
+    need_scratch(s, attention_cached_scratch_bytes((int)q.rows, L, H, hd), "attention_cached");
     k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, hd, out.f32(), (int)out.ld,
                         static_cast<float*>(s.data));
   }

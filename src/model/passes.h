@@ -67,7 +67,7 @@ struct BlockIO {
 struct CachedSegment {
   int cap = 0;
   Tensor scores, w, kept, count, x, pos, tok;  // (rows), (rows), (rows) i32, (1) i32, (rows, C), (rows) i32 x2
-  void reserve(Backend& be, int rows, int C);
+  void reserve(Backend& be, int rows, int C, DType act);  // x in the activation dtype
 };
 
 struct SessionState {
@@ -76,7 +76,7 @@ struct SessionState {
   ModelActivations* last = nullptr;  // the plan of the last full pass (traces, statistics)
   // Cached path.
   std::vector<CachedSegment> cseg;   // per segment (0: the new tokens)
-  Tensor block_ws;                   // one block's intermediates
+  Tensor block_ws, block_stats;      // one block's intermediates: activations, F32 statistics
   Tensor normed, rstd, logits;       // final norm and head of the rows whose logits are asked for
   Tensor scratch;                    // kernel working memory, bytes
 };
@@ -89,6 +89,13 @@ void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t*
 // A matrix view of the first `rows` rows of a tensor planned for more.
 inline View rows_of(const Tensor& t, int64_t rows) { return view_of(t).rows_at(0, rows); }
 
+// Parameters as kernels read them: (rows, cols) of the compute copy at `offset` elements.
+inline View param(const Weights& w, int64_t offset, int64_t rows, int64_t cols) {
+  const DType dt = w.compute_dtype();
+  return View{static_cast<char*>(w.compute_data()) + offset * (int64_t)dtype_size(dt), dt, rows, cols, cols};
+}
+inline View param_vec(const Weights& w, int64_t offset, int64_t n) { return param(w, offset, n, 1); }
+
 // ---- transformer block (shared by the full and the cached path) -------------------------
 
 // x (rows, C) -> y (rows, C), keeping the intermediates in io. `attend` turns io.qkv into
@@ -98,23 +105,22 @@ void block_core(Backend& be, const Weights& w, int blk, View x, View y, View pos
   const ModelConfig& c = w.config();
   const int64_t C = c.dim, F = c.ffn_dim, hd = c.head_dim();
   const BlockOffsets& o = w.block(blk);
-  const float* P = w.data();
   const View cos = view_of(w.rope_cos()), sin = view_of(w.rope_sin());
   // h = x + wo · attention(rope(qkv(norm(x))))
-  be.rmsnorm_forward(x, vec(P + o.attn_norm, C), io.n1, io.rstd1, c.norm_eps);
+  be.rmsnorm_forward(x, param_vec(w, o.attn_norm, C), io.n1, io.rstd1, c.norm_eps);
   // q, k, v weights are adjacent, so one GEMM against the (3C, C) block makes all three.
-  be.linear_forward(io.n1, mat(P + o.wqkv, 3 * C, C), io.qkv);
+  be.linear_forward(io.n1, param(w, o.wqkv, 3 * C, C), io.qkv);
   be.rope_apply(io.qkv.cols_at(0, C), pos, cos, sin, (int)hd, false);
   be.rope_apply(io.qkv.cols_at(C, C), pos, cos, sin, (int)hd, false);
   attend();
   be.copy_rows(x, io.h);
-  be.linear_forward(io.att, mat(P + o.wo, C, C), io.h, true);
+  be.linear_forward(io.att, param(w, o.wo, C, C), io.h, true);
   // y = h + w3 · swiglu(w12 · norm(h))
-  be.rmsnorm_forward(io.h, vec(P + o.ffn_norm, C), io.n1, io.rstd2, c.norm_eps);
-  be.linear_forward(io.n1, mat(P + o.w12, 2 * F, C), io.gu);
+  be.rmsnorm_forward(io.h, param_vec(w, o.ffn_norm, C), io.n1, io.rstd2, c.norm_eps);
+  be.linear_forward(io.n1, param(w, o.w12, 2 * F, C), io.gu);
   be.swiglu_forward(io.gu, io.a);
   be.copy_rows(io.h, y);
-  be.linear_forward(io.a, mat(P + o.w3, C, F), y, true);
+  be.linear_forward(io.a, param(w, o.w3, C, F), y, true);
 }
 
 }  // namespace subllm

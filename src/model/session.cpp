@@ -42,8 +42,10 @@ namespace {
 // Kernel working memory of a full pass: the largest any one kernel call needs.
 size_t scratch_bytes(Backend& be, const ModelConfig& c, const Structure& st, int B, const std::vector<int>& len,
                      bool train) {
-  size_t bytes = std::max({be.rmsnorm_scratch_bytes(c.dim), be.attention_scratch_bytes(c.head_dim(), false),
-                           be.attention_scratch_bytes(c.head_dim(), true), be.upsample_bypass_scratch_bytes(c.dim)});
+  size_t bytes = std::max(be.rmsnorm_scratch_bytes(c.dim), be.upsample_bypass_scratch_bytes(c.dim));
+  for (size_t s = 0; s < st.segments.size(); ++s)
+    for (bool backward : {false, true})
+      if (backward <= train) bytes = std::max(bytes, be.attention_scratch_bytes(B, len[s], c.n_heads, c.head_dim(), backward));
   for (size_t s = 1; s < st.segments.size(); ++s) {
     const int Tp = len[st.segments[s].parent];
     if (train) bytes = std::max(bytes, be.select_top_scratch_bytes(Tp));
@@ -54,6 +56,8 @@ size_t scratch_bytes(Backend& be, const ModelConfig& c, const Structure& st, int
 
 void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Structure& st, int B, int T, Mode mode) {
   const int64_t N = (int64_t)B * T, C = c.dim, F = c.ffn_dim;
+  // Activations in the backend's compute dtype; statistics F32 (backend.h's role table).
+  const DType ad = be.compute_dtype();
   Arena& ar = a.arena;
   a.B = B;
   a.T = T;
@@ -67,8 +71,8 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
     g.T = g.T_cap = len[s];
     g.pos = ar.alloc({rows}, DType::I32);
     g.tok = ar.alloc({rows}, DType::I32);
-    for (size_t k = 0; k <= st.segments[s].items.size(); ++k) g.stream.push_back(ar.alloc({rows, C}));
-    g.d_stream = ar.alloc({rows, C});
+    for (size_t k = 0; k <= st.segments[s].items.size(); ++k) g.stream.push_back(ar.alloc({rows, C}, ad));
+    g.d_stream = ar.alloc({rows, C}, ad);
     if (s > 0) {
       const int64_t parent_rows = (int64_t)B * len[st.segments[s].parent];
       g.scores = ar.alloc({parent_rows});
@@ -85,26 +89,26 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
       BlockActs& b = a.blk[it.index];
       b.rstd1 = ar.alloc({rows});
       b.rstd2 = ar.alloc({rows});
-      b.qkv = ar.alloc({rows, 3 * C});
-      b.att = ar.alloc({rows, C});
+      b.qkv = ar.alloc({rows, 3 * C}, ad);
+      b.att = ar.alloc({rows, C}, ad);
       b.lse = ar.alloc({(int64_t)B, (int64_t)c.n_heads, (int64_t)len[s]});
-      b.h = ar.alloc({rows, C});
-      b.gu = ar.alloc({rows, 2 * F});
+      b.h = ar.alloc({rows, C}, ad);
+      b.gu = ar.alloc({rows, 2 * F}, ad);
     }
   }
   a.targets = ar.alloc({N}, DType::I32);
-  a.norm_out = ar.alloc({N, C});
+  a.norm_out = ar.alloc({N, C}, ad);
   a.rstd_f = ar.alloc({N});
-  a.tmp_c = ar.alloc({N, C});
-  a.tmp_f = ar.alloc({N, F});
-  a.d_tmp_c = ar.alloc({N, C});
-  a.d_att = ar.alloc({N, C});
-  a.d_qkv = ar.alloc({N, 3 * C});
-  a.d_f = ar.alloc({N, F});
-  a.d_gu = ar.alloc({N, 2 * F});
+  a.tmp_c = ar.alloc({N, C}, ad);
+  a.tmp_f = ar.alloc({N, F}, ad);
+  a.d_tmp_c = ar.alloc({N, C}, ad);
+  a.d_att = ar.alloc({N, C}, ad);
+  a.d_qkv = ar.alloc({N, 3 * C}, ad);
+  a.d_f = ar.alloc({N, F}, ad);
+  a.d_gu = ar.alloc({N, 2 * F}, ad);
   // Chunks of at most ~32 MB of logits.
   const int64_t chunk_rows = std::max<int64_t>(1, std::min<int64_t>(N, (8 << 20) / c.vocab_size));
-  a.logits_chunk = ar.alloc({chunk_rows, (int64_t)c.vocab_size});
+  a.logits_chunk = ar.alloc({chunk_rows, (int64_t)c.vocab_size}, ad);
   a.loss = ar.alloc({2}, DType::F64);
   a.stats = ar.alloc({3}, DType::F64);
   a.scratch = ar.alloc({(int64_t)(scratch_bytes(be, c, st, B, len, mode == Mode::Train) + 3) / 4}, DType::I32);
@@ -130,8 +134,10 @@ struct Pass {
     if (s.grad_ready_ && sp.last > sp.first) s.grad_ready_(sp.first, sp.last);
   }
 
+  // Master weights (F32) and the compute copy kernels read.
   const float* P() const { return w.data(); }
-  View param(int64_t offset, int64_t rows, int64_t cols) const { return mat(P() + offset, rows, cols); }
+  View param(int64_t offset, int64_t rows, int64_t cols) const { return subllm::param(w, offset, rows, cols); }
+  View param_vec(int64_t offset, int64_t n) const { return subllm::param_vec(w, offset, n); }
   View grad(int64_t offset, int64_t rows, int64_t cols) const { return mat(G + offset, rows, cols); }
   View rope_cos() const { return view_of(w.rope_cos()); }
   View rope_sin() const { return view_of(w.rope_sin()); }
@@ -179,9 +185,9 @@ void Pass::block_backward(int blk, int seg, View x, View dres) {
   be.linear_backward(tmp_f, param(o.w3, C, F), dres, d_f, grad(o.w3, C, F));
   be.swiglu_backward(gu, d_f, d_gu);
   // gu = w12 · norm(h)
-  be.rmsnorm_forward(h, vec(P() + o.ffn_norm, C), tmp_c, rstd2, cfg.norm_eps);
+  be.rmsnorm_forward(h, param_vec(o.ffn_norm, C), tmp_c, rstd2, cfg.norm_eps);
   be.linear_backward(tmp_c, param(o.w12, 2 * F, C), d_gu, dtmp_c, grad(o.w12, 2 * F, C));
-  be.rmsnorm_backward(h, vec(P() + o.ffn_norm, C), rstd2, dtmp_c, dres, vec(G + o.ffn_norm, C), true, scratch);
+  be.rmsnorm_backward(h, param_vec(o.ffn_norm, C), rstd2, dtmp_c, dres, vec(G + o.ffn_norm, C), true, scratch);
   // h = x + wo · att; dres now holds dh
   be.linear_backward(att, param(o.wo, C, C), dres, d_att, grad(o.wo, C, C));
   be.attention_backward(qkv.cols_at(0, C), qkv.cols_at(C, C), qkv.cols_at(2 * C, C), att, d_att, view_of(ba.lse),
@@ -189,9 +195,9 @@ void Pass::block_backward(int blk, int seg, View x, View dres) {
   be.rope_apply(dqkv.cols_at(0, C), pos, rope_cos(), rope_sin(), hd, true);
   be.rope_apply(dqkv.cols_at(C, C), pos, rope_cos(), rope_sin(), hd, true);
   // qkv = wqkv · norm(x)
-  be.rmsnorm_forward(x, vec(P() + o.attn_norm, C), tmp_c, rstd1, cfg.norm_eps);
+  be.rmsnorm_forward(x, param_vec(o.attn_norm, C), tmp_c, rstd1, cfg.norm_eps);
   be.linear_backward(tmp_c, param(o.wqkv, 3 * C, C), dqkv, dtmp_c, grad(o.wqkv, 3 * C, C));
-  be.rmsnorm_backward(x, vec(P() + o.attn_norm, C), rstd1, dtmp_c, dres, vec(G + o.attn_norm, C), true, scratch);
+  be.rmsnorm_backward(x, param_vec(o.attn_norm, C), rstd1, dtmp_c, dres, vec(G + o.attn_norm, C), true, scratch);
 }
 
 // ---- subsampler, upsampler and bypass --------------------------------------------------
@@ -205,7 +211,7 @@ void Pass::subsample_forward(int child, View x) {
   const int j = sg.subsampler, B = a.B, Tp = parent.T, C = cfg.dim;
   const int64_t Np = (int64_t)B * Tp;
   const View scores = rows_of(g.scores, Np);
-  be.linear_forward(x, param(w.score_offset(j), 1, C), scores);
+  be.score_forward(x, param_vec(w.score_offset(j), C), scores);
   if (a.mode == Mode::Train) {
     Rng rng(mix_seed(s.train_seed_, s.train_step_, 1000 + j));
     g.balancer_on = rng.uniform() < s.knobs_.balancer_prob.at((double)s.train_step_);
@@ -242,7 +248,7 @@ void Pass::upsample_backward_pre(int child, View x) {
   SegmentActs& parent = a.seg[sg.parent];
   const int64_t rows = (int64_t)a.B * g.T, Np = (int64_t)a.B * parent.T;
   be.upsample_bypass_backward(x, rows_of(g.stream.back(), rows), rows_of(g.kept, rows), rows_of(g.w_scale, rows),
-                              vec(P() + w.bypass_offset(sg.subsampler), cfg.dim), rows_of(parent.d_stream, Np),
+                              param_vec(w.bypass_offset(sg.subsampler), cfg.dim), rows_of(parent.d_stream, Np),
                               rows_of(g.d_stream, rows), rows_of(g.d_w_scale, rows), view_of(g.d_bypass),
                               scratch_of(a.scratch));
 }
@@ -270,9 +276,9 @@ void Pass::subsample_backward_post(int child, View x) {
                          kn.balancer_counted ? r : -1.0, win, scratch_of(a.scratch));
   }
   // scores = x · w_score: d(w_score) += dscores^T x, d(x) += dscores ⊗ w_score
-  be.linear_backward(x, param(w.score_offset(j), 1, C), dscores, dout, grad(w.score_offset(j), 1, C), true);
-  // The bypass-scale limit: where c is outside [c_min, c_max], a gradient that would push it
-  // further out is reversed.
+  be.score_backward(x, param_vec(w.score_offset(j), C), dscores, dout, vec(G + w.score_offset(j), C), true);
+  // The bypass-scale limit: where c (the master value) is outside [c_min, c_max], a gradient
+  // that would push it further out is reversed.
   const float lo = (float)s.knobs_.bypass_min.at((double)s.train_step_), hi = s.knobs_.bypass_max;
   be.bypass_limit_accumulate(view_of(g.d_bypass), vec(P() + w.bypass_offset(j), C), lo, hi, g.limit_on,
                              vec(G + w.bypass_offset(j), C));
@@ -300,7 +306,7 @@ void Pass::segment_forward(int seg) {
     // Upsample + bypass: out = x + c * w * (y' - x) on kept rows, x elsewhere.
     const int64_t crows = (int64_t)a.B * cg.T;
     be.upsample_bypass_forward(x, rows_of(cg.stream.back(), crows), rows_of(cg.kept, crows),
-                               rows_of(cg.w_scale, crows), vec(P() + w.bypass_offset(st.segments[child].subsampler), cfg.dim),
+                               rows_of(cg.w_scale, crows), param_vec(w.bypass_offset(st.segments[child].subsampler), cfg.dim),
                                y);
   }
 }
@@ -346,7 +352,7 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
 
   be.embedding_forward(tok, param(w.embed_offset(), V, C), x0);
   segment_forward(0);
-  be.rmsnorm_forward(last, vec(P() + w.final_norm_offset(), C), norm_out, rstd_f, cfg.norm_eps);
+  be.rmsnorm_forward(last, param_vec(w.final_norm_offset(), C), norm_out, rstd_f, cfg.norm_eps);
   Tensor logits_dev;  // only evaluation asks for every logit
   if (logits) logits_dev = be.empty({(int64_t)N, (int64_t)V});
   be.lm_head_xent(norm_out, param(head, V, C), tgt, gscale, backward ? dlast : View{}, backward ? grad(head, V, C) : View{},
@@ -358,7 +364,7 @@ double Pass::run(const int32_t* tokens, const int32_t* targets, bool backward, f
   if (!backward) return loss[0];
 
   ready(w.head_span());
-  be.rmsnorm_backward(last, vec(P() + w.final_norm_offset(), C), rstd_f, dlast, rows_of(root.d_stream, N),
+  be.rmsnorm_backward(last, param_vec(w.final_norm_offset(), C), rstd_f, dlast, rows_of(root.d_stream, N),
                       vec(G + w.final_norm_offset(), C), false, scratch_of(a.scratch));
   ready(w.final_norm_span());
   segment_backward(0);

@@ -10,26 +10,28 @@ namespace subllm {
 
 size_t SequenceCache::bytes() const {
   size_t total = 0;
-  for (size_t b = 0; b < k.size(); ++b) total += 2 * sizeof(float) * (size_t)rows[b] * width;
+  for (size_t b = 0; b < k.size(); ++b) total += 2 * element_bytes * (size_t)rows[b] * width;
   return total;
 }
 
 KVRows& KVRows::operator=(const KVRows& o) {
   if (this == &o) return *this;
   backend_ = o.backend_;
-  buf_ = o.cap_ ? backend_->alloc_shared(sizeof(float) * o.cap_) : nullptr;
+  dtype_ = o.dtype_;
+  const size_t es = dtype_size(dtype_);
+  buf_ = o.cap_ ? backend_->alloc_shared(es * o.cap_) : nullptr;
   cap_ = o.cap_;
   used_ = o.used_;
-  if (used_) backend_->copy(buf_.get(), o.buf_.get(), sizeof(float) * used_);
+  if (used_) backend_->copy(buf_.get(), o.buf_.get(), es * used_);
   return *this;
 }
 
-void KVRows::reserve(size_t floats) {
-  if (floats <= cap_) return;
+void KVRows::reserve(size_t elements) {
+  if (elements <= cap_) return;
   check(backend_ != nullptr, "key/value rows without a backend: make caches with Session::new_cache");
-  const size_t cap = std::max(floats, cap_ * 2);
-  std::shared_ptr<void> grown = backend_->alloc_shared(sizeof(float) * cap);
-  if (used_) backend_->copy(grown.get(), buf_.get(), sizeof(float) * used_);
+  const size_t cap = std::max(elements, cap_ * 2), es = dtype_size(dtype_);
+  std::shared_ptr<void> grown = backend_->alloc_shared(es * cap);
+  if (used_) backend_->copy(grown.get(), buf_.get(), es * used_);
   buf_ = std::move(grown);
   cap_ = cap;
 }
@@ -37,27 +39,29 @@ void KVRows::reserve(size_t floats) {
 SequenceCache Session::new_cache(int reserve_tokens) const {
   const ModelConfig& c = w_.config();
   SequenceCache cache;
-  cache.k.assign(c.n_layers, KVRows(&w_.backend()));
-  cache.v.assign(c.n_layers, KVRows(&w_.backend()));
+  const DType dt = w_.compute_dtype();
+  cache.k.assign(c.n_layers, KVRows(&w_.backend(), dt));
+  cache.v.assign(c.n_layers, KVRows(&w_.backend(), dt));
   for (int b = 0; b < c.n_layers && reserve_tokens > 0; ++b) {
     cache.k[b].reserve((size_t)reserve_tokens * c.dim);
     cache.v[b].reserve((size_t)reserve_tokens * c.dim);
   }
   cache.rows.assign(c.n_layers, 0);
   cache.width = c.dim;
+  cache.element_bytes = dtype_size(dt);
   cache.seen.assign(w_.structure().num_subsamplers, 0);
   cache.kept.assign(w_.structure().num_subsamplers, 0);
   return cache;
 }
 
-void CachedSegment::reserve(Backend& be, int rows, int C) {
+void CachedSegment::reserve(Backend& be, int rows, int C, DType act) {
   if (rows <= cap) return;
   cap = std::max(rows, 2 * cap);
   scores = be.empty({cap});
   w = be.empty({cap});
   kept = be.empty({cap}, DType::I32);
   count = be.empty({1}, DType::I32);
-  x = be.empty({cap, (int64_t)C});
+  x = be.empty({cap, (int64_t)C}, act);
   pos = be.empty({cap}, DType::I32);
   tok = be.empty({cap}, DType::I32);
 }
@@ -89,13 +93,21 @@ struct CachedPass {
 
 void CachedPass::block(int blk, View x, int rows, View pos) {
   const int64_t C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim();
+  const DType ad = w.compute_dtype();
   // One workspace serves every block: blocks never run nested inside one another.
-  const int64_t per_row = 7 * C + 3 * F + 2 + H;
-  ensure(be, st.block_ws, rows * per_row);
-  float* ws = st.block_ws.f32();
+  // Activations in the compute dtype, per-row statistics in F32.
+  ensure(be, st.block_ws, rows * (7 * C + 3 * F), ad);
+  ensure(be, st.block_stats, rows * (2 + H));
+  char* ws = static_cast<char*>(st.block_ws.raw());
+  float* stats = st.block_stats.f32();
   auto take = [&](int64_t cols) {
-    View v = mat(ws, rows, cols);
-    ws += rows * cols;
+    View v{ws, ad, rows, cols, cols};
+    ws += rows * cols * (int64_t)dtype_size(ad);
+    return v;
+  };
+  auto take_f32 = [&](int64_t cols) {
+    View v = mat(stats, rows, cols);
+    stats += rows * cols;
     return v;
   };
   BlockIO io;
@@ -105,23 +117,25 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   io.h = take(C);
   io.gu = take(2 * F);
   io.a = take(F);
-  io.rstd1 = take(1);
-  io.rstd2 = take(1);
-  io.lse = take(H);
+  io.rstd1 = take_f32(1);
+  io.rstd2 = take_f32(1);
+  io.lse = take_f32(H);
   const View y = take(C);
   KVRows& K = cache.k[blk];
   KVRows& V = cache.v[blk];
   const int L0 = cache.rows[blk], L = L0 + rows;
   ensure(be, st.scratch,
-         (int64_t)std::max(be.attention_scratch_bytes((int)hd, false), be.attention_cached_scratch_bytes(L, (int)hd)),
+         (int64_t)std::max(be.attention_scratch_bytes(1, rows, (int)H, (int)hd, false),
+                           be.attention_cached_scratch_bytes(rows, L, (int)H, (int)hd)),
          DType::U8);
   io.scratch = scratch_of(st.scratch);
   block_core(be, w, blk, x, y, pos, io, [&] {
     // Append this chunk's keys and values, then attend over the whole cache.
     K.reserve((size_t)L * C);
     V.reserve((size_t)L * C);
-    be.copy_rows(io.qkv.cols_at(C, C), mat(K.data(), L, C).rows_at(L0, rows));
-    be.copy_rows(io.qkv.cols_at(2 * C, C), mat(V.data(), L, C).rows_at(L0, rows));
+    const View k_rows{K.data(), ad, L, C, C}, v_rows{V.data(), ad, L, C, C};
+    be.copy_rows(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
+    be.copy_rows(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
     K.set_used((size_t)L * C);
     V.set_used((size_t)L * C);
     cache.rows[blk] = L;
@@ -129,7 +143,7 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
       be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, 1,
                            rows, (int)H, io.scratch);
     else
-      be.attention_cached(io.qkv.cols_at(0, C), mat(K.data(), L, C), mat(V.data(), L, C), io.att, (int)H, io.scratch);
+      be.attention_cached(io.qkv.cols_at(0, C), k_rows, v_rows, io.att, (int)H, io.scratch);
   });
   be.copy_rows(y, x);
 }
@@ -144,9 +158,9 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
     const int child = it.index;
     const int j = w.structure().segments[child].subsampler;
     CachedSegment& b = st.cseg[child];
-    b.reserve(be, rows, C);
+    b.reserve(be, rows, C, w.compute_dtype());
     const View scores = rows_of(b.scores, rows);
-    be.linear_forward(x, mat(w.data() + w.score_offset(j), 1, C), scores);
+    be.score_forward(x, param_vec(w, w.score_offset(j), C), scores);
     be.select_threshold(scores, tok, s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
                         view_of(b.count));
     int32_t nk = 0;
@@ -160,7 +174,7 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
     be.gather_rows(tok, kept, rows_of(b.tok, nk));
     segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk));
     // Upsample + bypass in place: x[kept] += c * w * (y' - x[kept]).
-    be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), vec(w.data() + w.bypass_offset(j), C), x);
+    be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), param_vec(w, w.bypass_offset(j), C), x);
   }
 }
 
@@ -178,21 +192,22 @@ void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n,
   SessionState& st = *st_;
   st.cseg.resize(w_.structure().segments.size());
   CachedSegment& root = st.cseg[0];
-  root.reserve(be, n, C);
+  root.reserve(be, n, C, w_.compute_dtype());
   const View x = rows_of(root.x, n), pos = rows_of(root.pos, n), tok = rows_of(root.tok, n);
   be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * n);
   be.fill_positions(pos, 1, n, cache.length);
-  be.embedding_forward(tok, mat(w_.data() + w_.embed_offset(), V, C), x);
+  be.embedding_forward(tok, param(w_, w_.embed_offset(), V, C), x);
   CachedPass(*this, st, cache).segment(0, x, n, pos, tok);
   cache.length += n;
   const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
-  ensure(be, st.normed, (int64_t)count * C);
+  ensure(be, st.normed, (int64_t)count * C, w_.compute_dtype());
   ensure(be, st.rstd, count);
   ensure(be, st.logits, (int64_t)count * V);
-  const View normed = mat(st.normed.f32(), count, C), out = mat(st.logits.f32(), count, V);
-  be.rmsnorm_forward(x.rows_at(first, count), vec(w_.data() + w_.final_norm_offset(), C), normed,
+  const View normed = View{st.normed.raw(), w_.compute_dtype(), count, C, C}, out = mat(st.logits.f32(), count, V);
+  be.rmsnorm_forward(x.rows_at(first, count), param_vec(w_, w_.final_norm_offset(), C), normed,
                      vec(st.rstd.f32(), count), c.norm_eps);
-  be.linear_forward(normed, mat(w_.data() + w_.head_offset(), V, C), out);
+  // Logits in F32 from compute-dtype operands.
+  be.linear_forward(normed, param(w_, w_.head_offset(), V, C), out);
   be.to_host(logits, out.data, sizeof(float) * count * V);
 }
 

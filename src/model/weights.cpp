@@ -66,6 +66,9 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
   head_offset_ = cfg_.tie_weights ? 0 : add("decoder.output_projection.weight", {V, C}, true);
   head_span_ = cfg_.tie_weights ? Span{num_params_, num_params_} : Span{head_offset_, num_params_};
   buf_ = backend_->zeros({num_params_});
+  compute_dtype_ = backend_->compute_dtype();
+  if (compute_dtype_ != DType::F32) compute_buf_ = backend_->empty({num_params_}, compute_dtype_);
+  params_changed();
   const int64_t half = cfg_.head_dim() / 2;
   rope_cos_ = backend_->zeros({(int64_t)cfg_.context, half});
   rope_sin_ = backend_->zeros({(int64_t)cfg_.context, half});
@@ -73,6 +76,11 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
 }
 
 Weights::~Weights() = default;
+
+void Weights::params_changed() {
+  if (!compute_buf_.raw()) return;
+  backend_->convert(vec(data(), num_params_), View{compute_buf_.raw(), compute_dtype_, num_params_, 1, 1});
+}
 
 const ParamInfo& Weights::param_info(const std::string& name) const {
   for (const auto& p : params_)
@@ -113,6 +121,7 @@ void Weights::init(uint64_t seed) {
     }
   }
   backend_->to_device(data(), host.data(), sizeof(float) * host.size());
+  params_changed();
 }
 
 void Weights::load(const std::string& path) {
@@ -129,6 +138,7 @@ void Weights::load(const std::string& path) {
     f.read_f32(p.name, p.shape, host.data() + p.offset);
   }
   backend_->to_device(data(), host.data(), sizeof(float) * host.size());
+  params_changed();
 }
 
 void Weights::save(const std::string& path) const {

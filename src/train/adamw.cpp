@@ -40,6 +40,7 @@ StepReport AdamW::step(Model& model, float lr) {
                   vec(m_.f32() + p.offset, p.numel), vec(v_.f32() + p.offset, p.numel), lr * p.lr_scale, opt_.beta1,
                   opt_.beta2, opt_.eps, p.decay ? opt_.weight_decay : 0.0f, step_);
   }
+  model.weights().params_changed();
   return r;
 }
 
@@ -79,6 +80,7 @@ ScaledAdamOptimizer::ScaledAdamOptimizer(const Model& model, ScaledAdamOptions o
 
 StepReport ScaledAdamOptimizer::step(Model& model, float lr) {
   const ScaledAdamStepInfo info = impl_.step(model.param_data(), model.grad_data(), lr);
+  if (!info.skipped) model.weights().params_changed();
   StepReport r;
   r.grad_norm = info.grad_norm;
   r.clip_factor = info.clip_factor;

@@ -73,7 +73,7 @@ struct Problem {
   }
   // The kernels' working memory, from the CPU backend as the model gets it.
   float* scratch(bool backward) {
-    scratch_mem = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(hd, backward));
+    scratch_mem = subllm::cpu_backend().alloc_shared(subllm::cpu_backend().attention_scratch_bytes(B, T, H, hd, backward));
     return static_cast<float*>(scratch_mem.get());
   }
   std::shared_ptr<void> scratch_mem;

@@ -461,11 +461,11 @@ TEST(BackendAttention, CachedQueriesMatchTheLastRowsOfFullAttention) {
   View q = qkv.cols_at(0, C), k = qkv.cols_at(C, C), v = qkv.cols_at(2 * C, C);
 
   Tensor o_t = be.zeros({L, C}), lse_t = be.zeros({1, H, L});
-  OwnedScratch fs(be, be.attention_scratch_bytes(hd, false));
+  OwnedScratch fs(be, be.attention_scratch_bytes(1, L, H, hd, false));
   be.attention_forward(q, k, v, view_of(o_t), view_of(lse_t), 1, L, H, fs.s);
 
   Tensor out_t = be.zeros({m, C});
-  OwnedScratch cs(be, be.attention_cached_scratch_bytes(L, hd));
+  OwnedScratch cs(be, be.attention_cached_scratch_bytes(m, L, H, hd));
   be.attention_cached(q.rows_at(L - m, m), k, v, view_of(out_t), H, cs.s);
   const float* o = o_t.f32();
   const float* out = out_t.f32();
