@@ -12,8 +12,10 @@
 namespace subllm {
 
 double peak_rss_mb();
-double measure_sgemm_gflops();    // 2048^3 sgemm on the current thread count, best of 3
-double measure_read_bandwidth();  // GB/s streaming over 512 MB
+// The device's GEMM rate in its compute dtype, best of 3: 2048^3 fp32 on the CPU's current
+// thread count, 8192^3 bf16 (cuBLASLt) on a GPU.
+double measure_sgemm_gflops(const std::string& device = "cpu");
+double measure_read_bandwidth(const std::string& device = "cpu");  // GB/s streaming over 512 MB (GPU: 2 GB)
 
 struct TrainBenchOptions {
   int seq = 1024, batch = 4, steps = 3, warmup = 1;

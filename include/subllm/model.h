@@ -18,6 +18,9 @@ namespace subllm {
 
 class Backend;  // the device; chosen by name (backend_names() lists them)
 std::vector<std::string> backend_names();
+// Whether `device` names a backend this build has and this machine can run; `why` says what
+// is missing when it cannot.
+bool backend_available(const std::string& device, std::string* why = nullptr);
 
 struct ParamInfo {
   std::string name;   // official SUBLLM checkpoint name

@@ -74,6 +74,11 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void zero(void* p, size_t bytes) = 0;
   virtual void sync() = 0;
+  // Device memory allocated through this backend now and at its peak since the last reset
+  // (0 on the CPU, whose memory is the process's RSS).
+  virtual size_t device_bytes_in_use() const { return 0; }
+  virtual size_t device_peak_bytes() const { return 0; }
+  virtual void reset_device_peak() {}
   // Owned device memory released with the last reference.
   std::shared_ptr<void> alloc_shared(size_t bytes);
   Tensor empty(Shape shape, DType dt = DType::F32);  // uninitialised
@@ -200,9 +205,7 @@ double balancer_mean_bound(double p);
 // Instances live for the program.
 Backend& backend_for(const std::string& device);
 std::vector<std::string> backend_names();
-// Whether `device` names a backend this build has and this machine can run (e.g. a GPU is
-// present); `why` says what is missing when it cannot.
-bool backend_available(const std::string& device, std::string* why = nullptr);
+bool backend_available(const std::string& device, std::string* why);  // declared in subllm/model.h
 // The CPU backend (the default device).
 Backend& cpu_backend();
 

@@ -36,17 +36,24 @@ double peak_rss_mb() {
   return u.ru_maxrss / 1024.0;
 }
 
-// The machine's matrix-multiply rate on this thread count, the yardstick for MFU.
-double measure_sgemm_gflops() {
-  const int n = 2048;
-  std::vector<float> a((size_t)n * n, 0.5f), b((size_t)n * n, 0.25f), c((size_t)n * n);
-  Backend& be = cpu_backend();  // host vectors: the CPU's rate
-  be.linear_forward(mat(a.data(), n, n), mat(b.data(), n, n), mat(c.data(), n, n));
+// The device's matrix-multiply rate in its compute dtype (fp32 sgemm on this CPU thread
+// count, cuBLASLt bf16 on a GPU), the yardstick for MFU.
+double measure_sgemm_gflops(const std::string& device) {
+  Backend& be = backend_for(device);
+  const bool host = &be == &cpu_backend();
+  const int n = host ? 2048 : 8192, reps = host ? 1 : 10;
+  const DType dt = be.compute_dtype();
+  Tensor a = be.empty({n, n}, dt), b = be.empty({n, n}, dt), c = be.empty({n, n}, dt);
+  be.zero(a.raw(), a.nbytes());
+  be.zero(b.raw(), b.nbytes());
+  be.linear_forward(view_of(a), view_of(b), view_of(c));
+  be.sync();
   double best = 0;
   for (int r = 0; r < 3; ++r) {
     auto t0 = Clock::now();
-    be.linear_forward(mat(a.data(), n, n), mat(b.data(), n, n), mat(c.data(), n, n));
-    best = std::max(best, 2.0 * n * n * n / seconds_since(t0) / 1e9);
+    for (int i = 0; i < reps; ++i) be.linear_forward(view_of(a), view_of(b), view_of(c));
+    be.sync();
+    best = std::max(best, 2.0 * n * n * n * reps / seconds_since(t0) / 1e9);
   }
   return best;
 }
@@ -55,6 +62,7 @@ double measure_sgemm_gflops() {
 nlohmann::json measure_training(const std::string& config_path, const TrainBenchOptions& a, double sgemm) {
   ModelConfig cfg = load_config(config_path);
   if (cfg.context < a.seq) cfg.context = a.seq;
+  backend_for(a.device).reset_device_peak();
   Model model(cfg, a.device);
   model.init_weights(a.seed);
   std::unique_ptr<Optimizer> opt = make_optimizer(a.optimizer, model, AdamWOptions{}, ScaledAdamOptions{});
@@ -71,6 +79,7 @@ nlohmann::json measure_training(const std::string& config_path, const TrainBench
     model.zero_grad();
     float loss = model.forward_backward(tokens.data(), targets.data(), a.batch, a.seq);
     opt->step(model, a.optimizer == "adamw" ? 3e-4f : 0.045f);
+    model.backend().sync();  // the step ends when the device is done
     return loss;
   };
   for (int i = 0; i < a.warmup; ++i) train_step();
@@ -101,14 +110,33 @@ nlohmann::json measure_training(const std::string& config_path, const TrainBench
           {"gflops", gflops},
           {"sgemm_gflops", sgemm},
           {"mfu", gflops / sgemm},
+          {"device", a.device},
+          {"compute_dtype", dtype_name(model.weights().compute_dtype())},
           {"activation_mb", model.activation_bytes(a.batch, a.seq) / 1048576.0},
           {"peak_rss_mb", peak_rss_mb()},
+          {"peak_device_mb", model.backend().device_peak_bytes() / 1048576.0},
           {"final_loss", loss}};
 }
 
 // Streaming read bandwidth (GB/s) over a buffer far larger than the caches: the yardstick
-// for decoding, which reads every weight once per token.
-double measure_read_bandwidth() {
+// for decoding, which reads every weight once per token. On a GPU: a sum of squares over
+// 2 GB of device memory.
+double measure_read_bandwidth(const std::string& device) {
+  Backend& be = backend_for(device);
+  if (&be != &cpu_backend()) {
+    const int64_t n = (int64_t)1 << 29;
+    Tensor buf = be.zeros({n}), out = be.empty({1}, DType::F64);
+    be.sum_squares(view_of(buf), view_of(out));
+    be.sync();
+    double best = 0;
+    for (int r = 0; r < 3; ++r) {
+      auto t0 = Clock::now();
+      for (int i = 0; i < 5; ++i) be.sum_squares(view_of(buf), view_of(out));
+      be.sync();
+      best = std::max(best, 5.0 * n * sizeof(float) / seconds_since(t0) / 1e9);
+    }
+    return best;
+  }
   const size_t n = (size_t)1 << 27;  // 512 MB
   std::vector<float> buf(n, 1.0f);
   double best = 0;
@@ -148,12 +176,12 @@ double forward_flops(const Model& m, int P) {
 double decode_weight_bytes(const Model& m) {
   const auto& st = m.structure();
   std::vector<double> frac(st.segments.size(), 1.0);
-  const double C = m.config().dim, F = m.config().ffn_dim;
-  double bytes = 4.0 * m.config().vocab_size * C + 4.0 * C;
+  const double C = m.config().dim, F = m.config().ffn_dim, e = (double)dtype_size(m.weights().compute_dtype());
+  double bytes = e * m.config().vocab_size * C + e * C;
   for (size_t s = 0; s < st.segments.size(); ++s) {
     if (s > 0) frac[s] = frac[st.segments[s].parent] * st.segments[s].retention;
     for (const auto& it : st.segments[s].items)
-      bytes += it.is_block ? frac[s] * 4.0 * (4 * C * C + 3 * C * F + 2 * C) : frac[s] * 4.0 * 2 * C;
+      bytes += it.is_block ? frac[s] * e * (4 * C * C + 3 * C * F + 2 * C) : frac[s] * e * 2 * C;
   }
   return bytes;
 }
@@ -204,12 +232,13 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
   const double decode_s = seconds_since(t1);
   std::vector<double> retention;
   for (size_t j = 0; j < cache.seen.size(); ++j) retention.push_back(cache.seen[j] ? (double)cache.kept[j] / cache.seen[j] : 0);
-  const double weight_bytes = 4.0 * m.num_params();
-  const size_t kv_llama = 2 * sizeof(float) * (size_t)m.config().n_layers * cache.length * m.config().dim;
+  const double weight_bytes = (double)cache.element_bytes * m.num_params();  // the compute copy decoding reads
+  const size_t kv_llama = 2 * cache.element_bytes * (size_t)m.config().n_layers * cache.length * m.config().dim;
   const double pf = forward_flops(m, a.prompt_len);
   return {{"impl", "subllm"},
           {"config", source},
           {"structure", m.config().layout()},
+          {"device", a.device},
           {"threads", num_threads()},
           {"prompt_len", a.prompt_len},
           {"gen", a.gen},
@@ -239,7 +268,7 @@ double training_state_mb(const std::string& config_path) {
 }
 
 nlohmann::json bench_paper(const PaperBenchOptions& o) {
-  const double sgemm = measure_sgemm_gflops(), bw = measure_read_bandwidth();
+  const double sgemm = measure_sgemm_gflops(o.device), bw = measure_read_bandwidth(o.device);
   nlohmann::json rows = nlohmann::json::array();
   for (int T : o.lengths) {
     check(T > 0 && o.tokens_per_step >= T, "lengths must be positive and at most --tokens-per-step");

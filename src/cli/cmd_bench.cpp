@@ -35,12 +35,14 @@ void print_measurement(const nlohmann::json& j) {
               j["sgemm_gflops"].get<double>(), 100 * j["mfu"].get<double>());
   std::printf("%-28s %.0f\n", "activations (MB)", j["activation_mb"].get<double>());
   std::printf("%-28s %.0f\n", "peak RSS (MB)", j["peak_rss_mb"].get<double>());
+  if (j["peak_device_mb"].get<double>() > 0)
+    std::printf("%-28s %.0f\n", "peak device memory (MB)", j["peak_device_mb"].get<double>());
 }
 
 int bench_train(const BenchTrainArgs& a) {
   set_num_threads(a.threads);
   check(a.opt.seq > 0 && a.opt.batch > 0 && a.opt.steps > 0, "--seq, --batch and --steps must be positive");
-  const double sgemm = measure_sgemm_gflops();
+  const double sgemm = measure_sgemm_gflops(a.opt.device);
   TrainBenchOptions opt = a.opt;
   opt.progress = !a.json;
   // The baseline runs first and in the same process, so peak RSS is comparable only through
@@ -76,7 +78,7 @@ int bench_infer(const BenchInferArgs& a) {
   set_num_threads(a.threads);
   check(!a.config.empty() || !a.opt.model_dir.empty(), "give --config CONFIG.json (random weights) or -m MODEL_DIR");
   check(a.opt.prompt_len > 0 && a.opt.gen > 0, "--prompt-len and --gen must be positive");
-  const double sgemm = measure_sgemm_gflops(), bw = measure_read_bandwidth();
+  const double sgemm = measure_sgemm_gflops(a.opt.device), bw = measure_read_bandwidth(a.opt.device);
   nlohmann::json base;
   if (!a.baseline.empty()) {
     InferBenchOptions random_weights = a.opt;

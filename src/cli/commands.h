@@ -19,9 +19,16 @@ void add_eval_command(CLI::App& app, Runner& run);
 
 // --device: the backend to run on, one of backend_names().
 inline void add_device_option(CLI::App* cmd, std::string& device) {
-  cmd->add_option("--device", device, "device to run on")
+  std::string names;
+  for (const auto& n : backend_names()) names += (names.empty() ? "" : ", ") + n;
+  cmd->add_option("--device", device, "device to run on (" + names + "; cuda computes in bf16, cuda:fp32 in fp32)")
       ->capture_default_str()
-      ->check(CLI::IsMember(backend_names()));
+      ->check(CLI::Validator(
+          [](std::string& d) {
+            std::string why;
+            return backend_available(d, &why) ? std::string() : why;
+          },
+          "DEVICE"));
 }
 
 }  // namespace subllm::cli
