@@ -65,7 +65,7 @@ fi
 [ -x "$BIN/subllm" ] || { say "no binaries in $BIN"; }
 
 # ---- tests -----------------------------------------------------------------------------------
-run tests 200 "$REPORT/tests.txt" "$BIN/subllm_tests" --gtest_filter='Cuda*' --gtest_brief=1 \
+SUBLLM_CLI="$BIN/subllm" run tests 200 "$REPORT/tests.txt" "$BIN/subllm_tests" --gtest_filter='Cuda*' --gtest_brief=1 \
   --gtest_output="json:$REPORT/tests.json"
 
 # ---- kernels ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ PKGS=(
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libsentencepiece-dev sentencepiece
+  openmpi-bin libopenmpi-dev iproute2
   python3-torch python3-numpy
 )
 

@@ -11,6 +11,8 @@
 
 namespace subllm {
 
+class Communicator;  // src/dist/communicator.h
+
 // What one optimizer step did.
 struct StepReport {
   double grad_norm = 0;     // the norm the clipping looked at, before clipping
@@ -29,8 +31,24 @@ class Optimizer {
   virtual StepReport step(Model& model, float lr) = 0;
   virtual int steps_taken() const = 0;
   // Every buffer and counter, for an exact resume (atomic write; load checks the layout).
+  // When sharded, both are collective (every rank calls them, in the same order as the other
+  // collectives): save gathers the full state to rank 0, and only rank 0 writes the file
+  // (other ranks ignore `path`), in the same format and with the same bytes as an unsharded
+  // optimizer holding that state; load reads the whole file on every rank and keeps the
+  // rank's slice. Files are therefore interchangeable between sharded and unsharded runs and
+  // between rank counts.
   virtual void save_state(const std::string& path) const = 0;
   virtual void load_state(const std::string& path) = 0;
+
+  // ZeRO-1 (--shard-optimizer): split the per-element state and the update across comm's
+  // ranks. Every rank still holds the full parameters and, at step time, the full gradients,
+  // summed across ranks (identical on every rank); rank r keeps state for and updates only its
+  // slice of the flat buffer, then the slices are all-gathered into every rank's parameters.
+  // Steps are bit-identical to the unsharded optimizer's. Call once, right after construction,
+  // before load_state and step; comm serves the model's backend and outlives the optimizer.
+  // With one rank nothing changes (sharded() stays false).
+  virtual void shard(Communicator& comm) = 0;
+  virtual bool sharded() const = 0;
 };
 
 struct AdamWOptions {
@@ -51,11 +69,19 @@ class AdamW : public Optimizer {
   int steps_taken() const override { return step_; }
   void save_state(const std::string& path) const override;
   void load_state(const std::string& path) override;
+  // Slices: shard_bounds(num_params, ranks, 16), ignoring tensor boundaries (the update is
+  // elementwise, so a tensor split between ranks updates exactly as a whole one).
+  void shard(Communicator& comm) override;
+  bool sharded() const override { return comm_ != nullptr; }
 
  private:
   AdamWOptions opt_;
   std::vector<ParamInfo> params_;
-  Tensor m_, v_;   // moments, in the model's backend memory
+  int64_t total_ = 0;          // elements of the flat buffers
+  int64_t lo_ = 0, hi_ = 0;    // this rank's slice [lo_, hi_) of them (all when not sharded)
+  Communicator* comm_ = nullptr;  // set when sharded over more than one rank
+  std::vector<int64_t> bounds_;   // every rank's slice: size + 1 element offsets
+  Tensor m_, v_;   // moments of the slice, (hi_ - lo_) in the model's backend memory
   Tensor norm_sq_;  // (1) f64: the squared gradient norm of a step
   int step_ = 0;
 };
@@ -68,6 +94,8 @@ class ScaledAdamOptimizer : public Optimizer {
   int steps_taken() const override { return impl_.steps_taken(); }
   void save_state(const std::string& path) const override { impl_.save_state(path); }
   void load_state(const std::string& path) override { impl_.load_state(path); }
+  void shard(Communicator& comm) override { impl_.shard(comm); }
+  bool sharded() const override { return impl_.sharded(); }
 
  private:
   ScaledAdam impl_;

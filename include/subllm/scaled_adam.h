@@ -31,6 +31,8 @@
 
 namespace subllm {
 
+class Communicator;  // src/dist/communicator.h
+
 struct ScaledAdamOptions {
   float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-8f;
   float scalar_lr_scale = 0.1f, param_min_rms = 1e-5f, param_max_rms = 3.0f, scalar_max = 10.0f;
@@ -64,8 +66,22 @@ class ScaledAdam {
 
   // Every buffer and counter, for an exact resume. The file is written atomically; loading
   // checks that the layout (tensor count, element count, periods) matches this optimizer.
+  // When sharded, both are collective: save gathers the state to rank 0, which alone writes
+  // it; load reads the whole file on every rank and keeps the rank's slice.
   void save_state(const std::string& safetensors_path) const;
   void load_state(const std::string& safetensors_path);
+
+  // ZeRO-1: keep exp_avg_sq and momentum only for this rank's slice of the buffers and update
+  // only that slice, then all-gather the parameters in step(). The slices are runs of whole
+  // chunks, balanced by element count. Per-tensor statistics (sums, param_rms, the scale and
+  // clipping state) are still computed from the full parameters and gradients on every rank,
+  // so every rank holds them identically and steps are bit-identical to the unsharded ones.
+  // Call once, before step and load_state; comm serves `backend` and outlives this. One rank:
+  // nothing changes.
+  void shard(Communicator& comm);
+  bool sharded() const { return comm_ != nullptr; }
+  // Element offsets of every rank's slice (size + 1 entries); empty when not sharded.
+  const std::vector<int64_t>& slice_bounds() const { return bounds_; }
 
  private:
   bool is_scalar(size_t t) const { return params_[t].numel == 1; }
@@ -81,7 +97,13 @@ class ScaledAdam {
   Backend* be_;
   Tensor chunk_tensor_, chunk_begin_, chunk_end_, clamp_tensor_;
   Tensor sums_dev_, sums_scratch_, step_coef_dev_, scale_step_dev_;
-  Tensor exp_avg_sq_, momentum_;  // per element, [total_]
+  Tensor exp_avg_sq_, momentum_;  // per element of the slice, [hi_ - lo_]
+  // This rank's slice [lo_, hi_) of the buffers (everything when not sharded) and its chunks,
+  // with begins and ends relative to lo_ (the full tables when not sharded).
+  int64_t lo_ = 0, hi_ = 0;
+  Tensor local_tensor_, local_begin_, local_end_;
+  Communicator* comm_ = nullptr;  // set when sharded over more than one rank
+  std::vector<int64_t> bounds_;   // every rank's slice, in elements
 
   // Host copies of the per-tensor values the step's control reads and writes.
   std::vector<double> sums_;                   // per tensor x (grad^2, param*grad, param^2)

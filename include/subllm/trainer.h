@@ -21,10 +21,11 @@ struct TrainOptions {
   bool model_given = true;       // false: a resumed run takes the checkpoint's config
   int batch = 8;                 // sequences per micro-batch
   int seq = 256;                 // tokens per sequence
-  int grad_accum = 1;            // micro-batches per optimizer step
+  int grad_accum = 1;            // micro-batches per optimizer step on each rank (ranks × this per step)
   long steps = 1000;             // optimizer steps (a token budget, if given, sets this)
   int64_t token_budget = 0;
   std::string optimizer = "adamw";  // adamw | scaled_adam
+  bool shard_optimizer = false;     // ZeRO-1: optimizer state split across the ranks
   std::string device = "cpu";       // backend_names() lists the choices
   LrSchedule lr;
   AdamWOptions adamw;
@@ -46,6 +47,7 @@ struct TrainResult {
   std::vector<double> retention; // kept fraction per subsampler in the last validation
   std::string last_checkpoint;
   bool interrupted = false;
+  int rank = 0;                  // this process's rank in a data-parallel job (0 alone)
 };
 
 TrainResult train(const TrainOptions& opt);

@@ -176,6 +176,8 @@ class Backend {
 
   // ---- reductions and optimizers -----------------------------------------------------------
   virtual void scale(View x, float s) = 0;
+  // dst += src, elementwise over equal F32 vectors
+  virtual void add(View dst, View src) = 0;
   // out(1, f64) = sum of x²
   virtual void sum_squares(View x, View out) = 0;
   // torch.optim.AdamW on flat p, g, m, v

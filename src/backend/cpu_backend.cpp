@@ -214,6 +214,14 @@ class CpuBackend final : public Backend {
   }
 
   void scale(View x, float s) override { k::scale_inplace(x.f32(), s, x.numel()); }
+  void add(View dst, View src) override {
+    check(dst.numel() == src.numel(), "add: operands differ in length");
+    float* d = dst.f32();
+    const float* s = src.f32();
+    const int64_t n = dst.numel();
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+  }
   void sum_squares(View x, View out) override { out.f64()[0] = k::sum_squares(x.f32(), x.numel()); }
   void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps, float weight_decay,
                   int step) override {

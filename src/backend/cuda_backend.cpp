@@ -122,6 +122,13 @@ std::unique_ptr<Backend> make_cuda_backend(DType compute, std::string* why) {
       return fail("SUBLLM_CUDA_DEVICE='" + std::string(env) + "' is not a GPU index in [0, " + std::to_string(n) +
                   ")");
     device = (int)d;
+  } else {
+    // One rank of several on this machine (mpirun, srun): the local rank picks the GPU.
+    for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
+      if (const char* local = std::getenv(var); local && *local) {
+        device = (int)(std::strtol(local, nullptr, 10) % n);
+        break;
+      }
   }
   try {
     return std::make_unique<CudaBackend>(device, compute);

@@ -114,6 +114,7 @@ class CudaBackend final : public Backend {
 
   // ---- reductions and optimizers (optimizer.cu) --------------------------------------------
   void scale(View x, float s) override;
+  void add(View dst, View src) override;
   void sum_squares(View x, View out) override;
   void adamw_step(View p, View g, View m, View v, float lr, float beta1, float beta2, float eps, float weight_decay,
                   int step) override;

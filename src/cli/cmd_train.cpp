@@ -71,6 +71,7 @@ int run_train(TrainCli& c) {
   check(o.subllm.balancer_window > 0 && o.subllm.balancer_window < 0.5,
         "--balancer-window must lie in (0, 0.5): the balancer keeps the positive fraction in [r - w, r + w]");
   TrainResult r = train(o);
+  if (r.rank != 0) return r.interrupted ? 130 : 0;  // rank 0 reports for the job
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
   if (r.val_loss >= 0) std::printf("  validation loss %.4f", r.val_loss);
   if (!r.retention.empty()) {
@@ -111,7 +112,11 @@ void add_train_command(CLI::App& app, Runner& run) {
   for (auto* opt : {dim, layers, heads, ffn, vocab, structure, retention}) opt->excludes(cfg);
   t->add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str();
   t->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str();
-  t->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
+  t->add_option("--grad-accum", o.grad_accum,
+                "micro-batches per optimizer step on each rank (under mpirun -np N: N x this per step)")
+      ->capture_default_str();
+  t->add_flag("--shard-optimizer", o.shard_optimizer,
+              "ZeRO-1: split the optimizer state across the ranks of an mpirun job (memory per rank / N)");
   t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
   t->add_option("--tokens", o.token_budget, "token budget (sets --steps)");
   t->add_option("--recipe", c->recipe,

@@ -3,6 +3,7 @@
 #include <exception>
 
 #include "cli/commands.h"
+#include "dist/communicator.h"
 #include "subllm/error.h"
 
 int main(int argc, char** argv) {
@@ -24,9 +25,11 @@ int main(int argc, char** argv) {
     return run ? run() : 0;
   } catch (const subllm::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
   }
+  // One rank of several failed: end the job now rather than leave the others in a collective.
+  std::fflush(stderr);
+  subllm::abort_job(1);
+  return 1;
 }

@@ -7,6 +7,7 @@
 #include <map>
 
 #include "backend/backend.h"
+#include "dist/communicator.h"
 #include "subllm/error.h"
 #include "subllm/safetensors.h"
 
@@ -79,10 +80,66 @@ ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_eleme
   scale_step_.assign(params_.size(), 0.f);
   exp_avg_sq_ = be_->zeros({total_});
   momentum_ = be_->zeros({total_});
+  lo_ = 0;
+  hi_ = total_;
+  local_tensor_ = chunk_tensor_;
+  local_begin_ = chunk_begin_;
+  local_end_ = chunk_end_;
   param_rms_.assign(params_.size(), 0.f);
   scale_exp_avg_sq_.assign(params_.size(), 0.f);
   scale_grads_.assign(params_.size() * opt_.size_update_period, 0.f);
   model_norms_.assign(opt_.clipping_update_period, 0.f);
+}
+
+void ScaledAdam::shard(Communicator& comm) {
+  check(!comm_ && step_ == 0, "ScaledAdam::shard: call it once, before the first step and before load_state");
+  const int ranks = comm.size(), rank = comm.rank();
+  if (ranks <= 1) return;
+  const int64_t nc = chunk_tensor_.numel();
+  std::vector<int32_t> tensor(nc);
+  std::vector<int64_t> begin(nc), end(nc);
+  be_->to_host(tensor.data(), chunk_tensor_.raw(), chunk_tensor_.nbytes());
+  be_->to_host(begin.data(), chunk_begin_.raw(), chunk_begin_.nbytes());
+  be_->to_host(end.data(), chunk_end_.raw(), chunk_end_.nbytes());
+  // before[c]: parameter elements in chunks 0..c-1. Rank r's first chunk is the one whose
+  // start is nearest to r/ranks of them (never before rank r-1's).
+  std::vector<int64_t> before(nc + 1, 0);
+  for (int64_t c = 0; c < nc; ++c) before[c + 1] = before[c] + (end[c] - begin[c]);
+  std::vector<int64_t> first(ranks + 1, 0);
+  first[ranks] = nc;
+  for (int r = 1; r < ranks; ++r) {
+    const double target = (double)before[nc] * r / ranks;
+    const auto at = std::lower_bound(before.begin() + first[r - 1], before.end(), (int64_t)std::ceil(target));
+    int64_t c = std::min<int64_t>(at - before.begin(), nc);
+    if (c > first[r - 1] && target - (double)before[c - 1] < (double)before[c] - target) --c;
+    first[r] = c;
+  }
+  // Element bounds: a slice runs from its first chunk's start to the next slice's (gaps
+  // between tensors, if any, go with the chunk before them).
+  bounds_.assign(ranks + 1, total_);
+  bounds_[0] = 0;
+  for (int r = 1; r < ranks; ++r) bounds_[r] = first[r] < nc ? begin[first[r]] : total_;
+  lo_ = bounds_[rank];
+  hi_ = bounds_[rank + 1];
+  std::vector<int32_t> lt(tensor.begin() + first[rank], tensor.begin() + first[rank + 1]);
+  std::vector<int64_t> lb, le;
+  for (int64_t c = first[rank]; c < first[rank + 1]; ++c) {
+    lb.push_back(begin[c] - lo_);
+    le.push_back(end[c] - lo_);
+  }
+  auto upload = [&](const auto& host, DType dt) {
+    if (host.empty()) return Tensor();
+    Tensor t = be_->zeros({(int64_t)host.size()}, dt);
+    be_->to_device(t.raw(), host.data(), t.nbytes());
+    return t;
+  };
+  local_tensor_ = upload(lt, DType::I32);
+  local_begin_ = upload(lb, DType::I64);
+  local_end_ = upload(le, DType::I64);
+  // At least one element, so an empty slice still owns memory; views use hi_ - lo_.
+  exp_avg_sq_ = be_->zeros({std::max<int64_t>(hi_ - lo_, 1)});
+  momentum_ = be_->zeros({std::max<int64_t>(hi_ - lo_, 1)});
+  comm_ = &comm;
 }
 
 double ScaledAdam::clip_factor(double norm, ScaledAdamStepInfo& info) {
@@ -194,18 +251,44 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
   const float b2 = opt_.beta2, one_minus_b2 = (float)(1.0 - (double)opt_.beta2);
   be_->to_device(step_coef_dev_.raw(), step_coef_.data(), step_coef_dev_.nbytes());
   be_->to_device(scale_step_dev_.raw(), scale_step_.data(), scale_step_dev_.nbytes());
-  be_->scaled_adam_update(p, g, view_of(exp_avg_sq_), view_of(momentum_), ch, view_of(step_coef_dev_),
-                          view_of(scale_step_dev_), view_of(clamp_tensor_), opt_.scalar_max, inv_bc2, b1, one_minus_b1,
-                          b2, one_minus_b2, opt_.eps);
+  // Only this rank's chunks: p and g from the slice start, the state local to the slice.
+  const int64_t n = hi_ - lo_;
+  if (local_tensor_.raw()) {  // a rank may own no chunk
+    const Backend::Chunks local{view_of(local_tensor_), view_of(local_begin_), view_of(local_end_)};
+    be_->scaled_adam_update(vec(params + lo_, n), vec(grads + lo_, n), vec(exp_avg_sq_.f32(), n),
+                            vec(momentum_.f32(), n), local, view_of(step_coef_dev_), view_of(scale_step_dev_),
+                            view_of(clamp_tensor_), opt_.scalar_max, inv_bc2, b1, one_minus_b1, b2, one_minus_b2,
+                            opt_.eps);
+  }
+  if (comm_) comm_->all_gather(p, bounds_);
   ++step_;
   return info;
 }
 
 void ScaledAdam::save_state(const std::string& path) const {
   const int64_t nt = (int64_t)params_.size();
-  std::vector<float> v(total_), m(total_);
-  be_->to_host(v.data(), exp_avg_sq_.raw(), exp_avg_sq_.nbytes());
-  be_->to_host(m.data(), momentum_.raw(), momentum_.nbytes());
+  const int64_t n = hi_ - lo_;
+  std::vector<float> v, m;
+  if (comm_) {
+    // Every rank sends its slice; rank 0 alone assembles and writes (the per-tensor state is
+    // the same on every rank).
+    const bool root = comm_->rank() == 0;
+    std::vector<float> lv(n), lm(n);
+    be_->to_host(lv.data(), exp_avg_sq_.raw(), sizeof(float) * n);
+    be_->to_host(lm.data(), momentum_.raw(), sizeof(float) * n);
+    if (root) {
+      v.assign(total_, 0.f);
+      m.assign(total_, 0.f);
+    }
+    comm_->gather_host(lv.data(), v.data(), bounds_);
+    comm_->gather_host(lm.data(), m.data(), bounds_);
+    if (!root) return;
+  } else {
+    v.resize(total_);
+    m.resize(total_);
+    be_->to_host(v.data(), exp_avg_sq_.raw(), sizeof(float) * total_);
+    be_->to_host(m.data(), momentum_.raw(), sizeof(float) * total_);
+  }
   std::vector<SafetensorsOut> out = {
       {"exp_avg_sq", DType::F32, {total_}, v.data()},
       {"momentum", DType::F32, {total_}, m.data()},
@@ -246,7 +329,8 @@ void ScaledAdam::load_state(const std::string& path) {
     return v;
   };
   const int64_t nt = (int64_t)params_.size();
-  // Read everything before touching the live state, so a bad file leaves it as it was.
+  // Read everything before touching the live state, so a bad file leaves it as it was. The
+  // whole file on every rank; only the slice of the per-element state is kept.
   std::vector<float> v = read("exp_avg_sq", {total_});
   std::vector<float> m = read("momentum", {total_});
   std::vector<float> rms = read("param_rms", {nt});
@@ -262,8 +346,8 @@ void ScaledAdam::load_state(const std::string& path) {
   const double thr = std::strtod(thr_s.c_str(), &end);
   check(!thr_s.empty() && *end == '\0', where + "metadata 'threshold' is not a number: '" + thr_s + "'");
 
-  be_->to_device(exp_avg_sq_.raw(), v.data(), exp_avg_sq_.nbytes());
-  be_->to_device(momentum_.raw(), m.data(), momentum_.nbytes());
+  be_->to_device(exp_avg_sq_.raw(), v.data() + lo_, sizeof(float) * (hi_ - lo_));
+  be_->to_device(momentum_.raw(), m.data() + lo_, sizeof(float) * (hi_ - lo_));
   param_rms_ = std::move(rms);
   scale_exp_avg_sq_ = std::move(sea);
   scale_grads_ = std::move(sg);

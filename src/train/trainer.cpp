@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "backend/backend.h"
+#include "dist/communicator.h"
 #include "subllm/dataset.h"
 #include "subllm/error.h"
 #include "subllm/model.h"
@@ -64,6 +66,36 @@ void fill_windows(const TokenDataset& ds, Rng& rng, int batch, int seq, std::vec
     std::copy(window.begin(), window.begin() + seq, tokens.begin() + (int64_t)b * seq);
     std::copy(window.begin() + 1, window.begin() + seq + 1, targets.begin() + (int64_t)b * seq);
   }
+}
+
+// One micro-batch: the gradients of (its mean loss · multiplier) are added to the model's
+// gradient buffer; returns its mean loss. The first micro-batch of a step lands in the zeroed
+// buffer; later ones are computed into a zeroed buffer of their own and then added, so the
+// buffer ends as g0 + g1 + …, the same sum a reduction over ranks makes of the same
+// micro-batches (bit for bit with two ranks). On the last micro-batch each span of the buffer
+// goes to the communicator as soon as it is final, so the sum over ranks overlaps the rest of
+// the backward.
+double accumulate_micro_batch(Model& model, Communicator& comm, Tensor& micro_grads, const std::vector<int32_t>& tokens,
+                              const std::vector<int32_t>& targets, int batch, int seq, float multiplier, bool first,
+                              bool last) {
+  Backend& be = model.backend();
+  Session& s = model.session();
+  float* grads = model.grad_data();
+  float* into = grads;
+  if (!first) {
+    if (!micro_grads.raw()) micro_grads = be.empty({model.num_params()});
+    be.zero(micro_grads.raw(), micro_grads.nbytes());
+    into = micro_grads.f32();
+  }
+  const bool reduce = last && comm.size() > 1;
+  if (!first || reduce)
+    s.on_grad_ready([&](int64_t a, int64_t b) {
+      if (!first) be.add(vec(grads + a, b - a), vec(into + a, b - a));
+      if (reduce) comm.all_reduce_sum_start(vec(grads + a, b - a));
+    });
+  const double loss = s.forward_backward(into, tokens.data(), targets.data(), batch, seq, multiplier);
+  s.on_grad_ready(nullptr);
+  return loss;
 }
 
 // Validation runs in inference mode: SUBLLM subsamplers keep the tokens scoring above the
@@ -159,13 +191,18 @@ void check_same_config(const ModelConfig& saved, const ModelConfig& now, const s
 TrainResult train(const TrainOptions& o) {
   set_num_threads(o.threads);
   check(o.batch > 0 && o.seq > 1 && o.grad_accum > 0, "batch, seq (> 1) and grad-accum must be positive");
+  // The ranks of a data-parallel job (one without a launcher): each trains on its share of the
+  // global batch; rank 0 alone writes and prints.
+  Communicator& comm = communicator_for(backend_for(o.device));
+  const int ranks = comm.size(), rank = comm.rank();
+  const bool root = rank == 0, quiet = o.quiet || !root;
   const fs::path data_dir(o.data_dir);
   TokenDataset train_ds((data_dir / "manifest.json").string(), "train");
   std::unique_ptr<TokenDataset> valid_ds;
   try {
     valid_ds = std::make_unique<TokenDataset>((data_dir / "manifest.json").string(), "valid");
   } catch (const Error& e) {
-    if (!o.quiet) std::fprintf(stderr, "warning: no validation split (%s); validation is skipped\n", e.what());
+    if (!quiet) std::fprintf(stderr, "warning: no validation split (%s); validation is skipped\n", e.what());
   }
   check(train_ds.num_tokens() > o.seq, "the training split has " + std::to_string(train_ds.num_tokens()) +
                                            " tokens, fewer than one window of --seq " + std::to_string(o.seq) +
@@ -177,7 +214,10 @@ TrainResult train(const TrainOptions& o) {
         "the model's vocabulary (" + std::to_string(cfg.vocab_size) + ") is smaller than the tokenizer's (" +
             std::to_string(train_ds.vocab_size()) + "): set num_embeddings to at least that");
 
-  const int64_t tokens_per_step = (int64_t)o.batch * o.seq * o.grad_accum;
+  // Micro-batches per optimizer step over all ranks: what one rank with --grad-accum of this
+  // many would see, in the same order (rank r takes r·grad_accum .. (r+1)·grad_accum - 1).
+  const int global_micro = o.grad_accum * ranks;
+  const int64_t tokens_per_step = (int64_t)o.batch * o.seq * global_micro;
   long total_steps = o.steps;
   if (o.token_budget > 0) total_steps = (long)((o.token_budget + tokens_per_step - 1) / tokens_per_step);
   check(total_steps > 0, "nothing to train: --steps or --tokens must be positive");
@@ -194,9 +234,9 @@ TrainResult train(const TrainOptions& o) {
   }
   check(!run_dir.empty(), "no output folder: pass --out DIR");
   std::error_code ec;
-  fs::create_directories(run_dir, ec);
-  check(!ec && fs::is_directory(run_dir), "cannot create output folder '" + run_dir.string() + "': " + ec.message());
-  {
+  if (root) fs::create_directories(run_dir, ec);
+  check(!ec, "cannot create output folder '" + run_dir.string() + "': " + ec.message());
+  if (root) {
     const fs::path probe = run_dir / ".write-test";
     std::ofstream f(probe);
     check((bool)f, "output folder '" + run_dir.string() + "' is not writable: choose another --out");
@@ -208,6 +248,7 @@ TrainResult train(const TrainOptions& o) {
   model.init_weights(o.seed);
   model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);
+  if (o.shard_optimizer) opt->shard(comm);
   if (!resume_from.empty()) {
     const fs::path ck(resume_from);
     json st = read_json(ck / "trainer_state.json");
@@ -218,7 +259,15 @@ TrainResult train(const TrainOptions& o) {
     };
     mismatch("--batch", st.at("batch").get<long>(), o.batch);
     mismatch("--seq", st.at("seq").get<long>(), o.seq);
-    mismatch("--grad-accum", st.at("grad_accum").get<long>(), o.grad_accum);
+    // The global batch must stay the same; it may be spread over another number of ranks.
+    const long saved_micro = st.at("grad_accum").get<long>() * st.value("world_size", 1L);
+    if (saved_micro != global_micro)
+      throw Error("cannot resume from '" + resume_from + "': its steps had " + std::to_string(saved_micro) +
+                  " micro-batches (ranks x --grad-accum), now " + std::to_string(global_micro) + " (" +
+                  std::to_string(ranks) + " x " + std::to_string(o.grad_accum) + "); pass --grad-accum " +
+                  (saved_micro % ranks == 0 ? std::to_string(saved_micro / ranks)
+                                            : "with a rank count that divides " + std::to_string(saved_micro)) +
+                  " to continue the same run");
     mismatch("--seed", (long)st.at("seed").get<uint64_t>(), (long)o.seed);
     const std::string saved_opt = st.value("optimizer", "adamw");
     check(saved_opt == opt->name(), "cannot resume from '" + resume_from + "': it was trained with --optimizer " +
@@ -233,13 +282,14 @@ TrainResult train(const TrainOptions& o) {
     model.load((ck / "model.safetensors").string());
     opt->load_state((ck / "optimizer.safetensors").string());
     start_step = st.at("step").get<long>();
-    if (!o.quiet) std::fprintf(stderr, "resuming from %s at step %ld\n", resume_from.c_str(), start_step);
+    if (!quiet) std::fprintf(stderr, "resuming from %s at step %ld\n", resume_from.c_str(), start_step);
   }
-  save_config(cfg, (run_dir / "config.json").string());
+  if (root) save_config(cfg, (run_dir / "config.json").string());
 
   // Metrics past the resumed step belong to the abandoned future; drop them.
   const fs::path metrics_path = run_dir / "metrics.jsonl";
-  {
+  std::ofstream metrics;
+  if (root) {
     std::string kept;
     if (start_step > 0 && fs::exists(metrics_path)) {
       std::ifstream in(metrics_path);
@@ -252,8 +302,8 @@ TrainResult train(const TrainOptions& o) {
       }
     }
     write_text_atomic(metrics_path, kept);
+    metrics.open(metrics_path, std::ios::app);
   }
-  std::ofstream metrics(metrics_path, std::ios::app);
 
   LrSchedule lr = o.lr;
   lr.total_steps = total_steps;
@@ -261,11 +311,13 @@ TrainResult train(const TrainOptions& o) {
   // scale E is a third of the run's data, as in the paper's recipe.
   const double tokens_per_epoch = (double)train_ds.num_tokens();
   if (lr.eden.lr_epochs <= 0) lr.eden.lr_epochs = (double)total_steps * tokens_per_step / tokens_per_epoch / 3.0;
-  const bool tty = isatty(fileno(stderr)) && !o.quiet;
+  const bool tty = isatty(fileno(stderr)) && !quiet;
   const long log_every = std::max<long>(1, total_steps / 100);
   std::vector<int32_t> tokens((size_t)o.batch * o.seq), targets((size_t)o.batch * o.seq), window(o.seq + 1);
+  Tensor micro_grads;  // a micro-batch's own gradients, after the first of a step
   StopSignalScope signals;
   TrainResult res;
+  res.rank = rank;
   int bad_streak = 0;
   const auto t_start = std::chrono::steady_clock::now();
   long timed_steps = 0;
@@ -277,6 +329,7 @@ TrainResult train(const TrainOptions& o) {
                 {"batch", o.batch},
                 {"seq", o.seq},
                 {"grad_accum", o.grad_accum},
+                {"world_size", ranks},
                 {"total_steps", total_steps},
                 {"tokens_seen", (int64_t)step * tokens_per_step},
                 {"optimizer", opt->name()},
@@ -290,6 +343,11 @@ TrainResult train(const TrainOptions& o) {
                 {"data_dir", o.data_dir}};
   };
   auto checkpoint = [&](long step) {
+    if (!root) {
+      // A sharded optimizer's state is gathered to rank 0, so every rank takes part.
+      if (opt->sharded()) opt->save_state("");
+      return;
+    }
     char name[64];
     std::snprintf(name, sizeof name, "checkpoint-%08ld", step);
     const fs::path dir = run_dir / name;
@@ -304,13 +362,22 @@ TrainResult train(const TrainOptions& o) {
     const float cur_lr = lr.at(step, (double)step * tokens_per_step / tokens_per_epoch);
     model.zero_grad();
     double loss_sum = 0;
-    for (int micro = 0; micro < o.grad_accum; ++micro) {
+    for (int a = 0; a < o.grad_accum; ++a) {
+      const int micro = rank * o.grad_accum + a;
       Rng rng(batch_seed(o.seed, step, micro));
       fill_windows(train_ds, rng, o.batch, o.seq, tokens, targets, window);
       model.set_train_context(step, batch_seed(o.seed ^ 0x5eed, step, micro));
-      loss_sum += model.forward_backward(tokens.data(), targets.data(), o.batch, o.seq, 1.0f / o.grad_accum);
+      loss_sum += accumulate_micro_batch(model, comm, micro_grads, tokens, targets, o.batch, o.seq,
+                                         1.0f / global_micro, a == 0, a == o.grad_accum - 1);
     }
-    const float loss = (float)(loss_sum / o.grad_accum);
+    // Gradients summed over the ranks; the loss and the stop request agreed by all.
+    double comm_s = comm.wait_reductions();
+    const auto t_agree = std::chrono::steady_clock::now();
+    double agreed[2] = {loss_sum, g_stop_requested.load() ? 1.0 : 0.0};
+    comm.all_reduce_sum_host(agreed, 2);
+    comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_agree).count();
+    const float loss = (float)(agreed[0] / global_micro);
+    const bool stop = agreed[1] > 0;
     StepReport rep;
     if (std::isfinite(loss))
       rep = opt->step(model, cur_lr);
@@ -340,13 +407,20 @@ TrainResult train(const TrainOptions& o) {
     // threshold (what inference mode would keep), their RMS and the kept tokens' mean weight.
     std::string keep_text;
     if (!model.structure().is_plain()) {
+      // With several ranks: the mean over the ranks' last micro-batches.
+      std::vector<double> flat;
+      for (const ScoreStats& st : model.score_stats()) flat.insert(flat.end(), {st.above, st.rms, st.kept_weight});
+      if (ranks > 1) {
+        comm.all_reduce_sum_host(flat.data(), (int)flat.size());
+        for (double& v : flat) v /= ranks;
+      }
       std::vector<double> above, rms, kw;
-      for (const ScoreStats& st : model.score_stats()) {
-        above.push_back(st.above);
-        rms.push_back(st.rms);
-        kw.push_back(st.kept_weight);
+      for (size_t j = 0; j < flat.size(); j += 3) {
+        above.push_back(flat[j]);
+        rms.push_back(flat[j + 1]);
+        kw.push_back(flat[j + 2]);
         char b[16];
-        std::snprintf(b, sizeof b, "%s%.2f", keep_text.empty() ? " | keep " : "/", st.above);
+        std::snprintf(b, sizeof b, "%s%.2f", keep_text.empty() ? " | keep " : "/", flat[j]);
         keep_text += b;
       }
       m["score_above"] = above;
@@ -355,26 +429,37 @@ TrainResult train(const TrainOptions& o) {
     }
     if (rep.quartiles_changed) {
       m["clip_quartiles"] = std::vector<double>(rep.quartiles, rep.quartiles + 5);
-      if (!o.quiet && !tty)
+      if (!quiet && !tty)
         std::fprintf(stderr, "clipping: grad-norm quartiles %.3g %.3g %.3g %.3g %.3g\n", rep.quartiles[0],
                      rep.quartiles[1], rep.quartiles[2], rep.quartiles[3], rep.quartiles[4]);
     }
-    const bool stop = g_stop_requested.load();
+    if (ranks > 1) {
+      m["world_size"] = ranks;
+      m["comm_s"] = comm_s;
+      m["comm_share"] = comm_s / dt;
+    }
     const bool last = done == total_steps;
-    if (valid_ds && ((o.eval_every > 0 && done % o.eval_every == 0) || last)) {
+    if (root && valid_ds && ((o.eval_every > 0 && done % o.eval_every == 0) || last)) {
       res.val_loss = evaluate(model, *valid_ds, o.batch, o.seq, o.eval_batches);
       m["val_loss"] = res.val_loss;
       res.retention = model.retention();
       if (!model.structure().is_plain()) m["retention"] = res.retention;
     }
-    metrics << m.dump() << "\n";
-    metrics.flush();
-    if (!o.quiet) {
+    if (root) {
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
+    if (!quiet) {
       const double eta = (total_steps - done) * elapsed / timed_steps;
       char line[256];
       std::snprintf(line, sizeof line, "step %ld/%ld | loss %.4f | lr %.2e | gnorm %.2f | %.0f tok/s | ETA %s", done,
                     total_steps, loss, cur_lr, norm, tps, format_duration(eta).c_str());
       std::string text = line + keep_text;
+      if (ranks > 1) {
+        char c[64];
+        std::snprintf(c, sizeof c, " | %d ranks, comm %.0f%%", ranks, 100 * comm_s / dt);
+        text += c;
+      }
       if (m.contains("val_loss")) text += " | val " + std::to_string(res.val_loss).substr(0, 6);
       if (tty)
         std::fprintf(stderr, "\r%-100s%s", text.c_str(), m.contains("val_loss") || last ? "\n" : "");
@@ -384,7 +469,7 @@ TrainResult train(const TrainOptions& o) {
     if ((o.ckpt_every > 0 && done % o.ckpt_every == 0) || last || stop) checkpoint(done);
     if (stop && !last) {
       res.interrupted = true;
-      if (!o.quiet)
+      if (!quiet)
         std::fprintf(stderr, "%sinterrupted: checkpoint saved to %s; continue with --resume %s\n", tty ? "\n" : "",
                      res.last_checkpoint.c_str(), run_dir.string().c_str());
       break;

@@ -240,6 +240,23 @@ void CudaBackend::scale(View x, float s) {
   cuda_check_launch("scale");
 }
 
+// dst(n) += src(n)
+__global__ void add_kernel(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    dst[i] += src[i];
+}
+
+void CudaBackend::add(View dst, View src) {
+  expect_flat_f32(dst, "add", "dst");
+  expect_flat_f32(src, "add", "src");
+  const int64_t n = dst.numel();
+  expect_numel(src, n, "add", "src");
+  if (n == 0) return;
+  const unsigned blocks = (unsigned)std::min<int64_t>(cuda::grid_for(n, kThreads), (int64_t)sm_count_ * 32);
+  add_kernel<<<blocks, kThreads, 0, stream_>>>(dst.f32(), src.f32(), n);
+  cuda_check_launch("add");
+}
+
 void CudaBackend::sum_squares(View x, View out) {
   cuda::expect(x, DType::F32, "sum_squares", "x");
   cuda::expect(out, DType::F64, "sum_squares", "out");
