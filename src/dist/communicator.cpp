@@ -80,6 +80,12 @@ Communicator& communicator_for(Backend& backend) {
   auto& slot = (*made)[&backend];  // stays empty when making it fails, so a later call retries
   if (slot) return *slot;
   if (!launched_by_mpi()) {
+    // srun without MPI's process manager starts every task as a job of its own: refuse rather
+    // than train N unrelated copies into one folder.
+    if (const char* n = std::getenv("SLURM_NTASKS"); n && std::atoi(n) > 1 && std::getenv("SLURM_PROCID"))
+      throw Error("srun started " + std::string(n) +
+                  " tasks without MPI's process manager, so each would train alone: launch with srun --mpi=pmix "
+                  "(or pmi2), or with mpirun inside the allocation");
     slot = std::make_unique<LocalCommunicator>();
     return *slot;
   }

@@ -20,6 +20,7 @@
 #include "backend/backend.h"
 #include "dist/communicator.h"
 #include "dist/mpi_communicator.h"
+#include "subllm/prepare.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -394,6 +395,25 @@ TEST(DistMpi, AbortJobEndsEveryRank) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 7) << "mpirun status " << status << "; output:\n" << out;
   EXPECT_EQ(out.find("left the barrier"), std::string::npos) << out;
   EXPECT_EQ(out.find("[  PASSED  ]"), std::string::npos) << out;
+}
+
+// srun without MPI's process manager would start N unrelated single-rank trainings: refused.
+TEST(DistMpi, SrunWithoutAProcessManagerIsRefused) {
+  if (is_rank_child() || launched_by_mpi()) GTEST_SKIP() << "already inside an MPI job";
+  testing::TempDir tmp("srun");
+  testing::write_corpus(tmp.path() / "corpus", 20);
+  PrepareOptions p;
+  p.inputs = {(tmp.path() / "corpus").string()};
+  p.out_dir = tmp.file("data");
+  p.vocab_size = 400;
+  p.valid_every = 10;
+  p.log = [](const std::string&) {};
+  prepare_data(p);
+  ScopedEnv tasks("SLURM_NTASKS", "2"), id("SLURM_PROCID", "1");
+  std::string out;
+  const int status = run_captured({SUBLLM_CLI_PATH, "train", "--data", p.out_dir, "--out", tmp.file("run"), "-q"}, 60, out);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << out;
+  EXPECT_NE(out.find("srun --mpi=pmix"), std::string::npos) << out;
 }
 
 }  // namespace
