@@ -63,9 +63,13 @@ struct FewshotTask {
   std::string demo_template;       // e.g. "text: {text} sentiment: {label}"
   std::string separator = "\n\n";  // after every demonstration
   std::string query_template;      // optional, e.g. tweet_hate's "Text: {text} Label:"
-  std::vector<std::string> labels; // label word of integer label i
+  std::vector<std::string> labels; // label word of integer label i; all different
   std::vector<std::string> fields; // jsonl string fields the templates use
-  int max_new_tokens = 0;          // greedy tokens generated; raised to the longest label + 2
+  // Greedy tokens generated at most. Unless max_new_tokens_exact, a floor raised to the
+  // longest label's token count + 2 (the built-in tasks' values are the authors', counted in
+  // their tokenizer); a spec file's positive "max_new_tokens" is used exactly as given.
+  int max_new_tokens = 0;
+  bool max_new_tokens_exact = false;
   bool strip_fields = true;        // strip whitespace around field values (Python's str.strip)
 };
 
@@ -75,13 +79,14 @@ FewshotTask builtin_task(const std::string& name);
 // A task spec file: {"name", "template", "separator", "query_template", "labels", "fields",
 // "max_new_tokens", "strip_fields"}; see docs/EVAL.md. Errors name the file and the key.
 FewshotTask load_task_spec(const std::string& path);
-// Throws Error when a template has no {label}, names an unknown {placeholder}, or a field
-// is never used.
+// Throws Error when a template has no {label}, names an unknown {placeholder}, a field is
+// never used, or two labels share a word (a prediction could not tell them apart).
 void validate_task(const FewshotTask& task);
 
 struct FewshotExample {
   std::vector<std::string> fields;  // in task.fields order, as read (unstripped)
   int label = 0;
+  int64_t line = 0;                 // its line in the jsonl file, from 1 (0: not read from a file)
 };
 
 // One JSON object per line with the task's string fields and an integer "label" in
@@ -109,6 +114,8 @@ std::vector<size_t> choose_test_items(size_t n, int64_t m);
 
 // Python's str.strip() (Unicode whitespace) on UTF-8 text.
 std::string py_strip(std::string_view s);
+// Bytes of Python whitespace at the start of `s`: where py_strip's result begins.
+size_t py_space_prefix(std::string_view s);
 // The authors' prediction: the output stripped, its first line, stripped again.
 std::string normalise_prediction(std::string_view generated);
 // Exact match of the normalised prediction with the label word.
@@ -128,6 +135,8 @@ struct FewshotOptions {
 };
 
 struct FewshotItemResult {
+  size_t example = 0;          // index of the test item among the test examples (file order)
+  int64_t line = 0;            // and its line in the test file (FewshotExample::line)
   int label = 0;
   int predicted = -1;          // label index; -1 when the generation matched no label
   std::string generated;       // generate scoring: the raw continuation

@@ -14,12 +14,17 @@ namespace subllm {
 class Communicator;  // src/dist/communicator.h
 
 // What one optimizer step did.
+// ScaledAdam clips per group of tensors (scaled_adam.h): there, grad_norm is the whole-model
+// norm and clip_factor, quartiles and quartiles_changed are the main group's (the one with the
+// most elements); clip_groups has every group. AdamW clips one global norm (no clip_groups).
 struct StepReport {
   double grad_norm = 0;     // the norm the clipping looked at, before clipping
   double clip_factor = 1;   // what the gradients were multiplied by
-  bool skipped = false;     // the gradients were not finite: no update was made
-  bool quartiles_changed = false;  // ScaledAdam recomputed its clipping threshold
+  bool skipped = false;     // the gradients were not finite: no update was made (ScaledAdam:
+                            // some group's gradients were zeroed)
+  bool quartiles_changed = false;  // ScaledAdam recomputed its clipping thresholds
   double quartiles[5] = {0, 0, 0, 0, 0};
+  std::vector<ClipGroupStats> clip_groups;  // ScaledAdam: every clipping group
 };
 
 class Optimizer {

@@ -16,13 +16,18 @@
 //   -lr_t scalar_lr_scale sum / (sqrt(moment) + eps), zero when param_rms < param_min_rms,
 //   clamped to +-0.1 and to at most (param_max_rms - param_rms) / param_rms; d += p scale_step.
 //   Momentum without bias correction: m <- beta1 m + (1 - beta1) d; p <- p + m.
-// Clipping (clipping_scale > 0): the norm sqrt(sum over tensors of |g|^2 param_rms^2, with
-// scalar_lr_scale in place of param_rms for scalars) is kept in a window of
-// clipping_update_period steps (from step 1). The threshold is clipping_scale times the
-// window's median, recomputed when s % clipping_update_period == 0 and at steps 10, 20, 40
-// (those below the period: from the `s` largest window entries, and doubled). Grads are
-// scaled by min(1, threshold / norm) once a threshold exists. A non-finite norm zeroes the
-// gradients for the step (the step still runs: momentum and moments decay).
+// Clipping (clipping_scale > 0) acts per clipping group, as icefall's ScaledAdam does per
+// parameter group: by default (Clipping::per_group) the tensors sharing one lr_scale form a
+// group (icefall's get_parameter_groups_with_lrs makes one group per learning rate), in order
+// of first appearance; Clipping::global makes all tensors one group. Per group: the norm
+// sqrt(sum over its tensors of |g|^2 param_rms^2, with scalar_lr_scale in place of param_rms
+// for scalars) is kept in the group's own window of clipping_update_period steps (from step
+// 1; every group counts the optimizer's steps, as the states of icefall's groups all step
+// together). The group's threshold is clipping_scale times its window's median, recomputed when
+// s % clipping_update_period == 0 and at steps 10, 20, 40 (those below the period: from the
+// `s` largest window entries, and doubled). The group's grads are scaled by
+// min(1, threshold / norm) once a threshold exists. A non-finite group norm zeroes that
+// group's gradients for the step (the step still runs: momentum and moments decay).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -33,21 +38,41 @@ namespace subllm {
 
 class Communicator;  // src/dist/communicator.h
 
+// How gradient clipping groups the tensors (see the top of this file).
+enum class Clipping { per_group, global };
+
 struct ScaledAdamOptions {
   float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-8f;
   float scalar_lr_scale = 0.1f, param_min_rms = 1e-5f, param_max_rms = 3.0f, scalar_max = 10.0f;
   int size_update_period = 4;
   float clipping_scale = 2.0f;  // <= 0 disables clipping
   int clipping_update_period = 100;
+  Clipping clipping = Clipping::per_group;
 };
 
+// One clipping group's step.
+struct ClipGroupStats {
+  bool whole_model = false;  // global clipping: the one group holds every tensor (lr_scale unused)
+  float lr_scale = 1;        // the lr_scale its tensors share
+  int tensors = 0;           // how many tensors it holds
+  int64_t elements = 0;      // and their elements
+  double grad_norm = 0;      // its clipping norm, before clipping
+  double clip_factor = 1;    // what its gradients were multiplied by (0: not finite, zeroed)
+  double threshold = 0;      // its threshold in force (0: none yet, or clipping off)
+  bool quartiles_changed = false;
+  double quartiles[5] = {0, 0, 0, 0, 0};  // of its window, when quartiles_changed
+};
+
+// Apart from grad_norm, the scalar fields describe the main group: the one holding the most
+// elements (the first such); with a single group they are that group's.
 struct ScaledAdamStepInfo {
-  double grad_norm = 0;    // the norm clipping looks at (param_rms-weighted), before clipping
-  double clip_factor = 1;  // what the gradients were multiplied by (0 when skipped)
-  bool skipped = false;    // the norm was not finite: gradients were zeroed
-  bool quartiles_changed = false;  // the threshold was recomputed on this step
-  double quartiles[5] = {0, 0, 0, 0, 0};  // of the window, when quartiles_changed
-  double threshold = 0;    // the clipping threshold in force (0: none yet, or clipping off)
+  double grad_norm = 0;    // the whole-model clipping norm (over all groups), before clipping
+  double clip_factor = 1;  // what the main group's gradients were multiplied by
+  bool skipped = false;    // some group's norm was not finite: its gradients were zeroed
+  bool quartiles_changed = false;  // the thresholds were recomputed on this step (all groups at once)
+  double quartiles[5] = {0, 0, 0, 0, 0};  // of the main group's window, when quartiles_changed
+  double threshold = 0;    // the main group's threshold (0: none yet, or clipping off)
+  std::vector<ClipGroupStats> groups;  // every clipping group, in group order
 };
 
 class ScaledAdam {
@@ -66,6 +91,12 @@ class ScaledAdam {
 
   // Every buffer and counter, for an exact resume. The file is written atomically; loading
   // checks that the layout (tensor count, element count, periods) matches this optimizer.
+  // Format subllm.scaled_adam.v2 keeps every clipping group's window, threshold and count.
+  // A file with one group (a v1 file, from before per-group clipping, or one written with
+  // Clipping::global) loads exactly into an optimizer with one group; into one with several
+  // its window and threshold are copied to every group (the groups' own norms replace them
+  // within clipping_update_period steps), and a note says so on stderr. A file with several
+  // groups loads only into an optimizer with the same groups (an error names both).
   // When sharded, both are collective: save gathers the state to rank 0, which alone writes
   // it; load reads the whole file on every rank and keeps the rank's slice.
   void save_state(const std::string& safetensors_path) const;
@@ -83,9 +114,25 @@ class ScaledAdam {
   // Element offsets of every rank's slice (size + 1 entries); empty when not sharded.
   const std::vector<int64_t>& slice_bounds() const { return bounds_; }
 
+  // The clipping groups: their number, the group of each tensor, and the main group.
+  int clip_groups() const { return (int)groups_.size(); }
+  int clip_group_of(size_t tensor) const { return group_of_[tensor]; }
+  int main_clip_group() const { return main_group_; }
+
  private:
+  struct ClipGroup {
+    float lr_scale = 1;
+    std::vector<int> tensors;
+    int64_t elements = 0;
+    // Its chunks (tensor, begin, end), in Backend memory; unset when one group holds all.
+    Tensor chunk_tensor, chunk_begin, chunk_end;
+    std::vector<float> norms;  // the window, [clipping_update_period]
+    double threshold = 0;
+    bool has_threshold = false;
+    int64_t num_clipped = 0;  // since the last recomputation (diagnostics)
+  };
   bool is_scalar(size_t t) const { return params_[t].numel == 1; }
-  double clip_factor(double norm, ScaledAdamStepInfo& info);
+  double clip_factor(ClipGroup& grp, double norm, ClipGroupStats& st);
 
   ScaledAdamOptions opt_;
   std::vector<ParamInfo> params_;
@@ -112,10 +159,9 @@ class ScaledAdam {
   std::vector<float> param_rms_;              // per tensor
   std::vector<float> scale_exp_avg_sq_;       // per tensor
   std::vector<float> scale_grads_;            // per tensor x size_update_period
-  std::vector<float> model_norms_;            // clipping window, [clipping_update_period]
-  double threshold_ = 0;
-  bool has_threshold_ = false;
-  int64_t num_clipped_ = 0;  // since the last recomputation (diagnostics)
+  std::vector<ClipGroup> groups_;             // clipping groups
+  std::vector<int> group_of_;                 // per tensor: its clipping group
+  int main_group_ = 0;                        // the group with the most elements
   int step_ = 0;
 };
 

@@ -13,8 +13,9 @@ struct LrSchedule {
   int warmup_steps = 100;       // cosine/constant: linear from 0; eden: from eden.warmup_start
   long total_steps = 1000;
   float min_lr_ratio = 0.1f;    // cosine ends at base_lr * min_lr_ratio
-  EdenSchedule eden;            // lr_batches, lr_epochs, warmup_start for eden/eden2
-  // `step` counts optimizer steps from 0; `epoch` is the data seen so far, in epochs.
+  EdenSchedule eden;            // lr_batches, lr_epochs, warmup_start, epoch_mode for eden/eden2
+  // `step` counts optimizer steps from 0; `epoch` is the data seen so far, in epochs
+  // (fractional; Eden with EdenEpoch::Completed counts only its whole passes).
   float at(long step, double epoch = 0) const;
 };
 

@@ -192,7 +192,10 @@ int run_fewshot(const FewshotCli& c) {
     for (const auto& s : r.seeds)
       for (size_t i = 0; i < s.items.size(); ++i) {
         const auto& it = s.items[i];
-        json e = {{"seed", s.seed}, {"item", i}, {"label", it.label}, {"predicted", it.predicted},
+        // item: position in the sample; example: index among the test file's examples;
+        // line: that example's line in the test file.
+        json e = {{"seed", s.seed},          {"item", i},         {"example", it.example},
+                  {"line", it.line},         {"label", it.label}, {"predicted", it.predicted},
                   {"demos_used", it.demos_used}};
         if (r.scoring == Scoring::Generate)
           e["generated"] = it.generated;

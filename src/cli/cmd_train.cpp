@@ -25,6 +25,7 @@ struct TrainCli {
   bool lr_given = false, schedule_given = false, optimizer_given = false, beta2_given = false, warmup_given = false;
   bool balancer_grad_scale_given = false;
   float lr = 2e-3f;
+  std::string clipping = "per-group";
 };
 
 int run_train(TrainCli& c) {
@@ -62,6 +63,7 @@ int run_train(TrainCli& c) {
   if (o.optimizer == "scaled-adam") o.optimizer = "scaled_adam";
   if (c.beta2_given) o.scaled_adam.beta2 = o.adamw.beta2;
   o.scaled_adam.beta1 = o.adamw.beta1;
+  o.scaled_adam.clipping = c.clipping == "global" ? Clipping::global : Clipping::per_group;
   o.lr.base_lr = c.lr;
   o.subllm.balancer_prob = ScheduledFloat::parse(c.balancer_prob, "--balancer-prob");
   o.subllm.balancer_counted = c.balancer_fraction == "counted";
@@ -134,6 +136,11 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--lr-batches", o.lr.eden.lr_batches, "Eden: steps over which the rate falls (B)")->capture_default_str();
   t->add_option("--lr-epochs", o.lr.eden.lr_epochs, "Eden: epochs over which the rate falls (E; default a third of the run)");
   t->add_option("--warmup-start", o.lr.eden.warmup_start, "Eden: warm-up factor at step 0")->capture_default_str();
+  t->add_option_function<std::string>(
+       "--eden-epoch", [c](const std::string& v) { c->o.lr.eden.epoch_mode = parse_eden_epoch(v); },
+       "Eden: the epoch e is the data seen, fractional (default, the paper's recipe), or the passes completed "
+       "(icefall's speech recipes: 0 through the first pass)")
+      ->check(CLI::IsMember({"fractional", "completed"}));
   t->add_option("--min-lr-ratio", o.lr.min_lr_ratio, "final lr / peak lr for cosine")->capture_default_str();
   t->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
   t->add_option("--beta1", o.adamw.beta1, "first-moment decay (both optimizers)")->capture_default_str();
@@ -144,6 +151,11 @@ void add_train_command(CLI::App& app, Runner& run) {
       ->capture_default_str();
   t->add_option("--clipping-update-period", sa.clipping_update_period, "ScaledAdam: steps in the median window")
       ->capture_default_str();
+  t->add_option("--clipping", c->clipping,
+                "ScaledAdam: per-group (each lr scale's tensors against their own median window, as icefall) "
+                "or global (one norm over all tensors)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"per-group", "global"}));
   t->add_option("--scalar-lr-scale", sa.scalar_lr_scale, "ScaledAdam: lr factor of one-element tensors")
       ->capture_default_str();
   t->add_option("--param-min-rms", sa.param_min_rms, "ScaledAdam: smallest tensor RMS")->capture_default_str();

@@ -70,7 +70,7 @@ class Evaluator {
     gap_ = label_gap(task);
     int longest = 0;
     for (const auto& l : task.labels) longest = std::max(longest, (int)tok.encode(l).size());
-    max_new_ = std::max(task.max_new_tokens, longest + 2);
+    max_new_ = task.max_new_tokens_exact ? task.max_new_tokens : std::max(task.max_new_tokens, longest + 2);
   }
   int max_new_tokens() const { return max_new_; }
 
@@ -194,8 +194,10 @@ class Evaluator {
       if (id == tok_.eos_id()) break;
       out.push_back(id);
       text = tok_.decode(out);
-      const std::string stripped = py_strip(text);
-      if (!stripped.empty() && text.find('\n', text.find(stripped.front())) != std::string::npos) break;
+      // The answer's first line is complete once a newline follows its first non-space
+      // character (searched from there: a byte of a leading multi-byte space may equal it).
+      const size_t start = py_space_prefix(text);
+      if (start < text.size() && text.find('\n', start) != std::string::npos) break;
       if (step + 1 < max_new_ && cache.length < context_) m_.forward_cached(cache, &id, 1, logits.data(), false);
       else break;
     }
@@ -253,6 +255,8 @@ FewshotResult evaluate_fewshot(Model& model, const Tokenizer& tok, const Fewshot
     for (size_t i : items) {
       const PreparedItem p = ev.prepare(demos, test[i]);
       FewshotItemResult r = ev.run(p, test[i].label);
+      r.example = i;
+      r.line = test[i].line;
       sr.correct += r.predicted == r.label;
       ++sr.total;
       if (r.demos_used < (int)demos.size()) {

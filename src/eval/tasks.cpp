@@ -244,6 +244,11 @@ void validate_task(const FewshotTask& t) {
           who + ": label " + std::to_string(i) + " ('" + t.labels[i] +
               "') must be non-empty without surrounding whitespace: predictions are stripped before matching");
     check(t.labels[i].find('\n') == std::string::npos, who + ": label " + std::to_string(i) + " has a newline");
+    for (size_t j = 0; j < i; ++j)
+      check(t.labels[i] != t.labels[j], who + ": labels " + std::to_string(j) + " and " + std::to_string(i) +
+                                            " are both '" + t.labels[i] +
+                                            "': a generated answer could only ever match the first; give each "
+                                            "label its own word");
   }
   for (size_t i = 0; i < t.fields.size(); ++i) {
     check(!t.fields[i].empty() && t.fields[i] != "label", who + ": field names must be non-empty and not 'label'");
@@ -320,6 +325,7 @@ FewshotTask load_task_spec(const std::string& path) {
   if (j.contains("max_new_tokens")) {
     check(j["max_new_tokens"].is_number_integer(), "task spec " + path + ": \"max_new_tokens\" must be an integer");
     t.max_new_tokens = j["max_new_tokens"].get<int>();
+    t.max_new_tokens_exact = t.max_new_tokens > 0;  // 0 keeps the default, the label-length budget
   }
   if (j.contains("strip_fields")) {
     check(j["strip_fields"].is_boolean(), "task spec " + path + ": \"strip_fields\" must be true or false");
@@ -380,6 +386,7 @@ std::vector<FewshotExample> load_fewshot_jsonl(const std::string& path, const Fe
           where + ": label " + std::to_string(label) + " is outside the task's labels 0.." +
               std::to_string(task.labels.size() - 1));
     ex.label = (int)label;
+    ex.line = (int64_t)line_no;
     out.push_back(std::move(ex));
   }
   check(!out.empty(), "few-shot data " + path + " has no examples");
@@ -456,9 +463,15 @@ std::vector<size_t> choose_test_items(size_t n, int64_t m) {
 // ---------------------------------------------------------------------------------------
 // Predictions
 
-std::string py_strip(std::string_view s) {
+size_t py_space_prefix(std::string_view s) {
   size_t b = 0, len = 0;
   while (b < s.size() && is_py_space(decode_at(s, b, &len))) b += len;
+  return b;
+}
+
+std::string py_strip(std::string_view s) {
+  const size_t b = py_space_prefix(s);
+  size_t len = 0;
   size_t e = b;  // end of the last non-space code point
   for (size_t i = b; i < s.size(); i += len)
     if (!is_py_space(decode_at(s, i, &len))) e = i + len;
@@ -578,8 +591,10 @@ SpamTaskSummary build_spam_task(const SpamTaskOptions& o) {
   write_file_atomic(s.train_path, to_jsonl(train));
   write_file_atomic(s.test_path, to_jsonl(test));
   const FewshotTask t = builtin_task("spam");
-  const json spec = {{"name", t.name},         {"template", t.demo_template}, {"separator", t.separator},
-                     {"labels", t.labels},     {"fields", t.fields},          {"max_new_tokens", t.max_new_tokens}};
+  // No "max_new_tokens": the label-length budget (longest + 2, at least 3) is the budget
+  // --task spam uses, whereas a written value would be taken exactly.
+  const json spec = {{"name", t.name},     {"template", t.demo_template}, {"separator", t.separator},
+                     {"labels", t.labels}, {"fields", t.fields}};
   write_file_atomic(s.spec_path, spec.dump(2) + "\n");
   return s;
 }

@@ -129,6 +129,7 @@ StepReport ScaledAdamOptimizer::step(Model& model, float lr) {
   r.skipped = info.skipped;
   r.quartiles_changed = info.quartiles_changed;
   for (int i = 0; i < 5; ++i) r.quartiles[i] = info.quartiles[i];
+  r.clip_groups = info.groups;
   return r;
 }
 

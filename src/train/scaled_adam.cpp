@@ -88,7 +88,40 @@ ScaledAdam::ScaledAdam(const std::vector<ParamInfo>& params, int64_t total_eleme
   param_rms_.assign(params_.size(), 0.f);
   scale_exp_avg_sq_.assign(params_.size(), 0.f);
   scale_grads_.assign(params_.size() * opt_.size_update_period, 0.f);
-  model_norms_.assign(opt_.clipping_update_period, 0.f);
+  // Clipping groups: by lr_scale in order of first appearance, or one group of everything.
+  group_of_.assign(params_.size(), 0);
+  for (size_t t = 0; t < params_.size(); ++t) {
+    size_t gi = 0;
+    if (opt_.clipping == Clipping::per_group)
+      while (gi < groups_.size() && groups_[gi].lr_scale != params_[t].lr_scale) ++gi;
+    if (gi == groups_.size()) {
+      groups_.emplace_back();
+      groups_.back().lr_scale = params_[t].lr_scale;
+      groups_.back().norms.assign(opt_.clipping_update_period, 0.f);
+    }
+    groups_[gi].tensors.push_back((int)t);
+    groups_[gi].elements += params_[t].numel;
+    group_of_[t] = (int)gi;
+  }
+  for (size_t gi = 0; gi < groups_.size(); ++gi)
+    if (groups_[gi].elements > groups_[main_group_].elements) main_group_ = (int)gi;
+  // Each group's own chunk tables, for scaling its gradients (one group uses the full ones).
+  if (groups_.size() > 1) {
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      ClipGroup& grp = groups_[gi];
+      std::vector<int32_t> gt;
+      std::vector<int64_t> gb, ge;
+      for (size_t c = 0; c < chunk_tensor.size(); ++c)
+        if (group_of_[chunk_tensor[c]] == (int)gi) {
+          gt.push_back(chunk_tensor[c]);
+          gb.push_back(chunk_begin[c]);
+          ge.push_back(chunk_end[c]);
+        }
+      grp.chunk_tensor = upload(gt, DType::I32);
+      grp.chunk_begin = upload(gb, DType::I64);
+      grp.chunk_end = upload(ge, DType::I64);
+    }
+  }
 }
 
 void ScaledAdam::shard(Communicator& comm) {
@@ -142,38 +175,42 @@ void ScaledAdam::shard(Communicator& comm) {
   comm_ = &comm;
 }
 
-double ScaledAdam::clip_factor(double norm, ScaledAdamStepInfo& info) {
+double ScaledAdam::clip_factor(ClipGroup& grp, double norm, ClipGroupStats& st) {
   const int s = step_;
   const int period = opt_.clipping_update_period;
   // Step 0 only initialises state; its norm is measured with the initial RMS but not kept.
   if (s > 0) {
-    model_norms_[s % period] = (float)norm;
+    grp.norms[s % period] = (float)norm;
     // The early estimates see few norms while they may still be changing fast, hence the
     // subset and the doubled threshold.
     const bool irregular = (s == 10 || s == 20 || s == 40) && s < period;
     if (s % period == 0 || irregular) {
-      std::vector<float> sorted = model_norms_;
+      std::vector<float> sorted = grp.norms;
       std::sort(sorted.begin(), sorted.end(), norm_less);
       if (irregular) sorted.erase(sorted.begin(), sorted.end() - s);
       const int64_t n = (int64_t)sorted.size();
-      for (int q = 0; q < 5; ++q) info.quartiles[q] = sorted[std::min(n - 1, (n / 4) * q)];
-      const double median = info.quartiles[2];
-      check(std::isfinite(median), "ScaledAdam: at step " + std::to_string(s) +
-                                       " the median gradient norm of the clipping window is not finite "
-                                       "(too many non-finite gradients); lower the learning rate or check the data");
+      for (int q = 0; q < 5; ++q) st.quartiles[q] = sorted[std::min(n - 1, (n / 4) * q)];
+      const double median = st.quartiles[2];
+      if (!std::isfinite(median)) {
+        char which[64] = "";
+        if (groups_.size() > 1) std::snprintf(which, sizeof which, " (lr-scale %g group)", (double)grp.lr_scale);
+        throw Error("ScaledAdam: at step " + std::to_string(s) + " the median gradient norm of the clipping window" +
+                    which +
+                    " is not finite (too many non-finite gradients); lower the learning rate or check the data");
+      }
       double thr = (double)opt_.clipping_scale * median;
       if (irregular) thr *= 2.0;
-      threshold_ = thr;
-      has_threshold_ = true;
-      num_clipped_ = 0;
-      info.quartiles_changed = true;
+      grp.threshold = thr;
+      grp.has_threshold = true;
+      grp.num_clipped = 0;
+      st.quartiles_changed = true;
     }
   }
-  info.threshold = has_threshold_ ? threshold_ : 0.0;
+  st.threshold = grp.has_threshold ? grp.threshold : 0.0;
   if (!std::isfinite(norm)) return 0.0;
-  if (!has_threshold_) return 1.0;
-  const double f = std::min(1.0, threshold_ / (norm + 1e-20));
-  if (f < 1.0) ++num_clipped_;
+  if (!grp.has_threshold) return 1.0;
+  const double f = std::min(1.0, grp.threshold / (norm + 1e-20));
+  if (f < 1.0) ++grp.num_clipped;
   return f;
 }
 
@@ -195,18 +232,44 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
     for (size_t t = 0; t < nt; ++t)
       if (!is_scalar(t)) param_rms_[t] = (float)std::sqrt(param_sq(t) / (double)params_[t].numel);
 
-  // The clipping norm weights each tensor's gradient by how its update is scaled.
+  // The clipping norm weights each tensor's gradient by how its update is scaled; each
+  // clipping group has its own norm (summed in tensor order, as the whole-model one).
+  const size_t ng = groups_.size();
+  std::vector<double> group_sumsq(ng, 0.0);
   double sumsq = 0;
   for (size_t t = 0; t < nt; ++t) {
     const double w = is_scalar(t) ? (double)opt_.scalar_lr_scale : (double)param_rms_[t];
-    sumsq += grad_sq(t) * w * w;
+    const double x = grad_sq(t) * w * w;
+    sumsq += x;
+    group_sumsq[group_of_[t]] += x;
   }
   info.grad_norm = std::sqrt(sumsq);
-  double f = 1.0;
-  if (opt_.clipping_scale > 0) f = clip_factor(info.grad_norm, info);
-  info.clip_factor = f;
-  info.skipped = (f == 0.0);
-  if (f != 1.0) be_->optim_scale_chunks(g, ch, (float)f);
+  info.groups.resize(ng);
+  std::vector<double> factor(ng, 1.0);
+  for (size_t gi = 0; gi < ng; ++gi) {
+    ClipGroup& grp = groups_[gi];
+    ClipGroupStats& st = info.groups[gi];
+    st.whole_model = opt_.clipping == Clipping::global;
+    st.lr_scale = grp.lr_scale;
+    st.tensors = (int)grp.tensors.size();
+    st.elements = grp.elements;
+    st.grad_norm = std::sqrt(group_sumsq[gi]);
+    if (opt_.clipping_scale > 0) factor[gi] = clip_factor(grp, st.grad_norm, st);
+    st.clip_factor = factor[gi];
+    info.skipped |= factor[gi] == 0.0;
+    if (factor[gi] == 1.0) continue;
+    if (ng == 1) {
+      be_->optim_scale_chunks(g, ch, (float)factor[gi]);
+    } else {
+      const Backend::Chunks gch{view_of(grp.chunk_tensor), view_of(grp.chunk_begin), view_of(grp.chunk_end)};
+      be_->optim_scale_chunks(g, gch, (float)factor[gi]);
+    }
+  }
+  const ClipGroupStats& main = info.groups[main_group_];
+  info.clip_factor = main.clip_factor;
+  info.threshold = main.threshold;
+  info.quartiles_changed = main.quartiles_changed;
+  for (int q = 0; q < 5; ++q) info.quartiles[q] = main.quartiles[q];
 
   // Per-tensor coefficients of the elementwise update.
   const double beta2 = opt_.beta2, eps = opt_.eps;
@@ -221,6 +284,7 @@ ScaledAdamStepInfo ScaledAdam::step(float* params, float* grads, float lr) {
       continue;
     }
     float* sg = &scale_grads_[t * P];
+    const double f = factor[group_of_[t]];
     sg[s % P] = f == 0.0 ? 0.f : (float)(param_grad(t) * f);
     if (size_step) param_rms_[t] = (float)std::sqrt(param_sq(t) / (double)p.numel);
     const double rms = param_rms_[t];
@@ -289,20 +353,37 @@ void ScaledAdam::save_state(const std::string& path) const {
     be_->to_host(v.data(), exp_avg_sq_.raw(), sizeof(float) * total_);
     be_->to_host(m.data(), momentum_.raw(), sizeof(float) * total_);
   }
+  // The clipping groups: their windows stacked [groups, period]; per group, in metadata lists
+  // (comma separated, in group order), its lr_scale, whether it has a threshold, the
+  // threshold (exact) and its clipped count.
+  const int64_t ng = (int64_t)groups_.size(), period = opt_.clipping_update_period;
+  std::vector<float> norms;
+  std::string scales, has_thr, thr, clipped;
+  for (const ClipGroup& grp : groups_) {
+    norms.insert(norms.end(), grp.norms.begin(), grp.norms.end());
+    const std::string sep = scales.empty() ? "" : ",";
+    scales += sep + exact_double(grp.lr_scale);
+    has_thr += sep + (grp.has_threshold ? "1" : "0");
+    thr += sep + exact_double(grp.threshold);
+    clipped += sep + std::to_string(grp.num_clipped);
+  }
   std::vector<SafetensorsOut> out = {
       {"exp_avg_sq", DType::F32, {total_}, v.data()},
       {"momentum", DType::F32, {total_}, m.data()},
       {"param_rms", DType::F32, {nt}, param_rms_.data()},
       {"scale_exp_avg_sq", DType::F32, {nt}, scale_exp_avg_sq_.data()},
       {"scale_grads", DType::F32, {nt, (int64_t)opt_.size_update_period}, scale_grads_.data()},
-      {"model_norms", DType::F32, {(int64_t)opt_.clipping_update_period}, model_norms_.data()},
+      {"model_norms", DType::F32, {ng, period}, norms.data()},
   };
   std::map<std::string, std::string> meta = {
-      {"format", "subllm.scaled_adam.v1"},
+      {"format", "subllm.scaled_adam.v2"},
       {"step", std::to_string(step_)},
-      {"has_threshold", has_threshold_ ? "1" : "0"},
-      {"threshold", exact_double(threshold_)},
-      {"num_clipped", std::to_string(num_clipped_)},
+      {"clipping", opt_.clipping == Clipping::global ? "global" : "per-group"},
+      {"clip_groups", std::to_string(ng)},
+      {"clip_group_lr_scales", scales},
+      {"has_threshold", has_thr},
+      {"threshold", thr},
+      {"num_clipped", clipped},
   };
   write_safetensors(path, out, meta);
 }
@@ -328,7 +409,30 @@ void ScaledAdam::load_state(const std::string& path) {
     check(!s.empty() && *end == '\0' && v >= 0, where + "metadata '" + key + "' is not a count: '" + s + "'");
     return v;
   };
+  auto split = [](const std::string& text) {
+    std::vector<std::string> parts;
+    size_t from = 0;
+    for (;;) {
+      const size_t comma = text.find(',', from);
+      parts.push_back(text.substr(from, comma == std::string::npos ? std::string::npos : comma - from));
+      if (comma == std::string::npos) return parts;
+      from = comma + 1;
+    }
+  };
+  auto to_count = [&](const std::string& key, const std::string& s) -> int64_t {
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    check(!s.empty() && *end == '\0' && v >= 0, where + "metadata '" + key + "' holds a non-count: '" + s + "'");
+    return v;
+  };
+  auto to_double = [&](const std::string& key, const std::string& s) -> double {
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    check(!s.empty() && *end == '\0', where + "metadata '" + key + "' holds a non-number: '" + s + "'");
+    return v;
+  };
   const int64_t nt = (int64_t)params_.size();
+  const int64_t period = opt_.clipping_update_period;
   // Read everything before touching the live state, so a bad file leaves it as it was. The
   // whole file on every rank; only the slice of the per-element state is kept.
   std::vector<float> v = read("exp_avg_sq", {total_});
@@ -336,26 +440,77 @@ void ScaledAdam::load_state(const std::string& path) {
   std::vector<float> rms = read("param_rms", {nt});
   std::vector<float> sea = read("scale_exp_avg_sq", {nt});
   std::vector<float> sg = read("scale_grads", {nt, (int64_t)opt_.size_update_period});
-  std::vector<float> norms = read("model_norms", {(int64_t)opt_.clipping_update_period});
-  check(meta("format") == "subllm.scaled_adam.v1", where + "unknown format '" + meta("format") + "'");
+  const std::string& format = meta("format");
+  const bool v1 = format == "subllm.scaled_adam.v1";
+  check(v1 || format == "subllm.scaled_adam.v2", where + "unknown format '" + format + "'");
   const int64_t step = to_int("step");
-  const int64_t has_thr = to_int("has_threshold");
-  const int64_t clipped = to_int("num_clipped");
-  const std::string& thr_s = meta("threshold");
-  char* end = nullptr;
-  const double thr = std::strtod(thr_s.c_str(), &end);
-  check(!thr_s.empty() && *end == '\0', where + "metadata 'threshold' is not a number: '" + thr_s + "'");
+  // The clipping groups of the file (a v1 file has one, written before groups existed).
+  const int64_t file_groups = v1 ? 1 : to_int("clip_groups");
+  check(file_groups >= 1, where + "metadata 'clip_groups' is 0");
+  std::vector<float> norms = read("model_norms", v1 ? Shape{period} : Shape{file_groups, period});
+  auto list = [&](const std::string& key) {
+    std::vector<std::string> parts = v1 ? std::vector<std::string>{meta(key)} : split(meta(key));
+    check((int64_t)parts.size() == file_groups, where + "metadata '" + key + "' has " +
+                                                    std::to_string(parts.size()) + " entries for " +
+                                                    std::to_string(file_groups) + " clipping groups");
+    return parts;
+  };
+  std::vector<std::string> has_thr = list("has_threshold"), thr = list("threshold"), clipped = list("num_clipped");
+  std::vector<ClipGroup> loaded(file_groups);
+  for (int64_t gi = 0; gi < file_groups; ++gi) {
+    ClipGroup& grp = loaded[gi];
+    grp.norms.assign(norms.begin() + gi * period, norms.begin() + (gi + 1) * period);
+    grp.has_threshold = to_count("has_threshold", has_thr[gi]) != 0;
+    grp.threshold = to_double("threshold", thr[gi]);
+    grp.num_clipped = to_count("num_clipped", clipped[gi]);
+  }
+  // Which groups: the same ones (one group each side holds every tensor alike), or one group
+  // copied to each of ours; a file with several groups must have ours.
+  const int64_t ng = (int64_t)groups_.size();
+  bool same = file_groups == ng && ng == 1;
+  if (!same && !v1 && file_groups == ng && meta("clipping") == "per-group" && opt_.clipping == Clipping::per_group) {
+    const std::vector<std::string> scales = list("clip_group_lr_scales");
+    same = true;
+    for (int64_t gi = 0; gi < ng; ++gi)
+      same = same && to_double("clip_group_lr_scales", scales[gi]) == (double)groups_[gi].lr_scale;
+  }
+  auto describe = [&](int64_t count, const std::string& how) {
+    return std::to_string(count) + " clipping group" + (count == 1 ? "" : "s") + " (" + how + ")";
+  };
+  const std::string ours =
+      describe(ng, opt_.clipping == Clipping::global ? "--clipping global" : "--clipping per-group, by lr scale");
+  if (!same && file_groups > 1) {
+    std::string scales;
+    for (const std::string& x : list("clip_group_lr_scales")) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%s%g", scales.empty() ? "" : ", ", to_double("clip_group_lr_scales", x));
+      scales += buf;
+    }
+    throw Error(where + "written with " + describe(file_groups, meta("clipping") + ", lr scales " + scales) +
+                ", but this optimizer has " + ours + "; resume with the clipping and lr scales it was written with");
+  }
+  if (!same) {
+    if (!comm_ || comm_->rank() == 0)
+      std::fprintf(stderr,
+                   "note: %s holds one clipping window%s; it starts each of this optimizer's %lld clipping "
+                   "groups, whose own norms replace it within %lld steps\n",
+                   path.c_str(), v1 ? " (a v1 state, clipped globally)" : "", (long long)ng, (long long)period);
+    std::vector<ClipGroup> copies(ng, loaded[0]);
+    loaded.swap(copies);
+  }
 
   be_->to_device(exp_avg_sq_.raw(), v.data() + lo_, sizeof(float) * (hi_ - lo_));
   be_->to_device(momentum_.raw(), m.data() + lo_, sizeof(float) * (hi_ - lo_));
   param_rms_ = std::move(rms);
   scale_exp_avg_sq_ = std::move(sea);
   scale_grads_ = std::move(sg);
-  model_norms_ = std::move(norms);
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    groups_[gi].norms = std::move(loaded[gi].norms);
+    groups_[gi].has_threshold = loaded[gi].has_threshold;
+    groups_[gi].threshold = loaded[gi].threshold;
+    groups_[gi].num_clipped = loaded[gi].num_clipped;
+  }
   step_ = (int)step;
-  has_threshold_ = has_thr != 0;
-  threshold_ = thr;
-  num_clipped_ = clipped;
 }
 
 }  // namespace subllm

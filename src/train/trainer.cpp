@@ -279,6 +279,13 @@ TrainResult train(const TrainOptions& o) {
       check(saved_bal == now_bal, "cannot resume from '" + resume_from + "': it was trained with --balancer-fraction " +
                                       saved_bal + ", not " + now_bal + "; pass --balancer-fraction " + saved_bal);
     }
+    if (o.lr.kind == "eden" || o.lr.kind == "eden2") {
+      // States written before the flag existed counted the epoch fractionally.
+      const std::string saved_epoch = st.value("eden_epoch", "fractional");
+      const std::string now_epoch = eden_epoch_name(o.lr.eden.epoch_mode);
+      check(saved_epoch == now_epoch, "cannot resume from '" + resume_from + "': it was trained with --eden-epoch " +
+                                          saved_epoch + ", not " + now_epoch + "; pass --eden-epoch " + saved_epoch);
+    }
     model.load((ck / "model.safetensors").string());
     opt->load_state((ck / "optimizer.safetensors").string());
     start_step = st.at("step").get<long>();
@@ -339,6 +346,7 @@ TrainResult train(const TrainOptions& o) {
                 {"balancer_window", o.subllm.balancer_window},
                 {"bypass_min", o.subllm.bypass_min.str()},
                 {"lr_schedule", lr.kind},
+                {"eden_epoch", eden_epoch_name(o.lr.eden.epoch_mode)},
                 {"base_lr", lr.base_lr},
                 {"data_dir", o.data_dir}};
   };
@@ -386,8 +394,10 @@ TrainResult train(const TrainOptions& o) {
     const double norm = rep.grad_norm;
     if (rep.skipped) {
       ++bad_streak;
-      std::fprintf(stderr, "%swarning: step %ld has a non-finite %s; the update is skipped\n", tty ? "\n" : "",
-                   step + 1, std::isfinite(loss) ? "gradient" : "loss");
+      if (root)
+        std::fprintf(stderr, "%swarning: step %ld has a non-finite %s; %s\n", tty ? "\n" : "", step + 1,
+                     std::isfinite(loss) ? "gradient" : "loss",
+                     std::isfinite(loss) ? "the update of the parameters it reaches is skipped" : "the update is skipped");
       check(bad_streak < 10, "training diverged: 10 steps in a row had non-finite loss or gradients; lower the "
                              "learning rate (--lr) or resume from an earlier checkpoint");
     } else {
@@ -427,11 +437,35 @@ TrainResult train(const TrainOptions& o) {
       m["score_rms"] = rms;
       m["kept_weight"] = kw;
     }
+    // ScaledAdam clips each group of tensors (by lr scale) against its own window: "grad_norm"
+    // is the whole model's norm, "clip" and "clip_quartiles" the main group's (the one with the
+    // most elements), and "clip_groups" has every group (lr_scale null: global clipping).
     if (rep.quartiles_changed) {
       m["clip_quartiles"] = std::vector<double>(rep.quartiles, rep.quartiles + 5);
-      if (!quiet && !tty)
-        std::fprintf(stderr, "clipping: grad-norm quartiles %.3g %.3g %.3g %.3g %.3g\n", rep.quartiles[0],
-                     rep.quartiles[1], rep.quartiles[2], rep.quartiles[3], rep.quartiles[4]);
+      if (!quiet && !tty) {
+        if (rep.clip_groups.size() > 1) {
+          for (const ClipGroupStats& g : rep.clip_groups)
+            std::fprintf(stderr, "clipping (lr scale %g): grad-norm quartiles %.3g %.3g %.3g %.3g %.3g\n",
+                         (double)g.lr_scale, g.quartiles[0], g.quartiles[1], g.quartiles[2], g.quartiles[3],
+                         g.quartiles[4]);
+        } else {
+          std::fprintf(stderr, "clipping: grad-norm quartiles %.3g %.3g %.3g %.3g %.3g\n", rep.quartiles[0],
+                       rep.quartiles[1], rep.quartiles[2], rep.quartiles[3], rep.quartiles[4]);
+        }
+      }
+    }
+    if (!rep.clip_groups.empty()) {
+      json groups = json::array();
+      for (const ClipGroupStats& g : rep.clip_groups) {
+        json e = {{"lr_scale", g.whole_model ? json(nullptr) : json(g.lr_scale)},
+                  {"tensors", g.tensors},
+                  {"grad_norm", g.grad_norm},
+                  {"clip", g.clip_factor},
+                  {"threshold", g.threshold}};
+        if (g.quartiles_changed) e["quartiles"] = std::vector<double>(g.quartiles, g.quartiles + 5);
+        groups.push_back(std::move(e));
+      }
+      m["clip_groups"] = std::move(groups);
     }
     if (ranks > 1) {
       m["world_size"] = ranks;
@@ -467,6 +501,9 @@ TrainResult train(const TrainOptions& o) {
         std::fprintf(stderr, "%s\n", text.c_str());
     }
     if ((o.ckpt_every > 0 && done % o.ckpt_every == 0) || last || stop) checkpoint(done);
+    // No rank leaves before rank 0 has written the final checkpoint: a launcher ends the whole
+    // job when the first rank exits with a non-zero code.
+    if (last || stop) comm.barrier();
     if (stop && !last) {
       res.interrupted = true;
       if (!quiet)

@@ -12,12 +12,19 @@ IN holds, for every tensor NAME listed (comma separated) in metadata "names":
   grads/NAME            [steps, *shape] the raw gradient of every step
 and metadata (floats as C99 hex literals, exact): beta1 beta2 eps scalar_lr_scale
 param_min_rms param_max_rms scalar_max size_update_period clipping_scale
-clipping_update_period steps; lr_scale/NAME; the Eden schedule: base_lr lr_batches
-lr_epochs warmup_batches warmup_start eden2 epoch_per_batch (step k, from 0, runs at
-batch k + 1 and epoch k * epoch_per_batch).
+clipping_update_period steps; clipping ("per-group", the default, or "global");
+lr_scale/NAME; the Eden schedule: base_lr lr_batches lr_epochs warmup_batches
+warmup_start eden2 epoch_per_batch (step k, from 0, runs at batch k + 1 and epoch
+k * epoch_per_batch).
 
-OUT (F32): traj/NAME [steps, *shape] the parameter after every step; lr, grad_norm,
-clip_factor and threshold, each [steps].
+Clipping groups: per-group puts the tensors that share an lr_scale in one group (as
+icefall's get_parameter_groups_with_lrs makes one param group per learning rate, each
+clipped by ScaledAdam against its own window), groups ordered by first appearance in
+"names"; global makes one group of all tensors.
+
+OUT (F32): traj/NAME [steps, *shape] the parameter after every step; lr and grad_norm
+(the whole-model norm), each [steps]; group_grad_norm, group_clip_factor and
+group_threshold, each [steps, groups]; group_lr_scale [groups].
 """
 
 import argparse
@@ -52,34 +59,15 @@ def eden_lr(cfg, batch, epoch):
     return cfg["base_lr"] * factor * warm
 
 
-class Oracle:
-    def __init__(self, params, lr_scales, opt):
-        self.p = params          # name -> tensor (updated in place)
-        self.lr_scales = lr_scales
-        self.o = opt
-        self.names = list(params)
-        self.t = 0
-        dt = next(iter(params.values())).dtype
-        self.dt = dt
-        self.v = {n: torch.zeros_like(x) for n, x in params.items()}
-        self.mom = {n: torch.zeros_like(x) for n, x in params.items()}
-        self.rms = {}
-        self.size_sq = {}
-        self.size_hist = {}
-        self.window = [0.0] * opt["clipping_update_period"]
+class ClipWindow:
+    """The clipping state of one group: its window of norms and its threshold."""
+
+    def __init__(self, period):
+        self.window = [0.0] * period
         self.threshold = None
 
-    def scalar(self, name):
-        return self.p[name].numel() == 1
-
-    def tensor_rms(self, name):
-        x = self.p[name]
-        return float(torch.sqrt((x * x).sum() / x.numel()))
-
-    def clip(self, norm):
-        o = self.o
+    def factor(self, k, norm, o):
         period = o["clipping_update_period"]
-        k = self.t
         if k > 0:
             self.window[k % period] = norm
             early = k in (10, 20, 40) and k < period
@@ -99,6 +87,35 @@ class Oracle:
             return 1.0
         return min(1.0, self.threshold / (norm + 1e-20))
 
+
+class Oracle:
+    def __init__(self, params, lr_scales, opt):
+        self.p = params          # name -> tensor (updated in place)
+        self.lr_scales = lr_scales
+        self.o = opt
+        self.names = list(params)
+        self.t = 0
+        dt = next(iter(params.values())).dtype
+        self.dt = dt
+        self.v = {n: torch.zeros_like(x) for n, x in params.items()}
+        self.mom = {n: torch.zeros_like(x) for n, x in params.items()}
+        self.rms = {}
+        self.size_sq = {}
+        self.size_hist = {}
+        # group key -> member names, in order of first appearance
+        self.groups = {}
+        for n in self.names:
+            key = lr_scales[n] if opt["clipping"] == "per-group" else "all"
+            self.groups.setdefault(key, []).append(n)
+        self.windows = {key: ClipWindow(opt["clipping_update_period"]) for key in self.groups}
+
+    def scalar(self, name):
+        return self.p[name].numel() == 1
+
+    def tensor_rms(self, name):
+        x = self.p[name]
+        return float(torch.sqrt((x * x).sum() / x.numel()))
+
     def step(self, grads, lr):
         o = self.o
         k = self.t
@@ -109,16 +126,26 @@ class Oracle:
                     self.rms[n] = self.tensor_rms(n)
                     self.size_sq[n] = 0.0
                     self.size_hist[n] = [0.0] * period
-        total = 0.0
+        weighted = {}
         for n in self.names:
             weight = o["scalar_lr_scale"] if self.scalar(n) else self.rms[n]
-            total += float((grads[n] ** 2).sum()) * weight * weight
-        norm = math.sqrt(total)
-        factor = self.clip(norm) if o["clipping_scale"] > 0 else 1.0
-        if factor == 0.0:
-            grads = {n: torch.zeros_like(g) for n, g in grads.items()}
-        elif factor != 1.0:
-            grads = {n: g * factor for n, g in grads.items()}
+            weighted[n] = float((grads[n] ** 2).sum()) * weight * weight
+        norm = math.sqrt(sum(weighted[n] for n in self.names))
+        group_norms, group_factors, group_thresholds = [], [], []
+        clipped = {}
+        for key, members in self.groups.items():
+            gnorm = math.sqrt(sum(weighted[n] for n in members))
+            win = self.windows[key]
+            factor = win.factor(k, gnorm, o) if o["clipping_scale"] > 0 else 1.0
+            for n in members:
+                if factor == 0.0:
+                    clipped[n] = torch.zeros_like(grads[n])
+                else:
+                    clipped[n] = grads[n] * factor if factor != 1.0 else grads[n]
+            group_norms.append(gnorm)
+            group_factors.append(factor)
+            group_thresholds.append(win.threshold if win.threshold is not None else 0.0)
+        grads = clipped
 
         beta1, beta2, eps = o["beta1"], o["beta2"], o["eps"]
         corr = 1.0 - beta2 ** (k + 1)
@@ -153,7 +180,7 @@ class Oracle:
             if self.scalar(n):
                 x.clamp_(-o["scalar_max"], o["scalar_max"])
         self.t += 1
-        return norm, factor, (self.threshold if self.threshold is not None else 0.0)
+        return norm, group_norms, group_factors, group_thresholds
 
 
 def main(argv=None):
@@ -170,6 +197,9 @@ def main(argv=None):
             "scalar_max", "clipping_scale")}
     opt["size_update_period"] = int(meta["size_update_period"])
     opt["clipping_update_period"] = int(meta["clipping_update_period"])
+    opt["clipping"] = meta.get("clipping", "per-group")
+    if opt["clipping"] not in ("per-group", "global"):
+        raise ValueError("clipping must be per-group or global")
     eden = {key: meta_float(meta, key) for key in
             ("base_lr", "lr_batches", "lr_epochs", "warmup_batches", "warmup_start", "epoch_per_batch")}
     eden["eden2"] = meta["eden2"] == "1"
@@ -180,21 +210,25 @@ def main(argv=None):
     scales = {n: meta_float(meta, "lr_scale/" + n) for n in names}
     oracle = Oracle(params, scales, opt)
     traj = {n: [] for n in names}
-    lrs, norms, factors, thresholds = [], [], [], []
+    lrs, norms, group_norms, group_factors, group_thresholds = [], [], [], [], []
     for k in range(steps):
         lr = eden_lr(eden, k + 1, k * eden["epoch_per_batch"])
-        norm, factor, thr = oracle.step({n: grads[n][k].clone() for n in names}, lr)
+        norm, gnorms, gfactors, gthresholds = oracle.step({n: grads[n][k].clone() for n in names}, lr)
         lrs.append(lr)
         norms.append(norm)
-        factors.append(factor)
-        thresholds.append(thr)
+        group_norms.append(gnorms)
+        group_factors.append(gfactors)
+        group_thresholds.append(gthresholds)
         for n in names:
             traj[n].append(params[n].clone())
     out = {"traj/" + n: torch.stack(traj[n]).numpy() for n in names}
     out["lr"] = torch.tensor(lrs).numpy()
     out["grad_norm"] = torch.tensor(norms).numpy()
-    out["clip_factor"] = torch.tensor(factors).numpy()
-    out["threshold"] = torch.tensor(thresholds).numpy()
+    out["group_grad_norm"] = torch.tensor(group_norms).numpy()
+    out["group_clip_factor"] = torch.tensor(group_factors).numpy()
+    out["group_threshold"] = torch.tensor(group_thresholds).numpy()
+    keys = list(oracle.groups)
+    out["group_lr_scale"] = torch.tensor([1.0 if key == "all" else key for key in keys]).numpy()
     write_safetensors(a.out, out)
     return 0
 

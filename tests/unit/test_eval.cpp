@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "subllm/dataset.h"
 #include "subllm/error.h"
@@ -119,6 +121,21 @@ TEST(EvalPrompt, TaskSpecFilesAndTheirErrors) {
   EXPECT_NE(spec_error(R"({"template": "{label}", "labels": ["a", "b"], "fields": ["text"]})").find("never used"),
             std::string::npos);
   EXPECT_NE(spec_error("{").find("bad.json"), std::string::npos);
+}
+
+TEST(EvalPrompt, DuplicateLabelWordsAreRefused) {
+  // Generate scoring would take the first label with the word for every prediction, while
+  // the authors compare with the true label's own word: the task is ambiguous, so refused.
+  TempDir tmp("eval");
+  write_file(tmp.file("dup.json"), R"({"template": "{text} => {label}", "labels": ["yes", "no", "yes"]})");
+  const std::string msg = error_of([&] { load_task_spec(tmp.file("dup.json")); });
+  EXPECT_NE(msg.find("dup.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("labels 0 and 2 are both 'yes'"), std::string::npos) << msg;
+  FewshotTask t = builtin_task("agnews");
+  t.labels[3] = "world";
+  EXPECT_NE(error_of([&] { validate_task(t); }).find("labels 0 and 3 are both 'world'"), std::string::npos);
+  t.labels[3] = "World";  // case counts: the match is case-sensitive
+  EXPECT_EQ(error_of([&] { validate_task(t); }), "");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -440,6 +457,143 @@ TEST_F(EvalModel, LongPromptsDropDemonstrationsFromTheFront) {
   EXPECT_EQ(s.shortened, 2);
   EXPECT_EQ(s.truncated, 1);
   EXPECT_EQ(s.demos_dropped, 2 + 4);
+}
+
+TEST_F(EvalModel, ASpecsExplicitTokenBudgetIsHonoured) {
+  const Tokenizer& tok = *tok_;
+  ASSERT_GE(tok.encode("zebra quagga").size(), 3u);
+  const int by_labels = (int)std::max(tok.encode("zebra quagga").size(), tok.encode("harbour").size()) + 2;
+  const std::string spec = R"({"template": "text: {text} answer: {label}", "labels": ["zebra quagga", "harbour"])";
+  write_file(tmp_->file("budget1.json"), spec + R"(, "max_new_tokens": 1})");
+  write_file(tmp_->file("budget0.json"), spec + "}");
+  const FewshotTask one = load_task_spec(tmp_->file("budget1.json"));
+  const FewshotTask unset = load_task_spec(tmp_->file("budget0.json"));
+  // A model that repeats one token on one line: it generates as many as the budget allows.
+  const int32_t word = tok.encode("zebra").back();
+  auto rep = constant_model({word}, 40.0f, 128);
+  std::vector<FewshotExample> train = {{{"a b"}, 0}, {{"c d"}, 1}};
+  std::vector<FewshotExample> test = {{{"x"}, 0}};
+  FewshotOptions o;
+  o.shots = 1;
+  const FewshotResult r1 = evaluate_fewshot(*rep, tok, one, train, test, o);
+  EXPECT_EQ(r1.max_new_tokens, 1);
+  EXPECT_EQ(r1.seeds[0].items[0].generated, tok.decode({word}));
+  // Without the key: the longest label + 2.
+  const FewshotResult r0 = evaluate_fewshot(*rep, tok, unset, train, test, o);
+  EXPECT_EQ(r0.max_new_tokens, by_labels);
+  EXPECT_EQ(r0.seeds[0].items[0].generated, tok.decode(std::vector<int32_t>((size_t)by_labels, word)));
+  // A built-in task's count is the authors' for their tokenizer: still raised for ours.
+  FewshotTask builtin = builtin_task("sst2");
+  builtin.labels = {"zebra quagga", "harbour"};
+  builtin.max_new_tokens = 1;
+  EXPECT_EQ(evaluate_fewshot(*rep, tok, builtin, train, test, o).max_new_tokens, by_labels);
+}
+
+// A LLaMA whose blocks add nothing, so the next token depends on the last one only: each
+// (a, b) of `chain` makes b the greedy choice after a.
+std::unique_ptr<Model> chain_model(int vocab, const std::vector<std::pair<int32_t, int32_t>>& chain, int context) {
+  ModelConfig c;
+  c.vocab_size = vocab;
+  c.dim = 16;
+  c.ffn_dim = 32;
+  c.n_heads = 2;
+  c.n_layers = 1;
+  c.context = context;
+  auto m = std::make_unique<Model>(c);
+  m->init_weights(1);
+  for (const char* name : {"decoder.layers.0.self_attn.out_proj.weight", "decoder.layers.0.feedforward.swiglu.w3.weight",
+                           "decoder.output_projection.weight"}) {
+    Tensor t = m->param(name);
+    std::fill(t.f32(), t.f32() + t.numel(), 0.f);
+  }
+  float* gain = m->param("decoder.layer_norm.weight").f32();
+  std::fill(gain, gain + 16, 1.f);
+  float* emb = m->param("decoder.embed_tokens.weight").f32();
+  float* head = m->param("decoder.output_projection.weight").f32();
+  EXPECT_LE(chain.size(), 16u);
+  for (size_t k = 0; k < chain.size(); ++k) {
+    std::fill(emb + (size_t)chain[k].first * 16, emb + (size_t)chain[k].first * 16 + 16, 0.f);
+    emb[(size_t)chain[k].first * 16 + k] = 1.f;  // channel k: "the last token was a"
+    head[(size_t)chain[k].second * 16 + k] = 40.f;
+  }
+  return m;
+}
+
+int32_t piece_id(const Tokenizer& tok, const std::string& piece) {
+  for (int32_t id = 0; id < tok.vocab_size(); ++id)
+    if (tok.id_to_piece(id) == piece) return id;
+  ADD_FAILURE() << "no piece " << piece;
+  return 0;
+}
+
+TEST(EvalGenerate, ANonAsciiSpaceAndNewlineBeforeTheAnswerDoNotEndIt) {
+  // The answer "\u2003\n—so": its stripped text starts with the byte E2 that also starts
+  // the em space U+2003 (E2 80 83), so the newline after the space is not the end of the
+  // answer's first line.
+  TempDir tmp("evalgen");
+  std::string text;
+  for (int i = 0; i < 100; ++i) text += "the sea—calm, the ship—slow and the wind—cold " + std::to_string(i) + "\n";
+  write_file(tmp.file("dash.txt"), text);
+  Tokenizer::train({tmp.file("dash.txt")}, tmp.file("dash.model"), 300, 1);
+  const Tokenizer tok = Tokenizer::load(tmp.file("dash.model"));
+  const int32_t b_e2 = piece_id(tok, "<0xE2>"), b_80 = piece_id(tok, "<0x80>"), b_83 = piece_id(tok, "<0x83>"),
+                b_nl = piece_id(tok, "<0x0A>"), dash = piece_id(tok, "\xE2\x80\x94"), s = piece_id(tok, "s"),
+                o = piece_id(tok, "o");
+  ASSERT_EQ(tok.decode({b_e2, b_80, b_83, b_nl, dash, s, o}), "\xE2\x80\x83\n\xE2\x80\x94so");
+
+  FewshotTask task;
+  task.name = "dash";
+  task.demo_template = "{text} wind: {label}";
+  task.fields = {"text"};
+  task.labels = {"\xE2\x80\x94so", "sea"};
+  task.max_new_tokens = 10;
+  const std::vector<FewshotExample> items = {{{"calm"}, 0}};
+  const std::vector<int32_t> prompt = tok.encode(format_query(task, items[0]));
+  const int32_t last = prompt.back();
+  for (int32_t id : {b_e2, b_80, b_83, b_nl, dash, s, o}) ASSERT_NE(last, id);
+  auto m = chain_model(tok.vocab_size(),
+                       {{last, b_e2}, {b_e2, b_80}, {b_80, b_83}, {b_83, b_nl}, {b_nl, dash}, {dash, s}, {s, o},
+                        {o, tok.eos_id()}},
+                       64);
+  FewshotOptions opt;
+  opt.shots = 0;
+  const FewshotResult r = evaluate_fewshot(*m, tok, task, items, items, opt);
+  EXPECT_EQ(r.seeds[0].items[0].generated, "\xE2\x80\x83\n\xE2\x80\x94so");
+  EXPECT_EQ(r.seeds[0].items[0].predicted, 0);
+  EXPECT_EQ(r.seeds[0].correct, 1);
+}
+
+TEST_F(EvalModel, PredictionsNameEachItemsLineInTheTestFile) {
+  const std::string run = tmp_->file("pred_run");
+  const std::string train = std::string(SUBLLM_CLI_PATH) + " train --data " + tmp_->file("data") + " --out " + run +
+                            " --dim 16 --layers 1 --heads 2 --batch 2 --seq 32 --steps 1 --eval-every 0 -t 2 -q > " +
+                            run + ".log 2>&1";
+  ASSERT_EQ(std::system(train.c_str()), 0) << read_all(run + ".log");
+  // Examples on lines 1, 3, 6 and 7 (blank lines are skipped); --max-test 3 samples them
+  // out of file order.
+  write_file(tmp_->file("pred_test.jsonl"),
+             "{\"text\": \"a\", \"label\": 0}\n\n{\"text\": \"b\", \"label\": 1}\n\n \n"
+             "{\"text\": \"c\", \"label\": 0}\n{\"text\": \"d\", \"label\": 1}\n");
+  const std::vector<int64_t> lines = {1, 3, 6, 7};
+  const std::string eval = std::string(SUBLLM_CLI_PATH) + " eval fewshot -m " + run + " --task sst2 --train " +
+                           tmp_->file("pred_test.jsonl") + " --test " + tmp_->file("pred_test.jsonl") +
+                           " --shots 1 --max-test 3 --scoring loglik -t 2 --predictions " + tmp_->file("pred.jsonl") +
+                           " > " + run + ".eval.log 2>&1";
+  ASSERT_EQ(std::system(eval.c_str()), 0) << read_all(run + ".eval.log");
+  const std::vector<size_t> chosen = choose_test_items(4, 3);
+  ASSERT_NE(chosen, (std::vector<size_t>{0, 1, 2}));
+  std::istringstream in(read_all(tmp_->file("pred.jsonl")));
+  std::string line;
+  size_t n = 0;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    ASSERT_LT(n, chosen.size());
+    EXPECT_EQ(j.at("item").get<size_t>(), n);
+    EXPECT_EQ(j.at("example").get<size_t>(), chosen[n]);
+    EXPECT_EQ(j.at("line").get<int64_t>(), lines[chosen[n]]) << line;
+    ++n;
+  }
+  EXPECT_EQ(n, chosen.size());
 }
 
 // ---------------------------------------------------------------------------------------

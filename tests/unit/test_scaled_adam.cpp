@@ -345,6 +345,127 @@ TEST(ScaledAdam, EarlyRecomputationsOnlyBelowThePeriod) {
   EXPECT_EQ(r.info[16].threshold, 18.0);
 }
 
+// Two 2x2 tensors of ones at lr 0 (their RMS stays 1): `a` (lr scale 1) with norm s (100 at
+// step 15), `b` (lr scale 0.5) with norm 3 s (1000 at step 30); period 50.
+struct TwoGroupRun {
+  std::vector<ScaledAdamStepInfo> info;
+  std::vector<float> a_after, b_after;  // one gradient element of each after the step
+};
+
+TwoGroupRun run_two_groups(Clipping clipping, int steps, int nan_in_b_at = -1) {
+  Layout l;
+  l.add("a", {2, 2}, 1.f);
+  l.add("b", {2, 2}, 0.5f);
+  ScaledAdamOptions o;
+  o.clipping_update_period = 50;
+  o.clipping = clipping;
+  ScaledAdam opt(l.infos, l.total, o);
+  std::vector<float> p(8, 1.f), g(8);
+  TwoGroupRun r;
+  for (int s = 0; s < steps; ++s) {
+    const double na = s == 0 ? 5.0 : s == 15 ? 100.0 : s;
+    const double nb = s == 0 ? 5.0 : s == 30 ? 1000.0 : 3.0 * s;
+    std::fill(g.begin(), g.begin() + 4, (float)(na / 2));
+    std::fill(g.begin() + 4, g.end(), (float)(nb / 2));
+    if (s == nan_in_b_at) g[5] = std::numeric_limits<float>::quiet_NaN();
+    r.info.push_back(opt.step(p.data(), g.data(), 0.f));
+    r.a_after.push_back(g[0]);
+    r.b_after.push_back(g[4]);
+  }
+  return r;
+}
+
+TEST(ScaledAdam, ClipsEachLrScaleGroupAgainstItsOwnWindow) {
+  TwoGroupRun r = run_two_groups(Clipping::per_group, 32);
+  for (int s = 0; s < 32; ++s) {
+    ASSERT_EQ(r.info[s].groups.size(), 2u);
+    const ClipGroupStats &a = r.info[s].groups[0], &b = r.info[s].groups[1];
+    EXPECT_EQ(a.lr_scale, 1.f);
+    EXPECT_EQ(b.lr_scale, 0.5f);
+    EXPECT_FALSE(a.whole_model);
+    EXPECT_EQ(a.tensors, 1);
+    EXPECT_EQ(b.elements, 4);
+    const double na = s == 0 ? 5.0 : s == 15 ? 100.0 : s, nb = s == 0 ? 5.0 : s == 30 ? 1000.0 : 3.0 * s;
+    EXPECT_NEAR(a.grad_norm, na, 1e-9) << s;
+    EXPECT_NEAR(b.grad_norm, nb, 1e-9) << s;
+    // The step's grad_norm is the whole model's.
+    EXPECT_NEAR(r.info[s].grad_norm, std::sqrt(na * na + nb * nb), 1e-9) << s;
+    EXPECT_EQ(a.quartiles_changed, s == 10 || s == 20) << s;
+    EXPECT_EQ(b.quartiles_changed, s == 10 || s == 20) << s;
+  }
+  // Step 10 (steps 1-10, median x2 x2): a's median 5, b's 15.
+  const ClipGroupStats &a10 = r.info[10].groups[0], &b10 = r.info[10].groups[1];
+  EXPECT_EQ(std::vector<double>(a10.quartiles, a10.quartiles + 5), (std::vector<double>{1, 3, 5, 7, 9}));
+  EXPECT_EQ(std::vector<double>(b10.quartiles, b10.quartiles + 5), (std::vector<double>{3, 9, 15, 21, 27}));
+  EXPECT_EQ(a10.threshold, 20.0);
+  EXPECT_EQ(b10.threshold, 60.0);
+  // Step 15: a's spike is clipped by a's own threshold; b (45 < 60) is left alone. One global
+  // norm would have scaled both by 20 sqrt(10) / sqrt(100^2 + 45^2) = 0.577.
+  EXPECT_NEAR(r.info[15].groups[0].clip_factor, 0.2, 1e-12);
+  EXPECT_EQ(r.info[15].groups[1].clip_factor, 1.0);
+  EXPECT_NEAR(r.a_after[15], 10.0, 1e-5);
+  EXPECT_EQ(r.b_after[15], 22.5f);
+  // Step 20: a's window (steps 1-20 with 100 at 15) has median 11 -> 44; b's 33 -> 132.
+  EXPECT_EQ(r.info[20].groups[0].threshold, 44.0);
+  EXPECT_EQ(r.info[20].groups[1].threshold, 132.0);
+  // Step 30: b's spike is clipped by b's threshold alone.
+  EXPECT_EQ(r.info[30].groups[0].clip_factor, 1.0);
+  EXPECT_NEAR(r.info[30].groups[1].clip_factor, 0.132, 1e-12);
+  EXPECT_EQ(r.a_after[30], 15.f);
+  EXPECT_NEAR(r.b_after[30], 66.0, 1e-4);
+  // The step's own fields are the main group's (4 elements each: the first, `a`).
+  EXPECT_EQ(r.info[15].clip_factor, r.info[15].groups[0].clip_factor);
+  EXPECT_EQ(r.info[30].threshold, 44.0);
+  for (const auto& info : r.info) EXPECT_FALSE(info.skipped);
+}
+
+TEST(ScaledAdam, GlobalClippingKeepsOneWindowForAll) {
+  TwoGroupRun r = run_two_groups(Clipping::global, 32);
+  for (int s = 0; s < 32; ++s) {
+    ASSERT_EQ(r.info[s].groups.size(), 1u);
+    EXPECT_TRUE(r.info[s].groups[0].whole_model);
+    EXPECT_EQ(r.info[s].groups[0].tensors, 2);
+    EXPECT_EQ(r.info[s].groups[0].grad_norm, r.info[s].grad_norm);
+  }
+  // Step 10: norms s sqrt(10), median 5 sqrt(10), threshold 20 sqrt(10) for both tensors (the
+  // window holds floats).
+  const double thr = 20 * std::sqrt(10.0), f15 = thr / std::sqrt(100.0 * 100 + 45 * 45);
+  EXPECT_NEAR(r.info[10].threshold, thr, 1e-6 * thr);
+  EXPECT_NEAR(r.info[15].clip_factor, f15, 1e-6 * f15);
+  EXPECT_EQ(r.info[15].groups[0].clip_factor, r.info[15].clip_factor);
+  EXPECT_NEAR(r.a_after[15], 50 * f15, 1e-4);
+  EXPECT_NEAR(r.b_after[15], 22.5 * f15, 1e-4);
+}
+
+TEST(ScaledAdam, NonFiniteNormZeroesOnlyItsGroup) {
+  TwoGroupRun r = run_two_groups(Clipping::per_group, 14, 12);
+  EXPECT_TRUE(r.info[12].skipped);
+  EXPECT_EQ(r.info[12].groups[1].clip_factor, 0.0);
+  EXPECT_EQ(r.b_after[12], 0.f);
+  EXPECT_EQ(r.info[12].groups[0].clip_factor, 1.0);
+  EXPECT_EQ(r.a_after[12], 6.f);
+  EXPECT_FALSE(r.info[13].skipped);
+}
+
+TEST(ScaledAdam, GroupsByLrScaleInOrderOfFirstAppearance) {
+  Layout l;
+  l.add("w1", {3, 3}, 1.f);
+  l.add("score", {1, 4}, 0.5f);
+  l.add("w2", {2, 2}, 1.f);
+  l.add("fast", {5}, 2.f);
+  l.add("score2", {1, 4}, 0.5f);
+  ScaledAdam opt(l.infos, l.total, ScaledAdamOptions{});
+  EXPECT_EQ(opt.clip_groups(), 3);
+  const std::vector<int> want = {0, 1, 0, 2, 1};
+  for (size_t t = 0; t < want.size(); ++t) EXPECT_EQ(opt.clip_group_of(t), want[t]) << t;
+  EXPECT_EQ(opt.main_clip_group(), 0);  // 13 elements
+  ScaledAdamOptions global;
+  global.clipping = Clipping::global;
+  ScaledAdam one(l.infos, l.total, global);
+  EXPECT_EQ(one.clip_groups(), 1);
+  for (size_t t = 0; t < want.size(); ++t) EXPECT_EQ(one.clip_group_of(t), 0);
+}
+
 TEST(ScaledAdam, NonFiniteNormZeroesGradients) {
   Layout l;
   l.add("w", {2, 2});
@@ -433,11 +554,14 @@ std::vector<float> varied_grads(Rng& r, const Layout& l, int s) {
   return g;
 }
 
-TEST(ScaledAdam, ResumeIsBitExact) {
+// 40 steps of the varied model straight, and 20 + save + load + 20: bit-exact.
+void resume_is_bit_exact(Clipping clipping) {
+  SCOPED_TRACE(clipping == Clipping::global ? "global clipping" : "per-group clipping");
   TempDir tmp("scaled_adam");
   Layout l = varied_layout();
   ScaledAdamOptions o;
   o.clipping_update_period = 16;
+  o.clipping = clipping;
   std::vector<float> init(l.total);
   Rng ri(5);
   for (auto& x : init) x = (float)(ri.normal() * 0.3);
@@ -470,13 +594,136 @@ TEST(ScaledAdam, ResumeIsBitExact) {
     ScaledAdamStepInfo info = c.step(resumed.data(), g.data(), 0.03f);
     EXPECT_EQ(info.clip_factor, ia[s].clip_factor) << s;
     EXPECT_EQ(info.threshold, ia[s].threshold) << s;
+    ASSERT_EQ(info.groups.size(), ia[s].groups.size());
+    for (size_t gi = 0; gi < info.groups.size(); ++gi) {
+      EXPECT_EQ(info.groups[gi].clip_factor, ia[s].groups[gi].clip_factor) << s << " group " << gi;
+      EXPECT_EQ(info.groups[gi].threshold, ia[s].groups[gi].threshold) << s << " group " << gi;
+    }
   }
   EXPECT_EQ(c.steps_taken(), 40);
   ASSERT_EQ(std::memcmp(straight.data(), resumed.data(), straight.size() * sizeof(float)), 0);
-  // The clipping window and the size updates were live across the save.
-  bool clipped = false;
-  for (int s = 20; s < 40; ++s) clipped |= ia[s].clip_factor < 1.0;
-  EXPECT_TRUE(clipped);
+  // The clipping window and the size updates were live across the save, in every group.
+  EXPECT_EQ(ia[20].groups.size(), clipping == Clipping::global ? 1u : 2u);
+  for (size_t gi = 0; gi < ia[20].groups.size(); ++gi) {
+    bool clipped = false;
+    for (int s = 20; s < 40; ++s) clipped |= ia[s].groups[gi].clip_factor < 1.0;
+    EXPECT_TRUE(clipped) << "group " << gi;
+  }
+}
+
+TEST(ScaledAdam, ResumeIsBitExact) {
+  resume_is_bit_exact(Clipping::per_group);
+  resume_is_bit_exact(Clipping::global);
+}
+
+// Rewrites a one-group v2 state file as the v1 format (before per-group clipping).
+void write_as_v1(const std::string& v2, const std::string& v1, const Layout& l, const ScaledAdamOptions& o) {
+  SafetensorsFile f(v2);
+  const int64_t nt = (int64_t)l.infos.size(), period = o.clipping_update_period;
+  std::vector<float> v(l.total), m(l.total), rms(nt), sea(nt), sg(nt * o.size_update_period), norms(period);
+  f.read_f32("exp_avg_sq", {l.total}, v.data());
+  f.read_f32("momentum", {l.total}, m.data());
+  f.read_f32("param_rms", {nt}, rms.data());
+  f.read_f32("scale_exp_avg_sq", {nt}, sea.data());
+  f.read_f32("scale_grads", {nt, (int64_t)o.size_update_period}, sg.data());
+  f.read_f32("model_norms", {1, period}, norms.data());
+  const auto& meta = f.metadata();
+  write_safetensors(v1,
+                    {{"exp_avg_sq", DType::F32, {l.total}, v.data()},
+                     {"momentum", DType::F32, {l.total}, m.data()},
+                     {"param_rms", DType::F32, {nt}, rms.data()},
+                     {"scale_exp_avg_sq", DType::F32, {nt}, sea.data()},
+                     {"scale_grads", DType::F32, {nt, (int64_t)o.size_update_period}, sg.data()},
+                     {"model_norms", DType::F32, {period}, norms.data()}},
+                    {{"format", "subllm.scaled_adam.v1"},
+                     {"step", meta.at("step")},
+                     {"has_threshold", meta.at("has_threshold")},
+                     {"threshold", meta.at("threshold")},
+                     {"num_clipped", meta.at("num_clipped")}});
+}
+
+TEST(ScaledAdam, LoadsV1StateFiles) {
+  TempDir tmp("scaled_adam_v1");
+  Layout l = varied_layout();
+  ScaledAdamOptions global;
+  global.clipping_update_period = 16;
+  global.clipping = Clipping::global;
+  std::vector<float> init(l.total);
+  Rng ri(8);
+  for (auto& x : init) x = (float)(ri.normal() * 0.3);
+  Rng rg(9);
+  std::vector<std::vector<float>> grads;
+  for (int s = 0; s < 30; ++s) grads.push_back(varied_grads(rg, l, s));
+  auto run = [&](ScaledAdam& opt, std::vector<float>& p, int from, int to, std::vector<ScaledAdamStepInfo>* infos) {
+    for (int s = from; s < to; ++s) {
+      std::vector<float> g = grads[s];
+      ScaledAdamStepInfo info = opt.step(p.data(), g.data(), 0.03f);
+      if (infos) infos->push_back(info);
+    }
+  };
+  std::vector<float> straight = init, half = init;
+  ScaledAdam a(l.infos, l.total, global);
+  run(a, straight, 0, 30, nullptr);
+  ScaledAdam b(l.infos, l.total, global);
+  run(b, half, 0, 18, nullptr);
+  b.save_state(tmp.file("v2.safetensors"));
+  write_as_v1(tmp.file("v2.safetensors"), tmp.file("v1.safetensors"), l, global);
+  // Into a global optimizer: the same state, so the same steps.
+  {
+    std::vector<float> p = half;
+    ScaledAdam c(l.infos, l.total, global);
+    c.load_state(tmp.file("v1.safetensors"));
+    EXPECT_EQ(c.steps_taken(), 18);
+    run(c, p, 18, 30, nullptr);
+    EXPECT_EQ(std::memcmp(p.data(), straight.data(), p.size() * sizeof(float)), 0);
+  }
+  // Into a per-group optimizer: the one window starts both groups.
+  ScaledAdamOptions per_group = global;
+  per_group.clipping = Clipping::per_group;
+  std::vector<ScaledAdamStepInfo> ib, id;
+  {
+    std::vector<float> p = half;
+    ScaledAdam ref(l.infos, l.total, global);
+    ref.load_state(tmp.file("v1.safetensors"));
+    run(ref, p, 18, 19, &ib);
+  }
+  std::vector<float> p = half;
+  ScaledAdam d(l.infos, l.total, per_group);
+  d.load_state(tmp.file("v1.safetensors"));
+  run(d, p, 18, 19, &id);
+  ASSERT_EQ(id[0].groups.size(), 2u);
+  EXPECT_EQ(id[0].groups[0].threshold, ib[0].threshold);
+  EXPECT_EQ(id[0].groups[1].threshold, ib[0].threshold);
+  // A global v2 file does the same.
+  ScaledAdam e(l.infos, l.total, per_group);
+  e.load_state(tmp.file("v2.safetensors"));
+  EXPECT_EQ(e.steps_taken(), 18);
+}
+
+TEST(ScaledAdam, PerGroupStateNeedsTheSameGroups) {
+  TempDir tmp("scaled_adam_groups");
+  Layout l = varied_layout();  // lr scales 1 and 0.5
+  ScaledAdam a(l.infos, l.total, ScaledAdamOptions{});
+  a.save_state(tmp.file("groups.safetensors"));
+  ScaledAdamOptions global;
+  global.clipping = Clipping::global;
+  ScaledAdam b(l.infos, l.total, global);
+  const std::string err = error_of([&] { b.load_state(tmp.file("groups.safetensors")); });
+  EXPECT_NE(err.find("2 clipping groups"), std::string::npos) << err;
+  EXPECT_NE(err.find("--clipping global"), std::string::npos) << err;
+  // Other lr scales: other groups.
+  Layout other = varied_layout();
+  other.infos[3].lr_scale = 0.25f;
+  ScaledAdam c(other.infos, other.total, ScaledAdamOptions{});
+  EXPECT_NE(error_of([&] { c.load_state(tmp.file("groups.safetensors")); }).find("lr scales"), std::string::npos);
+  // With one lr scale, per-group and global files are the same thing.
+  Layout flat;
+  flat.add("w", {4, 4});
+  flat.add("s", {1});
+  ScaledAdam one(flat.infos, flat.total, ScaledAdamOptions{});
+  one.save_state(tmp.file("one.safetensors"));
+  ScaledAdam one_global(flat.infos, flat.total, global);
+  EXPECT_EQ(error_of([&] { one_global.load_state(tmp.file("one.safetensors")); }), "");
 }
 
 TEST(ScaledAdam, LoadStateNamesWhatIsWrong) {
@@ -649,7 +896,8 @@ void run_oracle(const ScaledAdamOptions& o, const EdenSchedule& eden) {
       {"clipping_update_period", std::to_string(o.clipping_update_period)}, {"steps", std::to_string(steps)},
       {"base_lr", hex(eden.base_lr)}, {"lr_batches", hex(eden.lr_batches)}, {"lr_epochs", hex(eden.lr_epochs)},
       {"warmup_batches", hex(eden.warmup_batches)}, {"warmup_start", hex(eden.warmup_start)},
-      {"eden2", eden.eden2 ? "1" : "0"}, {"epoch_per_batch", hex(epoch_per_batch)}};
+      {"eden2", eden.eden2 ? "1" : "0"}, {"epoch_per_batch", hex(epoch_per_batch)},
+      {"clipping", o.clipping == Clipping::global ? "global" : "per-group"}};
   std::string names;
   for (size_t t = 0; t < l.infos.size(); ++t) {
     const ParamInfo& p = l.infos[t];
@@ -670,10 +918,18 @@ void run_oracle(const ScaledAdamOptions& o, const EdenSchedule& eden) {
   ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd
                                          << " (is python3-torch installed? run scripts/setup.sh)";
   SafetensorsFile ref(tmp.file("ref.safetensors"));
-  std::vector<float> ref_lr(steps), ref_clip(steps), ref_norm(steps);
+  ScaledAdam opt(l.infos, l.total, o);
+  const int ng = opt.clip_groups();
+  // Per group: lr 1 (everything else) and lr 0.5 (`conv`); global: one group.
+  EXPECT_EQ(ng, o.clipping == Clipping::global ? 1 : 2);
+  std::vector<float> ref_lr(steps), ref_norm(steps), ref_scales(ng);
+  std::vector<float> ref_gclip((size_t)steps * ng), ref_gnorm((size_t)steps * ng), ref_gthr((size_t)steps * ng);
   ref.read_f32("lr", {steps}, ref_lr.data());
-  ref.read_f32("clip_factor", {steps}, ref_clip.data());
   ref.read_f32("grad_norm", {steps}, ref_norm.data());
+  ref.read_f32("group_lr_scale", {ng}, ref_scales.data());
+  ref.read_f32("group_clip_factor", {steps, ng}, ref_gclip.data());
+  ref.read_f32("group_grad_norm", {steps, ng}, ref_gnorm.data());
+  ref.read_f32("group_threshold", {steps, ng}, ref_gthr.data());
   std::vector<std::vector<float>> ref_traj(l.infos.size());
   for (size_t t = 0; t < l.infos.size(); ++t) {
     const ParamInfo& p = l.infos[t];
@@ -683,20 +939,34 @@ void run_oracle(const ScaledAdamOptions& o, const EdenSchedule& eden) {
     ref.read_f32("traj/" + p.name, ts, ref_traj[t].data());
   }
 
-  ScaledAdam opt(l.infos, l.total, o);
   std::vector<float> params = init;
   double worst = 0;
   std::string worst_at;
-  int clipped = 0, skipped = 0, scalar_at_max = 0;
+  int clipped = 0, skipped = 0, scalar_at_max = 0, groups_differ = 0;
   for (int s = 0; s < steps; ++s) {
     const double lr = eden.at(s + 1, s * epoch_per_batch);
     EXPECT_NEAR(lr, ref_lr[s], 1e-7 * lr) << "step " << s;
     std::vector<float> g = grads[s];
     ScaledAdamStepInfo info = opt.step(params.data(), g.data(), (float)lr);
-    EXPECT_NEAR(info.clip_factor, ref_clip[s], 1e-5 * ref_clip[s]) << "step " << s;
     if (std::isfinite(ref_norm[s])) {
       EXPECT_NEAR(info.grad_norm, ref_norm[s], 1e-5 * ref_norm[s]) << "step " << s;
     }
+    ASSERT_EQ((int)info.groups.size(), ng);
+    for (int gi = 0; gi < ng; ++gi) {
+      const ClipGroupStats& st = info.groups[gi];
+      const size_t at = (size_t)s * ng + gi;
+      if (o.clipping == Clipping::per_group) {
+        EXPECT_EQ(st.lr_scale, ref_scales[gi]) << "group " << gi;
+      }
+      EXPECT_NEAR(st.clip_factor, ref_gclip[at], 1e-5 * ref_gclip[at]) << "step " << s << " group " << gi;
+      EXPECT_NEAR(st.threshold, ref_gthr[at], 1e-5 * ref_gthr[at]) << "step " << s << " group " << gi;
+      if (std::isfinite(ref_gnorm[at])) {
+        EXPECT_NEAR(st.grad_norm, ref_gnorm[at], 1e-5 * ref_gnorm[at]) << "step " << s << " group " << gi;
+      }
+      groups_differ += gi > 0 && std::fabs(st.clip_factor - info.groups[0].clip_factor) > 1e-3;
+    }
+    // The main group is the lr-1 one (most elements).
+    EXPECT_EQ(info.clip_factor, info.groups[0].clip_factor);
     clipped += info.clip_factor > 0 && info.clip_factor < 1;
     skipped += info.skipped;
     scalar_at_max += params[l.infos[0].offset] == 10.f;
@@ -710,12 +980,17 @@ void run_oracle(const ScaledAdamOptions& o, const EdenSchedule& eden) {
       if (err > worst) worst = err, worst_at = p.name + " after step " + std::to_string(s);
     }
   }
-  std::printf("[ oracle ] worst relative error %.3g (%s); %d clipped, %d skipped, scalar at max %d steps\n", worst,
-              worst_at.c_str(), clipped, skipped, scalar_at_max);
+  std::printf("[ oracle ] worst relative error %.3g (%s); %d clipped, %d skipped, scalar at max %d steps, "
+              "%d with group factors apart\n",
+              worst, worst_at.c_str(), clipped, skipped, scalar_at_max, groups_differ);
   EXPECT_LE(worst, 1e-5) << worst_at;
   EXPECT_GE(clipped, 3);
   EXPECT_EQ(skipped, 1);
   EXPECT_GT(scalar_at_max, 0);
+  // Per group, the groups' factors part on the clipped steps (else the test could not tell).
+  if (o.clipping == Clipping::per_group) {
+    EXPECT_GE(groups_differ, 2);
+  }
 }
 
 TEST(ScaledAdamOracle, FiftyStepsMatchPyTorch) {
@@ -743,6 +1018,18 @@ TEST(ScaledAdamOracle, OtherSettingsMatchPyTorch) {
   eden.warmup_batches = 10;
   eden.warmup_start = 0.2f;
   eden.lr_batches = 20;
+  run_oracle(o, eden);
+}
+
+TEST(ScaledAdamOracle, GlobalClippingMatchesPyTorch) {
+  // --clipping global: one window over every tensor, one factor for all.
+  ScaledAdamOptions o;
+  o.clipping_update_period = 48;
+  o.clipping = Clipping::global;
+  EdenSchedule eden;
+  eden.warmup_batches = 30;
+  eden.lr_batches = 40;
+  eden.lr_epochs = 2;
   run_oracle(o, eden);
 }
 

@@ -292,5 +292,24 @@ TEST(Train, BadInputsAreClearErrors) {
   EXPECT_NE(msg.find("--seq"), std::string::npos) << msg;
 }
 
+// A run resumed with another way of counting Eden's epoch would change its learning rate
+// silently: refused, naming the flag to pass.
+TEST(Train, ResumeKeepsTheEdenEpochCount) {
+  TempDir tmp("train");
+  const std::string data = prepare_tiny(tmp);
+  TrainOptions first = tiny_run(data, tmp.file("run"));
+  first.lr.kind = "eden";
+  first.steps = 10;
+  train(first);
+  TrainOptions again = tiny_run(data, tmp.file("run"));
+  again.lr.kind = "eden";
+  again.lr.eden.epoch_mode = EdenEpoch::Completed;
+  again.resume = tmp.file("run");
+  const std::string msg = error_of([&] { train(again); });
+  EXPECT_NE(msg.find("--eden-epoch fractional"), std::string::npos) << msg;
+  again.lr.eden.epoch_mode = EdenEpoch::Fractional;
+  EXPECT_EQ(train(again).steps_done, 30);
+}
+
 }  // namespace
 }  // namespace subllm
