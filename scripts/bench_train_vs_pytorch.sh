@@ -10,6 +10,7 @@ THREADS=${3:-2}
 SHAPES=${4:-"1024x4 2048x2"}
 BIN=${BIN:-build/subllm}
 [ -x "$BIN" ] || bash scripts/build.sh
+/usr/bin/python3 -c "import torch" 2>/dev/null || bash scripts/setup.sh --tests  # the peer's PyTorch
 for shape in $SHAPES; do
   seq=${shape%x*}; batch=${shape#*x}
   ours=$("$BIN" bench train --config "$CONFIG" --seq "$seq" --batch "$batch" --steps "$STEPS" --threads "$THREADS" --json)

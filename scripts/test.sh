@@ -3,8 +3,8 @@
 # runs CTest (GoogleTest cases, including the PyTorch oracle) and the oracle's self-check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-bash scripts/build.sh
+bash scripts/setup.sh --tests
+bash scripts/build.sh -DSUBLLM_BUILD_TESTS=ON -DSUBLLM_BUILD_BENCH=ON
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 /usr/bin/python3 tests/oracle/check_reference.py
 cd "${BUILD_DIR:-build}"

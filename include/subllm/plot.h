@@ -1,6 +1,6 @@
 #pragma once
-// Loss curves of training runs on one chart, drawn as SVG or PNG with no libraries beyond the
-// C++ standard library (PNG text uses a built-in bitmap font). The library side of `subllm plot`.
+// Loss curves (or subsampler retention) of training runs on one chart, drawn with cairo as PNG,
+// SVG or PDF from one drawing routine, text in DejaVu Sans. The library side of `subllm plot`.
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -20,6 +20,7 @@ struct MetricPoint {
   double elapsed_s = NAN;  // training time summed over resumes (each resume restarts the clock)
   double loss = NAN;
   double val_loss = NAN;
+  std::vector<double> retention;  // SUBLLM runs at validation steps: kept fraction per subsampler
 };
 
 struct RunCurves {
@@ -35,6 +36,9 @@ struct PlotOptions {
   std::optional<std::pair<double, double>> ylim;  // loss range shown; none: fit the curves
   int width = 900;
   int height = 560;
+  // Draw each subsampler's measured retention (fraction of tokens kept) instead of the loss: one
+  // line per run and subsampler, the run's colour, a dash pattern per subsampler.
+  bool retention = false;
 };
 
 // The numbers `subllm plot` prints for a run. NaN / -1 where the run has none.
@@ -63,8 +67,15 @@ std::vector<double> moving_average(const std::vector<double>& values, int window
 // Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], at most about `max_ticks`.
 std::vector<double> nice_ticks(double lo, double hi, int max_ticks);
 
-std::string render_svg(const std::vector<RunCurves>& runs, const PlotOptions& options);
-std::vector<uint8_t> render_png(const std::vector<RunCurves>& runs, const PlotOptions& options);
+enum class PlotFormat { png, svg, pdf };
+// From the extension of `path` (either case); anything but .png / .svg / .pdf is an error.
+PlotFormat plot_format_of(const std::string& path);
+
+// The chart as the bytes of a file in `format`.
+std::string render_plot(const std::vector<RunCurves>& runs, const PlotOptions& options, PlotFormat format);
+
+// Throws an Error naming `package` unless fontconfig has the font `family` itself (not a stand-in).
+void check_plot_font(const std::string& family = "DejaVu Sans", const std::string& package = "fonts-dejavu-core");
 
 // Where the data area of the chart lies in pixels and which data range it shows, so callers (and
 // tests) can find a data point in the image: pixel x = left + (v - x_lo) / (x_hi - x_lo) * (right - left).
@@ -74,14 +85,8 @@ struct PlotFrame {
 };
 PlotFrame plot_frame(const std::vector<RunCurves>& runs, const PlotOptions& options);
 
-// PNG of 8-bit RGB pixels, row-major from the top left, stored uncompressed (zlib needs no library).
-std::vector<uint8_t> encode_png_rgb(const std::vector<uint8_t>& rgb, int width, int height);
-
-enum class PlotFormat { png, svg };
-// From the extension of `path` (either case); anything but .png / .svg is an error.
-PlotFormat plot_format_of(const std::string& path);
-
-// Renders in the format of `path`'s extension and writes it atomically (temp file + rename).
+// Renders in the format of `path`'s extension and writes it atomically (temp file + rename): an
+// unwritable path is an error naming it, and no partial file is left behind.
 void write_plot(const std::string& path, const std::vector<RunCurves>& runs, const PlotOptions& options);
 
 // The whole `subllm plot`: checks the output name and options, loads the runs, writes the chart.

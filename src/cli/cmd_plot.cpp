@@ -1,4 +1,5 @@
-// `subllm plot`: train and validation loss curves of runs on one chart, as PNG or SVG.
+// `subllm plot`: train and validation loss curves (or subsampler retention) of runs on one chart,
+// as PNG, SVG or PDF.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -66,22 +67,27 @@ int plot(PlotArgs& a) {
 void add_plot_command(CLI::App& app, Runner& run) {
   auto* cmd = app.add_subcommand(
       "plot",
-      "Draw train and validation loss curves of one or more runs on one chart (PNG or SVG, by the "
+      "Draw train and validation loss curves of one or more runs on one chart (PNG, SVG or PDF, by the "
       "extension of -o). Train loss is the thin line (smoothed, raw steps faint behind it), validation "
-      "loss the thick line with markers, one colour per run. Prints the last train loss and the best "
-      "validation loss of each run.");
+      "loss the thick line with markers, one colour per run. --x time or --x tokens compares runs by "
+      "training time or tokens seen (LLaMA against SUBLLM shows SUBLLM's speed-up). --retention draws "
+      "instead each subsampler's measured retention (fraction of tokens kept) over the run, from the "
+      "validations of SUBLLM runs, one dash pattern per subsampler. Prints the last train loss and the "
+      "best validation loss of each run.");
   auto args = std::make_shared<PlotArgs>();
   cmd->add_option("runs", args->runs, "run folders written by `subllm train` (each holds metrics.jsonl)")
       ->required();
-  cmd->add_option("-o,--out", args->out, "output image: a .png or .svg path")->required();
+  cmd->add_option("-o,--out", args->out, "output file: a .png, .svg or .pdf path")->required();
   cmd->add_option("--label", args->labels, "name of a run in the legend; repeat once per run, in order "
                                            "(default: the folder names)")
       ->allow_extra_args(false);
-  cmd->add_option("--x", args->x, "horizontal axis: step, tokens or time (training seconds)")
+  cmd->add_option("--x", args->x, "horizontal axis: step, tokens or time (training time; labelled in s, min or h)")
       ->check(CLI::IsMember({"step", "tokens", "time"}))
       ->capture_default_str();
   cmd->add_option("--smooth", args->options.smooth,
                   "moving-average window of the train curve in points (default: about steps/50; 1: off)");
+  cmd->add_flag("--retention", args->options.retention,
+                "chart each subsampler's retention over the run instead of the loss (SUBLLM runs)");
   cmd->add_option("--title", args->options.title, "chart title");
   cmd->add_option("--ylim", args->ylim, "loss range shown, LO,HI (default: fit the curves)");
   cmd->add_option("--width", args->options.width, "image width in pixels")->capture_default_str();

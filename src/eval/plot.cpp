@@ -1,5 +1,5 @@
 // Loss curves: reading metrics.jsonl of runs, laying the chart out once as a scene of shapes,
-// and writing that scene as SVG or (through the rasteriser) PNG.
+// which plot_cairo.cpp draws as PNG, SVG or PDF.
 #include "subllm/plot.h"
 
 #include <unistd.h>
@@ -28,7 +28,9 @@ using plot_detail::Pt;
 using plot_detail::Rgb;
 using plot_detail::Scene;
 using plot_detail::Shape;
-using plot_detail::TextBackend;
+using plot_detail::cap_height;
+using plot_detail::descent;
+using plot_detail::text_width;
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
@@ -106,6 +108,13 @@ RunCurves load_run(const std::string& dir, const std::string& label) {
     p.val_loss = number_or_null(obj, "val_loss", fail);
     p.tokens = number_or_null(obj, "tokens", fail);
     p.elapsed_s = number_or_null(obj, "elapsed_s", fail);
+    if (auto ret = obj.find("retention"); ret != obj.end() && !ret->is_null()) {
+      if (!ret->is_array()) fail("\"retention\" is not a list of numbers");
+      for (const json& v : *ret) {
+        if (!v.is_null() && !v.is_number()) fail("\"retention\" is not a list of numbers");
+        p.retention.push_back(v.is_null() ? NAN : v.get<double>());
+      }
+    }
     run.points.push_back(p);
   }
 
@@ -314,9 +323,14 @@ std::vector<Pt> decimate(const std::vector<Pt>& pts, double max_points) {
   return out;
 }
 
+// One run's train and validation loss, or (with --retention) one subsampler's retention of a run,
+// drawn like a validation curve.
 struct Series {
   std::vector<double> x, raw, smooth;  // train points
   std::vector<double> vx, val;         // validation points
+  std::string train_name, val_name;    // legend entries
+  Rgb colour;
+  std::vector<double> dash;  // of the validation-style line, in units of `ui`
 };
 
 const char* x_key(PlotX x) { return x == PlotX::step ? "step" : x == PlotX::tokens ? "tokens" : "elapsed_s"; }
@@ -343,6 +357,33 @@ Series series_of(const RunCurves& run, const PlotOptions& o, double x_unit) {
   return s;
 }
 
+// One series per subsampler of `run`, from the retention its validations logged.
+std::vector<Series> retention_series_of(const RunCurves& run, const PlotOptions& o, double x_unit) {
+  static const std::vector<double> dashes[] = {{}, {7, 4}, {2, 3}, {9, 3, 2, 3}};
+  size_t subsamplers = 0;
+  for (const MetricPoint& p : run.points) subsamplers = std::max(subsamplers, p.retention.size());
+  std::vector<Series> out(subsamplers);
+  bool any_x = false;
+  for (const MetricPoint& p : run.points) {
+    const double x = o.x == PlotX::step ? (double)p.step : o.x == PlotX::tokens ? p.tokens : p.elapsed_s;
+    if (p.retention.empty()) continue;
+    if (!std::isfinite(x)) continue;
+    any_x = true;
+    for (size_t k = 0; k < p.retention.size(); ++k) {
+      if (!std::isfinite(p.retention[k])) continue;
+      out[k].vx.push_back(x / x_unit);
+      out[k].val.push_back(p.retention[k]);
+    }
+  }
+  check(any_x || subsamplers == 0, "run '" + run.label + "' has no \"" + x_key(o.x) + "\" in " + run.dir +
+                                       "/metrics.jsonl to plot against; use --x step");
+  for (size_t k = 0; k < subsamplers; ++k) {
+    out[k].val_name = run.label + (subsamplers == 1 ? " retention" : " subsampler " + std::to_string(k + 1));
+    out[k].dash = dashes[k % std::size(dashes)];
+  }
+  return out;
+}
+
 void validate(const PlotOptions& o) {
   check(o.width >= 200 && o.width <= 8000 && o.height >= 150 && o.height <= 8000,
         "--width must be 200..8000 and --height 150..8000 pixels (got " + std::to_string(o.width) + "x" +
@@ -359,7 +400,7 @@ struct Layout {
   PlotFrame frame;
 };
 
-Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBackend tb) {
+Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
   validate(o);
   check(!runs.empty(), "no runs to plot");
   const double W = o.width, H = o.height;
@@ -380,9 +421,26 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
 
   std::vector<Series> series;
   double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
-  for (const RunCurves& r : runs) {
-    series.push_back(series_of(r, o, x_unit));
-    const Series& s = series.back();
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const Rgb colour = kPalette[r % std::size(kPalette)];
+    if (o.retention) {
+      for (Series& s : retention_series_of(runs[r], o, x_unit)) {
+        s.colour = colour;
+        series.push_back(std::move(s));
+      }
+    } else {
+      Series s = series_of(runs[r], o, x_unit);
+      s.train_name = runs[r].label + " train";
+      s.val_name = runs[r].label + " valid";
+      s.colour = colour;
+      series.push_back(std::move(s));
+    }
+  }
+  if (o.retention) {
+    check(!series.empty(), "no retention to plot: only SUBLLM runs log \"retention\" (at validation steps), and "
+                           "no metrics.jsonl given has it; drop --retention to plot the loss");
+  }
+  for (const Series& s : series) {
     for (double v : s.x) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
     for (double v : s.vx) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
     // The range fits the smoothed curve: raw noise would stretch it and flatten what matters.
@@ -423,7 +481,8 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     sh.opacity = opacity;
     sc.shapes.push_back(std::move(sh));
   };
-  auto add_line = [&](std::vector<Pt> pts, Rgb c, double width, double opacity, bool clip, std::string tip = "") {
+  auto add_line = [&](std::vector<Pt> pts, Rgb c, double width, double opacity, bool clip,
+                      const std::vector<double>& dash = {}) {
     Shape sh;
     sh.kind = Shape::Kind::line;
     sh.pts = std::move(pts);
@@ -432,7 +491,7 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     sh.width = width;
     sh.opacity = opacity;
     sh.clip = clip;
-    sh.tooltip = std::move(tip);
+    for (double d : dash) sh.dash.push_back(d * ui);
     sc.shapes.push_back(std::move(sh));
   };
   auto add_dot = [&](Pt p, double r, Rgb c, bool clip) {
@@ -450,9 +509,9 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
 
   const double pad = 12 * ui;
   const double tick_len = 5 * ui, tick_gap = 4 * ui;
-  const double top = std::round(pad + (o.title.empty() ? 0 : cap_height(f_title, tb) + pad));
-  const double bottom_margin = tick_len + tick_gap + cap_height(f_tick, tb) + pad * 0.9 +
-                               cap_height(f_axis, tb) + descent(f_axis, tb) + pad * 0.6;
+  const double top = std::round(pad + (o.title.empty() ? 0 : cap_height(f_title) + pad));
+  const double bottom_margin = tick_len + tick_gap + cap_height(f_tick) + pad * 0.9 +
+                               cap_height(f_axis) + descent(f_axis) + pad * 0.6;
   const double bottom = std::round(H - bottom_margin);
   const double plot_h = bottom - top;
 
@@ -466,8 +525,8 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     ya = fit_axis(ymin, ymax, std::max(2, (int)(plot_h / (42 * ui))), 0.04, false);
   }
   double ylabel_w = 0;
-  for (double t : ya.ticks) ylabel_w = std::max(ylabel_w, text_width(tick_label(ya, t), f_tick, tb));
-  const double left = std::round(pad + cap_height(f_axis, tb) + descent(f_axis, tb) + pad * 0.9 + ylabel_w +
+  for (double t : ya.ticks) ylabel_w = std::max(ylabel_w, text_width(tick_label(ya, t), f_tick, false));
+  const double left = std::round(pad + cap_height(f_axis) + descent(f_axis) + pad * 0.9 + ylabel_w +
                                  tick_gap + tick_len);
   // Right margin leaves room for half of a last x tick label centred on the frame's edge.
   const double right = std::round(W - std::max(2 * pad, 0.6 * f_tick * 4));
@@ -489,23 +548,23 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     const double x = crisp(X(t));
     add_line({{x, top}, {x, bottom}}, kGrid, 1, 1, false);
     add_line({{x, bottom}, {x, bottom + tick_len}}, kFrame, 1, 1, false);
-    add_text(X(t), bottom + tick_len + tick_gap + cap_height(f_tick, tb), tick_label(xa, t), f_tick, Anchor::middle,
+    add_text(X(t), bottom + tick_len + tick_gap + cap_height(f_tick), tick_label(xa, t), f_tick, Anchor::middle,
              kMuted);
   }
   for (double t : ya.ticks) {
     const double y = crisp(Y(t));
     add_line({{left, y}, {right, y}}, kGrid, 1, 1, false);
     add_line({{left - tick_len, y}, {left, y}}, kFrame, 1, 1, false);
-    add_text(left - tick_len - tick_gap, Y(t) + cap_height(f_tick, tb) / 2, tick_label(ya, t), f_tick, Anchor::end,
+    add_text(left - tick_len - tick_gap, Y(t) + cap_height(f_tick) / 2, tick_label(ya, t), f_tick, Anchor::end,
              kMuted);
   }
   add_rect(crisp(left), crisp(top), crisp(right), crisp(bottom), std::nullopt, kFrame, 1);
 
   // Curves: train lines of all runs first so the sparser validation lines stay on top of them.
-  std::vector<std::vector<Pt>> train_pts(runs.size()), val_pts(runs.size());
-  for (size_t r = 0; r < runs.size(); ++r) {
+  std::vector<std::vector<Pt>> train_pts(series.size()), val_pts(series.size());
+  for (size_t r = 0; r < series.size(); ++r) {
     const Series& s = series[r];
-    const Rgb c = kPalette[r % std::size(kPalette)];
+    const Rgb c = s.colour;
     std::vector<Pt> raw, smooth;
     for (size_t i = 0; i < s.x.size(); ++i) {
       raw.push_back({X(s.x[i]), Y(s.raw[i])});
@@ -514,15 +573,15 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     const bool smoothed = o.smooth != 1 && (o.smooth > 1 || auto_smooth_window(s.raw.size()) > 1);
     // With smoothing on, the raw steps stay visible as a faint band behind the smoothed line.
     if (smoothed && raw.size() > 1) add_line(decimate(raw, 4 * plot_w), c, 1.0 * ui, 0.18, true);
-    if (!smooth.empty()) add_line(decimate(smooth, 4 * plot_w), c, 1.4 * ui, 0.95, true, runs[r].label + " train");
+    if (!smooth.empty()) add_line(decimate(smooth, 4 * plot_w), c, 1.4 * ui, 0.95, true);
     train_pts[r] = smooth;
     for (size_t i = 0; i < s.vx.size(); ++i) val_pts[r].push_back({X(s.vx[i]), Y(s.val[i])});
   }
-  for (size_t r = 0; r < runs.size(); ++r) {
-    const Rgb c = kPalette[r % std::size(kPalette)];
+  for (size_t r = 0; r < series.size(); ++r) {
+    const Rgb c = series[r].colour;
     const std::vector<Pt>& v = val_pts[r];
     if (v.empty()) continue;
-    add_line(decimate(v, 4 * plot_w), c, 2.4 * ui, 1, true, runs[r].label + " valid");
+    add_line(decimate(v, 4 * plot_w), c, 2.4 * ui, 1, true, series[r].dash);
     // Markers only while they stand apart; hundreds of them would merge into a ragged bar.
     // A marker inside the data area is drawn whole even where it overhangs the frame.
     if ((double)v.size() <= plot_w / (9 * ui)) {
@@ -541,17 +600,17 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
     bool valid;
   };
   std::vector<Entry> entries;
-  for (size_t r = 0; r < runs.size(); ++r) {
-    if (!series[r].x.empty()) entries.push_back({runs[r].label + " train", r, false});
-    if (!series[r].vx.empty()) entries.push_back({runs[r].label + " valid", r, true});
+  for (size_t r = 0; r < series.size(); ++r) {
+    if (!series[r].x.empty()) entries.push_back({series[r].train_name, r, false});
+    if (!series[r].vx.empty()) entries.push_back({series[r].val_name, r, true});
   }
   if (!entries.empty()) {
-    const double row_h = std::round(std::max(f_legend * 1.45, cap_height(f_legend, tb) + 8 * ui));
+    const double row_h = std::round(std::max(f_legend * 1.45, cap_height(f_legend) + 8 * ui));
     const double sample = 26 * ui, inner = 9 * ui;
     double text_w = 0;
-    for (const Entry& e : entries) text_w = std::max(text_w, text_width(e.text, f_legend, tb));
+    for (const Entry& e : entries) text_w = std::max(text_w, text_width(e.text, f_legend, false));
     const double lw = std::round(inner + sample + 7 * ui + text_w + inner);
-    const double lh = std::round(inner * 2 + row_h * (double)entries.size() - (row_h - cap_height(f_legend, tb)));
+    const double lh = std::round(inner * 2 + row_h * (double)entries.size() - (row_h - cap_height(f_legend)));
     const double m = 10 * ui;
     const Pt corners[4] = {{right - m - lw, top + m}, {left + m, bottom - m - lh}, {left + m, top + m},
                            {right - m - lw, bottom - m - lh}};
@@ -564,19 +623,19 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
           if (p.x >= corners[k].x && p.x <= corners[k].x + lw && p.y >= corners[k].y && p.y <= corners[k].y + lh)
             ++hits;
       };
-      for (size_t r = 0; r < runs.size(); ++r) count(train_pts[r]), count(val_pts[r]);
+      for (size_t r = 0; r < series.size(); ++r) count(train_pts[r]), count(val_pts[r]);
       if (hits < best_hits) best_hits = hits, best = k;
     }
     const double lx = std::round(corners[best].x), ly = std::round(corners[best].y);
     add_rect(lx + 0.5, ly + 0.5, lx + lw + 0.5, ly + lh + 0.5, kWhite, Rgb{200, 200, 200}, 1, 0.92);
     for (size_t i = 0; i < entries.size(); ++i) {
       const Entry& e = entries[i];
-      const Rgb c = kPalette[e.run % std::size(kPalette)];
-      const double base = ly + inner + cap_height(f_legend, tb) + row_h * (double)i;
-      const double mid = base - cap_height(f_legend, tb) / 2;
+      const Rgb c = series[e.run].colour;
+      const double base = ly + inner + cap_height(f_legend) + row_h * (double)i;
+      const double mid = base - cap_height(f_legend) / 2;
       const double sx0 = lx + inner, sx1 = lx + inner + sample;
       if (e.valid) {
-        add_line({{sx0, mid}, {sx1, mid}}, c, 2.4 * ui, 1, false);
+        add_line({{sx0, mid}, {sx1, mid}}, c, 2.4 * ui, 1, false, series[e.run].dash);
         add_dot({(sx0 + sx1) / 2, mid}, 4.2 * ui, kWhite, false);
         add_dot({(sx0 + sx1) / 2, mid}, 3.2 * ui, c, false);
       } else {
@@ -587,104 +646,12 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o, TextBacke
   }
 
   // Axis titles and the chart title.
-  add_text((left + right) / 2, H - pad * 0.6 - descent(f_axis, tb), x_title, f_axis, Anchor::middle, kInk, false,
+  add_text((left + right) / 2, H - pad * 0.6 - descent(f_axis), x_title, f_axis, Anchor::middle, kInk, false,
            true);
-  add_text(pad + cap_height(f_axis, tb), (top + bottom) / 2, "loss", f_axis, Anchor::middle, kInk, true, true);
+  add_text(pad + cap_height(f_axis), (top + bottom) / 2, o.retention ? "retention (fraction kept)" : "loss", f_axis, Anchor::middle, kInk, true, true);
   if (!o.title.empty())
-    add_text((left + right) / 2, pad + cap_height(f_title, tb), o.title, f_title, Anchor::middle, kInk, false, true);
+    add_text((left + right) / 2, pad + cap_height(f_title), o.title, f_title, Anchor::middle, kInk, false, true);
   return L;
-}
-
-// ---------------------------------------------------------------------------------------------
-// SVG
-
-std::string num(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f", v);
-  std::string s = buf;
-  s.erase(s.find_last_not_of('0') + 1);
-  if (s.back() == '.') s.pop_back();
-  if (s == "-0") s = "0";
-  return s;
-}
-
-std::string hex(Rgb c) {
-  char buf[8];
-  std::snprintf(buf, sizeof buf, "#%02x%02x%02x", c.r, c.g, c.b);
-  return buf;
-}
-
-std::string xml_escape(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default:
-        if (c >= 0x20 || c == '\t') out += (char)c;  // XML 1.0 forbids other control characters
-    }
-  }
-  return out;
-}
-
-std::string to_svg(const Scene& sc) {
-  std::ostringstream o;
-  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << sc.width << "\" height=\"" << sc.height
-    << "\" viewBox=\"0 0 " << sc.width << " " << sc.height
-    << "\" font-family=\"Helvetica, Arial, 'DejaVu Sans', sans-serif\">\n";
-  o << "<defs><clipPath id=\"data-area\"><rect x=\"" << num(sc.clip_left) << "\" y=\"" << num(sc.clip_top)
-    << "\" width=\"" << num(sc.clip_right - sc.clip_left) << "\" height=\"" << num(sc.clip_bottom - sc.clip_top)
-    << "\"/></clipPath></defs>\n";
-  o << "<rect width=\"100%\" height=\"100%\" fill=\"" << hex(sc.background) << "\"/>\n";
-  auto paint = [&](const Shape& sh) {
-    std::string a;
-    a += sh.filled ? " fill=\"" + hex(sh.fill) + "\"" : " fill=\"none\"";
-    if (sh.stroked) a += " stroke=\"" + hex(sh.stroke) + "\" stroke-width=\"" + num(sh.width) + "\"";
-    if (sh.opacity < 1) a += " opacity=\"" + num(sh.opacity) + "\"";
-    if (sh.clip) a += " clip-path=\"url(#data-area)\"";
-    return a;
-  };
-  auto close = [&](const Shape& sh) {
-    if (sh.tooltip.empty()) return std::string("/>\n");
-    return "><title>" + xml_escape(sh.tooltip) + "</title></" +
-           (sh.kind == Shape::Kind::line ? std::string(sh.pts.size() == 2 ? "line" : "polyline") : "circle") + ">\n";
-  };
-  for (const Shape& sh : sc.shapes) {
-    switch (sh.kind) {
-      case Shape::Kind::rect:
-        o << "<rect x=\"" << num(sh.pts[0].x) << "\" y=\"" << num(sh.pts[0].y) << "\" width=\""
-          << num(sh.pts[1].x - sh.pts[0].x) << "\" height=\"" << num(sh.pts[1].y - sh.pts[0].y) << "\"" << paint(sh)
-          << "/>\n";
-        break;
-      case Shape::Kind::line:
-        if (sh.pts.size() == 2) {
-          o << "<line x1=\"" << num(sh.pts[0].x) << "\" y1=\"" << num(sh.pts[0].y) << "\" x2=\"" << num(sh.pts[1].x)
-            << "\" y2=\"" << num(sh.pts[1].y) << "\"" << paint(sh) << close(sh);
-        } else {
-          o << "<polyline points=\"";
-          for (size_t i = 0; i < sh.pts.size(); ++i) o << (i ? " " : "") << num(sh.pts[i].x) << "," << num(sh.pts[i].y);
-          o << "\"" << paint(sh) << " stroke-linejoin=\"round\" stroke-linecap=\"round\"" << close(sh);
-        }
-        break;
-      case Shape::Kind::dot:
-        o << "<circle cx=\"" << num(sh.pts[0].x) << "\" cy=\"" << num(sh.pts[0].y) << "\" r=\"" << num(sh.radius)
-          << "\"" << paint(sh) << "/>\n";
-        break;
-      case Shape::Kind::text: {
-        const char* anchor = sh.anchor == Anchor::start ? "start" : sh.anchor == Anchor::middle ? "middle" : "end";
-        o << "<text x=\"" << num(sh.pts[0].x) << "\" y=\"" << num(sh.pts[0].y) << "\" font-size=\"" << num(sh.font_px)
-          << "\" fill=\"" << hex(sh.fill) << "\" text-anchor=\"" << anchor << "\"";
-        if (sh.bold) o << " font-weight=\"bold\"";
-        if (sh.vertical) o << " transform=\"rotate(-90 " << num(sh.pts[0].x) << " " << num(sh.pts[0].y) << ")\"";
-        o << ">" << xml_escape(sh.text) << "</text>\n";
-        break;
-      }
-    }
-  }
-  o << "</svg>\n";
-  return o.str();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -709,16 +676,11 @@ void write_atomic(const std::string& path, const void* data, size_t size) {
 }  // namespace
 
 PlotFrame plot_frame(const std::vector<RunCurves>& runs, const PlotOptions& options) {
-  return build(runs, options, TextBackend::raster).frame;
+  return build(runs, options).frame;
 }
 
-std::string render_svg(const std::vector<RunCurves>& runs, const PlotOptions& options) {
-  return to_svg(build(runs, options, TextBackend::svg).scene);
-}
-
-std::vector<uint8_t> render_png(const std::vector<RunCurves>& runs, const PlotOptions& options) {
-  const Scene sc = build(runs, options, TextBackend::raster).scene;
-  return encode_png_rgb(plot_detail::rasterize(sc), sc.width, sc.height);
+std::string render_plot(const std::vector<RunCurves>& runs, const PlotOptions& options, PlotFormat format) {
+  return plot_detail::render_scene(build(runs, options).scene, format);
 }
 
 PlotFormat plot_format_of(const std::string& path) {
@@ -726,19 +688,15 @@ PlotFormat plot_format_of(const std::string& path) {
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return (char)std::tolower(c); });
   if (ext == ".png") return PlotFormat::png;
   if (ext == ".svg") return PlotFormat::svg;
+  if (ext == ".pdf") return PlotFormat::pdf;
   throw Error("cannot write '" + path + "': " +
               (ext.empty() ? std::string("it has no extension") : "unknown extension '" + ext + "'") +
-              "; use .png or .svg");
+              "; use .png, .svg or .pdf");
 }
 
 void write_plot(const std::string& path, const std::vector<RunCurves>& runs, const PlotOptions& options) {
-  if (plot_format_of(path) == PlotFormat::svg) {
-    const std::string svg = render_svg(runs, options);
-    write_atomic(path, svg.data(), svg.size());
-  } else {
-    const std::vector<uint8_t> png = render_png(runs, options);
-    write_atomic(path, png.data(), png.size());
-  }
+  const std::string bytes = render_plot(runs, options, plot_format_of(path));
+  write_atomic(path, bytes.data(), bytes.size());
 }
 
 std::vector<RunSummary> plot_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels,

@@ -1,9 +1,11 @@
 #pragma once
-// The chart as a list of shapes in pixel coordinates, laid out once and then written out by
-// either backend (SVG text or the rasteriser), so both formats show the same chart.
+// The chart as a list of shapes in pixel coordinates, laid out once (plot.cpp) and then drawn by
+// cairo (plot_cairo.cpp) onto a PNG, SVG or PDF surface, so every format shows the same chart.
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "subllm/plot.h"
 
 namespace subllm::plot_detail {
 
@@ -23,17 +25,17 @@ struct Shape {
   std::vector<Pt> pts;  // rect: top-left and bottom-right corners; line: the polyline; dot, text: anchor point
   Rgb fill, stroke;
   bool filled = false, stroked = false;
-  double width = 1;    // stroke width
-  double opacity = 1;  // of fill and stroke alike
-  double radius = 0;   // dot
-  bool clip = false;   // kept inside the data area
+  double width = 1;          // stroke width
+  double opacity = 1;        // of fill and stroke alike
+  double radius = 0;         // dot
+  std::vector<double> dash;  // line: on/off lengths in pixels; empty: solid
+  bool clip = false;         // kept inside the data area
   // Text: `pts[0]` is the start, middle or end of the baseline; vertical text reads bottom to top.
   std::string text;
   double font_px = 12;
   Anchor anchor = Anchor::start;
   bool vertical = false;
   bool bold = false;
-  std::string tooltip;  // SVG only: shown on hover
 };
 
 struct Scene {
@@ -43,16 +45,16 @@ struct Scene {
   std::vector<Shape> shapes;  // in drawing order
 };
 
-// Text is measured differently per backend: the SVG viewer's font is only estimated, the bitmap
-// font is exact. Layout asks the backend it lays out for.
-enum class TextBackend { svg, raster };
-double text_width(const std::string& text, double font_px, TextBackend backend);
-double cap_height(double font_px, TextBackend backend);
-double descent(double font_px, TextBackend backend);
-// Integer magnification of the bitmap font for a nominal font size.
-int raster_font_scale(double font_px);
+// The one font every chart is drawn in. Text is measured with cairo in this font, so the layout
+// fits the drawn text exactly in every format.
+inline constexpr const char* kFontFamily = "DejaVu Sans";
+inline constexpr const char* kFontPackage = "fonts-dejavu-core";
 
-// RGB pixels, row-major from the top left.
-std::vector<uint8_t> rasterize(const Scene& scene);
+double text_width(const std::string& text, double font_px, bool bold);
+double cap_height(double font_px);  // height of a capital above the baseline
+double descent(double font_px);     // how far the font reaches below the baseline
+
+// The whole file in `format`: PNG bytes, SVG text or a PDF document.
+std::string render_scene(const Scene& scene, PlotFormat format);
 
 }  // namespace subllm::plot_detail

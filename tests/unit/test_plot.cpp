@@ -1,7 +1,9 @@
-// `subllm plot`: reading run folders, the chart's numbers, and SVG / PNG output checked from the
-// bytes up (the PNG is decoded here with an independent CRC, Adler-32 and stored-block reader).
+// `subllm plot`: reading run folders, the chart's numbers, and the PNG (read back through cairo),
+// SVG (checked as XML, one stroked path per curve) and PDF that cairo draws.
+#include <cairo.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -21,7 +23,9 @@ using testing::write_file;
 namespace fs = std::filesystem;
 
 // A run folder whose train loss decays from ~8 to ~3 with validation every `val_every` steps.
-std::string fake_run(const TempDir& tmp, const std::string& name, int steps, int val_every, double floor = 3.0) {
+// With `retention`, each validation also logs the retention of two subsamplers, as SUBLLM runs do.
+std::string fake_run(const TempDir& tmp, const std::string& name, int steps, int val_every, double floor = 3.0,
+                     bool retention = false) {
   std::string text;
   for (int s = 1; s <= steps; ++s) {
     const double loss = floor + 5.0 * std::exp(-s / 30.0) + 0.05 * std::sin(s * 1.7);
@@ -32,105 +36,140 @@ std::string fake_run(const TempDir& tmp, const std::string& name, int steps, int
                   s, loss, s * 4096, s * 0.5);
     text += line;
     if (s % val_every == 0) text += ", \"val_loss\": " + std::to_string(loss + 0.1);
+    if (s % val_every == 0 && retention)
+      text += ", \"retention\": [" + std::to_string(0.5 + 0.1 / s) + ", " + std::to_string(0.25 - 0.1 / s) + "]";
     text += "}\n";
   }
   write_file(tmp.file(name + "/metrics.jsonl"), text);
   return tmp.file(name);
 }
 
-// ---- PNG decoding, written independently of the encoder under test ----
+// ---- reading the output back ----
 
-uint32_t be32(const std::string& s, size_t at) {
-  return (uint32_t)(uint8_t)s[at] << 24 | (uint32_t)(uint8_t)s[at + 1] << 16 | (uint32_t)(uint8_t)s[at + 2] << 8 |
-         (uint32_t)(uint8_t)s[at + 3];
-}
-
-uint32_t bitwise_crc32(const std::string& s, size_t at, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) {
-    c ^= (uint8_t)s[at + i];
-    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1)));
-  }
-  return ~c;
-}
-
-uint32_t slow_adler32(const std::string& s) {
-  uint64_t a = 1, b = 0;
-  for (unsigned char c : s) {
-    a = (a + c) % 65521;
-    b = (b + a) % 65521;
-  }
-  return (uint32_t)(b << 16 | a);
-}
-
-struct DecodedPng {
-  uint32_t width = 0, height = 0;
-  int bit_depth = 0, colour_type = 0;
-  std::string raw;  // filtered scanlines as inflated from IDAT
-  std::vector<std::string> chunk_types;
-  std::string error;  // first structural problem found, "" if none
-  // RGB of pixel (x, y), valid when every scanline uses filter 0 (what the encoder writes).
-  std::array<int, 3> at(int x, int y) const {
-    const size_t row = 1 + (size_t)width * 3;
-    const size_t p = (size_t)y * row + 1 + (size_t)x * 3;
-    return {(uint8_t)raw[p], (uint8_t)raw[p + 1], (uint8_t)raw[p + 2]};
-  }
+// A PNG decoded by cairo: 8-bit RGB per pixel, or an error.
+struct Image {
+  int width = 0, height = 0;
+  std::vector<std::array<int, 3>> px;
+  std::string error;
+  std::array<int, 3> at(int x, int y) const { return px[(size_t)y * width + x]; }
 };
 
-DecodedPng decode_png(const std::string& png) {
-  DecodedPng d;
-  auto fail = [&](const std::string& why) {
-    if (d.error.empty()) d.error = why;
-    return d;
+Image decode_png(const std::string& bytes) {
+  struct Reader {
+    const std::string* bytes;
+    size_t at = 0;
+  } reader{&bytes};
+  auto read = [](void* closure, unsigned char* data, unsigned int length) {
+    auto* r = static_cast<Reader*>(closure);
+    if (r->at + length > r->bytes->size()) return CAIRO_STATUS_READ_ERROR;
+    std::copy_n(r->bytes->data() + r->at, length, reinterpret_cast<char*>(data));
+    r->at += length;
+    return CAIRO_STATUS_SUCCESS;
   };
-  const std::string sig = "\x89PNG\r\n\x1a\n";
-  if (png.compare(0, 8, sig) != 0) return fail("bad signature");
-  std::string zdata;
-  size_t pos = 8;
-  while (pos + 12 <= png.size()) {
-    const uint32_t len = be32(png, pos);
-    if (pos + 12 + len > png.size()) return fail("chunk runs past the end");
-    const std::string type = png.substr(pos + 4, 4);
-    if (bitwise_crc32(png, pos + 4, 4 + len) != be32(png, pos + 8 + len)) return fail("bad CRC in " + type);
-    d.chunk_types.push_back(type);
-    if (type == "IHDR") {
-      d.width = be32(png, pos + 8);
-      d.height = be32(png, pos + 12);
-      d.bit_depth = (uint8_t)png[pos + 16];
-      d.colour_type = (uint8_t)png[pos + 17];
-    } else if (type == "IDAT") {
-      zdata += png.substr(pos + 8, len);
+  Image img;
+  cairo_surface_t* s = cairo_image_surface_create_from_png_stream(read, &reader);
+  if (cairo_surface_status(s) != CAIRO_STATUS_SUCCESS) {
+    img.error = cairo_status_to_string(cairo_surface_status(s));
+    cairo_surface_destroy(s);
+    return img;
+  }
+  cairo_surface_flush(s);
+  img.width = cairo_image_surface_get_width(s);
+  img.height = cairo_image_surface_get_height(s);
+  const int stride = cairo_image_surface_get_stride(s);
+  const unsigned char* data = cairo_image_surface_get_data(s);
+  const cairo_format_t format = cairo_image_surface_get_format(s);
+  for (int y = 0; y < img.height; ++y) {
+    for (int x = 0; x < img.width; ++x) {
+      uint32_t v = 0;
+      std::copy_n(data + (size_t)y * stride + 4 * (size_t)x, 4, reinterpret_cast<unsigned char*>(&v));
+      const int a = format == CAIRO_FORMAT_ARGB32 ? (int)(v >> 24) : 255;
+      // Composite a (premultiplied) translucent pixel onto white.
+      img.px.push_back({(int)(v >> 16 & 255) + 255 - a, (int)(v >> 8 & 255) + 255 - a, (int)(v & 255) + 255 - a});
     }
-    pos += 12 + len;
   }
-  if (pos != png.size()) return fail("trailing bytes after the last chunk");
-  if (d.chunk_types.empty() || d.chunk_types.front() != "IHDR" || d.chunk_types.back() != "IEND")
-    return fail("IHDR must come first and IEND last");
-  if (zdata.size() < 6) return fail("no zlib stream");
-  const int cmf = (uint8_t)zdata[0], flg = (uint8_t)zdata[1];
-  if ((cmf & 0x0F) != 8 || (cmf * 256 + flg) % 31 != 0 || (flg & 0x20)) return fail("bad zlib header");
-  size_t z = 2;
-  for (bool last = false; !last;) {
-    if (z + 5 > zdata.size()) return fail("deflate stream ends early");
-    const int header = (uint8_t)zdata[z];
-    last = header & 1;
-    if (((header >> 1) & 3) != 0) return fail("a deflate block is not stored");
-    const unsigned len = (uint8_t)zdata[z + 1] | (uint8_t)zdata[z + 2] << 8;
-    const unsigned nlen = (uint8_t)zdata[z + 3] | (uint8_t)zdata[z + 4] << 8;
-    if ((len ^ 0xFFFF) != nlen) return fail("stored block LEN/NLEN mismatch");
-    if (z + 5 + len > zdata.size()) return fail("stored block runs past the stream");
-    d.raw += zdata.substr(z + 5, len);
-    z += 5 + len;
-  }
-  if (z + 4 != zdata.size()) return fail("zlib stream length is off");
-  if (be32(zdata, z) != slow_adler32(d.raw)) return fail("bad Adler-32");
-  return d;
+  cairo_surface_destroy(s);
+  return img;
 }
 
 bool is_background(const std::array<int, 3>& p) { return p[0] == 255 && p[1] == 255 && p[2] == 255; }
 // The chart's own colours are saturated; grid, frame and text are greys.
 bool is_coloured(const std::array<int, 3>& p) {
   return std::max({p[0], p[1], p[2]}) - std::min({p[0], p[1], p[2]}) > 60;
+}
+
+// Checks that `xml` is one well-formed element tree: every tag closed in order, attributes quoted.
+// Returns "" or what is wrong.
+std::string xml_problem(const std::string& xml) {
+  std::vector<std::string> open;
+  size_t p = 0;
+  bool root_seen = false;
+  while ((p = xml.find('<', p)) != std::string::npos) {
+    if (xml.compare(p, 4, "<!--") == 0) {
+      p = xml.find("-->", p);
+      if (p == std::string::npos) return "unterminated comment";
+      continue;
+    }
+    size_t q = p + 1;
+    char quote = 0;
+    for (; q < xml.size(); ++q) {
+      if (quote) {
+        if (xml[q] == quote) quote = 0;
+      } else if (xml[q] == '"' || xml[q] == '\'') {
+        quote = xml[q];
+      } else if (xml[q] == '>') {
+        break;
+      }
+    }
+    if (q >= xml.size()) return "unterminated tag at " + std::to_string(p);
+    const std::string tag = xml.substr(p + 1, q - p - 1);
+    p = q + 1;
+    if (tag.empty()) return "empty tag";
+    if (tag[0] == '?' || tag[0] == '!') continue;
+    const bool closing = tag[0] == '/', self_closing = tag.back() == '/';
+    const std::string body = tag.substr(closing ? 1 : 0);
+    const std::string name = body.substr(0, body.find_first_of(" \t\r\n/"));
+    if (closing) {
+      if (open.empty() || open.back() != name) return "</" + name + "> closes nothing open";
+      open.pop_back();
+    } else if (!self_closing) {
+      if (open.empty() && root_seen) return "a second root element <" + name + ">";
+      root_seen = true;
+      open.push_back(name);
+    }
+  }
+  if (!open.empty()) return "<" + open.back() + "> is never closed";
+  return root_seen ? "" : "no root element";
+}
+
+// cairo's SVG colour for a palette entry, as in its style attributes.
+std::string svg_colour(int r, int g, int b) {
+  auto pct = [](int v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%f", v / 255.0 * 100);
+    std::string s = buf;
+    s.erase(s.find_last_not_of('0') + 1);
+    if (s.back() == '.') s.pop_back();
+    return s + "%";
+  };
+  return "rgb(" + pct(r) + "," + pct(g) + "," + pct(b) + ")";
+}
+const std::string kBlue = svg_colour(31, 119, 180), kOrange = svg_colour(255, 127, 14);
+
+// Curves are the stroked paths with round line caps (grid, ticks, frame and legend samples have
+// square ones); counted per stroke colour.
+size_t curve_paths(const std::string& svg, const std::string& colour) {
+  size_t n = 0;
+  for (size_t p = svg.find("<path"); p != std::string::npos; p = svg.find("<path", p + 1)) {
+    const std::string tag = svg.substr(p, svg.find('>', p) - p);
+    if (tag.find("stroke-linecap:round") != std::string::npos && tag.find("stroke:" + colour + ";") != std::string::npos)
+      ++n;
+  }
+  return n;
+}
+
+std::string svg_of(const std::vector<RunCurves>& runs, const PlotOptions& o) {
+  return render_plot(runs, o, PlotFormat::svg);
 }
 
 // ---- loading ----
@@ -269,92 +308,111 @@ TEST(PlotMath, TicksAreNiceRoundValuesInsideTheRange) {
 
 // ---- SVG ----
 
-TEST(PlotSvg, HasSeriesLegendAxesAndMarkers) {
+TEST(PlotSvg, IsWellFormedXmlWithOnePathPerCurve) {
   TempDir tmp("plot");
   auto runs = load_runs({fake_run(tmp, "llama", 200, 50), fake_run(tmp, "subllm", 150, 50, 2.8)});
   PlotOptions o;
-  o.title = "A & B";
-  const std::string svg = render_svg(runs, o);
-  EXPECT_EQ(svg.rfind("<svg ", 0), 0u);
-  EXPECT_NE(svg.find("</svg>"), std::string::npos);
-  EXPECT_NE(svg.find("width=\"900\" height=\"560\""), std::string::npos);
-  for (const char* text : {">llama train<", ">llama valid<", ">subllm train<", ">subllm valid<", ">step<", ">loss<",
-                           ">A &amp; B<"})
-    EXPECT_NE(svg.find(text), std::string::npos) << text;
-  // Train curves carry the run colour: the first two palette entries.
-  EXPECT_NE(svg.find("stroke=\"#1f77b4\""), std::string::npos);
-  EXPECT_NE(svg.find("stroke=\"#ff7f0e\""), std::string::npos);
-  // 4 + 3 validation points, plus one legend marker per run, each a white ring and a coloured dot.
-  size_t circles = 0;
-  for (size_t p = svg.find("<circle"); p != std::string::npos; p = svg.find("<circle", p + 1)) ++circles;
-  EXPECT_EQ(circles, 2u * (4 + 3 + 2));
-  // The y axis carries round tick labels.
-  EXPECT_NE(svg.find(">4<"), std::string::npos);
+  o.title = "A & B <1>";
+  o.smooth = 1;  // no smoothing: per run one train and one validation curve
+  const std::string svg = svg_of(runs, o);
+  EXPECT_EQ(svg.rfind("<?xml", 0), 0u);
+  EXPECT_EQ(svg.substr(svg.find_last_not_of(" \n") - 5, 6), "</svg>");
+  EXPECT_EQ(xml_problem(svg), "");
+  EXPECT_NE(svg.find("width=\"900px\" height=\"560px\""), std::string::npos);
+  EXPECT_EQ(curve_paths(svg, kBlue), 2u);
+  EXPECT_EQ(curve_paths(svg, kOrange), 2u);
+  // Smoothing adds the raw train steps as a faint curve behind the smoothed one.
+  o.smooth = 0;
+  const std::string smoothed = svg_of(runs, o);
+  EXPECT_EQ(xml_problem(smoothed), "");
+  EXPECT_EQ(curve_paths(smoothed, kBlue), 3u);
+  EXPECT_EQ(curve_paths(smoothed, kOrange), 3u);
+  // The text is real glyphs of a font, not pixel blocks.
+  EXPECT_NE(svg.find("id=\"glyph"), std::string::npos);
 }
 
-TEST(PlotSvg, NoValidationMeansNoValidLegendEntry) {
+TEST(PlotSvg, NoValidationMeansOnlyATrainCurve) {
   TempDir tmp("plot");
   const auto runs = load_runs({fake_run(tmp, "solo", 100, 1000)});
-  const std::string svg = render_svg(runs, PlotOptions{});
-  EXPECT_NE(svg.find(">solo train<"), std::string::npos);
-  EXPECT_EQ(svg.find("solo valid"), std::string::npos);
+  PlotOptions o;
+  o.smooth = 1;
+  EXPECT_EQ(curve_paths(svg_of(runs, o), kBlue), 1u);
 }
 
-TEST(PlotSvg, TokensAxisUsesShortNumbersAndNeedsTokens) {
+TEST(PlotAxes, TokensAndTimeAxesNeedTheirFields) {
   TempDir tmp("plot");
   const auto runs = load_runs({fake_run(tmp, "run", 300, 100)});
   PlotOptions o;
   o.x = PlotX::tokens;
-  const std::string svg = render_svg(runs, o);
-  EXPECT_NE(svg.find(">tokens<"), std::string::npos);
-  EXPECT_NE(svg.find("M<"), std::string::npos);  // 300 * 4096 tokens: ticks in millions
   EXPECT_GE(plot_frame(runs, o).x_hi, 300.0 * 4096);
+  EXPECT_LT(plot_frame(runs, o).x_hi, 2 * 300.0 * 4096);
+  o.x = PlotX::time;  // 0.5 s a step: 150 s, shown in seconds
+  EXPECT_GE(plot_frame(runs, o).x_hi, 150.0);
+  EXPECT_LT(plot_frame(runs, o).x_hi, 300.0);
+  const auto slow = load_runs({fake_run(tmp, "slow", 3000, 1000)});  // 1500 s: shown in minutes
+  EXPECT_GE(plot_frame(slow, o).x_hi, 25.0);
+  EXPECT_LT(plot_frame(slow, o).x_hi, 50.0);
 
   write_file(tmp.file("bare/metrics.jsonl"), "{\"step\": 1, \"loss\": 5}\n{\"step\": 2, \"loss\": 4}\n");
   const auto bare = load_runs({tmp.file("bare")});
-  EXPECT_NE(error_of([&] { render_svg(bare, o); }).find("--x step"), std::string::npos);
+  for (PlotX x : {PlotX::tokens, PlotX::time}) {
+    o.x = x;
+    EXPECT_NE(error_of([&] { svg_of(bare, o); }).find("--x step"), std::string::npos);
+  }
+}
+
+// ---- retention ----
+
+TEST(PlotRetention, OneCurvePerSubsamplerOfRunsThatLogIt) {
+  TempDir tmp("plot");
+  const auto runs = load_runs({fake_run(tmp, "llama", 200, 50), fake_run(tmp, "subllm", 200, 50, 2.8, true)});
+  ASSERT_EQ(runs[1].points[49].retention.size(), 2u);
+  EXPECT_NEAR(runs[1].points[49].retention[0], 0.5 + 0.1 / 50, 1e-6);
+  EXPECT_TRUE(runs[1].points[48].retention.empty());
+  PlotOptions o;
+  o.retention = true;
+  const std::string svg = svg_of(runs, o);
+  EXPECT_EQ(xml_problem(svg), "");
+  EXPECT_EQ(curve_paths(svg, kBlue), 0u);    // LLaMA has no subsamplers
+  EXPECT_EQ(curve_paths(svg, kOrange), 2u);  // SUBLLM: two, told apart by dash pattern
+  const PlotFrame f = plot_frame(runs, o);
+  EXPECT_LE(f.y_lo, 0.25);
+  EXPECT_GE(f.y_hi, 0.5);
+  EXPECT_LT(f.y_hi, 1.0);
+
+  const std::string err = error_of([&] { svg_of({runs[0]}, o); });
+  EXPECT_NE(err.find("no retention"), std::string::npos) << err;
+  write_file(tmp.file("bad/metrics.jsonl"), "{\"step\": 1, \"loss\": 5, \"retention\": \"half\"}\n");
+  EXPECT_NE(error_of([&] { load_run(tmp.file("bad")); }).find("\"retention\""), std::string::npos);
 }
 
 // ---- PNG ----
 
-TEST(PlotPng, IsAValidPngOfStoredDeflateBlocks) {
+TEST(PlotPng, DecodesAtTheRequestedSizeWithCurvesDrawn) {
   TempDir tmp("plot");
-  const auto runs = load_runs({fake_run(tmp, "run", 120, 40)});
+  const auto runs = load_runs({fake_run(tmp, "a", 300, 50), fake_run(tmp, "b", 300, 50, 2.5)});
   PlotOptions o;
   o.width = 640;
   o.height = 400;
-  const std::vector<uint8_t> bytes = render_png(runs, o);
-  const std::string png(bytes.begin(), bytes.end());
-  const DecodedPng d = decode_png(png);
-  ASSERT_EQ(d.error, "");
-  EXPECT_EQ(d.width, 640u);
-  EXPECT_EQ(d.height, 400u);
-  EXPECT_EQ(d.bit_depth, 8);
-  EXPECT_EQ(d.colour_type, 2);
-  EXPECT_EQ(d.raw.size(), 400u * (1 + 640u * 3));
-  for (uint32_t y = 0; y < d.height; ++y) ASSERT_EQ(d.raw[y * (1 + 640u * 3)], 0) << "filter byte of row " << y;
-
-  // The checker itself must notice damage.
-  std::string broken = png;
-  broken[40] ^= 1;
-  EXPECT_NE(decode_png(broken).error, "");
-}
-
-TEST(PlotPng, EncoderRoundTripsPixelsAcrossManyStoredBlocks) {
-  // 200 x 150 RGB is over 65535 bytes, so the data spans more than one stored block.
-  const int w = 200, h = 150;
-  std::vector<uint8_t> rgb((size_t)w * h * 3);
-  for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = (uint8_t)(i * 7 + i / 611);
-  const auto bytes = encode_png_rgb(rgb, w, h);
-  const DecodedPng d = decode_png(std::string(bytes.begin(), bytes.end()));
-  ASSERT_EQ(d.error, "");
-  for (int y = 0; y < h; ++y) {
-    for (int x = 0; x < w; ++x) {
-      const size_t i = ((size_t)y * w + x) * 3;
-      ASSERT_EQ(d.at(x, y), (std::array<int, 3>{rgb[i], rgb[i + 1], rgb[i + 2]})) << x << "," << y;
+  const std::string png = render_plot(runs, o, PlotFormat::png);
+  EXPECT_LT(png.size(), 200000u) << "compressed, unlike 640x400x3 raw bytes";
+  const Image img = decode_png(png);
+  ASSERT_EQ(img.error, "");
+  EXPECT_EQ(img.width, 640);
+  EXPECT_EQ(img.height, 400);
+  const PlotFrame f = plot_frame(runs, o);
+  size_t blue = 0, orange = 0;
+  for (int y = (int)f.top + 2; y < (int)f.bottom - 1; ++y)
+    for (int x = (int)f.left + 2; x < (int)f.right - 1; ++x) {
+      const auto p = img.at(x, y);
+      if (!is_coloured(p)) continue;
+      blue += p[2] > p[0] + 60;
+      orange += p[0] > p[2] + 60;
     }
-  }
-  EXPECT_NE(error_of([&] { encode_png_rgb(rgb, w, h + 1); }), "");
+  EXPECT_GT(blue, 300u);
+  EXPECT_GT(orange, 300u);
+  EXPECT_TRUE(is_background(img.at(1, 1)));
+  EXPECT_NE(decode_png(png.substr(0, png.size() / 2)).error, "");
 }
 
 TEST(PlotPng, DrawsTheCurveWhereTheDataIs) {
@@ -371,8 +429,7 @@ TEST(PlotPng, DrawsTheCurveWhereTheDataIs) {
   ASSERT_LT(f.top, f.bottom);
   EXPECT_DOUBLE_EQ(f.y_lo, 4.0);
   EXPECT_DOUBLE_EQ(f.y_hi, 7.0);
-  const auto bytes = render_png(runs, o);
-  const DecodedPng d = decode_png(std::string(bytes.begin(), bytes.end()));
+  const Image d = decode_png(render_plot(runs, o, PlotFormat::png));
   ASSERT_EQ(d.error, "");
 
   auto px = [&](double step, double loss) {
@@ -397,12 +454,11 @@ TEST(PlotPng, TextIsDrawnInTheImage) {
   const auto runs = load_runs({fake_run(tmp, "run", 100, 50)});
   PlotOptions o;
   auto dark_in_top_band = [&](const PlotOptions& opt) {
-    const auto bytes = render_png(runs, opt);
-    const DecodedPng d = decode_png(std::string(bytes.begin(), bytes.end()));
+    const Image d = decode_png(render_plot(runs, opt, PlotFormat::png));
     const PlotFrame f = plot_frame(runs, opt);
     int dark = 0;
     for (int y = 0; y < (int)f.top - 6; ++y)
-      for (int x = 0; x < (int)d.width; ++x) dark += d.at(x, y)[0] < 128;
+      for (int x = 0; x < d.width; ++x) dark += d.at(x, y)[0] < 128;
     return dark;
   };
   EXPECT_EQ(dark_in_top_band(o), 0);
@@ -410,20 +466,41 @@ TEST(PlotPng, TextIsDrawnInTheImage) {
   EXPECT_GT(dark_in_top_band(o), 40);
 }
 
+// ---- PDF, font ----
+
+TEST(PlotPdf, IsAPdfDocument) {
+  TempDir tmp("plot");
+  const auto runs = load_runs({fake_run(tmp, "run", 100, 50)});
+  const std::string pdf = render_plot(runs, PlotOptions{}, PlotFormat::pdf);
+  EXPECT_EQ(pdf.rfind("%PDF-", 0), 0u);
+  EXPECT_NE(pdf.find("%%EOF", pdf.size() - 16), std::string::npos);
+  EXPECT_NE(pdf.find("DejaVu"), std::string::npos) << "the font is embedded";
+}
+
+TEST(PlotFont, AMissingFontNamesThePackageToInstall) {
+  EXPECT_EQ(error_of([] { check_plot_font(); }), "");
+  const std::string err = error_of([] { check_plot_font("No Such Font Family Qx", "fonts-qx"); });
+  EXPECT_NE(err.find("'No Such Font Family Qx'"), std::string::npos) << err;
+  EXPECT_NE(err.find("install the package fonts-qx"), std::string::npos) << err;
+}
+
 // ---- writing ----
 
 TEST(PlotWrite, PicksFormatByExtensionAndReplacesAtomically) {
   TempDir tmp("plot");
   const std::string run = fake_run(tmp, "run", 60, 20);
-  const std::string png = tmp.file("curves.PNG"), svg = tmp.file("curves.svg");
+  const std::string png = tmp.file("curves.PNG"), svg = tmp.file("curves.svg"), pdf = tmp.file("curves.Pdf");
   write_file(png, "old");
   const auto summary = plot_runs({run}, {}, png, PlotOptions{});
   ASSERT_EQ(summary.size(), 1u);
   EXPECT_EQ(summary[0].label, "run");
   EXPECT_EQ(summary[0].best_val_step, 60);
   EXPECT_EQ(read_all(png).substr(1, 3), "PNG");
+  EXPECT_EQ(decode_png(read_all(png)).error, "");
   plot_runs({run}, {}, svg, PlotOptions{});
-  EXPECT_EQ(read_all(svg).rfind("<svg", 0), 0u);
+  EXPECT_EQ(read_all(svg).rfind("<?xml", 0), 0u);
+  plot_runs({run}, {}, pdf, PlotOptions{});
+  EXPECT_EQ(read_all(pdf).rfind("%PDF", 0), 0u);
   for (const auto& e : fs::directory_iterator(tmp.path()))
     EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << e.path();
 }
@@ -447,9 +524,9 @@ TEST(PlotWrite, ErrorsLeaveNoOutputFile) {
 
   const std::string jpg = tmp.file("out.jpg");
   err = error_of([&] { plot_runs({good}, {}, jpg, o); });
-  EXPECT_NE(err.find("use .png or .svg"), std::string::npos) << err;
+  EXPECT_NE(err.find("use .png, .svg or .pdf"), std::string::npos) << err;
   EXPECT_FALSE(fs::exists(jpg));
-  EXPECT_NE(error_of([&] { plot_runs({good}, {}, tmp.file("curves"), o); }).find("use .png or .svg"),
+  EXPECT_NE(error_of([&] { plot_runs({good}, {}, tmp.file("curves"), o); }).find("use .png, .svg or .pdf"),
             std::string::npos);
 
   PlotOptions bad = o;
@@ -458,9 +535,18 @@ TEST(PlotWrite, ErrorsLeaveNoOutputFile) {
   bad = o;
   bad.width = 10;
   EXPECT_NE(error_of([&] { plot_runs({good}, {}, out, bad); }).find("--width"), std::string::npos);
-  EXPECT_NE(error_of([&] { plot_runs({good}, {}, tmp.file("no_folder/out.svg"), o); }).find("no_folder"),
-            std::string::npos);
   EXPECT_FALSE(fs::exists(out));
+
+  // Unwritable outputs: a folder that does not exist, and a "folder" that is a file.
+  for (const std::string ext : {".png", ".svg", ".pdf"}) {
+    const std::string missing = tmp.file("no_folder/out" + ext);
+    err = error_of([&] { plot_runs({good}, {}, missing, o); });
+    EXPECT_NE(err.find("cannot write '" + missing + "'"), std::string::npos) << err;
+    write_file(tmp.file("a_file"), "x");
+    const std::string under_file = tmp.file("a_file/out" + ext);
+    err = error_of([&] { plot_runs({good}, {}, under_file, o); });
+    EXPECT_NE(err.find("cannot write '" + under_file + "'"), std::string::npos) << err;
+  }
   for (const auto& e : fs::directory_iterator(tmp.path()))
     EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << e.path();
 }
