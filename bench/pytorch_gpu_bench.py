@@ -54,6 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pytorch_train_bench import SwiGLU  # the CPU peer's feed-forward, fused w12 and w3
+
 PROG = "pytorch_gpu_bench"
 
 
@@ -321,17 +323,6 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         y = causal_attention(rope(q, cos, sin), rope(k, cos, sin), v)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d, ffn):
-        super().__init__()
-        self.w12 = nn.Linear(d, 2 * ffn, bias=False)
-        self.w3 = nn.Linear(ffn, d, bias=False)
-
-    def forward(self, x):
-        g, u = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(g) * u)
 
 
 class Block(nn.Module):

@@ -20,6 +20,20 @@ namespace subllm::test {
     if (!::subllm::backend_available(device, &why_)) GTEST_SKIP() << why_;      \
   } while (0)
 
+// A test body run on "cuda:fp32" (dt F32) and on "cuda" (dt BF16); each half skips itself
+// where its device cannot run.
+#define CUDA_TEST_BOTH(Suite, Name)                       \
+  void Suite##_##Name(Backend& gpu, DType dt);            \
+  TEST(Suite, Name##F32) {                                \
+    SUBLLM_REQUIRE_DEVICE("cuda:fp32");                   \
+    Suite##_##Name(backend_for("cuda:fp32"), DType::F32); \
+  }                                                       \
+  TEST(Suite, Name##BF16) {                               \
+    SUBLLM_REQUIRE_DEVICE("cuda");                        \
+    Suite##_##Name(backend_for("cuda"), DType::BF16);     \
+  }                                                       \
+  void Suite##_##Name(Backend& gpu, DType dt)
+
 inline uint16_t to_bf16_bits(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);

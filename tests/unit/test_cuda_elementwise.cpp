@@ -63,19 +63,6 @@ std::vector<int32_t> random_distinct(size_t n, int32_t m, uint64_t seed) {
 // Columns [off, off + cols) of a (rows, ld) tensor.
 View sub(const Tensor& t, int64_t off, int64_t cols) { return view_of(t).cols_at(off, cols); }
 
-// A test body run on "cuda:fp32" (dt F32) and on "cuda" (dt BF16).
-#define CUDA_TEST_BOTH(Suite, Name)                                                                     \
-  void Suite##_##Name(Backend& gpu, DType dt);                                                          \
-  TEST(Suite, Name##F32) {                                                                              \
-    SUBLLM_REQUIRE_DEVICE("cuda:fp32");                                                                 \
-    Suite##_##Name(backend_for("cuda:fp32"), DType::F32);                                               \
-  }                                                                                                     \
-  TEST(Suite, Name##BF16) {                                                                             \
-    SUBLLM_REQUIRE_DEVICE("cuda");                                                                      \
-    Suite##_##Name(backend_for("cuda"), DType::BF16);                                                   \
-  }                                                                                                     \
-  void Suite##_##Name(Backend& gpu, DType dt)
-
 // ---- rows -------------------------------------------------------------------------------------
 
 // Gather of compute-dtype rows and of int32 rows, dense and strided: an exact copy; dst

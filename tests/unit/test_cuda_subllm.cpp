@@ -123,19 +123,6 @@ std::vector<float> download_mat(Backend& be, const DevMat& m) {
   return ::testing::AssertionFailure() << a << " vs " << b << " (relative tolerance " << rel << ")";
 }
 
-// A test body run on "cuda:fp32" (dt F32) and on "cuda" (dt BF16).
-#define CUDA_TEST_BOTH(Suite, Name)                   \
-  void Suite##_##Name(Backend& gpu, DType dt);        \
-  TEST(Suite, Name##F32) {                            \
-    SUBLLM_REQUIRE_DEVICE("cuda:fp32");               \
-    Suite##_##Name(backend_for("cuda:fp32"), DType::F32); \
-  }                                                   \
-  TEST(Suite, Name##BF16) {                           \
-    SUBLLM_REQUIRE_DEVICE("cuda");                    \
-    Suite##_##Name(backend_for("cuda"), DType::BF16); \
-  }                                                   \
-  void Suite##_##Name(Backend& gpu, DType dt)
-
 // Tolerance of outputs stored in the compute dtype (bf16 keeps 8 significant bits).
 float out_tol(DType dt) { return dt == DType::BF16 ? 1e-2f : 1e-5f; }
 

@@ -401,17 +401,10 @@ TEST(DistMpi, AbortJobEndsEveryRank) {
 TEST(DistMpi, SrunWithoutAProcessManagerIsRefused) {
   if (is_rank_child() || launched_by_mpi()) GTEST_SKIP() << "already inside an MPI job";
   testing::TempDir tmp("srun");
-  testing::write_corpus(tmp.path() / "corpus", 20);
-  PrepareOptions p;
-  p.inputs = {(tmp.path() / "corpus").string()};
-  p.out_dir = tmp.file("data");
-  p.vocab_size = 400;
-  p.valid_every = 10;
-  p.log = [](const std::string&) {};
-  prepare_data(p);
+  const std::string data = testing::prepare_tiny(tmp, 20);
   ScopedEnv tasks("SLURM_NTASKS", "2"), id("SLURM_PROCID", "1");
   std::string out;
-  const int status = run_captured({SUBLLM_CLI_PATH, "train", "--data", p.out_dir, "--out", tmp.file("run"), "-q"}, 60, out);
+  const int status = run_captured({SUBLLM_CLI_PATH, "train", "--data", data, "--out", tmp.file("run"), "-q"}, 60, out);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << out;
   EXPECT_NE(out.find("srun --mpi=pmix"), std::string::npos) << out;
 }

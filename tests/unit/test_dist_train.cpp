@@ -242,17 +242,7 @@ std::vector<std::string> concat(const std::vector<std::string>& a, const Lists&.
 
 // ---- training runs ----------------------------------------------------------------------------
 
-std::string prepare_tiny(const TempDir& tmp) {
-  testing::write_corpus(tmp.path() / "corpus", 60);
-  PrepareOptions p;
-  p.inputs = {(tmp.path() / "corpus").string()};
-  p.out_dir = tmp.file("data");
-  p.vocab_size = 400;
-  p.valid_every = 10;
-  p.log = [](const std::string&) {};
-  prepare_data(p);
-  return p.out_dir;
-}
+using testing::prepare_tiny;
 
 // One `subllm train` command line: the tiny model of test_train's tiny_run (d 32, SwiGLU 64,
 // 4 heads; 2 blocks, or the 5-block nested SUBLLM T(T(T)T)T), micro-batches of 2 × 32 tokens.

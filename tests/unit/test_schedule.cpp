@@ -99,21 +99,14 @@ std::vector<double> logged_lrs(const std::string& data, const std::string& run, 
 
 TEST(EdenEpoch, TrainFlagChoosesTheCount) {
   TempDir tmp("schedule");
-  testing::write_corpus(tmp.path() / "corpus", 16);
-  PrepareOptions p;
-  p.inputs = {(tmp.path() / "corpus").string()};
-  p.out_dir = tmp.file("data");
-  p.vocab_size = 400;
-  p.valid_every = 6;
-  p.log = [](const std::string&) {};
-  prepare_data(p);
+  const std::string data = testing::prepare_tiny(tmp, 16, 6);
   const double per_epoch = (double)TokenDataset(tmp.file("data/manifest.json"), "train").num_tokens();
   const double per_step = 4 * 32;
   const int steps = (int)std::ceil(2.3 * per_epoch / per_step);
   ASSERT_LT(steps, 400) << "the corpus grew: keep this test short";
 
-  const auto frac = logged_lrs(p.out_dir, tmp.file("frac"), "", steps);
-  const auto comp = logged_lrs(p.out_dir, tmp.file("comp"), "completed", steps);
+  const auto frac = logged_lrs(data, tmp.file("frac"), "", steps);
+  const auto comp = logged_lrs(data, tmp.file("comp"), "completed", steps);
   ASSERT_EQ((int)frac.size(), steps);
   ASSERT_EQ((int)comp.size(), steps);
   int differ = 0;

@@ -24,17 +24,7 @@ using testing::read_all;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
-std::string prepare_tiny(const TempDir& tmp) {
-  testing::write_corpus(tmp.path() / "corpus", 60);
-  PrepareOptions p;
-  p.inputs = {(tmp.path() / "corpus").string()};
-  p.out_dir = tmp.file("data");
-  p.vocab_size = 400;
-  p.valid_every = 10;
-  p.log = [](const std::string&) {};
-  prepare_data(p);
-  return p.out_dir;
-}
+using testing::prepare_tiny;
 
 TrainOptions tiny_run(const std::string& data, const std::string& out) {
   TrainOptions o;

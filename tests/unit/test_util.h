@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "subllm/error.h"
+#include "subllm/prepare.h"
 #include "subllm/rng.h"
 
 namespace subllm::testing {
@@ -98,6 +99,20 @@ inline std::vector<std::string> write_corpus(const fs::path& dir, int n, uint64_
     write_file((dir / name).string(), docs.back());
   }
   return docs;
+}
+
+// A data folder of `docs` generated documents (every `valid_every`-th held out) with a
+// `vocab`-piece tokenizer, in tmp/data: the small corpus training tests run on.
+inline std::string prepare_tiny(const TempDir& tmp, int docs = 60, int valid_every = 10, int vocab = 400) {
+  write_corpus(tmp.path() / "corpus", docs);
+  PrepareOptions p;
+  p.inputs = {(tmp.path() / "corpus").string()};
+  p.out_dir = tmp.file("data");
+  p.vocab_size = vocab;
+  p.valid_every = valid_every;
+  p.log = [](const std::string&) {};
+  prepare_data(p);
+  return p.out_dir;
 }
 
 }  // namespace subllm::testing

@@ -39,4 +39,32 @@ inline void expect(const View& v, DType dt, const char* op, const char* operand)
     throw Error(std::string(op) + ": " + operand + " must be " + dtype_name(dt) + ", got " + dtype_name(v.dtype));
 }
 
+// ---- view checks (host): an Error naming the op and the operand --------------------------
+
+[[noreturn]] inline void fail(const char* op, const std::string& what) { throw Error(std::string(op) + ": " + what); }
+
+// The element count of a vector view: (n, 1) with contiguous elements, or (1, n).
+inline int64_t vec_len(const View& v, const char* op, const char* operand) {
+  if (v.rows != 1 && v.cols != 1)
+    fail(op, std::string(operand) + " must be a vector, got " + std::to_string(v.rows) + "x" + std::to_string(v.cols));
+  if (v.cols == 1 && v.rows > 1 && v.ld != 1)
+    fail(op, std::string(operand) + " must have contiguous elements (row stride 1), got " + std::to_string(v.ld));
+  return v.numel();
+}
+
+inline void need_len(const View& v, int64_t n, const char* op, const char* operand) {
+  const int64_t len = vec_len(v, op, operand);
+  if (len != n) fail(op, std::string(operand) + " has " + std::to_string(len) + " elements, expected " + std::to_string(n));
+}
+
+// A (rows, cols) matrix view with a row stride of at least cols.
+inline void need_mat(const View& v, int64_t rows, int64_t cols, const char* op, const char* operand) {
+  if (v.rows != rows || v.cols != cols)
+    fail(op, std::string(operand) + " is " + std::to_string(v.rows) + "x" + std::to_string(v.cols) + ", expected " +
+                 std::to_string(rows) + "x" + std::to_string(cols));
+  if (v.ld < v.cols)
+    fail(op, std::string(operand) + " has row stride " + std::to_string(v.ld) + " below its " + std::to_string(v.cols) +
+                 " columns");
+}
+
 }  // namespace subllm::cuda

@@ -15,6 +15,7 @@ namespace subllm {
 namespace {
 
 using cuda::bf16;
+using cuda::fail;
 
 constexpr int kThreads = 256;        // elementwise and warp-per-row kernels
 constexpr int kRmsPartials = 256;    // most row-blocks of rmsnorm_backward's dg partial sums
@@ -24,7 +25,6 @@ constexpr int kDgThreads = 128;      // columns per block of the dg partial kern
 
 std::string shape_of(const View& v) { return std::to_string(v.rows) + " x " + std::to_string(v.cols); }
 
-[[noreturn]] void fail(const char* op, const std::string& msg) { throw Error(std::string(op) + ": " + msg); }
 
 void need_float(const View& v, const char* op, const char* operand) {
   if (v.dtype != DType::F32 && v.dtype != DType::BF16)

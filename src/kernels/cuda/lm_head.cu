@@ -23,26 +23,12 @@ namespace {
 using cuda::bf16;
 using cuda::load;
 using cuda::store;
+using cuda::fail;
+using cuda::vec_len;
+using cuda::need_mat;
 
-[[noreturn]] void fail(const char* op, const std::string& what) { throw Error(std::string(op) + ": " + what); }
 
-void need_mat(const View& v, int64_t rows, int64_t cols, const char* op, const char* operand) {
-  if (v.rows != rows || v.cols != cols)
-    fail(op, std::string(operand) + " is " + std::to_string(v.rows) + "x" + std::to_string(v.cols) + ", expected " +
-                 std::to_string(rows) + "x" + std::to_string(cols));
-  if (v.ld < v.cols)
-    fail(op, std::string(operand) + " has row stride " + std::to_string(v.ld) + " below its " + std::to_string(v.cols) +
-                 " columns");
-}
 
-// The element count of a vector view: (n, 1) with contiguous elements, or (1, n).
-int64_t vec_len(const View& v, const char* op, const char* operand) {
-  if (v.rows != 1 && v.cols != 1)
-    fail(op, std::string(operand) + " must be a vector, got " + std::to_string(v.rows) + "x" + std::to_string(v.cols));
-  if (v.cols == 1 && v.rows > 1 && v.ld != 1)
-    fail(op, std::string(operand) + " must have contiguous elements (row stride 1), got " + std::to_string(v.ld));
-  return v.numel();
-}
 
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kRowThreads = 512;
