@@ -139,11 +139,15 @@ void add_bench_command(CLI::App& app, Runner& run) {
       ->capture_default_str()
       ->transform([](std::string v) { return v == "scaled-adam" ? std::string("scaled_adam") : v; })
       ->check(CLI::IsMember({"adamw", "scaled_adam"}));
-  train->add_option("--seq", args->opt.seq, "sequence length")->capture_default_str();
-  train->add_option("--batch", args->opt.batch, "sequences per step")->capture_default_str();
-  train->add_option("--steps", args->opt.steps, "timed steps")->capture_default_str();
-  train->add_option("--warmup", args->opt.warmup, "untimed steps first")->capture_default_str();
-  train->add_option("-t,--threads", args->threads, "threads (0: all cores)")->capture_default_str();
+  train->add_option("--seq", args->opt.seq, "sequence length")->capture_default_str()->check(interval("[1, inf)"));
+  train->add_option("--batch", args->opt.batch, "sequences per step")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  train->add_option("--steps", args->opt.steps, "timed steps")->capture_default_str()->check(interval("[1, inf)"));
+  train->add_option("--warmup", args->opt.warmup, "untimed steps first")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  add_threads_option(train, args->threads);
   train->add_option("--seed", args->opt.seed, "seed for weights and tokens")->capture_default_str();
   add_device_option(train, args->opt.device);
   train->add_flag("--json", args->json, "print one JSON line");
@@ -156,9 +160,13 @@ void add_bench_command(CLI::App& app, Runner& run) {
   infer->add_option("-m,--model", ia->opt.model_dir, "a trained model folder instead of random weights")->excludes(icfg);
   infer->add_option("--baseline", ia->baseline, "a second config measured in the same run (e.g. the LLaMA)")
       ->check(CLI::ExistingFile);
-  infer->add_option("--prompt-len", ia->opt.prompt_len, "prompt tokens")->capture_default_str();
-  infer->add_option("--gen", ia->opt.gen, "tokens decoded after the prompt")->capture_default_str();
-  infer->add_option("-t,--threads", ia->threads, "threads (0: all cores)")->capture_default_str();
+  infer->add_option("--prompt-len", ia->opt.prompt_len, "prompt tokens")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  infer->add_option("--gen", ia->opt.gen, "tokens decoded after the prompt")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  add_threads_option(infer, ia->threads);
   infer->add_option("--seed", ia->opt.seed, "seed for weights and prompt")->capture_default_str();
   add_device_option(infer, ia->opt.device);
   infer->add_flag("--json", ia->json, "print one JSON line");
@@ -170,14 +178,19 @@ void add_bench_command(CLI::App& app, Runner& run) {
   auto json = std::make_shared<bool>(false);
   paper->add_option("--subllm", pa->subllm_config, "SUBLLM config")->capture_default_str()->check(CLI::ExistingFile);
   paper->add_option("--llama", pa->llama_config, "LLaMA config")->capture_default_str()->check(CLI::ExistingFile);
-  paper->add_option("--lengths", pa->lengths, "context lengths")->capture_default_str()->delimiter(',');
+  paper->add_option("--lengths", pa->lengths, "context lengths")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(interval("[1, inf)"));
   paper->add_option("--tokens-per-step", pa->tokens_per_step, "training tokens per step (batch = this / length)")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
   paper->add_option("--train-steps", pa->train_steps, "timed training steps per model and length")
-      ->capture_default_str();
-  paper->add_option("--gen", pa->gen, "decoded tokens per model and length")->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
+  paper->add_option("--gen", pa->gen, "decoded tokens per model and length")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
   add_device_option(paper, pa->device);
-  paper->add_option("-t,--threads", *threads, "threads (0: all cores)")->capture_default_str();
+  add_threads_option(paper, *threads);
   paper->add_flag("--json", *json, "print one JSON object instead of Markdown");
   paper->callback([&run, pa, threads, json] {
     run = [pa, threads, json] {

@@ -2,8 +2,10 @@
 // classification with the SUBLLM authors' protocol.
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -175,6 +177,25 @@ int run_fewshot(const FewshotCli& c) {
   // Data errors surface before the model loads.
   const auto train = load_fewshot_jsonl(c.train, task);
   const auto test = load_fewshot_jsonl(c.test, task);
+  // The predictions file is opened before the evaluation (a bad path fails at once) and written
+  // beside its final name, renamed there only when complete.
+  struct PendingFile {  // removed unless renamed into place
+    std::string tmp;
+    std::ofstream out;
+    ~PendingFile() {
+      std::error_code ec;
+      if (!tmp.empty()) std::filesystem::remove(tmp, ec);
+    }
+  } predictions;
+  if (!c.predictions.empty()) {
+    predictions.tmp = c.predictions + ".tmp-" + std::to_string(::getpid());
+    predictions.out.open(predictions.tmp, std::ios::trunc);
+    if (!predictions.out.good()) {
+      const std::string why = std::strerror(errno);
+      predictions.tmp.clear();
+      throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
+    }
+  }
   LoadedModel lm = load_model_dir(c.model_dir, c.device);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   FewshotOptions o;
@@ -187,8 +208,7 @@ int run_fewshot(const FewshotCli& c) {
   const FewshotResult r = evaluate_fewshot(*lm.model, lm.tokenizer, task, train, test, o);
 
   if (!c.predictions.empty()) {
-    std::ofstream out(c.predictions, std::ios::trunc);
-    check(out.good(), "cannot write predictions file " + c.predictions);
+    std::ofstream& out = predictions.out;
     for (const auto& s : r.seeds)
       for (size_t i = 0; i < s.items.size(); ++i) {
         const auto& it = s.items[i];
@@ -203,6 +223,12 @@ int run_fewshot(const FewshotCli& c) {
           e["scores"] = it.scores;
         out << e.dump() << "\n";
       }
+    out.close();
+    check(!out.fail(), "writing --predictions " + c.predictions + " failed (disk full?); nothing was written there");
+    std::error_code ec;
+    std::filesystem::rename(predictions.tmp, c.predictions, ec);
+    check(!ec, "cannot move the predictions to " + c.predictions + ": " + ec.message());
+    predictions.tmp.clear();
   }
   const char* scoring = r.scoring == Scoring::Loglik ? "loglik" : "generate";
   if (c.json_out) {
@@ -264,17 +290,21 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->required();
   ppl->add_option("--split", p->split, "split of a data folder")->check(CLI::IsMember({"train", "valid"}))
       ->capture_default_str();
-  ppl->add_option("--seq", p->seq, "window length T (0: the model's context)")->capture_default_str();
+  ppl->add_option("--seq", p->seq, "window length T (0: the model's context)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
   ppl->add_option("--batch", p->batch, "windows per forward pass")->check(CLI::PositiveNumber)->capture_default_str();
-  ppl->add_option("--max-tokens", p->max_tokens, "predict at most this many tokens (0: all)")->capture_default_str();
+  ppl->add_option("--max-tokens", p->max_tokens, "predict at most this many tokens (0: all)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
   ppl->add_option("--mode", p->mode, "subsampling: inference (threshold), train (top-k) or both")
       ->check(CLI::IsMember({"inference", "train", "both"}))
       ->capture_default_str();
   ppl->add_option("--keep-threshold", p->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("(-inf, inf)"));
   ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
   add_device_option(ppl, p->device);
-  ppl->add_option("-t,--threads", p->threads, "threads (0: all cores)")->capture_default_str();
+  add_threads_option(ppl, p->threads);
   ppl->add_flag("--json", p->json_out, "print one JSON object instead of the table");
   ppl->callback([&run, p] { run = [p] { return run_ppl(*p); }; });
 
@@ -303,7 +333,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->excludes(task);
   fs->add_option("--train", f->train, "jsonl the demonstrations are drawn from")->required()->check(CLI::ExistingFile);
   fs->add_option("--test", f->test, "jsonl of test items")->required()->check(CLI::ExistingFile);
-  fs->add_option("--shots", f->shots, "demonstrations per prompt")->capture_default_str();
+  fs->add_option("--shots", f->shots, "demonstrations per prompt")->capture_default_str()->check(interval("[0, inf)"));
   fs->add_option("--seed", f->seeds, "seed of the demonstration choice; repeat for several (default 12345)");
   add_device_option(fs, f->device);
   fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
@@ -311,11 +341,11 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->capture_default_str();
   fs->add_option("--max-test", f->max_test,
                  "evaluate this many test items, chosen as the authors downsample (RandomState(666)); 0: all")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[0, inf)"));
   fs->add_option("--keep-threshold", f->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("(-inf, inf)"));
   fs->add_option("--predictions", f->predictions, "write every item's prediction to this jsonl file");
-  fs->add_option("-t,--threads", f->threads, "threads (0: all cores)")->capture_default_str();
+  add_threads_option(fs, f->threads);
   fs->add_flag("--json", f->json_out, "print one JSON object instead of the table");
   fs->callback([&run, f] { run = [f] { return run_fewshot(*f); }; });
 }

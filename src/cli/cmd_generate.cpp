@@ -80,21 +80,31 @@ void add_generate_command(CLI::App& app, Runner& run) {
       ->required();
   auto* p = g->add_option("-p,--prompt", c->prompt, "prompt text (empty: start a new document)");
   g->add_option("-f,--file", c->prompt_file, "prompts, one per line, generated interleaved (one token each per round)")->excludes(p);
-  g->add_option("-n,--n-predict", c->opt.max_new_tokens, "tokens to generate at most")->capture_default_str();
-  g->add_option("--temp", c->opt.sampling.temperature, "temperature (0: greedy)")->capture_default_str();
-  g->add_option("--top-k", c->opt.sampling.top_k, "sample among the k likeliest (0: all)")->capture_default_str();
-  g->add_option("--top-p", c->opt.sampling.top_p, "nucleus: smallest set with this probability")->capture_default_str();
+  g->add_option("-n,--n-predict", c->opt.max_new_tokens, "tokens to generate at most")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  g->add_option("--temp", c->opt.sampling.temperature, "temperature (0: greedy)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  g->add_option("--top-k", c->opt.sampling.top_k, "sample among the k likeliest (0: all)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  g->add_option("--top-p", c->opt.sampling.top_p, "nucleus: smallest set with this probability")
+      ->capture_default_str()
+      ->check(interval("(0, 1]"));
   g->add_option("--repeat-penalty", c->opt.sampling.repeat_penalty, "penalty on recent tokens (1: off)")
-      ->capture_default_str();
-  g->add_option("--repeat-last-n", c->opt.sampling.repeat_last_n, "tokens the penalty looks back")->capture_default_str();
+      ->capture_default_str()->check(interval("(0, inf)"));
+  g->add_option("--repeat-last-n", c->opt.sampling.repeat_last_n, "tokens the penalty looks back")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
   g->add_option("-s,--seed", c->opt.sampling.seed, "seed of the sampler")->capture_default_str();
   add_device_option(g, c->device);
   g->add_option("--stop", c->opt.stop, "stop when this text appears (repeatable)");
   g->add_flag("--truncate", c->opt.truncate, "drop the start of a prompt longer than the context allows");
   g->add_flag("!--no-eos-stop", c->opt.stop_at_eos, "keep generating past the end-of-document token");
   g->add_option("--keep-threshold", c->keep_threshold, "SUBLLM: keep tokens scoring above this (higher: faster)")
-      ->capture_default_str();
-  g->add_option("-t,--threads", c->threads, "threads (0: all cores)")->capture_default_str();
+      ->capture_default_str()->check(interval("(-inf, inf)"));
+  add_threads_option(g, c->threads);
   g->add_flag("--stats", c->stats, "print speed, retention and KV-cache size to stderr");
   g->callback([&run, c] { run = [c] { return run_generate(*c); }; });
 }

@@ -85,13 +85,18 @@ void add_plot_command(CLI::App& app, Runner& run) {
       ->check(CLI::IsMember({"step", "tokens", "time"}))
       ->capture_default_str();
   cmd->add_option("--smooth", args->options.smooth,
-                  "moving-average window of the train curve in points (default: about steps/50; 1: off)");
+                  "moving-average window of the train curve in points (default: about steps/50; 1: off)")
+                      ->check(interval("[0, inf)"));
   cmd->add_flag("--retention", args->options.retention,
                 "chart each subsampler's retention over the run instead of the loss (SUBLLM runs)");
   cmd->add_option("--title", args->options.title, "chart title");
   cmd->add_option("--ylim", args->ylim, "loss range shown, LO,HI (default: fit the curves)");
-  cmd->add_option("--width", args->options.width, "image width in pixels")->capture_default_str();
-  cmd->add_option("--height", args->options.height, "image height in pixels")->capture_default_str();
+  cmd->add_option("--width", args->options.width, "image width in pixels")
+      ->capture_default_str()
+      ->check(interval("[64, 16384]"));
+  cmd->add_option("--height", args->options.height, "image height in pixels")
+      ->capture_default_str()
+      ->check(interval("[64, 16384]"));
   cmd->callback([&run, args] { run = [args] { return plot(*args); }; });
 }
 

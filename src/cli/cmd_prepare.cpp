@@ -80,14 +80,16 @@ void add_prepare_command(CLI::App& app, Runner& run) {
       ->check(CLI::ExistingFile)
       ->excludes(vocab);
   cmd->add_option("--valid-every", opts->valid_every, "hold out every k-th document for validation")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[2, inf)"));
   cmd->add_option("--seed", opts->seed, "seed for the tokenizer's sampling of training lines")->capture_default_str();
-  cmd->add_option("--shard-tokens", opts->shard_tokens, "most tokens in one shard file")->capture_default_str();
+  cmd->add_option("--shard-tokens", opts->shard_tokens, "most tokens in one shard file")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
   auto task = std::make_shared<TaskCli>();
   cmd->add_option("--task", task->task, "build a few-shot task instead of token shards: spam")
       ->check(CLI::IsMember({"spam"}));
   cmd->add_option("--test-per-class", task->test_per_class, "--task spam: test e-mails per class")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
   auto* out = cmd->get_option("--out");
   cmd->callback([&run, opts, task, out] {
     const bool out_given = out->count() > 0;

@@ -30,6 +30,9 @@ struct TrainCli {
 
 int run_train(TrainCli& c) {
   TrainOptions& o = c.o;
+  check(o.scaled_adam.param_min_rms < o.scaled_adam.param_max_rms,
+        "--param-min-rms must be below --param-max-rms (got " + std::to_string(o.scaled_adam.param_min_rms) + " and " +
+            std::to_string(o.scaled_adam.param_max_rms) + ")");
   const bool sized = !c.config_path.empty();
   if (sized) {
     o.model = load_config(c.config_path);
@@ -69,9 +72,6 @@ int run_train(TrainCli& c) {
   o.subllm.balancer_counted = c.balancer_fraction == "counted";
   if (!c.balancer_grad_scale_given && !o.subllm.balancer_counted) o.subllm.balancer_grad_scale = 0.04f;  // the paper's
   o.subllm.bypass_min = ScheduledFloat::parse(c.bypass_min, "--bypass-min");
-  check(o.subllm.balancer_grad_scale >= 0, "--balancer-grad-scale must be 0 or more");
-  check(o.subllm.balancer_window > 0 && o.subllm.balancer_window < 0.5,
-        "--balancer-window must lie in (0, 0.5): the balancer keeps the positive fraction in [r - w, r + w]");
   TrainResult r = train(o);
   if (r.rank != 0) return r.interrupted ? 130 : 0;  // rank 0 reports for the job
   std::printf("steps %ld  train loss %.4f", r.steps_done, r.last_loss);
@@ -104,70 +104,101 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();
   t->add_option("--resume", o.resume, "continue a run folder or checkpoint exactly where it stopped");
   auto* cfg = t->add_option("--config", c->config_path, "model config.json (official SUBLLM keys)");
-  auto* dim = t->add_option("--dim", c->dim, "model width (without --config)")->capture_default_str();
-  auto* layers = t->add_option("--layers", c->layers, "transformer blocks")->capture_default_str();
-  auto* heads = t->add_option("--heads", c->heads, "attention heads")->capture_default_str();
-  auto* ffn = t->add_option("--ffn", c->ffn, "SwiGLU hidden size (default ≈ 8/3 · dim)");
-  auto* vocab = t->add_option("--vocab", c->vocab, "vocabulary size (default: the tokenizer's)");
+  auto* dim = t->add_option("--dim", c->dim, "model width (without --config)")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  auto* layers = t->add_option("--layers", c->layers, "transformer blocks")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  auto* heads = t->add_option("--heads", c->heads, "attention heads")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  auto* ffn = t->add_option("--ffn", c->ffn, "SwiGLU hidden size (default ≈ 8/3 · dim)")->check(interval("[0, inf)"));
+  auto* vocab = t->add_option("--vocab", c->vocab, "vocabulary size (default: the tokenizer's)")
+      ->check(interval("[0, inf)"));
   auto* structure = t->add_option("--structure", c->structure, "layout string, e.g. TT(TT)TT (default all T)");
   auto* retention = t->add_option("--retention", c->retention, "subsampler retention(s), e.g. 0.64 or 0.64,0.5");
   for (auto* opt : {dim, layers, heads, ffn, vocab, structure, retention}) opt->excludes(cfg);
-  t->add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str();
-  t->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str();
+  t->add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str()->check(interval("[1, inf)"));
+  t->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str()->check(interval("[1, inf)"));
   t->add_option("--grad-accum", o.grad_accum,
                 "micro-batches per optimizer step on each rank (under mpirun -np N: N x this per step)")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
   t->add_flag("--shard-optimizer", o.shard_optimizer,
               "ZeRO-1: split the optimizer state across the ranks of an mpirun job (memory per rank / N)");
-  t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
-  t->add_option("--tokens", o.token_budget, "token budget (sets --steps)");
+  t->add_option("--steps", o.steps, "optimizer steps")->capture_default_str()->check(interval("[1, inf)"));
+  t->add_option("--tokens", o.token_budget, "token budget (sets --steps)")->check(interval("[1, inf)"));
   t->add_option("--recipe", c->recipe,
                 "paper: ScaledAdam, base lr 0.045, Eden, 500 warm-up steps (flags given still win)")
       ->check(CLI::IsMember({"paper"}));
   auto* optimizer = t->add_option("--optimizer", o.optimizer, "adamw | scaled-adam")
                         ->capture_default_str()
                         ->check(CLI::IsMember({"adamw", "scaled-adam", "scaled_adam"}));
-  auto* lr = t->add_option("--lr", c->lr, "peak (base) learning rate")->capture_default_str();
+  auto* lr = t->add_option("--lr", c->lr, "peak (base) learning rate")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
   auto* warmup = t->add_option("--warmup", o.lr.warmup_steps, "warm-up steps (Eden: from --warmup-start to 1)")
-                     ->capture_default_str();
+                     ->capture_default_str()->check(interval("[0, inf)"));
   auto* schedule = t->add_option("--schedule", o.lr.kind, "cosine | constant | eden | eden2")
                        ->capture_default_str()
                        ->check(CLI::IsMember({"cosine", "constant", "eden", "eden2"}));
-  t->add_option("--lr-batches", o.lr.eden.lr_batches, "Eden: steps over which the rate falls (B)")->capture_default_str();
-  t->add_option("--lr-epochs", o.lr.eden.lr_epochs, "Eden: epochs over which the rate falls (E; default a third of the run)");
-  t->add_option("--warmup-start", o.lr.eden.warmup_start, "Eden: warm-up factor at step 0")->capture_default_str();
+  t->add_option("--lr-batches", o.lr.eden.lr_batches, "Eden: steps over which the rate falls (B)")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
+  t->add_option("--lr-epochs", o.lr.eden.lr_epochs, "Eden: epochs over which the rate falls (E; default a third of the run)")
+      ->check(interval("[0, inf)"));
+  t->add_option("--warmup-start", o.lr.eden.warmup_start, "Eden: warm-up factor at step 0")
+      ->capture_default_str()
+      ->check(interval("[0, 1]"));
   t->add_option_function<std::string>(
        "--eden-epoch", [c](const std::string& v) { c->o.lr.eden.epoch_mode = parse_eden_epoch(v); },
        "Eden: the epoch e is the data seen, fractional (default, the paper's recipe), or the passes completed "
        "(icefall's speech recipes: 0 through the first pass)")
       ->check(CLI::IsMember({"fractional", "completed"}));
-  t->add_option("--min-lr-ratio", o.lr.min_lr_ratio, "final lr / peak lr for cosine")->capture_default_str();
-  t->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
-  t->add_option("--beta1", o.adamw.beta1, "first-moment decay (both optimizers)")->capture_default_str();
-  auto* beta2 = t->add_option("--beta2", o.adamw.beta2, "second-moment decay (default 0.95 AdamW, 0.98 ScaledAdam)");
-  t->add_option("--grad-clip", o.adamw.grad_clip, "AdamW: global gradient-norm limit (0: off)")->capture_default_str();
+  t->add_option("--min-lr-ratio", o.lr.min_lr_ratio, "final lr / peak lr for cosine")
+      ->capture_default_str()
+      ->check(interval("[0, 1]"));
+  t->add_option("--weight-decay", o.adamw.weight_decay, "AdamW weight decay (matrices only)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  t->add_option("--beta1", o.adamw.beta1, "first-moment decay (both optimizers)")
+      ->capture_default_str()
+      ->check(interval("[0, 1)"));
+  auto* beta2 = t->add_option("--beta2", o.adamw.beta2, "second-moment decay (default 0.95 AdamW, 0.98 ScaledAdam)")
+      ->check(interval("[0, 1)"));
+  t->add_option("--grad-clip", o.adamw.grad_clip, "AdamW: global gradient-norm limit (0: off)")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
   auto& sa = o.scaled_adam;
   t->add_option("--clipping-scale", sa.clipping_scale, "ScaledAdam: clip at this × the median norm (0: off)")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[0, inf)"));
   t->add_option("--clipping-update-period", sa.clipping_update_period, "ScaledAdam: steps in the median window")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
   t->add_option("--clipping", c->clipping,
                 "ScaledAdam: per-group (each lr scale's tensors against their own median window, as icefall) "
                 "or global (one norm over all tensors)")
       ->capture_default_str()
       ->check(CLI::IsMember({"per-group", "global"}));
   t->add_option("--scalar-lr-scale", sa.scalar_lr_scale, "ScaledAdam: lr factor of one-element tensors")
-      ->capture_default_str();
-  t->add_option("--param-min-rms", sa.param_min_rms, "ScaledAdam: smallest tensor RMS")->capture_default_str();
-  t->add_option("--param-max-rms", sa.param_max_rms, "ScaledAdam: largest tensor RMS")->capture_default_str();
-  t->add_option("--scalar-max", sa.scalar_max, "ScaledAdam: clamp of one-element tensors")->capture_default_str();
+      ->capture_default_str()->check(interval("[0, inf)"));
+  t->add_option("--param-min-rms", sa.param_min_rms, "ScaledAdam: smallest tensor RMS")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
+  t->add_option("--param-max-rms", sa.param_max_rms, "ScaledAdam: largest tensor RMS")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
+  t->add_option("--scalar-max", sa.scalar_max, "ScaledAdam: clamp of one-element tensors")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
   t->add_option("--size-update-period", sa.size_update_period, "ScaledAdam: steps between tensor-scale updates")
-      ->capture_default_str();
-  t->add_option("--adam-eps", o.adamw.eps, "epsilon of both optimizers")->capture_default_str();
+      ->capture_default_str()->check(interval("[1, inf)"));
+  t->add_option("--adam-eps", o.adamw.eps, "epsilon of both optimizers")
+      ->capture_default_str()
+      ->check(interval("(0, inf)"));
   auto* bal_scale = t->add_option("--balancer-grad-scale", o.subllm.balancer_grad_scale,
                                   "SUBLLM: strength of the score balancer's gradient edit (0.04 with "
                                   "--balancer-fraction gaussian, the paper's)")
-                        ->capture_default_str();
+                        ->capture_default_str()->check(interval("[0, inf)"));
   t->add_option("--balancer-fraction", c->balancer_fraction,
                 "SUBLLM: how the score balancer sees the positive fraction: counted (counts it and steers it to "
                 "the retention) | gaussian (judges it from mean/std, the paper's function)")
@@ -176,18 +207,24 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--balancer-window", o.subllm.balancer_window,
                 "SUBLLM: the score balancer's window [r - w, r + w]: full strength at its edges and beyond "
                 "(counted: proportional to the distance from r inside; gaussian: no push inside)")
-      ->capture_default_str();
+      ->capture_default_str()->check(interval("(0, 0.5)"));
   t->add_option("--balancer-prob", c->balancer_prob, "SUBLLM: chance the score balancer acts, STEP:VALUE,...")
       ->capture_default_str();
   t->add_option("--bypass-min", c->bypass_min, "SUBLLM: lower limit of the bypass scales, STEP:VALUE,...")
       ->capture_default_str();
-  t->add_option("--eval-every", o.eval_every, "steps between validation passes")->capture_default_str();
-  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")->capture_default_str();
-  t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
-  t->add_option("--keep", o.keep_last, "checkpoints kept")->capture_default_str();
+  t->add_option("--eval-every", o.eval_every, "steps between validation passes")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")
+      ->capture_default_str()
+      ->check(interval("[0, inf)"));
+  t->add_option("--keep", o.keep_last, "checkpoints kept")->capture_default_str()->check(interval("[1, inf)"));
   t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
   add_device_option(t, o.device);
-  t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
+  add_threads_option(t, o.threads);
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
   t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
                warmup, bal_scale] {
