@@ -1,6 +1,7 @@
 #pragma once
 // The model description, read from and written to `config.json` with the official SUBLLM
 // key names, and the parsed layout (structure string).
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -51,13 +52,25 @@ struct ModelConfig {
   float rope_base = 10000.0f;
   std::string norm_name = "rmsnorm";
   std::string mlp_name = "swiglu";
+  // Where the values came from (a file path, or the flags that set them), for error
+  // messages; not written to config.json.
+  std::string source = "config.json";
 
   int head_dim() const { return dim / n_heads; }
   std::string layout() const;     // structure, or "T" * n_layers when empty
   Structure parse() const;        // parse_structure(layout(), n_layers, retentions)
+  // Elements of the flat parameter buffer (tensors with their padding), counted with overflow
+  // checks: throws naming the keys when the count does not fit in 64 bits.
+  int64_t param_count() const;
   // Throws subllm::Error naming the key and the fix for any inconsistent value
-  // (dim not divisible by heads, odd head_dim, non-positive sizes, bad structure, ...).
+  // (dim not divisible by heads, odd head_dim, non-positive sizes, sizes beyond the limits
+  // below, bad structure, ...). Errors start with `source`.
   void validate() const;
+  // Structural limits: more blocks than any trained transformer has by far, and widths whose
+  // fused weights (3 x dim rows of q|k|v, 2 x ffn_dim of w12) still index with 32-bit ints.
+  static constexpr int kMaxLayers = 10000;
+  static constexpr int kMaxDim = 0x7fffffff / 3;
+  static constexpr int kMaxFfnDim = 0x7fffffff / 2;
 };
 
 // Reads config.json. Unknown keys are ignored; missing keys keep the defaults above.

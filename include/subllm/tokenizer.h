@@ -28,6 +28,10 @@ class Tokenizer {
   // no text normalisation so decode(encode(x)) == x) on the lines of `text_files`, and writes
   // it to `model_path` through a temporary file, so a failed run leaves no model behind.
   // Throws Error with the fix when the vocabulary does not fit the corpus.
+  // The smallest vocabulary train() can build: 4 special pieces, 256 byte pieces and one
+  // piece per distinct character of the text, of which there is at least one (the word start).
+  static constexpr int kMinVocab = 4 + 256 + 1;
+  static std::string min_vocab_reason();
   static void train(const std::vector<std::string>& text_files, const std::string& model_path, int vocab_size,
                     uint64_t seed);
 

@@ -7,6 +7,7 @@
 #include "kernels/kernels.h"
 #include "kernels/optimizer_kernels.h"
 #include "subllm/error.h"
+#include "subllm/host_memory.h"
 #include "subllm/threads.h"
 
 namespace subllm {
@@ -61,7 +62,9 @@ class CpuBackend final : public Backend {
 
   void* alloc(size_t bytes) override {
     void* p = std::aligned_alloc(64, round64(bytes ? bytes : 64));
-    if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes; reduce batch size or context length");
+    if (!p)
+      throw Error("out of memory allocating " + memory_text((double)bytes) + " (this machine has " +
+                  memory_text((double)host_memory_bytes()) + "): use a smaller model, --batch or --seq");
     return p;
   }
   void free(void* p) override { std::free(p); }

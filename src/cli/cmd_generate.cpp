@@ -1,6 +1,7 @@
 // `subllm generate`: text from a trained model, streamed as it is produced.
 #include <cstdio>
 #include <fstream>
+#include <sstream>
 
 #include "cli/commands.h"
 #include "subllm/error.h"
@@ -36,18 +37,38 @@ void print_stats(const GenerateStats& s, const Model& m) {
                s.kv_cache_bytes_llama ? (double)s.kv_cache_bytes / s.kv_cache_bytes_llama : 0.0);
 }
 
+// Far more text than any context holds; the bound makes a device such as /dev/zero end
+// with an error instead of filling memory.
+constexpr size_t kMaxPromptFileBytes = size_t(64) << 20;
+
+std::string read_prompt_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  check((bool)in, "cannot read prompt file '" + path + "'");
+  std::string text;
+  char buf[65536];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    text.append(buf, (size_t)in.gcount());
+    check(text.size() <= kMaxPromptFileBytes,
+          "prompt file '" + path + "' is larger than 64 MiB: give a text file of prompts, one per line");
+  }
+  check(!in.bad(), "cannot read prompt file '" + path + "' (is it a regular file?)");
+  return text;
+}
+
 int run_generate(GenerateCli& c) {
   set_num_threads(c.threads);
+  // The prompt file first: its errors are cheaper to find than loading the model.
+  std::vector<std::string> prompts;
+  if (!c.prompt_file.empty()) {
+    std::istringstream lines(read_prompt_file(c.prompt_file));
+    for (std::string line; std::getline(lines, line);)
+      if (!line.empty()) prompts.push_back(line);
+    check(!prompts.empty(), "prompt file '" + c.prompt_file + "' has no prompts (one per line)");
+  }
   LoadedModel lm = load_model_dir(c.model_dir, c.device);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   Generator gen(*lm.model, lm.tokenizer);
   if (!c.prompt_file.empty()) {
-    std::ifstream in(c.prompt_file);
-    check((bool)in, "cannot read prompt file '" + c.prompt_file + "'");
-    std::vector<std::string> prompts;
-    for (std::string line; std::getline(in, line);)
-      if (!line.empty()) prompts.push_back(line);
-    check(!prompts.empty(), "prompt file '" + c.prompt_file + "' has no prompts (one per line)");
     std::vector<GenerateStats> stats;
     auto texts = gen.generate_interleaved(prompts, c.opt, &stats);
     for (size_t i = 0; i < texts.size(); ++i) {

@@ -38,13 +38,16 @@ int run_train(TrainCli& c) {
     o.model = load_config(c.config_path);
   } else {
     ModelConfig m;
+    m.source = "the model flags (decoder_embed_dim is --dim, decoder_layers --layers, decoder_attention_heads "
+               "--heads, decoder_ffn_embed_dim --ffn, num_embeddings --vocab)";
     m.dim = c.dim;
     // A structure string fixes the block count unless --layers says otherwise.
     m.n_layers = c.layers_given || c.structure.empty() ? c.layers
                                                        : (int)std::count(c.structure.begin(), c.structure.end(), 'T');
     m.n_heads = c.heads;
     // SwiGLU hidden size ≈ 8/3 d rounded to a multiple of 32, as LLaMA sizes it.
-    m.ffn_dim = c.ffn > 0 ? c.ffn : (8 * c.dim / 3 + 31) / 32 * 32;
+    // In 64 bits, so a huge --dim reaches the size limits rather than wrapping around.
+    m.ffn_dim = c.ffn > 0 ? c.ffn : (int)std::min<int64_t>((8 * (int64_t)c.dim / 3 + 31) / 32 * 32, INT32_MAX);
     m.structure = c.structure;
     if (!c.retention.empty()) m.retentions = config_from_json_text("{\"downsampling_factor_denominator\": \"" + c.retention + "\"}", "--retention").retentions;
     if (c.vocab > 0) {

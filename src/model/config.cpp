@@ -1,6 +1,7 @@
 // config.json with the official SUBLLM key names, plus norm_eps and rope_base of our own.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -147,6 +148,40 @@ std::vector<float> read_retentions(const json& j, const std::string& src) {
   return out;
 }
 
+// Elements of the flat parameter buffer, or an Error naming `src` and the keys on overflow.
+int64_t count_params(const ModelConfig& c, const std::string& src) {
+  bool overflow = false;
+  auto mul = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    overflow |= __builtin_mul_overflow(a, b, &r);
+    return r;
+  };
+  auto add = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    overflow |= __builtin_add_overflow(a, b, &r);
+    return r;
+  };
+  // Mirrors the layout Weights builds: tensors padded to 16 elements, except q and k, which
+  // stay back to back with v.
+  auto padded = [&](int64_t n) { return add(n, 15) / 16 * 16; };
+  const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size;
+  const int64_t subsamplers = std::count(c.structure.begin(), c.structure.end(), '(');
+  const int64_t CC = mul(C, C);
+  int64_t block = add(mul(2, CC), padded(CC));                         // q, k, v
+  block = add(block, add(padded(CC), mul(2, padded(C))));              // out_proj, both norms
+  block = add(block, add(padded(mul(mul(2, F), C)), padded(mul(C, F))));  // w12, w3
+  int64_t total = add(padded(mul(V, C)), mul(c.n_layers, block));
+  total = add(total, mul(add(mul(2, subsamplers), 1), padded(C)));    // scores, bypasses, final norm
+  if (!c.tie_weights) total = add(total, padded(mul(V, C)));
+  if (overflow || total < 0) {
+    throw Error(src + ": the parameter count overflows 64 bits (decoder_layers " + std::to_string(c.n_layers) +
+                " blocks of decoder_embed_dim " + std::to_string(c.dim) + " and decoder_ffn_embed_dim " +
+                std::to_string(c.ffn_dim) + ", num_embeddings " + std::to_string(c.vocab_size) +
+                "): choose sizes a machine can hold");
+  }
+  return total;
+}
+
 void validate_named(const ModelConfig& c, const std::string& src) {
   auto positive = [&](int v, const char* key, const char* fix) {
     if (v <= 0) throw Error(src + ": " + key + " (" + std::to_string(v) + ") must be positive: " + fix);
@@ -157,6 +192,15 @@ void validate_named(const ModelConfig& c, const std::string& src) {
   positive(c.n_layers, "decoder_layers", "set the number of transformer blocks");
   positive(c.n_heads, "decoder_attention_heads", "set the number of attention heads");
   positive(c.context, "tokens_per_sample", "set the context length, e.g. 1024");
+  auto at_most = [&](int v, int limit, const char* key, const char* why) {
+    if (v > limit) {
+      throw Error(src + ": " + key + " (" + std::to_string(v) + ") is above the limit of " + std::to_string(limit) +
+                  " (" + why + "): choose a smaller value");
+    }
+  };
+  at_most(c.n_layers, ModelConfig::kMaxLayers, "decoder_layers", "far more blocks than any trained transformer");
+  at_most(c.dim, ModelConfig::kMaxDim, "decoder_embed_dim", "the fused q|k|v weight has 3 x this many rows");
+  at_most(c.ffn_dim, ModelConfig::kMaxFfnDim, "decoder_ffn_embed_dim", "the fused w12 weight has 2 x this many rows");
 
   if (c.dim % c.n_heads != 0) {
     throw Error(src + ": decoder_embed_dim (" + std::to_string(c.dim) + ") is not divisible by decoder_attention_heads (" +
@@ -195,6 +239,8 @@ void validate_named(const ModelConfig& c, const std::string& src) {
   } catch (const Error& e) {
     throw Error(src + ": " + e.what());
   }
+  // After the structure: a bad structure string is the clearer message.
+  count_params(c, src);
 }
 
 // unlink rather than remove: if something else (a directory) sits at the temp path, it is not ours.
@@ -212,8 +258,9 @@ std::string ModelConfig::layout() const {
 
 Structure ModelConfig::parse() const { return parse_structure(layout(), n_layers, retentions); }
 
-// validate() has no file name to hand, so errors name the conventional file.
-void ModelConfig::validate() const { validate_named(*this, "config.json"); }
+void ModelConfig::validate() const { validate_named(*this, source); }
+
+int64_t ModelConfig::param_count() const { return count_params(*this, source); }
 
 ModelConfig config_from_json_text(const std::string& json_text, const std::string& source_name) {
   json j;
@@ -221,12 +268,16 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
     j = json::parse(json_text);
   } catch (const json::parse_error& e) {
     throw Error(source_name + ": invalid JSON: " + e.what() + " (fix the syntax of the file)");
+  } catch (const json::exception& e) {
+    // e.g. a number beyond the range of a double, such as 1e999
+    throw Error(source_name + ": unreadable value: " + e.what() + " (fix the value in the file)");
   }
   if (!j.is_object()) {
     throw Error(source_name + ": the top level must be a JSON object {...}, got " + j.type_name());
   }
 
   ModelConfig c;
+  c.source = source_name;
   const std::string& s = source_name;
   read_int(j, s, "num_embeddings", c.vocab_size);
   read_int(j, s, "decoder_embed_dim", c.dim);

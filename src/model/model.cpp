@@ -1,13 +1,49 @@
 // Model: Weights, their gradients and one Session, as training and single-user tools use them.
 #include "subllm/model.h"
 
+#include <cstdio>
+
 #include "backend/backend.h"
 #include "model/passes.h"
+#include "subllm/host_memory.h"
 
 namespace subllm {
 
+namespace {
+
+// The keys behind most of a config's memory: what to lower when it does not fit.
+std::string largest_sizes(const ModelConfig& c) {
+  const double C = c.dim, F = c.ffn_dim;
+  const double blocks = c.n_layers * (4 * C * C + 3 * C * F);
+  const double embed = (c.tie_weights ? 1.0 : 2.0) * c.vocab_size * C;
+  const double rope = (double)c.context * c.head_dim();
+  if (rope >= blocks && rope >= embed) return "tokens_per_sample (" + std::to_string(c.context) + ")";
+  if (embed >= blocks)
+    return "num_embeddings (" + std::to_string(c.vocab_size) + ") or decoder_embed_dim (" + std::to_string(c.dim) + ")";
+  return "decoder_layers (" + std::to_string(c.n_layers) + "), decoder_embed_dim (" + std::to_string(c.dim) +
+         ") or decoder_ffn_embed_dim (" + std::to_string(c.ffn_dim) + ")";
+}
+
+// Refuses a config whose model does not fit in host memory, before anything is allocated.
+// On the CPU the host holds the weights, their gradients, the staging copy that init and
+// load fill, and the RoPE tables; on a device only the staging copy is on the host (the
+// device's allocator reports its own shortage).
+ModelConfig fitting_host_memory(ModelConfig cfg, const std::string& device) {
+  cfg.validate();
+  const bool on_host = std::string(backend_for(device).name()) == "cpu";
+  const double params = (double)cfg.param_count();
+  const double bytes = 4.0 * (on_host ? 3 * params + (double)cfg.context * cfg.head_dim() : params);
+  char count[32];
+  std::snprintf(count, sizeof count, "%.3g", params);
+  check_host_memory(bytes, cfg.source + ": the model (" + count + " parameters)",
+                    "reduce " + largest_sizes(cfg));
+  return cfg;
+}
+
+}  // namespace
+
 Model::Model(ModelConfig cfg, const std::string& device)
-    : weights_(std::move(cfg), backend_for(device)),
+    : weights_(fitting_host_memory(std::move(cfg), device), backend_for(device)),
       grads_(weights_.backend().zeros({weights_.num_params()})),
       session_(std::make_unique<Session>(weights_)) {}
 

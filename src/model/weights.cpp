@@ -13,6 +13,21 @@ namespace subllm {
 
 namespace {
 std::string layer_prefix(int i) { return "decoder.layers." + std::to_string(i) + "."; }
+
+// Index of the first NaN or infinity in x[0, n), or -1. A branch-free pass over the exponent
+// bits (all ones only for those) runs at memory speed; only a hit is then located.
+int64_t first_non_finite(const float* x, int64_t n) {
+  uint32_t exponent = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    exponent = std::max(exponent, bits & 0x7f800000u);
+  }
+  if (exponent != 0x7f800000u) return -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return i;
+  return -1;
+}
 }  // namespace
 
 Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), backend_(&backend) {
@@ -136,6 +151,13 @@ void Weights::load(const std::string& path) {
     check(f.has(p.name), path + ": tensor '" + p.name + "' is missing: the checkpoint does not match config.json (" +
                              cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")");
     f.read_f32(p.name, p.shape, host.data() + p.offset);
+    // Weights that diverged would only give garbage text and a nan perplexity later.
+    const int64_t bad = first_non_finite(host.data() + p.offset, p.numel);
+    if (bad >= 0) {
+      throw Error(path + ": tensor '" + p.name + "' holds " + (std::isnan(host[p.offset + bad]) ? "NaN" : "infinity") +
+                  " (element " + std::to_string(bad) +
+                  "): the checkpoint is damaged (did training diverge?); use an earlier checkpoint of the run");
+    }
   }
   backend_->to_device(data(), host.data(), sizeof(float) * host.size());
   params_changed();

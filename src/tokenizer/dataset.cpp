@@ -110,6 +110,11 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
     ::close(fd);
     throw Error("token shard " + path + " cannot be read: " + std::strerror(errno));
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error("token shard " + path + " is " + (S_ISDIR(st.st_mode) ? "a folder" : "not a regular file") +
+                ", not a shard file: " + rerun_hint);
+  }
   const auto size = (int64_t)st.st_size;
   if (size < kShardHeaderBytes) {
     ::close(fd);

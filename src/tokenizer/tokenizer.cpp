@@ -66,8 +66,35 @@ std::string replace_space_markers(std::string_view piece) {
   return out;
 }
 
+// Long text is encoded in pieces of about this many bytes: sentencepiece's encoder takes
+// some 150 bytes of memory per input byte, and more than linear time.
+constexpr size_t kPieceBytes = size_t(1) << 15;
+// The trainer's max_sentence_length: it skips longer lines, so they are handed to it in pieces.
+constexpr size_t kMaxSentenceBytes = 65536;
+
+// Whether text[i] is a space with a non-space on both sides: a word boundary. Sentencepiece
+// pieces never span one (they begin at the word-start mark), so encoding the text before it
+// and the text after it (without the space, which the dummy prefix then stands for) gives
+// the ids of the whole.
+bool is_word_boundary(std::string_view s, size_t i) {
+  return s[i] == ' ' && i > 0 && i + 1 < s.size() && s[i - 1] != ' ' && s[i + 1] != ' ';
+}
+
+// The end of the training piece of `s` that starts at `from`: the last word boundary in the
+// second half of the next kMaxSentenceBytes, else the last character boundary there.
+size_t training_piece_end(std::string_view s, size_t from) {
+  if (s.size() - from <= kMaxSentenceBytes) return s.size();
+  const size_t limit = from + kMaxSentenceBytes;
+  for (size_t i = limit; i > from + kMaxSentenceBytes / 2; --i)
+    if (is_word_boundary(s, i)) return i;
+  size_t end = limit;
+  while (end > from + 1 && ((unsigned char)s[end] & 0xC0) == 0x80) --end;  // not inside a UTF-8 character
+  return end;
+}
+
 // Feeds sentencepiece the non-empty lines of the files, read here rather than by
-// sentencepiece so that file names may hold commas (its `input` flag splits on them).
+// sentencepiece so that file names may hold commas (its `input` flag splits on them); lines
+// longer than kPieceBytes go in pieces, so that their text counts too.
 class LineIterator : public sentencepiece::SentenceIterator {
  public:
   explicit LineIterator(const std::vector<std::string>& files) : files_(files) { Next(); }
@@ -76,9 +103,15 @@ class LineIterator : public sentencepiece::SentenceIterator {
   sentencepiece::util::Status status() const override { return status_; }
   void Next() override {
     for (;;) {
-      if (in_.is_open() && std::getline(in_, line_)) {
-        if (line_.empty()) continue;
+      if (pos_ < whole_.size()) {
+        const size_t end = training_piece_end(whole_, pos_);
+        line_.assign(whole_, pos_, end - pos_);
+        pos_ = end < whole_.size() && whole_[end] == ' ' ? end + 1 : end;  // a word boundary's space
         return;
+      }
+      if (in_.is_open() && std::getline(in_, whole_)) {
+        pos_ = 0;
+        continue;
       }
       if (in_.is_open() && in_.bad()) {
         status_ = sentencepiece::util::Status(sentencepiece::util::StatusCode::kInternal,
@@ -98,7 +131,8 @@ class LineIterator : public sentencepiece::SentenceIterator {
   const std::vector<std::string>& files_;
   size_t next_ = 0;
   std::ifstream in_;
-  std::string line_;
+  std::string whole_, line_;  // the line read, and the piece of it handed out
+  size_t pos_ = 0;            // where the next piece of whole_ starts
   bool done_ = false;
   sentencepiece::util::Status status_;
 };
@@ -156,9 +190,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
   return t;
 }
 
+std::string Tokenizer::min_vocab_reason() {
+  return "the tokenizer holds 4 special pieces (pad, bos, eos, unk), 256 byte pieces and one piece per distinct "
+         "character of the text";
+}
+
 void Tokenizer::train(const std::vector<std::string>& text_files, const std::string& model_path, int vocab_size,
                       uint64_t seed) {
-  check(vocab_size > 0, "vocabulary size must be positive, got " + std::to_string(vocab_size));
+  check(vocab_size >= kMinVocab, "vocabulary size " + std::to_string(vocab_size) + " is too small: " +
+                                     min_vocab_reason() + ", so at least " + std::to_string(kMinVocab));
   check(!text_files.empty(), "no text files to train the tokenizer on");
   for (const auto& f : text_files) {
     std::error_code ec;
@@ -183,7 +223,7 @@ void Tokenizer::train(const std::vector<std::string>& text_files, const std::str
       {"input_sentence_size", "2000000"},
       {"shuffle_input_sentence", "true"},
       // Paragraph-long lines are common in prose; the default cap (4192 bytes) drops them.
-      {"max_sentence_length", "65536"},
+      {"max_sentence_length", std::to_string(kMaxSentenceBytes)},
       {"num_threads", "2"},
       // Our own Error carries the failure; sentencepiece's log lines would only be noise.
       {"minloglevel", "2"},
@@ -220,10 +260,23 @@ void Tokenizer::check_id(int32_t id) const {
 }
 
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
+  // Long text goes in pieces cut at word boundaries, which bounds the encoder's memory and
+  // keeps its time linear without changing the ids.
+  std::vector<int32_t> out;
   std::vector<int> ids;
-  const auto status = sp_->Encode(text, &ids);
-  check(status.ok(), "encoding failed: " + status.ToString());
-  return std::vector<int32_t>(ids.begin(), ids.end());
+  const std::string_view all = text;
+  for (size_t from = 0;;) {
+    size_t cut = std::string_view::npos;
+    if (all.size() - from > kPieceBytes)
+      for (size_t i = from + kPieceBytes; i < all.size() && cut == std::string_view::npos; ++i)
+        if (is_word_boundary(all, i)) cut = i;
+    const size_t end = cut == std::string_view::npos ? all.size() : cut;
+    const auto status = sp_->Encode(all.substr(from, end - from), &ids);
+    check(status.ok(), "encoding failed: " + status.ToString());
+    out.insert(out.end(), ids.begin(), ids.end());
+    if (cut == std::string_view::npos) return out;
+    from = cut + 1;
+  }
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {

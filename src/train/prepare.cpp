@@ -52,6 +52,18 @@ struct Source {
   std::string label;  // how the manifest names it
 };
 
+// Every regular file below `dir`, walked one folder at a time so that a folder that cannot be
+// listed is the one the error names (symbolic links to folders are not followed).
+void list_files(const fs::path& dir, std::vector<std::string>& found) {
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    std::error_code type_ec;
+    if (it->is_directory(type_ec) && !it->is_symlink(type_ec)) list_files(it->path(), found);
+    else if (it->is_regular_file(type_ec)) found.push_back(it->path().string());
+  }
+  check(!ec, "cannot list input folder " + dir.string() + ": " + ec.message() + " (check its permissions)");
+}
+
 // Expands the inputs to files: folders recursively, each folder's files in path order.
 std::vector<Source> expand_inputs(const std::vector<std::string>& inputs, const fs::path& out_dir) {
   std::vector<Source> files;
@@ -67,11 +79,8 @@ std::vector<Source> expand_inputs(const std::vector<std::string>& inputs, const 
     const fs::path p = input;
     if (fs::is_directory(p, ec)) {
       std::vector<std::string> found;
-      for (auto it = fs::recursive_directory_iterator(p, ec); !ec && it != fs::recursive_directory_iterator();
-           it.increment(ec)) {
-        if (it->is_regular_file(ec) && !inside_output(it->path())) found.push_back(it->path().string());
-      }
-      check(!ec, "cannot list input folder " + input + ": " + ec.message());
+      list_files(p, found);
+      found.erase(std::remove_if(found.begin(), found.end(), inside_output), found.end());
       std::sort(found.begin(), found.end());
       for (auto& f : found) files.push_back({f, f});
     } else if (fs::is_regular_file(p, ec)) {
@@ -289,7 +298,9 @@ PrepareSummary prepare_data(const PrepareOptions& o) {
   check(o.valid_every >= 2, "--valid-every must be at least 2 (every k-th document is held out), got " +
                                 std::to_string(o.valid_every));
   check(o.shard_tokens > 0, "--shard-tokens must be positive, got " + std::to_string(o.shard_tokens));
-  check(!o.tokenizer.empty() || o.vocab_size > 0, "--vocab must be positive, got " + std::to_string(o.vocab_size));
+  check(!o.tokenizer.empty() || o.vocab_size >= Tokenizer::kMinVocab,
+        "--vocab " + std::to_string(o.vocab_size) + " is too small: " + Tokenizer::min_vocab_reason() +
+            ": use a larger --vocab, at least " + std::to_string(Tokenizer::kMinVocab));
 
   // Cheap checks first, so a typo fails before any heavy work.
   std::vector<Source> sources = expand_inputs(o.inputs, o.out_dir);

@@ -16,6 +16,7 @@
 #include "dist/communicator.h"
 #include "subllm/dataset.h"
 #include "subllm/error.h"
+#include "subllm/host_memory.h"
 #include "subllm/model.h"
 #include "subllm/optim.h"
 #include "subllm/rng.h"
@@ -186,6 +187,23 @@ void check_same_config(const ModelConfig& saved, const ModelConfig& now, const s
   differ("tie_weights", saved.tie_weights ? "true" : "false", now.tie_weights ? "true" : "false");
 }
 
+// Weights, gradients, optimizer state (two moments) and one micro-batch's activations on
+// the host, refused before they are allocated rather than by the OOM killer mid-run. A
+// device's allocator reports its own shortage.
+void check_training_memory(const Model& model, const TrainOptions& o) {
+  if (std::string(model.backend().name()) != "cpu") return;
+  const double state = 4.0 * (double)model.num_params() * (o.grad_accum > 1 ? 5 : 4);
+  const double activations = (double)model.activation_bytes(o.batch, o.seq);
+  const std::string fix = activations > state
+                              ? "lower --batch or --seq (--grad-accum keeps the tokens per step)"
+                              : "choose a smaller model (" + model.config().source + ")";
+  check_host_memory(state + activations,
+                    "training (" + memory_text(state) + " of weights, gradients and optimizer state, " +
+                        memory_text(activations) + " of activations for --batch " + std::to_string(o.batch) +
+                        " --seq " + std::to_string(o.seq) + ")",
+                    fix);
+}
+
 }  // namespace
 
 TrainResult train(const TrainOptions& o) {
@@ -245,6 +263,7 @@ TrainResult train(const TrainOptions& o) {
   }
 
   Model model(cfg, o.device);
+  check_training_memory(model, o);
   model.init_weights(o.seed);
   model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);
