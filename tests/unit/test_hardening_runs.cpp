@@ -136,6 +136,23 @@ TEST(HardeningRuns, CheckpointsAreOrderedByTheStepInTheirName) {
 
 // ---- prepare -o ------------------------------------------------------------------------------
 
+TEST(HardeningRuns, PrepareKeepsTheFilesItDidNotWrite) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp);
+  write_file(data + "/notes.txt", "mine");
+  write_file(data + "/extra/more.txt", "also mine");
+  PrepareOptions p;
+  p.inputs = {tmp.file("corpus")};
+  p.out_dir = data;
+  p.vocab_size = 350;
+  p.valid_every = 10;
+  p.log = [](const std::string&) {};
+  prepare_data(p);
+  EXPECT_EQ(read_all(data + "/notes.txt"), "mine");
+  EXPECT_EQ(read_all(data + "/extra/more.txt"), "also mine");
+  EXPECT_EQ(json::parse(read_all(data + "/manifest.json"))["vocab_size"].get<int>(), 350);
+}
+
 // ---- trainer state ---------------------------------------------------------------------------
 
 // Trains 10 steps into tmp/run, edits its newest trainer_state.json and returns the message
