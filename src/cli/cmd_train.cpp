@@ -30,6 +30,8 @@ struct TrainCli {
 
 int run_train(TrainCli& c) {
   TrainOptions& o = c.o;
+  // A wrong --resume path is named before anything reads the data folder.
+  if (!o.resume.empty()) find_checkpoint(o.resume);
   const bool sized = !c.config_path.empty();
   if (sized) {
     o.model = load_config(c.config_path);
@@ -101,8 +103,13 @@ void add_train_command(CLI::App& app, Runner& run) {
   o.lr.eden.lr_epochs = 0;  // a third of the run's data
   auto* t = app.add_subcommand("train", "Train a LLaMA or SUBLLM model on prepared token shards");
   t->add_option("--data", o.data_dir, "folder written by `subllm prepare`")->capture_default_str();
-  t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();
-  t->add_option("--resume", o.resume, "continue a run folder or checkpoint exactly where it stopped");
+  auto* out = t->add_option("-o,--out", o.out_dir,
+                             "run folder for checkpoints and metrics.jsonl (with --resume: a new folder to fork "
+                             "the run into)")
+                  ->capture_default_str();
+  t->add_option("--resume", o.resume,
+                "continue a run folder or checkpoint exactly where it stopped, in its own run folder");
+  t->add_flag("--overwrite", o.overwrite, "-o may name a folder holding another run: delete that run's files first");
   auto* cfg = t->add_option("--config", c->config_path, "model config.json (official SUBLLM keys)");
   auto* dim = t->add_option("--dim", c->dim, "model width (without --config)")->capture_default_str();
   auto* layers = t->add_option("--layers", c->layers, "transformer blocks")->capture_default_str();
@@ -182,17 +189,20 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--bypass-min", c->bypass_min, "SUBLLM: lower limit of the bypass scales, STEP:VALUE,...")
       ->capture_default_str();
   t->add_option("--eval-every", o.eval_every, "steps between validation passes")->capture_default_str();
-  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")->capture_default_str();
+  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass (0: no validation)")
+      ->capture_default_str();
   t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")->capture_default_str();
   t->add_option("--keep", o.keep_last, "checkpoints kept")->capture_default_str();
   t->add_option("--seed", o.seed, "seed for init and data order")->capture_default_str();
   add_device_option(t, o.device);
   t->add_option("-t,--threads", o.threads, "threads (0: all cores)")->capture_default_str();
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
-  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
+  t->callback([&run, c, out, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
                warmup, bal_scale] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
+    // --resume alone continues the run in its own folder, not in the default -o.
+    if (!c->o.resume.empty() && out->count() == 0) c->o.out_dir.clear();
     c->layers_given = layers->count() > 0;
     c->lr_given = lr->count() > 0;
     c->schedule_given = schedule->count() > 0;

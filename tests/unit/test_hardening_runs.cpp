@@ -121,6 +121,57 @@ TrainOptions tiny_run(const std::string& data, const std::string& out) {
 
 // ---- run folders -----------------------------------------------------------------------------
 
+TEST(HardeningRuns, ResumeWithoutOutContinuesTheRunInPlace) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  ASSERT_EQ(run_cli(with(tiny_cli(data, 10), {"-o", run}), tmp.path()).code, 0);
+  const CliResult r = run_cli(with(tiny_cli(data, 20), {"--resume", run}), tmp.path());
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_FALSE(fs::exists(tmp.file("runs/default"))) << "the resumed run went to the default folder";
+  EXPECT_EQ(checkpoint_step(find_checkpoint(run)), 20);
+  EXPECT_EQ(read_metrics(run).size(), 20u);
+}
+
+TEST(HardeningRuns, ResumeIntoAnotherFolderForksIntoANewOneOnly) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run"), fork = tmp.file("fork");
+  ASSERT_EQ(run_cli(with(tiny_cli(data, 10), {"-o", run}), tmp.path()).code, 0);
+  const CliResult r = run_cli(with(tiny_cli(data, 20), {"--resume", run, "-o", fork}), tmp.path());
+  ASSERT_EQ(r.code, 0) << r.output;
+  // The fork carries the history it continues; the original run is left as it was.
+  const auto forked = read_metrics(fork);
+  ASSERT_EQ(forked.size(), 20u);
+  EXPECT_EQ(forked.front()["loss"], read_metrics(run).front()["loss"]);
+  EXPECT_EQ(read_metrics(run).size(), 10u);
+  EXPECT_EQ(checkpoint_step(find_checkpoint(run)), 10);
+  // A fork into a folder that holds a run of its own is refused.
+  const CliResult again = run_cli(with(tiny_cli(data, 30), {"--resume", run, "-o", fork}), tmp.path());
+  EXPECT_NE(again.code, 0);
+  EXPECT_NE(again.output.find(fork), std::string::npos) << again.output;
+  EXPECT_NE(again.output.find("--overwrite"), std::string::npos) << again.output;
+  EXPECT_EQ(read_metrics(fork).size(), 20u);
+}
+
+TEST(HardeningRuns, NewRunIntoAFolderHoldingARunIsRefusedWithoutOverwrite) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  ASSERT_EQ(run_cli(with(tiny_cli(data, 30), {"-o", run, "--ckpt-every", "10"}), tmp.path()).code, 0);
+  const std::string config_before = read_all(run + "/config.json");
+  const CliResult refused = run_cli(with(tiny_cli(data, 10, 32), {"-o", run}), tmp.path());
+  EXPECT_NE(refused.code, 0);
+  EXPECT_NE(refused.output.find(run), std::string::npos) << refused.output;
+  EXPECT_NE(refused.output.find("checkpoint-00000030"), std::string::npos) << "say what is there: " << refused.output;
+  EXPECT_NE(refused.output.find("--overwrite"), std::string::npos) << refused.output;
+  EXPECT_EQ(read_all(run + "/config.json"), config_before);
+  EXPECT_EQ(read_metrics(run).size(), 30u);
+  // --overwrite replaces the old run: its checkpoints go, and --keep keeps the new one.
+  const CliResult r = run_cli(with(tiny_cli(data, 10, 32), {"-o", run, "--keep", "1", "--overwrite"}),
+                              tmp.path());
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(list_checkpoints(run), std::vector<std::string>{run + "/checkpoint-00000010"});
+  EXPECT_EQ(read_metrics(run).size(), 10u);
+}
+
 TEST(HardeningRuns, CheckpointsAreOrderedByTheStepInTheirName) {
   TempDir tmp("hruns");
   for (const char* name : {"checkpoint-100000000", "checkpoint-99999999", "checkpoint-7"})
@@ -133,6 +184,34 @@ TEST(HardeningRuns, CheckpointsAreOrderedByTheStepInTheirName) {
 }
 
 // ---- write failures --------------------------------------------------------------------------
+
+TEST(HardeningRuns, AFailedMetricsWriteStopsTrainingWithACheckpoint) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  // Every checkpoint file fits under 64 kB; metrics.jsonl outgrows it after a few hundred steps.
+  const CliResult r =
+      run_cli(with(tiny_cli(data, 3000, 8, 1), {"-o", run, "--ckpt-every", "0"}),
+              tmp.path(), 64 << 10);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("metrics.jsonl"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("checkpoint saved"), std::string::npos) << r.output;
+  // No record cut mid-line; the checkpoint holds the step whose record could not be written.
+  const auto metrics = read_metrics(run);
+  ASSERT_GT(metrics.size(), 10u);
+  ASSERT_LT(metrics.size(), 3000u);
+  EXPECT_EQ(checkpoint_step(find_checkpoint(run)), (long)metrics.size() + 1);
+  EXPECT_TRUE(leftovers(run).empty());
+}
+
+TEST(HardeningRuns, AFailedSaveLeavesNoTemporaryFolder) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  const CliResult r = run_cli(with(tiny_cli(data, 3, 64), {"-o", run}), tmp.path(), 16 << 10);
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("checkpoint-00000003"), std::string::npos) << r.output;
+  EXPECT_TRUE(leftovers(run).empty()) << leftovers(run).front();
+  EXPECT_TRUE(list_checkpoints(run).empty());
+}
 
 // ---- prepare -o ------------------------------------------------------------------------------
 
@@ -171,9 +250,122 @@ std::string resume_with_state(const std::function<void(json&)>& edit) {
   return error_of([&] { train(o); });
 }
 
+TEST(HardeningRuns, ResumedStateFieldsAreRangeChecked) {
+  std::string msg = resume_with_state([](json& st) { st["step"] = -7; });
+  EXPECT_NE(msg.find("trainer_state.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("step -7"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("must lie in"), std::string::npos) << msg;
+  msg = resume_with_state([](json& st) { st["world_size"] = 0; });
+  EXPECT_NE(msg.find("world_size 0"), std::string::npos) << msg;
+  msg = resume_with_state([](json& st) { st["seq"] = "long"; });
+  EXPECT_NE(msg.find("seq"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("must be"), std::string::npos) << msg;
+}
+
+TEST(HardeningRuns, AMissingStateKeyIsNamedWithTheFile) {
+  const std::string msg = resume_with_state([](json& st) { st.erase("batch"); });
+  EXPECT_NE(msg.find("trainer_state.json"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("\"batch\""), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("not found"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("another checkpoint"), std::string::npos) << msg;
+}
+
 // ---- data folder -----------------------------------------------------------------------------
 
+TEST(HardeningRuns, AMissingOrDamagedValidationShardIsAnError) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp);
+  const std::string shard = data + "/valid_000.bin";
+  const std::string bytes = read_all(shard);
+  fs::resize_file(shard, fs::file_size(shard) / 2);
+  std::string msg = error_of([&] { train(tiny_run(data, tmp.file("run"))); });
+  EXPECT_NE(msg.find("valid_000.bin"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--eval-batches 0"), std::string::npos) << msg;
+  fs::remove(shard);
+  msg = error_of([&] { train(tiny_run(data, tmp.file("run"))); });
+  EXPECT_NE(msg.find("valid_000.bin"), std::string::npos) << msg;
+  EXPECT_FALSE(fs::exists(tmp.file("run/metrics.jsonl"))) << "the refused run wrote its folder";
+  // Asking for no validation trains without it.
+  TrainOptions o = tiny_run(data, tmp.file("run"));
+  o.eval_batches = 0;
+  const TrainResult r = train(o);
+  EXPECT_EQ(r.steps_done, 10);
+  EXPECT_LT(r.val_loss, 0);
+}
+
+TEST(HardeningRuns, AMissingOrGarbageTokenizerIsAnError) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp);
+  write_file(data + "/tokenizer.model", "not a sentencepiece model");
+  std::string msg = error_of([&] { train(tiny_run(data, tmp.file("run"))); });
+  EXPECT_NE(msg.find("tokenizer.model"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("subllm prepare"), std::string::npos) << msg;
+  fs::remove(data + "/tokenizer.model");
+  msg = error_of([&] { train(tiny_run(data, tmp.file("run"))); });
+  EXPECT_NE(msg.find("tokenizer.model"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("subllm prepare"), std::string::npos) << msg;
+}
+
+TEST(HardeningRuns, ResumingWithAnotherVocabularyNamesBothDataFolders) {
+  TempDir tmp("hruns"), other("hruns_other");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  const std::string data2 = prepare_tiny(other, 60, 10, 500);
+  ASSERT_EQ(run_cli(with(tiny_cli(data, 4), {"-o", run}), tmp.path()).code, 0);
+  const CliResult r = run_cli(with(tiny_cli(data2, 8), {"--resume", run}), tmp.path());
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find(data2), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--data " + data), std::string::npos) << r.output;
+  EXPECT_EQ(read_metrics(run).size(), 4u);
+}
+
+TEST(HardeningRuns, ResumingAPathThatDoesNotExistNamesIt) {
+  TempDir tmp("hruns");
+  const std::string missing = tmp.file("no-such-run");
+  const CliResult r = run_cli({"train", "--resume", missing, "-q"}, tmp.path());
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find(missing), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("manifest.json"), std::string::npos) << r.output;
+}
+
 // ---- Ctrl-C ----------------------------------------------------------------------------------
+
+TEST(HardeningRuns, ASecondCtrlCStopsAtOnceWithoutACheckpoint) {
+  TempDir tmp("hruns");
+  const std::string data = prepare_tiny(tmp), run = tmp.file("run");
+  // Steps of a second or more, so both signals land inside one step.
+  std::vector<std::string> args = {SUBLLM_CLI_PATH, "train", "--data", data, "-o", run, "--dim", "256", "--layers",
+                                   "4", "--batch", "16", "--seq", "256", "--steps", "1000", "--eval-every", "1000",
+                                   "-t", "1"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string log = tmp.file("log");
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, 2);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  // Wait for the first step's record, then interrupt the second step twice.
+  int status = 0;
+  for (int i = 0; i < 600 && read_metrics(run).empty(); ++i) {
+    ASSERT_EQ(waitpid(pid, &status, WNOHANG), 0) << read_all(log);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  kill(pid, SIGINT);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto t0 = std::chrono::steady_clock::now();
+  kill(pid, SIGINT);
+  waitpid(pid, &status, 0);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_LT(seconds, 0.5) << "the second Ctrl-C waited for the step";
+  const std::string out = read_all(log);
+  EXPECT_NE(out.find("no checkpoint"), std::string::npos) << out;
+  EXPECT_TRUE(list_checkpoints(run).empty());
+}
 
 }  // namespace
 }  // namespace subllm
