@@ -9,6 +9,12 @@ bash scripts/setup.sh
 bash scripts/build.sh
 BIN=build/subllm
 [ -f data/default/manifest.json ] || "$BIN" prepare
+# Run again with no arguments, the main job replaces its own previous run (train refuses a
+# folder that holds a run unless told so); with arguments, they decide.
+if [ $# -eq 0 ] && [ -f runs/default/metrics.jsonl ]; then
+  echo "run.sh: replacing the previous run in runs/default"
+  set -- --overwrite
+fi
 "$BIN" train --out runs/default "$@"
 "$BIN" plot runs/default -o runs/default/curves.png
 echo

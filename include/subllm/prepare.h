@@ -38,7 +38,8 @@ struct PrepareSummary {
 };
 
 // Builds the data folder in a temporary sibling and moves it into place only when complete,
-// replacing an earlier data folder at `out_dir`. Throws Error naming the input at fault.
+// replacing an earlier data folder at `out_dir` (files there that prepare does not write are
+// moved into the new folder). Throws Error naming the input at fault.
 PrepareSummary prepare_data(const PrepareOptions& options);
 
 }  // namespace subllm

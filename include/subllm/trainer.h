@@ -15,8 +15,9 @@ namespace subllm {
 
 struct TrainOptions {
   std::string data_dir;          // holds manifest.json (written by `subllm prepare`)
-  std::string out_dir;           // run folder: checkpoints and metrics.jsonl
+  std::string out_dir;           // run folder: checkpoints and metrics.jsonl (empty with resume: its run folder)
   std::string resume;            // a run folder or a checkpoint folder; empty: fresh run
+  bool overwrite = false;        // out_dir may hold another run: delete its files first
   ModelConfig model;
   bool model_given = true;       // false: a resumed run takes the checkpoint's config
   int batch = 8;                 // sequences per micro-batch
@@ -32,7 +33,7 @@ struct TrainOptions {
   ScaledAdamOptions scaled_adam;
   SubllmKnobs subllm;            // SUBLLM's balancer and bypass-limit schedules
   int eval_every = 100;          // steps between validation passes (0: only at the end)
-  int eval_batches = 8;          // micro-batches per validation pass
+  int eval_batches = 8;          // micro-batches per validation pass (0: no validation)
   int ckpt_every = 200;          // steps between checkpoints (0: only at the end)
   int keep_last = 2;             // checkpoints kept
   uint64_t seed = 1;

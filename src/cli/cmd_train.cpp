@@ -33,6 +33,8 @@ int run_train(TrainCli& c) {
   check(o.scaled_adam.param_min_rms < o.scaled_adam.param_max_rms,
         "--param-min-rms must be below --param-max-rms (got " + std::to_string(o.scaled_adam.param_min_rms) + " and " +
             std::to_string(o.scaled_adam.param_max_rms) + ")");
+  // A wrong --resume path is named before anything reads the data folder.
+  if (!o.resume.empty()) find_checkpoint(o.resume);
   const bool sized = !c.config_path.empty();
   if (sized) {
     o.model = load_config(c.config_path);
@@ -104,8 +106,13 @@ void add_train_command(CLI::App& app, Runner& run) {
   o.lr.eden.lr_epochs = 0;  // a third of the run's data
   auto* t = app.add_subcommand("train", "Train a LLaMA or SUBLLM model on prepared token shards");
   t->add_option("--data", o.data_dir, "folder written by `subllm prepare`")->capture_default_str();
-  t->add_option("-o,--out", o.out_dir, "run folder for checkpoints and metrics.jsonl")->capture_default_str();
-  t->add_option("--resume", o.resume, "continue a run folder or checkpoint exactly where it stopped");
+  auto* out = t->add_option("-o,--out", o.out_dir,
+                             "run folder for checkpoints and metrics.jsonl (with --resume: a new folder to fork "
+                             "the run into)")
+                  ->capture_default_str();
+  t->add_option("--resume", o.resume,
+                "continue a run folder or checkpoint exactly where it stopped, in its own run folder");
+  t->add_flag("--overwrite", o.overwrite, "-o may name a folder holding another run: delete that run's files first");
   auto* cfg = t->add_option("--config", c->config_path, "model config.json (official SUBLLM keys)");
   auto* dim = t->add_option("--dim", c->dim, "model width (without --config)")
       ->capture_default_str()
@@ -218,9 +225,9 @@ void add_train_command(CLI::App& app, Runner& run) {
   t->add_option("--eval-every", o.eval_every, "steps between validation passes")
       ->capture_default_str()
       ->check(interval("[0, inf)"));
-  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass")
+  t->add_option("--eval-batches", o.eval_batches, "batches per validation pass (0: no validation)")
       ->capture_default_str()
-      ->check(interval("[1, inf)"));
+      ->check(interval("[0, inf)"));
   t->add_option("--ckpt-every", o.ckpt_every, "steps between checkpoints")
       ->capture_default_str()
       ->check(interval("[0, inf)"));
@@ -229,10 +236,12 @@ void add_train_command(CLI::App& app, Runner& run) {
   add_device_option(t, o.device);
   add_threads_option(t, o.threads);
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
-  t->callback([&run, c, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
+  t->callback([&run, c, out, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
                warmup, bal_scale] {
     c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
                            structure->count() + retention->count() > 0 || c->o.resume.empty();
+    // --resume alone continues the run in its own folder, not in the default -o.
+    if (!c->o.resume.empty() && out->count() == 0) c->o.out_dir.clear();
     c->layers_given = layers->count() > 0;
     c->lr_given = lr->count() > 0;
     c->schedule_given = schedule->count() > 0;

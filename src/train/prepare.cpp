@@ -166,7 +166,7 @@ class Staging {
       throw Error("cannot move the new data folder into place at " + out_.string() + ": " + ec.message());
     }
     committed_ = true;
-    if (!old.empty()) fs::remove_all(old, ec);
+    if (!old.empty() && keep_foreign_files(old)) fs::remove_all(old, ec);
   }
 
  private:
@@ -189,6 +189,33 @@ class Staging {
         fs::remove_all(e.path(), ec);
       }
     }
+  }
+
+  // What `subllm prepare` writes into a data folder; anything else there is the user's.
+  static bool written_by_prepare(const std::string& name) {
+    if (name == "manifest.json" || name == "tokenizer.model" || name == "tokenizer_train.txt") return true;
+    for (const char* split : {"train_", "valid_"})
+      if (name.rfind(split, 0) == 0 && name.find(".bin") != std::string::npos) return true;
+    return false;
+  }
+
+  // Moves the user's files from the earlier folder (now at `old`) into the new one; false,
+  // with a warning naming `old`, when one cannot be moved, so that `old` is kept.
+  bool keep_foreign_files(const fs::path& old) {
+    std::error_code ec;
+    bool all_moved = true;
+    for (const auto& e : fs::directory_iterator(old, ec)) {
+      const fs::path name = e.path().filename();
+      if (written_by_prepare(name.string())) continue;
+      std::error_code move_ec;
+      if (fs::exists(out_ / name, move_ec)) move_ec = std::make_error_code(std::errc::file_exists);
+      else fs::rename(e.path(), out_ / name, move_ec);
+      if (move_ec) all_moved = false;
+    }
+    if (ec || !all_moved)
+      std::fprintf(stderr, "warning: some files of the earlier %s could not be moved into the new one; they stay in %s\n",
+                   out_.string().c_str(), old.string().c_str());
+    return !ec && all_moved;
   }
 
   void remove_created() {

@@ -2,11 +2,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -22,6 +24,7 @@
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"
 #include "subllm/threads.h"
+#include "subllm/tokenizer.h"
 
 namespace subllm {
 
@@ -30,15 +33,48 @@ using json = nlohmann::json;
 
 namespace {
 
-// Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns. A signal
-// handler can only reach process-wide state, hence this one flag.
+// Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns. A second
+// signal ends the process at once, naming the newest checkpoint. A signal handler can only
+// reach process-wide state, hence these globals; the message is built outside the handler
+// in the spare one of two buffers, then published by switching the index.
 std::atomic<bool> g_stop_requested{false};
-extern "C" void on_stop_signal(int) { g_stop_requested.store(true); }
+std::atomic<bool> g_stop_messages{true};
+char g_stop_text[2][4200];
+std::atomic<int> g_stop_text_index{0};
+
+void write_stderr(const char* text) {
+  size_t left = std::strlen(text);
+  while (left > 0) {
+    const ssize_t n = ::write(2, text, left);
+    if (n <= 0) return;
+    text += n;
+    left -= (size_t)n;
+  }
+}
+
+void set_last_checkpoint(const std::string& path) {
+  const int spare = 1 - g_stop_text_index.load();
+  std::snprintf(g_stop_text[spare], sizeof g_stop_text[spare],
+                "\ninterrupted again: stopped at once; no checkpoint was written for this step, the last one is %s\n",
+                path.empty() ? "none (nothing of this run is saved)" : path.c_str());
+  g_stop_text_index.store(spare);
+}
+
+extern "C" void on_stop_signal(int) {
+  if (g_stop_requested.exchange(true)) {
+    if (g_stop_messages.load()) write_stderr(g_stop_text[g_stop_text_index.load()]);
+    ::_exit(130);
+  }
+  if (g_stop_messages.load())
+    write_stderr("\nstopping after this step with a checkpoint; Ctrl-C again stops at once, without one\n");
+}
 
 class StopSignalScope {
  public:
-  StopSignalScope() {
+  StopSignalScope(bool messages, const std::string& last_checkpoint) {
     g_stop_requested.store(false);
+    g_stop_messages.store(messages);
+    set_last_checkpoint(last_checkpoint);
     old_int_ = std::signal(SIGINT, on_stop_signal);
     old_term_ = std::signal(SIGTERM, on_stop_signal);
   }
@@ -159,16 +195,23 @@ json read_json(const fs::path& path) {
 void save_checkpoint(const fs::path& dir, const Model& model, const Optimizer& opt, const json& state,
                      const std::string& tokenizer) {
   const fs::path tmp = dir.string() + ".tmp";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  save_config(model.config(), (tmp / "config.json").string());
-  model.save((tmp / "model.safetensors").string());
-  opt.save_state((tmp / "optimizer.safetensors").string());
-  if (!tokenizer.empty() && fs::exists(tokenizer)) fs::copy_file(tokenizer, tmp / "tokenizer.model");
-  write_text_atomic(tmp / "trainer_state.json", state.dump(2) + "\n");
-  // The folder appears under its final name only when complete.
-  fs::remove_all(dir);
-  fs::rename(tmp, dir);
+  try {
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    save_config(model.config(), (tmp / "config.json").string());
+    model.save((tmp / "model.safetensors").string());
+    opt.save_state((tmp / "optimizer.safetensors").string());
+    if (!tokenizer.empty() && fs::exists(tokenizer)) fs::copy_file(tokenizer, tmp / "tokenizer.model");
+    write_text_atomic(tmp / "trainer_state.json", state.dump(2) + "\n");
+    // The folder appears under its final name only when complete.
+    fs::remove_all(dir);
+    fs::rename(tmp, dir);
+  } catch (...) {
+    // A partial copy would only take more of a disk that is likely full.
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw;
+  }
 }
 
 // Config fields that must agree between a checkpoint and the run resuming it.
@@ -204,6 +247,145 @@ void check_training_memory(const Model& model, const TrainOptions& o) {
                     fix);
 }
 
+// A checkpoint continues only on data of its own vocabulary: another tokenizer's ids would
+// stand for other pieces, or fall outside the embedding.
+void check_resumed_vocabulary(const std::string& ck, const json& st, const ModelConfig& cfg, const TokenDataset& ds,
+                              const std::string& data_dir) {
+  const fs::path tok = fs::path(ck) / "tokenizer.model";
+  int saved = -1;
+  if (fs::exists(tok)) {
+    try {
+      saved = Tokenizer::load(tok.string()).vocab_size();
+    } catch (const Error&) {
+    }
+  }
+  if (saved == ds.vocab_size() || (saved < 0 && cfg.vocab_size >= ds.vocab_size())) return;
+  const std::string saved_data =
+      st.is_object() && st.contains("data_dir") && st["data_dir"].is_string() ? st["data_dir"].get<std::string>() : "";
+  throw Error("cannot resume from '" + ck + "': it was trained on " +
+              (saved >= 0 ? "a vocabulary of " + std::to_string(saved) + " pieces"
+                          : "num_embeddings " + std::to_string(cfg.vocab_size)) +
+              (saved_data.empty() ? "" : " from data folder '" + saved_data + "'") + ", but --data " + data_dir +
+              " has a vocabulary of " + std::to_string(ds.vocab_size()) + " pieces: pass " +
+              (saved_data.empty() ? "the data folder it was trained on" : "--data " + saved_data));
+}
+
+// Bounds of trainer_state.json's fields: far past any real run, short of overflow.
+constexpr int64_t kMaxSteps = 1'000'000'000'000;
+constexpr int64_t kMaxCount = 1 << 30;
+
+// Fields of a checkpoint's trainer_state.json (`file`), each checked for presence, type and
+// range, so a damaged or hand-edited state is named instead of resuming from nonsense.
+const char* kDamagedState = ": the checkpoint is damaged or was not written by `subllm train`; resume from another "
+                            "checkpoint";
+
+const json& state_field(const json& st, const std::string& file, const char* key) {
+  check(st.is_object(), "'" + file + "' is not a JSON object" + kDamagedState);
+  const auto it = st.find(key);
+  check(it != st.end(), "'" + file + "' has no \"" + key + "\" field" + kDamagedState);
+  return *it;
+}
+
+int64_t state_int(const json& st, const std::string& file, const char* key, int64_t lo, int64_t hi) {
+  const json& v = state_field(st, file, key);
+  const std::string range = "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  check(v.is_number_integer(), "'" + file + "' has " + key + " " + v.dump() + "; it must be an integer in " + range +
+                                   kDamagedState);
+  // JSON reads a non-negative integer as unsigned, which may exceed int64_t.
+  const bool fits = v.is_number_unsigned()
+                        ? v.get<uint64_t>() <= (uint64_t)hi && (lo <= 0 || v.get<uint64_t>() >= (uint64_t)lo)
+                        : v.get<int64_t>() >= lo && v.get<int64_t>() <= hi;
+  check(fits, "'" + file + "' has " + key + " " + v.dump() + "; it must lie in " + range + kDamagedState);
+  return v.get<int64_t>();
+}
+
+// A text field that states written before it existed lack: those get `fallback`.
+std::string state_choice(const json& st, const std::string& file, const char* key, const std::string& fallback,
+                         const std::vector<std::string>& allowed) {
+  if (st.is_object() && !st.contains(key)) return fallback;
+  const json& v = state_field(st, file, key);
+  std::string list;
+  for (const auto& a : allowed) list += (list.empty() ? "" : " | ") + a;
+  const bool ok = v.is_string() && std::find(allowed.begin(), allowed.end(), v.get<std::string>()) != allowed.end();
+  check(ok, "'" + file + "' has " + key + " " + v.dump() + "; it must be one of " + list + kDamagedState);
+  return v.get<std::string>();
+}
+
+// What a run writes into its folder: a folder holding any of these holds a run.
+bool is_run_file(const std::string& name) {
+  return name == "config.json" || name == "metrics.jsonl" || name.rfind("checkpoint-", 0) == 0;
+}
+
+std::vector<std::string> run_files_in(const fs::path& dir) {
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (is_run_file(e.path().filename().string())) found.push_back(e.path().filename().string());
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+bool same_folder(const fs::path& a, const fs::path& b) {
+  std::error_code ec;
+  return fs::weakly_canonical(a, ec) == fs::weakly_canonical(b, ec);
+}
+
+// A new run (or a fork of one) in a folder that holds another run would mix their
+// checkpoints and metrics: refused, unless `overwrite` asks to delete that run's files
+// first (only the files a run writes; anything else in the folder stays).
+void claim_run_folder(const fs::path& run_dir, bool overwrite) {
+  const auto found = run_files_in(run_dir);
+  if (found.empty()) return;
+  if (!overwrite) {
+    std::string list;
+    for (size_t i = 0; i < found.size() && i < 5; ++i) list += (i ? ", " : "") + found[i];
+    if (found.size() > 5) list += " and " + std::to_string(found.size() - 5) + " more";
+    throw Error("output folder '" + run_dir.string() + "' holds another run (" + list +
+                "): choose another -o, continue that run with --resume " + run_dir.string() +
+                ", or pass --overwrite to delete it first");
+  }
+  for (const auto& name : found) {
+    std::error_code ec;
+    fs::remove_all(run_dir / name, ec);
+    check(!ec, "--overwrite: cannot remove '" + (run_dir / name).string() + "': " + ec.message());
+  }
+}
+
+// The records of `from` (a run's metrics.jsonl) up to `step`, and how many past it were left out.
+std::string metrics_up_to(const fs::path& from, long step, long& dropped) {
+  std::string kept;
+  dropped = 0;
+  std::ifstream in(from);
+  std::string line;
+  while (std::getline(in, line)) {
+    try {
+      if (json::parse(line).value("step", 0L) <= step)
+        kept += line + "\n";
+      else
+        ++dropped;
+    } catch (const json::exception&) {
+    }
+  }
+  return kept;
+}
+
+// The data folder's tokenizer goes into every checkpoint for `generate` and `eval`: a
+// missing or broken one stops the run now rather than there.
+void check_data_tokenizer(const TokenDataset& ds) {
+  const std::string path = ds.tokenizer_path();
+  const std::string fix = ": re-run `subllm prepare` to rebuild the data folder";
+  check(fs::is_regular_file(path), "tokenizer " + path + " of the data folder is missing" + fix);
+  int pieces = 0;
+  try {
+    pieces = Tokenizer::load(path).vocab_size();
+  } catch (const Error&) {
+    throw Error("tokenizer " + path + " of the data folder is not a valid sentencepiece model" + fix);
+  }
+  check(pieces == ds.vocab_size(), "tokenizer " + path + " has " + std::to_string(pieces) +
+                                       " pieces but the data manifest says " + std::to_string(ds.vocab_size()) +
+                                       ": re-run `subllm prepare` to rebuild the data folder");
+}
+
 }  // namespace
 
 TrainResult train(const TrainOptions& o) {
@@ -214,13 +396,31 @@ TrainResult train(const TrainOptions& o) {
   Communicator& comm = communicator_for(backend_for(o.device));
   const int ranks = comm.size(), rank = comm.rank();
   const bool root = rank == 0, quiet = o.quiet || !root;
+  check(o.eval_batches >= 0, "--eval-batches must be 0 (no validation) or more");
+  // The checkpoint to resume and its state come first: a wrong --resume path is named before
+  // anything reads the data folder.
+  std::string resume_from, state_file;
+  json st;
+  if (!o.resume.empty()) {
+    resume_from = find_checkpoint(o.resume);
+    state_file = (fs::path(resume_from) / "trainer_state.json").string();
+    st = read_json(state_file);
+  }
   const fs::path data_dir(o.data_dir);
   TokenDataset train_ds((data_dir / "manifest.json").string(), "train");
+  check_data_tokenizer(train_ds);
+  // --eval-batches 0 trains without validation; otherwise the split must be there and whole.
   std::unique_ptr<TokenDataset> valid_ds;
-  try {
-    valid_ds = std::make_unique<TokenDataset>((data_dir / "manifest.json").string(), "valid");
-  } catch (const Error& e) {
-    if (!quiet) std::fprintf(stderr, "warning: no validation split (%s); validation is skipped\n", e.what());
+  if (o.eval_batches > 0) {
+    try {
+      valid_ds = std::make_unique<TokenDataset>((data_dir / "manifest.json").string(), "valid");
+    } catch (const Error& e) {
+      throw Error(std::string("the validation split cannot be read: ") + e.what() +
+                  "; or pass --eval-batches 0 to train without validation");
+    }
+    check(valid_ds->num_tokens() > o.seq, "the validation split has " + std::to_string(valid_ds->num_tokens()) +
+                                              " tokens, fewer than one window of --seq " + std::to_string(o.seq) +
+                                              ": use a shorter --seq, hold out more text, or pass --eval-batches 0");
   }
   check(train_ds.num_tokens() > o.seq, "the training split has " + std::to_string(train_ds.num_tokens()) +
                                            " tokens, fewer than one window of --seq " + std::to_string(o.seq) +
@@ -228,9 +428,10 @@ TrainResult train(const TrainOptions& o) {
 
   ModelConfig cfg = o.model;
   if (cfg.context < o.seq) cfg.context = o.seq;
-  check(cfg.vocab_size >= train_ds.vocab_size(),
-        "the model's vocabulary (" + std::to_string(cfg.vocab_size) + ") is smaller than the tokenizer's (" +
-            std::to_string(train_ds.vocab_size()) + "): set num_embeddings to at least that");
+  if (resume_from.empty())
+    check(cfg.vocab_size >= train_ds.vocab_size(),
+          "the model's vocabulary (" + std::to_string(cfg.vocab_size) + ") is smaller than the tokenizer's (" +
+              std::to_string(train_ds.vocab_size()) + "): set num_embeddings to at least that");
 
   // Micro-batches per optimizer step over all ranks: what one rank with --grad-accum of this
   // many would see, in the same order (rank r takes r·grad_accum .. (r+1)·grad_accum - 1).
@@ -241,16 +442,25 @@ TrainResult train(const TrainOptions& o) {
   check(total_steps > 0, "nothing to train: --steps or --tokens must be positive");
 
   long start_step = 0;
-  std::string resume_from;
-  fs::path run_dir = o.out_dir;
-  if (!o.resume.empty()) {
-    resume_from = find_checkpoint(o.resume);
+  // --resume alone continues the run in its own folder; with --out elsewhere it forks into
+  // that folder, which must not hold another run.
+  fs::path run_dir = o.out_dir, resumed_run;
+  if (!resume_from.empty()) {
     ModelConfig saved = load_config((fs::path(resume_from) / "config.json").string());
+    check_resumed_vocabulary(resume_from, st, saved, train_ds, o.data_dir);
     if (o.model_given) check_same_config(saved, cfg, resume_from);
     cfg = saved;
-    if (run_dir.empty()) run_dir = fs::path(resume_from).parent_path();
+    resumed_run = fs::path(resume_from).parent_path();
+    if (run_dir.empty()) run_dir = resumed_run;
+    start_step = (long)state_int(st, state_file, "step", 0, kMaxSteps);
+    check(start_step < total_steps, "cannot resume from '" + resume_from + "': it is at step " +
+                                        std::to_string(start_step) + " of the " + std::to_string(total_steps) +
+                                        " asked for: pass a larger --steps (or --tokens) to train further");
   }
   check(!run_dir.empty(), "no output folder: pass --out DIR");
+  const bool in_place = !resume_from.empty() && same_folder(run_dir, resumed_run);
+  check(!(in_place && o.overwrite), "--overwrite would delete the run that --resume " + o.resume +
+                                        " continues: drop --overwrite, or pass -o NEW to fork it into a new folder");
   std::error_code ec;
   if (root) fs::create_directories(run_dir, ec);
   check(!ec, "cannot create output folder '" + run_dir.string() + "': " + ec.message());
@@ -270,16 +480,18 @@ TrainResult train(const TrainOptions& o) {
   if (o.shard_optimizer) opt->shard(comm);
   if (!resume_from.empty()) {
     const fs::path ck(resume_from);
-    json st = read_json(ck / "trainer_state.json");
     const auto mismatch = [&](const char* key, long saved, long now) {
       if (saved != now)
         throw Error("cannot resume from '" + resume_from + "': " + key + " was " + std::to_string(saved) + ", now " +
                     std::to_string(now) + "; pass the same value to continue the same run");
     };
-    mismatch("--batch", st.at("batch").get<long>(), o.batch);
-    mismatch("--seq", st.at("seq").get<long>(), o.seq);
+    const auto field = [&](const char* key, int64_t lo, int64_t hi) { return (long)state_int(st, state_file, key, lo, hi); };
+    mismatch("--batch", field("batch", 1, kMaxCount), o.batch);
+    mismatch("--seq", field("seq", 2, kMaxCount), o.seq);
+    field("optimizer_steps", 0, kMaxSteps);
     // The global batch must stay the same; it may be spread over another number of ranks.
-    const long saved_micro = st.at("grad_accum").get<long>() * st.value("world_size", 1L);
+    const long saved_ranks = st.contains("world_size") ? field("world_size", 1, kMaxCount) : 1;
+    const long saved_micro = field("grad_accum", 1, kMaxCount) * saved_ranks;
     if (saved_micro != global_micro)
       throw Error("cannot resume from '" + resume_from + "': its steps had " + std::to_string(saved_micro) +
                   " micro-batches (ranks x --grad-accum), now " + std::to_string(global_micro) + " (" +
@@ -287,48 +499,51 @@ TrainResult train(const TrainOptions& o) {
                   (saved_micro % ranks == 0 ? std::to_string(saved_micro / ranks)
                                             : "with a rank count that divides " + std::to_string(saved_micro)) +
                   " to continue the same run");
-    mismatch("--seed", (long)st.at("seed").get<uint64_t>(), (long)o.seed);
-    const std::string saved_opt = st.value("optimizer", "adamw");
+    const json& seed = state_field(st, state_file, "seed");
+    check(seed.is_number_unsigned(), "'" + state_file + "' has seed " + seed.dump() +
+                                         "; it must be an integer in [0, 2^64 - 1]" + kDamagedState);
+    mismatch("--seed", (long)seed.get<uint64_t>(), (long)o.seed);
+    const std::string saved_opt = state_choice(st, state_file, "optimizer", "adamw", {"adamw", "scaled_adam"});
     check(saved_opt == opt->name(), "cannot resume from '" + resume_from + "': it was trained with --optimizer " +
                                         saved_opt + ", not " + opt->name() + "; pass the same optimizer");
     if (!model.structure().is_plain()) {
       // States written before the flag existed were trained with the paper's balancer.
-      const std::string saved_bal = st.value("balancer_fraction", "gaussian");
+      const std::string saved_bal =
+          state_choice(st, state_file, "balancer_fraction", "gaussian", {"gaussian", "counted"});
       const std::string now_bal = balancer_fraction(o.subllm);
       check(saved_bal == now_bal, "cannot resume from '" + resume_from + "': it was trained with --balancer-fraction " +
                                       saved_bal + ", not " + now_bal + "; pass --balancer-fraction " + saved_bal);
     }
     if (o.lr.kind == "eden" || o.lr.kind == "eden2") {
       // States written before the flag existed counted the epoch fractionally.
-      const std::string saved_epoch = st.value("eden_epoch", "fractional");
+      const std::string saved_epoch =
+          state_choice(st, state_file, "eden_epoch", "fractional", {"fractional", "completed"});
       const std::string now_epoch = eden_epoch_name(o.lr.eden.epoch_mode);
       check(saved_epoch == now_epoch, "cannot resume from '" + resume_from + "': it was trained with --eden-epoch " +
                                           saved_epoch + ", not " + now_epoch + "; pass --eden-epoch " + saved_epoch);
     }
     model.load((ck / "model.safetensors").string());
     opt->load_state((ck / "optimizer.safetensors").string());
-    start_step = st.at("step").get<long>();
     if (!quiet) std::fprintf(stderr, "resuming from %s at step %ld\n", resume_from.c_str(), start_step);
   }
+  if (root && !in_place) claim_run_folder(run_dir, o.overwrite);
   if (root) save_config(cfg, (run_dir / "config.json").string());
 
-  // Metrics past the resumed step belong to the abandoned future; drop them.
+  // A resumed run keeps the records up to its step, from the run it continues (a fork
+  // starts with a copy of them); records past it belong to the abandoned future and go.
   const fs::path metrics_path = run_dir / "metrics.jsonl";
   std::ofstream metrics;
+  int64_t metrics_bytes = 0;  // the whole records in the file
   if (root) {
-    std::string kept;
-    if (start_step > 0 && fs::exists(metrics_path)) {
-      std::ifstream in(metrics_path);
-      std::string line;
-      while (std::getline(in, line)) {
-        try {
-          if (json::parse(line).value("step", 0L) <= start_step) kept += line + "\n";
-        } catch (const json::exception&) {
-        }
-      }
-    }
+    long dropped = 0;
+    const std::string kept = resume_from.empty() ? "" : metrics_up_to(resumed_run / "metrics.jsonl", start_step, dropped);
+    if (dropped > 0 && !quiet)
+      std::fprintf(stderr, "note: %ld records of metrics.jsonl past step %ld are dropped (a continuation from an "
+                   "earlier checkpoint)\n", dropped, start_step);
     write_text_atomic(metrics_path, kept);
-    metrics.open(metrics_path, std::ios::app);
+    metrics_bytes = (int64_t)kept.size();
+    metrics.open(metrics_path, std::ios::app | std::ios::binary);
+    check((bool)metrics, "cannot open '" + metrics_path.string() + "' for appending");
   }
 
   LrSchedule lr = o.lr;
@@ -341,7 +556,8 @@ TrainResult train(const TrainOptions& o) {
   const long log_every = std::max<long>(1, total_steps / 100);
   std::vector<int32_t> tokens((size_t)o.batch * o.seq), targets((size_t)o.batch * o.seq), window(o.seq + 1);
   Tensor micro_grads;  // a micro-batch's own gradients, after the first of a step
-  StopSignalScope signals;
+  std::string last_checkpoint = resume_from;  // the newest complete one of this run's history
+  StopSignalScope signals(!quiet, last_checkpoint);
   TrainResult res;
   res.rank = rank;
   int bad_streak = 0;
@@ -378,10 +594,34 @@ TrainResult train(const TrainOptions& o) {
     char name[64];
     std::snprintf(name, sizeof name, "checkpoint-%08ld", step);
     const fs::path dir = run_dir / name;
-    save_checkpoint(dir, model, *opt, state_json(step), train_ds.tokenizer_path());
+    try {
+      save_checkpoint(dir, model, *opt, state_json(step), train_ds.tokenizer_path());
+    } catch (const std::exception& e) {
+      throw Error("saving checkpoint '" + dir.string() + "' failed (" + e.what() + "); the last complete one is " +
+                  (last_checkpoint.empty() ? "none, so this run is lost" : "'" + last_checkpoint + "'") +
+                  ": free some space or choose another -o, and train again");
+    }
+    // Oldest first by the step in the name; the one just written always stays.
     auto all = list_checkpoints(run_dir.string());
-    for (size_t i = 0; i + std::max(1, o.keep_last) < all.size(); ++i) fs::remove_all(all[i]);
-    res.last_checkpoint = dir.string();
+    for (size_t i = 0; i + std::max(1, o.keep_last) < all.size(); ++i)
+      if (!same_folder(all[i], dir)) fs::remove_all(all[i]);
+    res.last_checkpoint = last_checkpoint = dir.string();
+    set_last_checkpoint(last_checkpoint);
+  };
+
+  auto stop_after_failed_metrics = [&](long step) {
+    std::string saved;
+    try {
+      checkpoint(step);
+      saved = "checkpoint saved to '" + last_checkpoint + "'; free some space and continue with --resume " +
+              run_dir.string();
+    } catch (const std::exception& e) {
+      saved = e.what();
+    }
+    comm.barrier();
+    if (!root) throw Error("training stopped: rank 0 could not write " + metrics_path.string());
+    throw Error("cannot append step " + std::to_string(step) + " to '" + metrics_path.string() +
+                "' (disk full?): training stopped; " + saved);
   };
 
   for (long step = start_step; step < total_steps; ++step) {
@@ -498,10 +738,24 @@ TrainResult train(const TrainOptions& o) {
       res.retention = model.retention();
       if (!model.structure().is_plain()) m["retention"] = res.retention;
     }
+    // A record that cannot be written (disk full) stops the run with a checkpoint attempt,
+    // agreed by all ranks since a checkpoint may need them all.
+    double metrics_failed = 0;
     if (root) {
-      metrics << m.dump() << "\n";
+      const std::string record = m.dump() + "\n";
+      metrics << record;
       metrics.flush();
+      if (metrics) {
+        metrics_bytes += (int64_t)record.size();
+      } else {
+        metrics_failed = 1;
+        metrics.close();
+        std::error_code ec;
+        fs::resize_file(metrics_path, (uintmax_t)metrics_bytes, ec);  // no record cut mid-line
+      }
     }
+    if (ranks > 1) comm.all_reduce_sum_host(&metrics_failed, 1);
+    if (metrics_failed > 0) stop_after_failed_metrics(done);
     if (!quiet) {
       const double eta = (total_steps - done) * elapsed / timed_steps;
       char line[256];

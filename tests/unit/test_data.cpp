@@ -523,8 +523,10 @@ TEST(Prepare, ReplacesOnlyDataFoldersAndIsDeterministic) {
   const std::string first = read_all(tmp.file("out/train_000.bin"));
   const std::string first_model = read_all(tmp.file("out/tokenizer.model"));
   write_file(tmp.file("out/stale.txt"), "from an earlier run");
+  write_file(tmp.file("out/train_007.bin"), "a shard of an earlier run");
   prepare_data(o);
-  EXPECT_FALSE(fs::exists(tmp.file("out/stale.txt"))) << "the old folder is replaced, not merged";
+  EXPECT_EQ(read_all(tmp.file("out/stale.txt")), "from an earlier run") << "a file prepare did not write is kept";
+  EXPECT_FALSE(fs::exists(tmp.file("out/train_007.bin"))) << "the old folder's own files are replaced, not merged";
   EXPECT_EQ(read_all(tmp.file("out/tokenizer.model")), first_model) << "same seed, same tokenizer";
   EXPECT_EQ(read_all(tmp.file("out/train_000.bin")), first) << "same seed, same tokens";
   std::vector<std::string> left;
