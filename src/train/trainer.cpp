@@ -461,6 +461,10 @@ TrainResult train(const TrainOptions& o) {
   const bool in_place = !resume_from.empty() && same_folder(run_dir, resumed_run);
   check(!(in_place && o.overwrite), "--overwrite would delete the run that --resume " + o.resume +
                                         " continues: drop --overwrite, or pass -o NEW to fork it into a new folder");
+
+  Model model(cfg, o.device);
+  check_training_memory(model, o);
+  // The folder is made once the model is known to fit, so a refused one leaves nothing behind.
   std::error_code ec;
   if (root) fs::create_directories(run_dir, ec);
   check(!ec, "cannot create output folder '" + run_dir.string() + "': " + ec.message());
@@ -471,9 +475,6 @@ TrainResult train(const TrainOptions& o) {
     f.close();
     fs::remove(probe);
   }
-
-  Model model(cfg, o.device);
-  check_training_memory(model, o);
   model.init_weights(o.seed);
   model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);

@@ -201,6 +201,7 @@ TEST_F(HardeningSizesTrain, ActivationsTooLargeNameBatchAndSeq) {
   EXPECT_HAS(msg, "of activations for --batch 1048576 --seq 64");
   EXPECT_HAS(msg, "this machine has");
   EXPECT_HAS(msg, "lower --batch or --seq");
+  EXPECT_FALSE(fs::exists(o.out_dir)) << "a refused run leaves no folder behind";
 }
 
 // ---------------------------------------------------------------------------------------
