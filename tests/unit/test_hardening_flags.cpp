@@ -2,9 +2,6 @@
 // range named; output files are checked before long work and never left half-written.
 #include <gtest/gtest.h>
 
-#include <cstdlib>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -13,23 +10,9 @@
 namespace subllm {
 namespace {
 
+using testing::CliResult;
+using testing::run_cli_line;
 using testing::TempDir;
-
-struct CliRun {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
-
-CliRun run_cli(const std::string& args) {
-  TempDir tmp("flags");
-  const std::string log = tmp.file("out.log");
-  const std::string cmd = std::string(SUBLLM_CLI_PATH) + " " + args + " >" + log + " 2>&1";
-  const int status = std::system(cmd.c_str());
-  std::ifstream in(log);
-  std::stringstream out;
-  out << in.rdbuf();
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out.str()};
-}
 
 struct BadFlag {
   std::string args;      // after `subllm`
@@ -44,8 +27,8 @@ class RangeCheckedFlag : public ::testing::TestWithParam<BadFlag> {};
 TEST_P(RangeCheckedFlag, IsRefusedWithItsRange) {
   const BadFlag& b = GetParam();
   // The model and data folders do not exist: the flag must be refused before anything reads them.
-  const CliRun r = run_cli(b.args);
-  EXPECT_NE(r.exit_code, 0) << b.args << "\n" << r.output;
+  const CliResult r = run_cli_line(b.args);
+  EXPECT_NE(r.code, 0) << b.args << "\n" << r.output;
   EXPECT_NE(r.output.find(b.flag), std::string::npos) << b.args << "\n" << r.output;
   EXPECT_NE(r.output.find(b.interval), std::string::npos) << b.args << "\n" << r.output;
 }
@@ -91,8 +74,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadFlag{"plot /nonexistent/run -o /nonexistent/x.png --width 5", "--width", "[64, 16384]"}));
 
 TEST(RangeCheckedFlags, OrderedPairIsChecked) {
-  const CliRun r = run_cli(std::string(kTrain) + "--param-min-rms 0.5 --param-max-rms 0.1");
-  EXPECT_NE(r.exit_code, 0);
+  const CliResult r = run_cli_line(std::string(kTrain) + "--param-min-rms 0.5 --param-max-rms 0.1");
+  EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--param-min-rms must be below --param-max-rms"), std::string::npos) << r.output;
 }
 
@@ -101,9 +84,9 @@ TEST(FewshotPredictions, UnwritablePathFailsBeforeTheModelLoads) {
   testing::write_file(tmp.file("items.jsonl"), "{\"text\": \"good\", \"label\": 0}\n");
   const std::string items = tmp.file("items.jsonl");
   // The model folder does not exist either: the predictions path is the first error.
-  const CliRun r = run_cli("eval fewshot -m /nonexistent/model --task sst2 --train " + items + " --test " + items +
+  const CliResult r = run_cli_line("eval fewshot -m /nonexistent/model --task sst2 --train " + items + " --test " + items +
                            " --predictions " + tmp.file("no/such/folder/p.jsonl"));
-  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("cannot write --predictions"), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("/nonexistent/model"), std::string::npos) << r.output;
 }
@@ -112,9 +95,9 @@ TEST(FewshotPredictions, FailedRunLeavesNoFile) {
   TempDir tmp("flags");
   testing::write_file(tmp.file("items.jsonl"), "{\"text\": \"good\", \"label\": 0}\n");
   const std::string items = tmp.file("items.jsonl");
-  const CliRun r = run_cli("eval fewshot -m /nonexistent/model --task sst2 --train " + items + " --test " + items +
+  const CliResult r = run_cli_line("eval fewshot -m /nonexistent/model --task sst2 --train " + items + " --test " + items +
                            " --predictions " + tmp.file("p.jsonl"));
-  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.code, 0);
   // Neither the file nor its temporary is left behind by the failed evaluation.
   for (const auto& e : std::filesystem::directory_iterator(tmp.path()))
     EXPECT_EQ(e.path().filename().string().rfind("p.jsonl", 0), std::string::npos) << e.path();

@@ -1,13 +1,18 @@
 #pragma once
 // Shared helpers for the unit tests: temporary folders, error capture, small corpora.
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -113,6 +118,62 @@ inline std::string prepare_tiny(const TempDir& tmp, int docs = 60, int valid_eve
   p.log = [](const std::string&) {};
   prepare_data(p);
   return p.out_dir;
+}
+
+// How a run of the CLI ended and what it printed.
+struct CliResult {
+  int code = -1;         // exit status, or 128 + the signal that ended it (SIGALRM: over the time limit)
+  std::string output;    // stdout and stderr together
+  long peak_rss_kb = 0;  // its peak resident memory
+};
+
+// Runs the CLI with `args` ($SUBLLM_CLI when set, e.g. another build to compare with, else the
+// one built with these tests) in `cwd` ("": the tests' own), killed after five minutes.
+// file_limit > 0 caps the size of every file it writes (RLIMIT_FSIZE) with SIGXFSZ ignored,
+// so a write past it fails with EFBIG the way a write to a full disk fails with ENOSPC.
+inline CliResult run_cli(std::vector<std::string> args, const std::string& cwd = "", rlim_t file_limit = 0) {
+  const char* env = std::getenv("SUBLLM_CLI");
+  args.insert(args.begin(), env && *env ? env : SUBLLM_CLI_PATH);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  int fds[2];
+  if (pipe(fds) != 0) return {};
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    close(fds[0]);
+    close(fds[1]);
+    if (!cwd.empty() && chdir(cwd.c_str()) != 0) _exit(126);
+    if (file_limit > 0) {
+      signal(SIGXFSZ, SIG_IGN);
+      const rlimit limit{file_limit, file_limit};
+      setrlimit(RLIMIT_FSIZE, &limit);
+    }
+    alarm(300);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(fds[1]);
+  CliResult r;
+  char buf[4096];
+  for (ssize_t got; (got = read(fds[0], buf, sizeof buf)) > 0;) r.output.append(buf, (size_t)got);
+  close(fds[0]);
+  int status = 0;
+  struct rusage ru {};
+  wait4(pid, &status, 0, &ru);
+  r.peak_rss_kb = ru.ru_maxrss;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+// The same with the arguments as one line of words separated by spaces (no quoting).
+inline CliResult run_cli_line(const std::string& line, const std::string& cwd = "", rlim_t file_limit = 0) {
+  std::vector<std::string> args;
+  std::istringstream words(line);
+  for (std::string w; words >> w;) args.push_back(w);
+  return run_cli(args, cwd, file_limit);
 }
 
 }  // namespace subllm::testing
