@@ -19,9 +19,10 @@ namespace k = kernels;
 constexpr size_t round64(size_t b) { return (b + 63) / 64 * 64; }
 
 // The dense kernels read rows back to back.
-void dense(const char* op, std::initializer_list<View> views) {
+bool is_dense(std::initializer_list<View> views) {
   for (const View& v : views)
-    if (v && v.ld != v.cols) throw Error(std::string(op) + ": operands must be dense rows (row stride = columns)");
+    if (v && v.ld != v.cols) return false;
+  return true;
 }
 
 // One element of an F32 or BF16 view as float (bf16: the top half of an fp32; stores round to
@@ -80,14 +81,27 @@ class CpuBackend final : public Backend {
       for (int64_t c = 0; c < src.cols; ++c) set_f32(dst, r, c, get_f32(src, r, c));
   }
 
+  // Strided operands (e.g. the q|k columns of the fused qkv rows) go to the GEMM with their
+  // row strides; dense ones keep the kernels' paths (a matrix-vector product for one row).
   void linear_forward(View x, View w, View y, bool accumulate) override {
-    dense("linear_forward", {x, w, y});
-    k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
+    if (is_dense({x, w, y})) {
+      k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
+      return;
+    }
+    k::gemm(false, true, (int)x.rows, (int)w.rows, (int)x.cols, 1.0f, x.f32(), (int)x.ld, w.f32(), (int)w.ld,
+            accumulate ? 1.0f : 0.0f, y.f32(), (int)y.ld);
   }
   void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx) override {
-    dense("linear_backward", {x, w, dy, dx, dw});
-    k::linear_backward(x.f32(), w.f32(), dy.f32(), dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr, (int)x.rows,
-                       (int)x.cols, (int)w.rows, accumulate_dx);
+    if (is_dense({x, w, dy, dx, dw})) {
+      k::linear_backward(x.f32(), w.f32(), dy.f32(), dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr, (int)x.rows,
+                         (int)x.cols, (int)w.rows, accumulate_dx);
+      return;
+    }
+    const int n = (int)x.rows, in = (int)x.cols, out = (int)w.rows;
+    if (dx)
+      k::gemm(false, false, n, in, out, 1.0f, dy.f32(), (int)dy.ld, w.f32(), (int)w.ld, accumulate_dx ? 1.0f : 0.0f,
+              dx.f32(), (int)dx.ld);
+    if (dw) k::gemm(true, false, out, in, n, 1.0f, dy.f32(), (int)dy.ld, x.f32(), (int)x.ld, 1.0f, dw.f32(), (int)dw.ld);
   }
 
   // The score layer is a linear layer with one output: w as a (1, C) row.
