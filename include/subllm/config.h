@@ -46,6 +46,9 @@ struct ModelConfig {
   int bos_token_id = 1;
   int eos_token_id = 2;
   bool tie_weights = false;
+  // q_proj and k_proj carry biases (added before RoPE). A config.json without the key means
+  // true, the default of the authors' config class; files we write always state it.
+  bool qk_bias = false;
   std::string structure;          // empty means "T" * n_layers
   std::vector<float> retentions;  // downsampling_factor_denominator: one value or one per subsampler
   float norm_eps = 1e-6f;
@@ -73,7 +76,8 @@ struct ModelConfig {
   static constexpr int kMaxFfnDim = 0x7fffffff / 2;
 };
 
-// Reads config.json. Unknown keys are ignored; missing keys keep the defaults above.
+// Reads config.json. Unknown keys are ignored; missing keys keep the defaults above, except
+// qk_bias, which is true when absent (the authors' class default).
 // `downsampling_factor_denominator` may be a number, a string ("0.64"), a comma-separated
 // string ("0.64,0.5") or a JSON list. Errors name the file and the key.
 ModelConfig load_config(const std::string& path);

@@ -70,9 +70,11 @@ struct ScoreStats {
   double above = 0, rms = 0, kept_weight = 0;
 };
 
-// Offsets of one transformer block's tensors in the flat buffers; q, k, v are adjacent.
+// Offsets of one transformer block's tensors in the flat buffers; q, k, v are adjacent, and
+// so are the q and k biases (qk_bias; -1 without them).
 struct BlockOffsets {
   int64_t attn_norm, wqkv, wo, ffn_norm, w12, w3;
+  int64_t qk_bias = -1;
 };
 
 // Cached key or value rows of one block in backend memory, in the backend's compute dtype.

@@ -170,6 +170,7 @@ int64_t count_params(const ModelConfig& c, const std::string& src) {
   int64_t block = add(mul(2, CC), padded(CC));                         // q, k, v
   block = add(block, add(padded(CC), mul(2, padded(C))));              // out_proj, both norms
   block = add(block, add(padded(mul(mul(2, F), C)), padded(mul(C, F))));  // w12, w3
+  if (c.qk_bias) block = add(block, padded(mul(2, C)));               // q and k biases
   int64_t total = add(padded(mul(V, C)), mul(c.n_layers, block));
   total = add(total, mul(add(mul(2, subsamplers), 1), padded(C)));    // scores, bypasses, final norm
   if (!c.tie_weights) total = add(total, padded(mul(V, C)));
@@ -289,6 +290,9 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   read_int(j, s, "bos_token_id", c.bos_token_id);
   read_int(j, s, "eos_token_id", c.eos_token_id);
   read_bool(j, s, "tie_weights", c.tie_weights);
+  // Absent means true, as in the authors' config class (their published configs say false).
+  c.qk_bias = true;
+  read_bool(j, s, "qk_bias", c.qk_bias);
   read_string(j, s, "structure", c.structure);
   c.retentions = read_retentions(j, s);
   read_float(j, s, "norm_eps", c.norm_eps);
@@ -310,6 +314,7 @@ std::string config_to_json_text(const ModelConfig& c) {
   j["decoder_attention_heads"] = c.n_heads;
   j["norm_name"] = c.norm_name;
   j["mlp_name"] = c.mlp_name;
+  j["qk_bias"] = c.qk_bias;  // always written: readers default a missing key to true
   j["tokens_per_sample"] = c.context;
   j["padding_idx"] = c.padding_idx;
   j["bos_token_id"] = c.bos_token_id;

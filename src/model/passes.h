@@ -54,11 +54,13 @@ struct ModelActivations {
   Tensor loss;                       // (2) f64: summed loss, counted rows
   Tensor stats;                      // (3) f64: score statistics
   Tensor scratch;                    // kernel working memory, bytes
+  Tensor ones;                       // (N) of 1 in the compute dtype (qk_bias only)
 };
 
 // Where one block pass keeps its intermediates.
 struct BlockIO {
   View n1, qkv, att, h, gu, a, rstd1, rstd2, lse;  // (rows, C | 3C | C | C | 2F | F), (rows) x2, (H, rows)
+  View ones;                                       // (rows, 1) of 1, for the q/k biases (qk_bias only)
   Scratch scratch;
 };
 
@@ -79,12 +81,18 @@ struct SessionState {
   Tensor block_ws, block_stats;      // one block's intermediates: activations, F32 statistics
   Tensor normed, rstd, logits;       // final norm and head of the rows whose logits are asked for
   Tensor scratch;                    // kernel working memory, bytes
+  Tensor ones;                       // (ones_rows) of 1 in the compute dtype (qk_bias only)
+  int64_t ones_rows = 0;
 };
 
 // Layer lengths of a plan (segment 0 = T); training keeps ceil(T * r) at each subsampler.
 std::vector<int> plan_lengths(const Structure& st, int T, Mode mode);
 // Every token id in [0, vocab) and every target below vocab, or an error naming the position.
 void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int64_t n);
+
+// dst (n, 1) = 1 in dst's dtype: a bias is added as ones(n, 1) · bias(m, 1)^T, so every
+// backend's GEMM serves, and its gradient (column sums) is that product's weight gradient.
+void fill_ones(Backend& be, View dst);
 
 // A matrix view of the first `rows` rows of a tensor planned for more.
 inline View rows_of(const Tensor& t, int64_t rows) { return view_of(t).rows_at(0, rows); }
@@ -110,6 +118,8 @@ void block_core(Backend& be, const Weights& w, int blk, View x, View y, View pos
   be.rmsnorm_forward(x, param_vec(w, o.attn_norm, C), io.n1, io.rstd1, c.norm_eps);
   // q, k, v weights are adjacent, so one GEMM against the (3C, C) block makes all three.
   be.linear_forward(io.n1, param(w, o.wqkv, 3 * C, C), io.qkv);
+  // The q and k biases go in before RoPE, as in the authors' q_proj / k_proj.
+  if (c.qk_bias) be.linear_forward(io.ones, param(w, o.qk_bias, 2 * C, 1), io.qkv.cols_at(0, 2 * C), true);
   be.rope_apply(io.qkv.cols_at(0, C), pos, cos, sin, (int)hd, false);
   be.rope_apply(io.qkv.cols_at(C, C), pos, cos, sin, (int)hd, false);
   attend();

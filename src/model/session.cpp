@@ -112,6 +112,7 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
   a.loss = ar.alloc({2}, DType::F64);
   a.stats = ar.alloc({3}, DType::F64);
   a.scratch = ar.alloc({(int64_t)(scratch_bytes(be, c, st, B, len, mode == Mode::Train) + 3) / 4}, DType::I32);
+  if (c.qk_bias) a.ones = ar.alloc({N}, ad);
 }
 
 }  // namespace
@@ -159,9 +160,10 @@ void Pass::block_forward(int blk, int seg, View x, View y) {
   const SegmentActs& g = a.seg[seg];
   BlockActs& ba = a.blk[blk];
   const int B = a.B, T = g.T, C = cfg.dim, rows = B * T;
-  const BlockIO io{rows_of(a.tmp_c, rows), rows_of(ba.qkv, rows), rows_of(ba.att, rows), rows_of(ba.h, rows),
-                   rows_of(ba.gu, rows),   rows_of(a.tmp_f, rows), rows_of(ba.rstd1, rows), rows_of(ba.rstd2, rows),
-                   view_of(ba.lse),        scratch_of(a.scratch)};
+  const BlockIO io{rows_of(a.tmp_c, rows), rows_of(ba.qkv, rows),   rows_of(ba.att, rows),
+                   rows_of(ba.h, rows),    rows_of(ba.gu, rows),    rows_of(a.tmp_f, rows),
+                   rows_of(ba.rstd1, rows), rows_of(ba.rstd2, rows), view_of(ba.lse),
+                   cfg.qk_bias ? rows_of(a.ones, rows) : View{}, scratch_of(a.scratch)};
   block_core(be, w, blk, x, y, rows_of(g.pos, rows), io, [&] {
     be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, B, T,
                          cfg.n_heads, io.scratch);
@@ -194,6 +196,10 @@ void Pass::block_backward(int blk, int seg, View x, View dres) {
                         dqkv.cols_at(0, C), dqkv.cols_at(C, C), dqkv.cols_at(2 * C, C), B, T, H, scratch);
   be.rope_apply(dqkv.cols_at(0, C), pos, rope_cos(), rope_sin(), hd, true);
   be.rope_apply(dqkv.cols_at(C, C), pos, rope_cos(), rope_sin(), hd, true);
+  // The q/k biases were added before RoPE: their gradient is the column sums of d(q|k) there.
+  if (cfg.qk_bias)
+    be.linear_backward(rows_of(a.ones, N), param(o.qk_bias, 2 * C, 1), dqkv.cols_at(0, 2 * C), View{},
+                       grad(o.qk_bias, 2 * C, 1));
   // qkv = wqkv · norm(x)
   be.rmsnorm_forward(x, param_vec(o.attn_norm, C), tmp_c, rstd1, cfg.norm_eps);
   be.linear_backward(tmp_c, param(o.wqkv, 3 * C, C), dqkv, dtmp_c, grad(o.wqkv, 3 * C, C));
@@ -429,6 +435,7 @@ ModelActivations& plan(SessionState& st, const Weights& w, int B, int T, Mode mo
   auto a = std::make_unique<ModelActivations>();
   a->arena.reserve(probe.arena.used(), w.backend());
   plan_into(*a, w.backend(), w.config(), w.structure(), B, T, mode);
+  if (a->ones.raw()) fill_ones(w.backend(), view_of(a->ones));
   plans.insert(plans.begin(), std::move(a));
   return *plans.front();
 }
@@ -442,6 +449,13 @@ void check_run(const ModelConfig& c, const int32_t* tokens, const int32_t* targe
 }
 
 }  // namespace
+
+void fill_ones(Backend& be, View dst) {
+  const std::vector<float> host((size_t)dst.rows, 1.0f);
+  Tensor f32 = be.empty({dst.rows});
+  be.to_device(f32.raw(), host.data(), sizeof(float) * host.size());
+  be.convert(view_of(f32), dst);
+}
 
 void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {

@@ -129,6 +129,14 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
                            be.attention_cached_scratch_bytes(rows, L, (int)H, (int)hd)),
          DType::U8);
   io.scratch = scratch_of(st.scratch);
+  if (cfg.qk_bias) {
+    if (st.ones_rows < rows) {
+      st.ones_rows = std::max<int64_t>(rows, 2 * st.ones_rows);
+      st.ones = be.empty({st.ones_rows}, ad);
+      fill_ones(be, view_of(st.ones));
+    }
+    io.ones = rows_of(st.ones, rows);
+  }
   block_core(be, w, blk, x, y, pos, io, [&] {
     // Append this chunk's keys and values, then attend over the whole cache.
     K.reserve((size_t)L * C);

@@ -28,6 +28,18 @@ int64_t first_non_finite(const float* x, int64_t n) {
     if (!std::isfinite(x[i])) return i;
   return -1;
 }
+
+// A config.json without qk_bias means true (the authors' default), which a checkpoint
+// without biases then contradicts: say so.
+bool is_qk_bias(const std::string& name) {
+  const std::string suffix = "_proj.bias";
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+std::string bias_hint(const std::string& name) {
+  if (!is_qk_bias(name)) return "";
+  return "; config.json has qk_bias true (also the meaning of a missing key): write \"qk_bias\": false for a "
+         "checkpoint without q/k biases";
+}
 }  // namespace
 
 Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), backend_(&backend) {
@@ -58,6 +70,11 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
     b.wqkv = add(pre + "self_attn.q_proj.weight", {C, C}, true, false);
     add(pre + "self_attn.k_proj.weight", {C, C}, true, false);
     add(pre + "self_attn.v_proj.weight", {C, C}, true);
+    // Adjacent too, so one (2C) vector adds to the q|k columns of the fused projection.
+    if (cfg_.qk_bias) {
+      b.qk_bias = add(pre + "self_attn.q_proj.bias", {C}, false, false);
+      add(pre + "self_attn.k_proj.bias", {C}, false);
+    }
     b.wo = add(pre + "self_attn.out_proj.weight", {C, C}, true);
     b.ffn_norm = add(pre + "final_layer_norm.weight", {C}, false);
     b.w12 = add(pre + "feedforward.swiglu.w12.weight", {2 * F, C}, true);
@@ -119,6 +136,8 @@ void Weights::init(uint64_t seed) {
       const double sd = 1.0 / std::sqrt(C);
       for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(rng.normal() * sd);
       std::fill(w + (int64_t)cfg_.padding_idx * cfg_.dim, w + (int64_t)(cfg_.padding_idx + 1) * cfg_.dim, 0.f);
+    } else if (ends_with(n, ".bias")) {
+      std::fill(w, w + p.numel, 0.f);  // the authors start q/k biases at zero
     } else if (ends_with(n, "bypass_scale")) {
       std::fill(w, w + p.numel, 0.5f);
     } else if (p.shape.size() == 1) {
@@ -143,13 +162,15 @@ void Weights::load(const std::string& path) {
   SafetensorsFile f(path);
   for (const auto& name : f.names()) {
     bool known = std::any_of(params_.begin(), params_.end(), [&](const ParamInfo& p) { return p.name == name; });
-    check(known, path + ": tensor '" + name + "' has no place in this model: the checkpoint does not match config.json");
+    check(known, path + ": tensor '" + name + "' has no place in this model: the checkpoint does not match config.json" +
+                     (is_qk_bias(name) ? " (it says qk_bias false: write \"qk_bias\": true for a checkpoint with q/k biases)"
+                                       : ""));
   }
   // Read and check everything before the live weights change.
   std::vector<float> host((size_t)num_params_, 0.f);
   for (const auto& p : params_) {
     check(f.has(p.name), path + ": tensor '" + p.name + "' is missing: the checkpoint does not match config.json (" +
-                             cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")");
+                             cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")" + bias_hint(p.name));
     f.read_f32(p.name, p.shape, host.data() + p.offset);
     // Weights that diverged would only give garbage text and a nan perplexity later.
     const int64_t bad = first_non_finite(host.data() + p.offset, p.numel);

@@ -228,6 +228,7 @@ void check_same_config(const ModelConfig& saved, const ModelConfig& now, const s
   differ("decoder_attention_heads", std::to_string(saved.n_heads), std::to_string(now.n_heads));
   differ("structure", saved.layout(), now.layout());
   differ("tie_weights", saved.tie_weights ? "true" : "false", now.tie_weights ? "true" : "false");
+  differ("qk_bias", saved.qk_bias ? "true" : "false", now.qk_bias ? "true" : "false");
 }
 
 // Weights, gradients, optimizer state (two moments) and one micro-batch's activations on

@@ -72,7 +72,8 @@ def max_rel_err(a, b):
 def make_config(tie=False):
     return {"num_embeddings": V, "decoder_embed_dim": D, "decoder_ffn_embed_dim": FF,
             "decoder_layers": L, "decoder_attention_heads": H, "tie_weights": tie,
-            "structure": "T" * L, "norm_name": "rmsnorm", "mlp_name": "swiglu"}
+            "structure": "T" * L, "norm_name": "rmsnorm", "mlp_name": "swiglu",
+            "qk_bias": False}
 
 
 def make_params(rng, tie=False, n_layers=L):

@@ -11,12 +11,18 @@ Inputs in DIR:
                        all subsamplers or one per subsampler (number, "0.6", "0.6,0.5", list)
   model.safetensors    parameters, named as in the public checkpoints (including
                        decoder.downsamplers.j.to_scores.weight (1,d) and
-                       decoder.bypasses.j.bypass_scale (d) for every subsampler j)
+                       decoder.bypasses.j.bypass_scale (d) for every subsampler j, and
+                       with qk_bias (true when the key is absent, as in the authors'
+                       config class) self_attn.{q,k}_proj.bias (d), added before RoPE)
   batch.safetensors    tokens (B,T) int, targets (B,T) int (negative = ignored),
                        optional positions (B,T) int (default 0..T-1 per row),
                        optional step (I32 [1], global training step, default 0),
                        optional choices/j (I32 [3] = flipped, balancer_on, limit_on for
-                       subsampler j, default all 0)
+                       subsampler j, default all 0),
+                       optional mask_padding (I32 [1]): when nonzero, keys whose token is
+                       padding_idx are masked in the attention of the full-length layers,
+                       as the authors' key_padding_mask does (a query that sees no key
+                       attends to nothing: output 0)
   optim.json           optional {"lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"}
 
 Output DIR/reference.safetensors (floats F32, integers I32):
@@ -237,6 +243,8 @@ def load_config(path):
             raise ReferenceError(f"{path}: missing required key {key!r}")
         cfg[key] = int(raw[key])
     cfg["tie_weights"] = bool(raw.get("tie_weights", False))
+    cfg["qk_bias"] = bool(raw.get("qk_bias", True))
+    cfg["padding_idx"] = int(raw.get("padding_idx", 0))
     cfg["norm_eps"] = float(raw.get("norm_eps", 1e-6))
     cfg["rope_base"] = float(raw.get("rope_base", 10000.0))
     structure = raw.get("structure") or "T" * cfg["decoder_layers"]
@@ -272,6 +280,9 @@ def param_shapes(cfg):
         shapes[p + "self_attn_layer_norm.weight"] = (d,)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             shapes[p + f"self_attn.{proj}.weight"] = (d, d)
+        if cfg.get("qk_bias", False):
+            shapes[p + "self_attn.q_proj.bias"] = (d,)
+            shapes[p + "self_attn.k_proj.bias"] = (d,)
         shapes[p + "final_layer_norm.weight"] = (d,)
         shapes[p + "feedforward.swiglu.w12.weight"] = (2 * F, d)
         shapes[p + "feedforward.swiglu.w3.weight"] = (d, F)
@@ -405,13 +416,21 @@ def block(params, cfg, i, x, cos, sin, causal):
 
     p = f"decoder.layers.{i}."
     n1 = rms_norm(x, params[p + "self_attn_layer_norm.weight"], eps)
-    q = heads(n1 @ params[p + "self_attn.q_proj.weight"].t())
-    k = heads(n1 @ params[p + "self_attn.k_proj.weight"].t())
+    q = n1 @ params[p + "self_attn.q_proj.weight"].t()
+    k = n1 @ params[p + "self_attn.k_proj.weight"].t()
+    if cfg.get("qk_bias", False):
+        q = q + params[p + "self_attn.q_proj.bias"]
+        k = k + params[p + "self_attn.k_proj.bias"]
+    q, k = heads(q), heads(k)
     v = heads(n1 @ params[p + "self_attn.v_proj.weight"].t())
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
-    scores = scores.masked_fill(~causal, float("-inf"))
-    att = torch.softmax(scores, dim=-1) @ v
+    if causal.dim() == 2:
+        causal = causal.unsqueeze(0)
+    allowed = causal.unsqueeze(1)  # (1 or B, 1, N, N)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A query with every key masked (only with mask_padding) attends to nothing.
+    att = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
     att = att.transpose(1, 2).reshape(B, N, d)
     h = x + att @ params[p + "self_attn.out_proj.weight"].t()
     n2 = rms_norm(h, params[p + "final_layer_norm.weight"], eps)
@@ -545,9 +564,10 @@ def subsample(params, cfg, j, x, flipped, balancer_on, trace):
     return kept, w_scale
 
 
-def run_segment(params, cfg, items, x, positions, step, choices, trace, record):
+def run_segment(params, cfg, items, x, positions, step, choices, trace, record, key_mask=None):
     """Runs the items of one segment on x (B, N, d) whose tokens sit at `positions`
-    (B, N) of the full sequence."""
+    (B, N) of the full sequence. key_mask (B, N), True where a key is masked, applies to
+    this segment's blocks only: the authors drop it inside subsampled segments."""
     hd = cfg["decoder_embed_dim"] // cfg["decoder_attention_heads"]
     N = x.shape[1]
     cos = sin = causal = None
@@ -557,6 +577,8 @@ def run_segment(params, cfg, items, x, positions, step, choices, trace, record):
                 cos, sin = rope_tables(positions, hd, cfg["rope_base"], x.dtype)
                 # Causality is by sequence index, independent of the RoPE positions.
                 causal = torch.ones(N, N, dtype=torch.bool).tril()
+                if key_mask is not None:
+                    causal = causal.unsqueeze(0) & ~key_mask.unsqueeze(1)
             x = block(params, cfg, item[1], x, cos, sin, causal)
             continue
         _, j, child = item
@@ -578,7 +600,8 @@ def run_segment(params, cfg, items, x, positions, step, choices, trace, record):
     return x
 
 
-def forward(params, cfg, tokens, positions, step=0, choices=None, trace=None, record=None):
+def forward(params, cfg, tokens, positions, step=0, choices=None, trace=None, record=None,
+            mask_padding=False):
     """Returns logits (B, T, V). `choices[j]` = (flipped, balancer_on, limit_on) of
     subsampler j (default all off); `record` (a dict) receives kept/j and w_scale/j;
     `trace` (a dict) receives input/j, scores_raw/j and scores/j (gradients retained)."""
@@ -593,7 +616,8 @@ def forward(params, cfg, tokens, positions, step=0, choices=None, trace=None, re
         segments = [("T", i) for i in range(cfg["decoder_layers"])]
     emb = params["decoder.embed_tokens.weight"]
     x = emb[tokens]
-    x = run_segment(params, cfg, segments, x, positions, step, choices, trace, record)
+    key_mask = tokens.eq(cfg["padding_idx"]) if mask_padding else None
+    x = run_segment(params, cfg, segments, x, positions, step, choices, trace, record, key_mask)
     x = rms_norm(x, params["decoder.layer_norm.weight"], eps)
     w_out = emb if cfg["tie_weights"] else params["decoder.output_projection.weight"]
     return x @ w_out.t()
@@ -681,13 +705,15 @@ def run(directory, dtype):
     batch_path = os.path.join(directory, "batch.safetensors")
     tokens, targets, positions = load_batch(batch_path, cfg)
     step, choices = load_train_choices(batch_path, cfg)
+    mask_padding = bool(read_safetensors(batch_path)[0].get("mask_padding", np.zeros(1)).reshape(-1)[0])
     optim_path = os.path.join(directory, "optim.json")
     opt = load_optim(optim_path) if os.path.isfile(optim_path) else None
 
     for p in params.values():
         p.requires_grad_(True)
     record = {}
-    logits = forward(params, cfg, tokens, positions, step=step, choices=choices, record=record)
+    logits = forward(params, cfg, tokens, positions, step=step, choices=choices, record=record,
+                     mask_padding=mask_padding)
     loss = loss_fn(logits, targets)
     names = list(params)
     grad_list = torch.autograd.grad(loss, [params[n] for n in names])
