@@ -3,6 +3,7 @@
 // key names, and the parsed layout (structure string).
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace subllm {
@@ -16,7 +17,9 @@ struct SegmentItem {
 struct Segment {
   int parent = -1;          // -1 for the root
   int depth = 0;            // 0 for the root
-  int subsampler = -1;      // index j of `decoder.downsamplers.j` / `decoder.bypasses.j`; -1 for the root
+  int subsampler = -1;      // index j of `decoder.downsamplers.j` (the j-th `(`); -1 for the root
+  int bypass = -1;          // index k of `decoder.bypasses.k`: the k-th `)` of the string, as the
+                            // authors number them (an inner segment closes first); -1 for the root
   float retention = 1.0f;   // fraction r of the parent's tokens kept (1 for the root)
   std::vector<SegmentItem> items;  // in execution order
 };
@@ -27,7 +30,8 @@ struct Structure {
   bool is_plain() const { return num_subsamplers == 0; }
 };
 
-// Parses e.g. "TTT(TTT(TTT)TTT)TTT". Subsamplers are numbered by the order of their `(`.
+// Parses e.g. "TTT(TTT(TTT)TTT)TTT". Subsamplers are numbered by the order of their `(`,
+// their bypasses by the order of their `)`.
 // `retentions` holds either one value for every subsampler or one per subsampler (in that
 // order); an empty list means 1.0 is not allowed when subsamplers exist (error).
 // Throws subllm::Error pointing at the offending character for: unknown characters,
@@ -51,10 +55,17 @@ struct ModelConfig {
   bool qk_bias = false;
   std::string structure;          // empty means "T" * n_layers
   std::vector<float> retentions;  // downsampling_factor_denominator: one value or one per subsampler
-  float norm_eps = 1e-6f;
+  float norm_eps = 1e-5f;          // the authors' RMSNorm always uses 1e-5 (LayerNorm's default)
   float rope_base = 10000.0f;
   std::string norm_name = "rmsnorm";
   std::string mlp_name = "swiglu";
+  // How the weights file that goes with this config numbers `decoder.bypasses.k` (`subllm_format`
+  // in config.json): 2 = by `)`, as the authors do; 1 = by `(`, as subllm did before format 2;
+  // 0 = not known (a config that says neither). A config is always written as 2.
+  int bypass_numbering = 2;
+  // Keys this program does not use (the authors' keys that do not change the math, and keys
+  // unknown to both), as JSON text in the order read; written back as they were.
+  std::vector<std::pair<std::string, std::string>> kept_keys;
   // Where the values came from (a file path, or the flags that set them), for error
   // messages; not written to config.json.
   std::string source = "config.json";
@@ -76,13 +87,18 @@ struct ModelConfig {
   static constexpr int kMaxFfnDim = 0x7fffffff / 2;
 };
 
-// Reads config.json. Unknown keys are ignored; missing keys keep the defaults above, except
-// qk_bias, which is true when absent (the authors' class default).
-// `downsampling_factor_denominator` may be a number, a string ("0.64"), a comma-separated
-// string ("0.64,0.5") or a JSON list. Errors name the file and the key.
+// Reads config.json (docs/DESIGN.md, "The authors' model format", lists every key). Unknown
+// keys are kept; keys that would change the math in a way not implemented here are refused;
+// missing keys keep the defaults above, except qk_bias, which is
+// true when absent (the authors' class default). `downsampling_factor_denominator` may be a number, a
+// string ("0.64"), a comma-separated string ("0.64,0.5") or a JSON list; the authors'
+// `downsampling_factor` (a list of factors 1/r, one per subsampler) takes precedence.
+// Errors name the file and the key.
 ModelConfig load_config(const std::string& path);
 ModelConfig config_from_json_text(const std::string& json_text, const std::string& source_name);
-std::string config_to_json_text(const ModelConfig& c);
+// Every key of the authors' config class with this model's values, then ours (norm_eps,
+// rope_base, subllm_format) unless `authors_keys_only`, then the kept keys.
+std::string config_to_json_text(const ModelConfig& c, bool authors_keys_only = false);
 // Written atomically (temp file + rename).
 void save_config(const ModelConfig& c, const std::string& path);
 

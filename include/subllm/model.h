@@ -24,6 +24,8 @@ bool backend_available(const std::string& device, std::string* why = nullptr);
 
 struct ParamInfo {
   std::string name;   // official SUBLLM checkpoint name
+  // The name subllm gave it before format 2 (bypasses numbered by their `(`), when different.
+  std::string legacy_name;
   Shape shape;
   int64_t offset = 0; // into the flat parameter / gradient buffers (elements)
   int64_t numel = 0;
@@ -143,7 +145,10 @@ class Weights {
   // The authors' initialisation (SUBLLM.md §3), seeded; drawn on the host, then uploaded.
   void init(uint64_t seed);
   // Safetensors with the official names; load checks every name and shape against the
-  // config and converts BF16/F16 to fp32.
+  // config and converts BF16/F16 to fp32. It reads the bypass numbering the file says
+  // (metadata subllm_format) or the config says (config().bypass_numbering), ignores the
+  // authors' `*.inv_freq` RoPE buffers once checked against rope_base, and accepts a tied
+  // model's `decoder.output_projection.weight` when it equals the embedding.
   void load(const std::string& path);
   void save(const std::string& path) const;
 

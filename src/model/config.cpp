@@ -1,4 +1,5 @@
-// config.json with the official SUBLLM key names, plus norm_eps and rope_base of our own.
+// config.json with the official SUBLLM key names (every key the authors' config class reads),
+// plus norm_eps, rope_base and subllm_format of our own; other keys are kept and written back.
 #include <unistd.h>
 
 #include <algorithm>
@@ -148,6 +149,27 @@ std::vector<float> read_retentions(const json& j, const std::string& src) {
   return out;
 }
 
+// The authors' `downsampling_factor`: a list of factors 1/r, one for every subsampler or one per
+// subsampler in `(` order. Their config class lets it override downsampling_factor_denominator
+// (which their parser reads as one number), so a model whose subsamplers keep different fractions
+// is written with both. Empty when the key is absent.
+std::vector<float> read_factors(const json& j, const std::string& src) {
+  const char* key = "downsampling_factor";
+  std::vector<float> out;
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return out;
+  const json list = it->is_array() ? *it : json::array({*it});
+  for (const json& e : list) {
+    if (!e.is_number() || !(e.get<double>() >= 1.0) || !std::isfinite(e.get<double>())) {
+      throw Error(src + ": downsampling_factor entry " + value_preview(e) +
+                  " must be a number >= 1 (1 / the fraction a subsampler keeps, e.g. 1.5625 for 0.64)");
+    }
+    out.push_back(static_cast<float>(1.0 / e.get<double>()));
+  }
+  if (out.empty()) throw Error(src + ": downsampling_factor is an empty list: give one factor per subsampler or remove the key");
+  return out;
+}
+
 // Elements of the flat parameter buffer, or an Error naming `src` and the keys on overflow.
 int64_t count_params(const ModelConfig& c, const std::string& src) {
   bool overflow = false;
@@ -223,7 +245,7 @@ void validate_named(const ModelConfig& c, const std::string& src) {
   token_id(c.eos_token_id, "eos_token_id");
 
   if (!(c.norm_eps > 0.0f) || !std::isfinite(c.norm_eps)) {
-    throw Error(src + ": norm_eps (" + float_text(c.norm_eps) + ") must be a small positive number, e.g. 1e-6");
+    throw Error(src + ": norm_eps (" + float_text(c.norm_eps) + ") must be a small positive number, e.g. 1e-5");
   }
   if (!(c.rope_base > 0.0f) || !std::isfinite(c.rope_base)) {
     throw Error(src + ": rope_base (" + float_text(c.rope_base) + ") must be positive, e.g. 10000");
@@ -248,6 +270,89 @@ void validate_named(const ModelConfig& c, const std::string& src) {
 [[noreturn]] void write_failed(const std::string& path, const std::string& tmp, int err, bool created) {
   if (created) ::unlink(tmp.c_str());
   throw Error("cannot write '" + path + "': " + std::strerror(err) + " (check the output folder)");
+}
+
+// Keys this file reads into ModelConfig fields; the rest are kept as they are (kept_keys).
+bool is_read_key(const std::string& key) {
+  static const char* const kRead[] = {
+      "num_embeddings", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_layers", "decoder_attention_heads",
+      "tokens_per_sample", "padding_idx", "bos_token_id", "eos_token_id", "tie_weights", "structure",
+      "downsampling_factor_denominator", "downsampling_factor", "norm_eps", "rope_base", "norm_name", "mlp_name",
+      "subllm_format", "qk_bias", "hidden_size"};
+  for (const char* k : kRead)
+    if (key == k) return true;
+  return false;
+}
+
+// The authors' keys that do not change the math of their model (their inference code ignores
+// them or only picks a kernel), with the value written when a config does not have them.
+// n_positions is written as tokens_per_sample when absent.
+const std::vector<std::pair<const char*, json>>& authors_kept_keys() {
+  static const std::vector<std::pair<const char*, json>> keys = {
+      {"use_fused", false}, {"attn_type", "vanilla"}, {"n_positions", nullptr}, {"scale_token_embedding", false},
+      {"use_flash", false}, {"qkv_pack", false},      {"fix_zh", false}};
+  return keys;
+}
+
+// The authors' keys whose other values change the math in a way not implemented here: refused
+// rather than ignored. Aliases of their config class (hidden_size, vocab_size, n_layer, n_head
+// override the key they name) must agree with it.
+void check_authors_keys(const json& j, const std::string& s, const ModelConfig& c) {
+  bool bias = false, no_scale_embedding = true;
+  read_bool(j, s, "bias", bias);
+  if (bias) throw Error(s + ": bias true (biases on every projection) is not supported: use a model without biases");
+  read_bool(j, s, "no_scale_embedding", no_scale_embedding);
+  if (!no_scale_embedding) {
+    throw Error(s + ": no_scale_embedding false (embeddings scaled by sqrt(width)) is not supported: "
+                    "use a model with unscaled embeddings (no_scale_embedding true, the default)");
+  }
+  std::string attn = "vanilla";
+  read_string(j, s, "attn_type", attn);
+  if (attn != "vanilla" && attn != "flash") {
+    throw Error(s + ": attn_type \"" + attn + "\" is not known: \"vanilla\" and \"flash\" (the same attention) are");
+  }
+  for (const char* key : {"use_fused", "scale_token_embedding", "use_flash", "qkv_pack", "fix_zh"}) {
+    bool ignored = false;
+    read_bool(j, s, key, ignored);
+  }
+  int n_positions = 0;
+  read_int(j, s, "n_positions", n_positions);
+  const std::pair<const char*, int> aliases[] = {{"hidden_size", c.dim},
+                                                 {"vocab_size", c.vocab_size},
+                                                 {"n_layer", c.n_layers},
+                                                 {"n_head", c.n_heads}};
+  const char* const named[] = {"decoder_embed_dim", "num_embeddings", "decoder_layers", "decoder_attention_heads"};
+  for (size_t i = 0; i < 4; ++i) {
+    int v = aliases[i].second;
+    read_int(j, s, aliases[i].first, v);
+    if (v != aliases[i].second) {
+      throw Error(s + ": " + aliases[i].first + " (" + std::to_string(v) + ") differs from " + named[i] + " (" +
+                  std::to_string(aliases[i].second) + "); the authors' code reads " + aliases[i].first +
+                  " as " + named[i] + ": make them equal");
+    }
+  }
+}
+
+// subllm_format, or for a config without it a guess from the keys: ours always had norm_eps
+// and rope_base and none of the authors' own keys; theirs have the reverse. 0 when neither.
+int read_bypass_numbering(const json& j, const std::string& s) {
+  auto it = j.find("subllm_format");
+  if (it != j.end() && !it->is_null()) {
+    int v = 0;
+    read_int(j, s, "subllm_format", v);
+    if (v != 1 && v != 2) {
+      throw Error(s + ": subllm_format " + std::to_string(v) +
+                  " is not known: 2 = bypasses numbered by ')' (the authors' numbering, what subllm writes), "
+                  "1 = numbered by '(' (subllm before format 2)");
+    }
+    return v;
+  }
+  const bool ours = j.contains("norm_eps") || j.contains("rope_base");
+  bool theirs = false;
+  for (const char* key : {"qk_bias", "hidden_size", "attn_type", "use_fused", "n_positions", "scale_token_embedding"})
+    theirs = theirs || j.contains(key);
+  if (ours == theirs) return 0;
+  return ours ? 1 : 2;
 }
 
 }  // namespace
@@ -295,42 +400,72 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   read_bool(j, s, "qk_bias", c.qk_bias);
   read_string(j, s, "structure", c.structure);
   c.retentions = read_retentions(j, s);
+  std::vector<float> factors = read_factors(j, s);
+  if (!factors.empty()) c.retentions = factors;
   read_float(j, s, "norm_eps", c.norm_eps);
   read_float(j, s, "rope_base", c.rope_base);
   read_string(j, s, "norm_name", c.norm_name);
   read_string(j, s, "mlp_name", c.mlp_name);
+  c.bypass_numbering = read_bypass_numbering(j, s);
+  check_authors_keys(j, s, c);
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (!is_read_key(it.key())) c.kept_keys.emplace_back(it.key(), it.value().dump());
 
   validate_named(c, source_name);
   return c;
 }
 
-std::string config_to_json_text(const ModelConfig& c) {
-  // Ordered so the file reads like the official configs.
+std::string config_to_json_text(const ModelConfig& c, bool authors_keys_only) {
+  // Ordered like the authors' published configs.
   nlohmann::ordered_json j;
+  auto kept = [&](const std::string& key) -> const std::string* {
+    for (const auto& [k, v] : c.kept_keys)
+      if (k == key) return &v;
+    return nullptr;
+  };
+  auto put_kept = [&](const char* key, const json& fallback) {
+    const std::string* v = kept(key);
+    j[key] = v ? nlohmann::ordered_json::parse(*v) : nlohmann::ordered_json(fallback);
+  };
   j["num_embeddings"] = c.vocab_size;
   j["decoder_embed_dim"] = c.dim;
   j["decoder_ffn_embed_dim"] = c.ffn_dim;
+  j["hidden_size"] = c.dim;
   j["decoder_layers"] = c.n_layers;
   j["decoder_attention_heads"] = c.n_heads;
   j["norm_name"] = c.norm_name;
   j["mlp_name"] = c.mlp_name;
-  j["qk_bias"] = c.qk_bias;  // always written: readers default a missing key to true
-  j["tokens_per_sample"] = c.context;
-  j["padding_idx"] = c.padding_idx;
-  j["bos_token_id"] = c.bos_token_id;
-  j["eos_token_id"] = c.eos_token_id;
-  if (!c.retentions.empty()) {
-    std::string r;
-    for (size_t i = 0; i < c.retentions.size(); ++i) {
-      if (i) r += ',';
-      r += float_text(c.retentions[i]);
+  j["qk_bias"] = c.qk_bias;  // always written: the authors' class defaults a missing key to true
+  for (const auto& [key, fallback] : authors_kept_keys()) {
+    if (std::string(key) == "n_positions") {
+      j["tokens_per_sample"] = c.context;
+      put_kept(key, c.context);
+      j["padding_idx"] = c.padding_idx;
+      j["bos_token_id"] = c.bos_token_id;
+      j["eos_token_id"] = c.eos_token_id;
+    } else {
+      put_kept(key, fallback);
     }
-    j["downsampling_factor_denominator"] = r;
+  }
+  if (!c.retentions.empty()) {
+    // Their parser reads one number here; different fractions per subsampler go into the
+    // factor list, which their config class lets override it.
+    j["downsampling_factor_denominator"] = float_text(c.retentions[0]);
+    if (std::any_of(c.retentions.begin(), c.retentions.end(), [&](float r) { return r != c.retentions[0]; })) {
+      nlohmann::ordered_json factors = nlohmann::ordered_json::array();
+      for (float r : c.retentions) factors.push_back(1.0 / static_cast<double>(r));
+      j["downsampling_factor"] = factors;
+    }
   }
   j["tie_weights"] = c.tie_weights;
   j["structure"] = c.layout();
-  j["norm_eps"] = float_for_json(c.norm_eps);
-  j["rope_base"] = float_for_json(c.rope_base);
+  if (!authors_keys_only) {
+    j["norm_eps"] = float_for_json(c.norm_eps);
+    j["rope_base"] = float_for_json(c.rope_base);
+    j["subllm_format"] = 2;
+  }
+  for (const auto& [key, value] : c.kept_keys)
+    if (!j.contains(key)) j[key] = nlohmann::ordered_json::parse(value);
   return j.dump(2);
 }
 

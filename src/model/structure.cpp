@@ -66,6 +66,7 @@ Structure parse_structure(const std::string& text, int expected_blocks, const st
   std::vector<size_t> open_pos;  // position of '(' per subsampler, for retention errors
   std::vector<int> blocks_below;  // blocks anywhere inside each segment, to reject empty ones
   blocks_below.push_back(0);
+  int bypasses_closed = 0;
 
   for (size_t i = 0; i < text.size(); ++i) {
     char ch = text[i];
@@ -88,6 +89,7 @@ Structure parse_structure(const std::string& text, int expected_blocks, const st
     } else if (ch == ')') {
       if (stack.size() == 1) fail_at(text, i, "unbalanced ')'", "every ')' must close an earlier '('");
       const Open& o = stack.back();
+      st.segments[static_cast<size_t>(o.segment)].bypass = bypasses_closed++;
       // A segment with no block anywhere inside would subsample and upsample around nothing;
       // "((T))" is accepted (the outer segment holds a block below), "()" and "(())" are not.
       if (blocks_below[static_cast<size_t>(o.segment)] == 0) {

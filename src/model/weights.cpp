@@ -13,6 +13,37 @@ namespace subllm {
 
 namespace {
 std::string layer_prefix(int i) { return "decoder.layers." + std::to_string(i) + "."; }
+std::string bypass_name(int k) { return "decoder.bypasses." + std::to_string(k) + ".bypass_scale"; }
+
+bool ends_with(const std::string& n, const std::string& tail) {
+  return n.size() >= tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// The bypass numbering of a weights file: its own metadata (what subllm writes since format 2)
+// or else what its config.json said.
+int file_bypass_numbering(const SafetensorsFile& f, int from_config) {
+  auto it = f.metadata().find("subllm_format");
+  if (it == f.metadata().end()) return from_config;
+  return it->second == "1" ? 1 : 2;
+}
+
+// The authors' state dicts carry each block's RoPE inverse frequencies; they are not weights,
+// but a different base would mean the model was trained with other positions.
+void check_inv_freq(const SafetensorsFile& f, const std::string& name, const ModelConfig& c) {
+  const int64_t half = c.head_dim() / 2;
+  std::vector<float> got((size_t)half);
+  f.read_f32(name, {half}, got.data());
+  for (int64_t i = 0; i < half; ++i) {
+    const double want = std::pow((double)c.rope_base, -2.0 * (double)i / (double)c.head_dim());
+    // bf16 copies of the buffer round to 3 digits; another base differs by far more.
+    if (!(std::fabs(got[(size_t)i] - want) <= 1e-2 * want)) {
+      throw Error(f.path() + ": RoPE buffer '" + name + "' does not match rope_base " +
+                  std::to_string((long long)c.rope_base) + " of config.json (element " + std::to_string(i) + " is " +
+                  std::to_string(got[(size_t)i]) + ", expected " + std::to_string(want) +
+                  "): set rope_base to the base the model was trained with");
+    }
+  }
+}
 
 // Index of the first NaN or infinity in x[0, n), or -1. A branch-free pass over the exponent
 // bits (all ones only for those) runs at memory speed; only a hit is then located.
@@ -89,8 +120,12 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
         add("decoder.downsamplers." + std::to_string(j) + ".to_scores.weight", {1, C}, false, true, 0.5f));
     score_span_.push_back({score_offset_.back(), num_params_});
   }
+  // Named by the authors' numbering (the k-th `)`), but laid out by subsampler, so optimizer
+  // states written before the renumbering still line up.
   for (int j = 0; j < structure_.num_subsamplers; ++j) {
-    bypass_offset_.push_back(add("decoder.bypasses." + std::to_string(j) + ".bypass_scale", {C}, false));
+    const int k = structure_.segments[static_cast<size_t>(j) + 1].bypass;
+    bypass_offset_.push_back(add(bypass_name(k), {C}, false));
+    if (k != j) params_.back().legacy_name = bypass_name(j);
     bypass_span_.push_back({bypass_offset_.back(), num_params_});
   }
   final_norm_offset_ = add("decoder.layer_norm.weight", {C}, false);
@@ -125,10 +160,6 @@ void Weights::init(uint64_t seed) {
   std::vector<float> host((size_t)num_params_, 0.f);
   Rng rng(seed);
   const double C = cfg_.dim;
-  auto ends_with = [](const std::string& n, const char* s) {
-    const size_t k = std::strlen(s);
-    return n.size() >= k && n.compare(n.size() - k, k, s) == 0;
-  };
   for (const auto& p : params_) {
     float* w = host.data() + p.offset;
     const std::string& n = p.name;
@@ -160,8 +191,24 @@ void Weights::init(uint64_t seed) {
 
 void Weights::load(const std::string& path) {
   SafetensorsFile f(path);
+  const int numbering = file_bypass_numbering(f, cfg_.bypass_numbering);
+  const bool renumbered = std::any_of(params_.begin(), params_.end(), [](const ParamInfo& p) { return !p.legacy_name.empty(); });
+  if (numbering == 0 && renumbered) {
+    throw Error(path + ": cannot tell how its decoder.bypasses.k are numbered (structure " + cfg_.layout() +
+                " nests subsamplers, and the two numberings differ): add \"subllm_format\": 2 to config.json if the "
+                "model comes from the authors' code, or \"subllm_format\": 1 if an older subllm wrote it");
+  }
+  auto file_name = [&](const ParamInfo& p) -> const std::string& {
+    return numbering == 1 && !p.legacy_name.empty() ? p.legacy_name : p.name;
+  };
+  const std::string head = "decoder.output_projection.weight";
   for (const auto& name : f.names()) {
-    bool known = std::any_of(params_.begin(), params_.end(), [&](const ParamInfo& p) { return p.name == name; });
+    if (ends_with(name, ".inv_freq")) {
+      check_inv_freq(f, name, cfg_);
+      continue;
+    }
+    bool known = std::any_of(params_.begin(), params_.end(), [&](const ParamInfo& p) { return file_name(p) == name; });
+    known = known || (cfg_.tie_weights && name == head);
     check(known, path + ": tensor '" + name + "' has no place in this model: the checkpoint does not match config.json" +
                      (is_qk_bias(name) ? " (it says qk_bias false: write \"qk_bias\": true for a checkpoint with q/k biases)"
                                        : ""));
@@ -169,16 +216,26 @@ void Weights::load(const std::string& path) {
   // Read and check everything before the live weights change.
   std::vector<float> host((size_t)num_params_, 0.f);
   for (const auto& p : params_) {
-    check(f.has(p.name), path + ": tensor '" + p.name + "' is missing: the checkpoint does not match config.json (" +
-                             cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")" + bias_hint(p.name));
-    f.read_f32(p.name, p.shape, host.data() + p.offset);
+    const std::string& name = file_name(p);
+    check(f.has(name), path + ": tensor '" + name + "' is missing: the checkpoint does not match config.json (" +
+                           cfg_.layout() + ", d " + std::to_string(cfg_.dim) + ")" + bias_hint(name));
+    f.read_f32(name, p.shape, host.data() + p.offset);
     // Weights that diverged would only give garbage text and a nan perplexity later.
     const int64_t bad = first_non_finite(host.data() + p.offset, p.numel);
     if (bad >= 0) {
-      throw Error(path + ": tensor '" + p.name + "' holds " + (std::isnan(host[p.offset + bad]) ? "NaN" : "infinity") +
+      throw Error(path + ": tensor '" + name + "' holds " + (std::isnan(host[p.offset + bad]) ? "NaN" : "infinity") +
                   " (element " + std::to_string(bad) +
                   "): the checkpoint is damaged (did training diverge?); use an earlier checkpoint of the run");
     }
+  }
+  if (cfg_.tie_weights && f.has(head)) {
+    // A tied state dict names the shared tensor twice; a different second copy is not tied.
+    const ParamInfo& embed = params_.front();
+    std::vector<float> copy((size_t)embed.numel);
+    f.read_f32(head, embed.shape, copy.data());
+    check(std::memcmp(copy.data(), host.data() + embed.offset, sizeof(float) * copy.size()) == 0,
+          path + ": tensor '" + head + "' differs from decoder.embed_tokens.weight, but config.json says tie_weights true: "
+                 "set tie_weights to false if the model has its own output projection");
   }
   backend_->to_device(data(), host.data(), sizeof(float) * host.size());
   params_changed();
@@ -189,7 +246,7 @@ void Weights::save(const std::string& path) const {
   backend_->to_host(host.data(), data(), sizeof(float) * host.size());
   std::vector<SafetensorsOut> out;
   for (const auto& p : params_) out.push_back({p.name, DType::F32, p.shape, host.data() + p.offset});
-  write_safetensors(path, out, {{"format", "pt"}});
+  write_safetensors(path, out, {{"format", "pt"}, {"subllm_format", "2"}});
 }
 
 }  // namespace subllm

@@ -95,7 +95,8 @@ void AdamW::save_state(const std::string& path) const {
     out.push_back({"m/" + p.name, DType::F32, p.shape, m.data() + p.offset});
     out.push_back({"v/" + p.name, DType::F32, p.shape, v.data() + p.offset});
   }
-  write_safetensors(path, out, {{"format", "subllm.adamw.v1"}, {"steps", std::to_string(step_)}});
+  write_safetensors(path, out,
+                    {{"format", "subllm.adamw.v1"}, {"steps", std::to_string(step_)}, {"subllm_format", "2"}});
 }
 
 void AdamW::load_state(const std::string& path) {
@@ -105,9 +106,12 @@ void AdamW::load_state(const std::string& path) {
         path + ": not an AdamW state (was the run trained with another --optimizer?)");
   // Read everything before the live moments change; the whole file on every rank.
   std::vector<float> m(total_, 0.f), v(total_, 0.f);
+  // States written before the bypass renumbering name the moments by the old numbering.
+  const bool legacy = f.metadata().count("subllm_format") == 0;
   for (const auto& p : params_) {
-    f.read_f32("m/" + p.name, p.shape, m.data() + p.offset);
-    f.read_f32("v/" + p.name, p.shape, v.data() + p.offset);
+    const std::string& name = legacy && !p.legacy_name.empty() ? p.legacy_name : p.name;
+    f.read_f32("m/" + name, p.shape, m.data() + p.offset);
+    f.read_f32("v/" + name, p.shape, v.data() + p.offset);
   }
   const int steps = std::stoi(f.metadata().at("steps"));
   Backend& be = *m_.backend();

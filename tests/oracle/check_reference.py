@@ -72,7 +72,7 @@ def max_rel_err(a, b):
 def make_config(tie=False):
     return {"num_embeddings": V, "decoder_embed_dim": D, "decoder_ffn_embed_dim": FF,
             "decoder_layers": L, "decoder_attention_heads": H, "tie_weights": tie,
-            "structure": "T" * L, "norm_name": "rmsnorm", "mlp_name": "swiglu",
+            "structure": "T" * L, "norm_name": "rmsnorm", "mlp_name": "swiglu", "norm_eps": EPS,
             "qk_bias": False}
 
 
@@ -206,6 +206,18 @@ def np_loss(p, tokens, targets, positions, tie):
 # independent numpy SUBLLM forward (training mode), one sequence at a time
 # ----------------------------------------------------------------------------
 
+def closing_rank(structure, j):
+    """Rank among the ')' of the one closing the j-th '(' (the authors' bypass numbering)."""
+    stack, n_open, order = [], 0, []
+    for ch in structure:
+        if ch == "(":
+            stack.append(n_open)
+            n_open += 1
+        elif ch == ")":
+            order.append(stack.pop())
+    return order.index(j)
+
+
 def np_subllm_seq(p, toks, pos, structure, rets, choices):
     """Returns (logits (n, V), info) where info holds per subsampler j the kept indices
     ("kept", j), w_scale ("ws", j), and a signature of every discrete decision (sort
@@ -250,7 +262,7 @@ def np_subllm_seq(p, toks, pos, structure, rets, choices):
             u = x.copy()
             for row, k in enumerate(kept):
                 u[k] = ws[row] * y[row] + (1.0 - ws[row]) * x[k]
-            c = p[f"decoder.bypasses.{j}.bypass_scale"]
+            c = p[f"decoder.bypasses.{closing_rank(structure, j)}.bypass_scale"]
             x = x + c * (u - x)
         return x, i
 

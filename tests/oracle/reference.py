@@ -6,14 +6,17 @@ Usage: /usr/bin/python3 tests/oracle/reference.py DIR [--dtype float64|float32]
 
 Inputs in DIR:
   config.json          model description (SUBLLM.md section 2 key names); `structure`
-                       may hold '(' / ')' (subsamplers numbered by their '(' order) and then
+                       may hold '(' / ')' (subsamplers numbered by their '(' order, bypasses
+                       by their ')' order as the authors do; "subllm_format": 1 numbers
+                       bypasses by '(' as subllm did before) and then
                        `downsampling_factor_denominator` gives the retentions: one value for
                        all subsamplers or one per subsampler (number, "0.6", "0.6,0.5", list)
   model.safetensors    parameters, named as in the public checkpoints (including
                        decoder.downsamplers.j.to_scores.weight (1,d) and
-                       decoder.bypasses.j.bypass_scale (d) for every subsampler j, and
+                       decoder.bypasses.k.bypass_scale (d) for the k-th ')', and
                        with qk_bias (true when the key is absent, as in the authors'
-                       config class) self_attn.{q,k}_proj.bias (d), added before RoPE)
+                       config class) self_attn.{q,k}_proj.bias (d), added before RoPE);
+                       norm_eps defaults to 1e-5, the authors' value
   batch.safetensors    tokens (B,T) int, targets (B,T) int (negative = ignored),
                        optional positions (B,T) int (default 0..T-1 per row),
                        optional step (I32 [1], global training step, default 0),
@@ -169,12 +172,14 @@ def write_safetensors(path, tensors, metadata=None, dtype="F32"):
 def parse_structure(text, n_layers, retentions, where):
     """Parses a layout such as "TT(TT(T)T)T" into a tree.
 
-    Returns (root_items, num_subsamplers). An item is ("T", block_index) or
-    ("S", j, child_items); blocks are numbered by their 'T' across the whole string,
-    subsamplers by their '('. Subsampler j owns decoder.downsamplers.j and the bypass
-    after its matching ')', decoder.bypasses.j."""
+    Returns (root_items, num_subsamplers, retentions, closing_rank). An item is
+    ("T", block_index) or ("S", j, child_items); blocks are numbered by their 'T' across
+    the whole string, subsamplers by their '('. Subsampler j owns decoder.downsamplers.j
+    and the bypass after its matching ')', whose rank among the ')' is closing_rank[j]."""
     root = []
     stack = [root]
+    open_ids = []
+    closing_rank = {}
     n_blocks = n_sub = 0
     for pos, ch in enumerate(text):
         if ch == "T":
@@ -184,6 +189,7 @@ def parse_structure(text, n_layers, retentions, where):
             child = []
             stack[-1].append(("S", n_sub, child))
             stack.append(child)
+            open_ids.append(n_sub)
             n_sub += 1
         elif ch == ")":
             if len(stack) == 1:
@@ -191,6 +197,7 @@ def parse_structure(text, n_layers, retentions, where):
             if not stack[-1]:
                 raise ReferenceError(f"{where}: structure {text!r}: empty segment at {pos}")
             stack.pop()
+            closing_rank[open_ids.pop()] = len(closing_rank)
         else:
             raise ReferenceError(f"{where}: structure {text!r}: unexpected {ch!r} at {pos}")
     if len(stack) != 1:
@@ -210,7 +217,7 @@ def parse_structure(text, n_layers, retentions, where):
         for r in retentions:
             if not (0.0 < r <= 1.0):
                 raise ReferenceError(f"{where}: retention {r} outside (0, 1]")
-    return root, n_sub, (list(retentions) if n_sub else [])
+    return root, n_sub, (list(retentions) if n_sub else []), [closing_rank[j] for j in range(n_sub)]
 
 
 def parse_retentions(raw, where):
@@ -245,15 +252,21 @@ def load_config(path):
     cfg["tie_weights"] = bool(raw.get("tie_weights", False))
     cfg["qk_bias"] = bool(raw.get("qk_bias", True))
     cfg["padding_idx"] = int(raw.get("padding_idx", 0))
-    cfg["norm_eps"] = float(raw.get("norm_eps", 1e-6))
+    cfg["norm_eps"] = float(raw.get("norm_eps", 1e-5))
     cfg["rope_base"] = float(raw.get("rope_base", 10000.0))
     structure = raw.get("structure") or "T" * cfg["decoder_layers"]
     if not isinstance(structure, str):
         raise ReferenceError(f"{path}: structure must be a string")
     rets = parse_retentions(raw.get("downsampling_factor_denominator"), path)
+    if raw.get("downsampling_factor") is not None:
+        # The authors' per-subsampler factors 1/r override the one denominator.
+        factors = raw["downsampling_factor"]
+        rets = [1.0 / float(f) for f in (factors if isinstance(factors, list) else [factors])]
     cfg["structure"] = structure
-    cfg["segments"], cfg["num_subsamplers"], cfg["retentions"] = parse_structure(
+    cfg["segments"], cfg["num_subsamplers"], cfg["retentions"], closing = parse_structure(
         structure, cfg["decoder_layers"], rets, path)
+    old_numbering = raw.get("subllm_format") == 1
+    cfg["bypass_index"] = list(range(len(closing))) if old_numbering else closing
     d, h = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]
     if h <= 0 or d % h != 0:
         raise ReferenceError(f"{path}: decoder_embed_dim {d} not divisible by heads {h}")
@@ -266,8 +279,9 @@ def score_name(j):
     return f"decoder.downsamplers.{j}.to_scores.weight"
 
 
-def bypass_name(j):
-    return f"decoder.bypasses.{j}.bypass_scale"
+def bypass_name(cfg, j):
+    """The bypass of subsampler j (its '(' rank), by the file's numbering."""
+    return f"decoder.bypasses.{cfg['bypass_index'][j]}.bypass_scale"
 
 
 def param_shapes(cfg):
@@ -288,7 +302,7 @@ def param_shapes(cfg):
         shapes[p + "feedforward.swiglu.w3.weight"] = (d, F)
     for j in range(cfg.get("num_subsamplers", 0)):
         shapes[score_name(j)] = (1, d)
-        shapes[bypass_name(j)] = (d,)
+        shapes[bypass_name(cfg, j)] = (d,)
     shapes["decoder.layer_norm.weight"] = (d,)
     if not cfg["tie_weights"]:
         shapes["decoder.output_projection.weight"] = (V, d)
@@ -593,7 +607,7 @@ def run_segment(params, cfg, items, x, positions, step, choices, trace, record, 
                          trace, record)
         ws = w_scale.unsqueeze(-1)
         u = x.scatter(1, idx, ws * yk + (1.0 - ws) * xk)
-        c = params[bypass_name(j)]
+        c = params[bypass_name(cfg, j)]
         if limit_on:
             c = LimitParamGrad.apply(c, scheduled_float(BYPASS_MIN_POINTS, step), BYPASS_MAX)
         x = x + c * (u - x)
