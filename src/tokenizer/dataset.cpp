@@ -135,10 +135,11 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
     check(dtype == kShardUint16 || dtype == kShardUint32,
           "token shard " + path + " has unknown dtype " + std::to_string(dtype) + ": " + rerun_hint);
     const int64_t width = dtype_bytes(dtype);
+    // The count comes from the file: compare it without multiplying, which could overflow.
     check(count <= (uint64_t)(size - kShardHeaderBytes) / (uint64_t)width,
-          "token shard " + path + " is truncated: its header promises " + std::to_string(count) + " tokens (" +
-              std::to_string(kShardHeaderBytes + (int64_t)count * width) + " bytes) but the file has " +
-              std::to_string(size) + " bytes: " + rerun_hint);
+          "token shard " + path + " is truncated: its header promises " + std::to_string(count) + " tokens of " +
+              std::to_string(width) + " bytes but the file has " + std::to_string(size - kShardHeaderBytes) +
+              " bytes after its header: " + rerun_hint);
     check(kShardHeaderBytes + (int64_t)count * width == size,
           "token shard " + path + " has " + std::to_string(size - kShardHeaderBytes - (int64_t)count * width) +
               " bytes past its " + std::to_string(count) + " tokens: " + rerun_hint);

@@ -1,0 +1,45 @@
+// Regression cases for what the fuzz targets (fuzz/, scripts/fuzz.sh) found in the readers of
+// untrusted files: each input here once crashed, overflowed or was misreported.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "subllm/dataset.h"
+#include "subllm/error.h"
+#include "test_util.h"
+
+namespace subllm {
+namespace {
+
+using testing::error_of;
+using testing::TempDir;
+using testing::write_file;
+
+// A shard header (magic, version, dtype, count) and `payload` bytes of tokens.
+std::string shard_bytes(uint32_t dtype, uint64_t count, const std::string& payload) {
+  std::string bytes(kShardHeaderBytes, '\0');
+  std::memcpy(bytes.data(), "SUBLLMTK", 8);
+  std::memcpy(bytes.data() + 8, &kShardVersion, 4);
+  std::memcpy(bytes.data() + 12, &dtype, 4);
+  std::memcpy(bytes.data() + 16, &count, 8);
+  return bytes + payload;
+}
+
+// A header count so large that count * 2 overflowed int64 while the message was built.
+TEST(HardeningFuzz, ShardWithAHugeTokenCountIsTruncatedNotOverflowed) {
+  TempDir tmp;
+  const std::string path = tmp.file("train_000.bin");
+  const uint64_t count = 7074645048167497738ull;
+  write_file(path, shard_bytes(kShardUint16, count, std::string(20, '\1')));
+  const std::string msg = error_of([&] { TokenShard s(path); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("promises 7074645048167497738 tokens of 2 bytes but the file has 20 bytes after its header"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("subllm prepare"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace subllm
