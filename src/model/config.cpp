@@ -219,7 +219,7 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e999
     throw Error(source_name + ": invalid JSON: " + e.what() + " (fix the syntax of the file)");
   }
   if (!j.is_object()) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "subllm/config.h"
 #include "subllm/dataset.h"
 #include "subllm/error.h"
 #include "test_util.h"
@@ -39,6 +40,15 @@ TEST(HardeningFuzz, ShardWithAHugeTokenCountIsTruncatedNotOverflowed) {
             std::string::npos)
       << msg;
   EXPECT_NE(msg.find("subllm prepare"), std::string::npos) << msg;
+}
+
+// A number beyond double's range made nlohmann-json throw out_of_range, not parse_error,
+// which escaped as a foreign exception.
+TEST(HardeningFuzz, ConfigWithANumberBeyondDoubleIsAnError) {
+  const std::string msg =
+      error_of([] { config_from_json_text("{\"decoder_ffn_embed_dim\": 177e1051}", "model/config.json"); });
+  EXPECT_NE(msg.find("model/config.json: invalid JSON"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("177e1051"), std::string::npos) << msg;
 }
 
 }  // namespace
