@@ -9,6 +9,7 @@
 #include "subllm/config.h"
 #include "subllm/dataset.h"
 #include "subllm/error.h"
+#include "subllm/tokenizer.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -49,6 +50,19 @@ TEST(HardeningFuzz, ConfigWithANumberBeyondDoubleIsAnError) {
       error_of([] { config_from_json_text("{\"decoder_ffn_embed_dim\": 177e1051}", "model/config.json"); });
   EXPECT_NE(msg.find("model/config.json: invalid JSON"), std::string::npos) << msg;
   EXPECT_NE(msg.find("177e1051"), std::string::npos) << msg;
+}
+
+// A sentencepiece model whose second piece starts with a NUL byte: sentencepiece's trie
+// builder threw its own exception type (a zero-length key) out of Tokenizer::load.
+TEST(HardeningFuzz, TokenizerWithANulInAPieceIsAnError) {
+  TempDir tmp;
+  const std::string path = tmp.file("tokenizer.model");
+  // ModelProto: pieces {piece: "<unk>", type: UNKNOWN}, {piece: "\0x"}.
+  const char model[] = "\x0a\x09\x0a\x05<unk>\x18\x02\x0a\x04\x0a\x02\x00x";
+  write_file(path, std::string(model, sizeof model - 1));
+  const std::string msg = error_of([&] { Tokenizer::load(path); });
+  EXPECT_NE(msg.find("tokenizer " + path + " is not a valid sentencepiece model"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("zero-length key"), std::string::npos) << msg;
 }
 
 }  // namespace
