@@ -65,5 +65,14 @@ TEST(HardeningFuzz, TokenizerWithANulInAPieceIsAnError) {
   EXPECT_NE(msg.find("zero-length key"), std::string::npos) << msg;
 }
 
+// Validation spelled out the layout ("T" per block) before any size check: decoder_layers
+// 2e9 allocated gigabytes. 100000 shows the limit without the allocation.
+TEST(HardeningFuzz, ConfigWithTooManyLayersIsRefusedBeforeParsing) {
+  const std::string msg =
+      error_of([] { config_from_json_text("{\"decoder_layers\": 100000}", "model/config.json"); });
+  EXPECT_NE(msg.find("model/config.json: decoder_layers (100000) is more than 65536"), std::string::npos) << msg;
+  EXPECT_EQ(error_of([] { config_from_json_text("{\"decoder_layers\": 65536}", "config.json"); }), "");
+}
+
 }  // namespace
 }  // namespace subllm
