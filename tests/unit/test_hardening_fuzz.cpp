@@ -74,5 +74,32 @@ TEST(HardeningFuzz, ConfigWithTooManyLayersIsRefusedBeforeParsing) {
   EXPECT_EQ(error_of([] { config_from_json_text("{\"decoder_layers\": 65536}", "config.json"); }), "");
 }
 
+// Manifest integers were read with get<int>: 1e300 is undefined behaviour (UBSan), 2^32 + 512
+// wrapped to a vocabulary of 512, and documents could overflow the running sum.
+TEST(HardeningFuzz, ManifestIntegersAreCheckedForTypeAndRange) {
+  TempDir tmp;
+  write_file(tmp.file("train_000.bin"), shard_bytes(kShardUint16, 2, std::string("\1\0\2\0", 4)));
+  const std::string manifest = tmp.file("manifest.json");
+  auto with = [&](const std::string& vocab, const std::string& tokens, const std::string& documents) {
+    write_file(manifest, "{\"format\": \"subllm-tokens-v1\", \"vocab_size\": " + vocab +
+                             ", \"tokenizer\": \"tokenizer.model\", \"train\": [{\"file\": \"train_000.bin\", "
+                             "\"tokens\": " + tokens + ", \"documents\": " + documents + "}]}");
+    return error_of([&] { TokenDataset d(manifest, "train"); });
+  };
+  EXPECT_EQ(with("512", "2", "1"), "");
+  std::string msg = with("4294967808", "2", "1");
+  EXPECT_NE(msg.find("data manifest " + manifest + " has \"vocab_size\": 4294967808, which is not an integer in [1, "),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("subllm prepare"), std::string::npos) << msg;
+  msg = with("1e300", "2", "1");
+  EXPECT_NE(msg.find("\"vocab_size\": 1e+300, which is not an integer"), std::string::npos) << msg;
+  msg = with("512", "2.5", "1");
+  EXPECT_NE(msg.find("\"tokens\": 2.5, which is not an integer"), std::string::npos) << msg;
+  msg = with("512", "2", "9223372036854775807");
+  EXPECT_NE(msg.find("\"documents\": 9223372036854775807, which is not an integer in [0, 2]"), std::string::npos)
+      << msg;
+}
+
 }  // namespace
 }  // namespace subllm
