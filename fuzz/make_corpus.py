@@ -95,6 +95,9 @@ def dataset_seeds():
     write("dataset", "count_mismatch", json.dumps(manifest).encode() + sep + shard(tokens, 1, count=1 << 40))
     two = dict(manifest, train=manifest["train"] * 2)
     write("dataset", "two_shards", json.dumps(two).encode() + sep + shard(tokens))
+    # Numbers of the wrong kind where integers belong.
+    odd = dict(manifest, vocab_size=512.0, pad_id=-1, train=[{"file": "train_000.bin", "tokens": 1e3, "documents": -2}])
+    write("dataset", "odd_numbers", json.dumps(odd).encode() + sep + shard(tokens))
 
 
 if __name__ == "__main__":
