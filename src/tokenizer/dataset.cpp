@@ -262,7 +262,7 @@ TokenDataset::TokenDataset(const std::string& manifest_path, const std::string& 
       const std::string file = (folder / entry.at("file").get<std::string>()).string();
       const int64_t expected = int_field(entry, "tokens", 0, INT64_MAX, where);
       // Every document ends with eos, so a shard holds no more documents than tokens.
-      documents_ += entry.contains("documents") ? int_field(entry, "documents", 0, expected, where) : 0;
+      const int64_t documents = entry.contains("documents") ? int_field(entry, "documents", 0, expected, where) : 0;
       check(fs::exists(file, ec), "token shard " + file + " listed in " + manifest_ + " is missing: " + rerun_hint);
       TokenShard shard(file);
       check(shard.num_tokens() == expected, "token shard " + file + " holds " + std::to_string(shard.num_tokens()) +
@@ -273,6 +273,7 @@ TokenDataset::TokenDataset(const std::string& manifest_path, const std::string& 
                 " tokens: " + rerun_hint);
       starts_.push_back(total_);
       total_ += shard.num_tokens();
+      documents_ += documents;  // bounded by the shard's real size now that the counts agree
       shards_.push_back(std::move(shard));
     }
   } catch (const nlohmann::json::exception& e) {

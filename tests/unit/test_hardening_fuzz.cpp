@@ -99,6 +99,12 @@ TEST(HardeningFuzz, ManifestIntegersAreCheckedForTypeAndRange) {
   msg = with("512", "2", "9223372036854775807");
   EXPECT_NE(msg.find("\"documents\": 9223372036854775807, which is not an integer in [0, 2]"), std::string::npos)
       << msg;
+  // A second entry whose counts are wild: refused before its documents join the sum.
+  write_file(manifest, "{\"format\": \"subllm-tokens-v1\", \"vocab_size\": 512, \"tokenizer\": \"t.model\", \"train\": ["
+                       "{\"file\": \"train_000.bin\", \"tokens\": 2, \"documents\": 1}, {\"file\": \"train_000.bin\", "
+                       "\"tokens\": 9223372036854775807, \"documents\": 9223372036854775807}]}");
+  msg = error_of([&] { TokenDataset d(manifest, "train"); });
+  EXPECT_NE(msg.find("holds 2 tokens but " + manifest + " says 9223372036854775807"), std::string::npos) << msg;
 }
 
 }  // namespace
