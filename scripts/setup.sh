@@ -20,6 +20,7 @@ TEST_PKGS=(
   libbenchmark-dev                  # the microbenchmarks (Google Benchmark)
   python3-torch python3-numpy       # the independent PyTorch reference and the training peer
   iproute2                          # the two-host MPI test (network namespaces)
+  clang libclang-rt-14-dev          # the fuzz targets (libFuzzer, sanitizer runtimes): scripts/fuzz.sh
 )
 
 case "${1:-}" in

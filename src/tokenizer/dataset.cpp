@@ -29,6 +29,26 @@ int64_t dtype_bytes(uint32_t dtype) { return dtype == kShardUint16 ? 2 : 4; }
 
 const char* rerun_hint = "re-run `subllm prepare` to rebuild the data folder";
 
+// An integer field of the manifest, within [lo, hi]. nlohmann's get<int> is undefined for
+// 1e300 and wraps 2^40, so the type and range are checked first. A missing field throws
+// json's out_of_range, which the caller reports.
+int64_t int_field(const nlohmann::json& j, const char* key, int64_t lo, int64_t hi, const std::string& where) {
+  const nlohmann::json& v = j.at(key);
+  bool fits = false;
+  if (v.is_number_unsigned()) {  // nlohmann reads every non-negative integer as unsigned
+    fits = v.get<uint64_t>() <= (uint64_t)hi && (int64_t)v.get<uint64_t>() >= lo;
+  } else if (v.is_number_integer()) {
+    fits = v.get<int64_t>() >= lo && v.get<int64_t>() <= hi;
+  }
+  check(fits, where + " has \"" + key + "\": " + v.dump() + ", which is not an integer in [" + std::to_string(lo) +
+                  ", " + std::to_string(hi) + "]: " + rerun_hint);
+  return v.get<int64_t>();
+}
+
+int int_field_or(const nlohmann::json& j, const char* key, int fallback, const std::string& where) {
+  return j.contains(key) ? (int)int_field(j, key, -1, INT32_MAX, where) : fallback;
+}
+
 }  // namespace
 
 uint32_t shard_dtype_for_vocab(int vocab_size) { return vocab_size <= 65536 ? kShardUint16 : kShardUint32; }
@@ -140,10 +160,11 @@ TokenShard::TokenShard(const std::string& path) : path_(path) {
     check(dtype == kShardUint16 || dtype == kShardUint32,
           "token shard " + path + " has unknown dtype " + std::to_string(dtype) + ": " + rerun_hint);
     const int64_t width = dtype_bytes(dtype);
+    // The count comes from the file: compare it without multiplying, which could overflow.
     check(count <= (uint64_t)(size - kShardHeaderBytes) / (uint64_t)width,
-          "token shard " + path + " is truncated: its header promises " + std::to_string(count) + " tokens (" +
-              std::to_string(kShardHeaderBytes + (int64_t)count * width) + " bytes) but the file has " +
-              std::to_string(size) + " bytes: " + rerun_hint);
+          "token shard " + path + " is truncated: its header promises " + std::to_string(count) + " tokens of " +
+              std::to_string(width) + " bytes but the file has " + std::to_string(size - kShardHeaderBytes) +
+              " bytes after its header: " + rerun_hint);
     check(kShardHeaderBytes + (int64_t)count * width == size,
           "token shard " + path + " has " + std::to_string(size - kShardHeaderBytes - (int64_t)count * width) +
               " bytes past its " + std::to_string(count) + " tokens: " + rerun_hint);
@@ -235,18 +256,18 @@ TokenDataset::TokenDataset(const std::string& manifest_path, const std::string& 
   try {
     check(j.is_object() && j.value("format", "") == kManifestFormat,
           where + " is not a \"" + kManifestFormat + "\" manifest: " + rerun_hint);
-    vocab_size_ = j.at("vocab_size").get<int>();
-    pad_id_ = j.value("pad_id", -1);
-    bos_id_ = j.value("bos_id", -1);
-    eos_id_ = j.value("eos_id", -1);
-    check(vocab_size_ > 0, where + " has vocab_size " + std::to_string(vocab_size_) + ": " + rerun_hint);
+    vocab_size_ = (int)int_field(j, "vocab_size", 1, INT32_MAX, where);
+    pad_id_ = int_field_or(j, "pad_id", -1, where);
+    bos_id_ = int_field_or(j, "bos_id", -1, where);
+    eos_id_ = int_field_or(j, "eos_id", -1, where);
     const fs::path folder = manifest.parent_path();
     tokenizer_path_ = (folder / j.at("tokenizer").get<std::string>()).string();
     check(j.contains(split) && j[split].is_array(), where + " has no \"" + split + "\" list: " + rerun_hint);
     for (const auto& entry : j[split]) {
       const std::string file = (folder / entry.at("file").get<std::string>()).string();
-      const auto expected = entry.at("tokens").get<int64_t>();
-      documents_ += entry.value("documents", (int64_t)0);
+      const int64_t expected = int_field(entry, "tokens", 0, INT64_MAX, where);
+      // Every document ends with eos, so a shard holds no more documents than tokens.
+      const int64_t documents = entry.contains("documents") ? int_field(entry, "documents", 0, expected, where) : 0;
       check(fs::exists(file, ec), "token shard " + file + " listed in " + manifest_ + " is missing: " + rerun_hint);
       TokenShard shard(file);
       check(shard.num_tokens() == expected, "token shard " + file + " holds " + std::to_string(shard.num_tokens()) +
@@ -257,6 +278,7 @@ TokenDataset::TokenDataset(const std::string& manifest_path, const std::string& 
                 " tokens: " + rerun_hint);
       starts_.push_back(total_);
       total_ += shard.num_tokens();
+      documents_ += documents;  // bounded by the shard's real size now that the counts agree
       shards_.push_back(std::move(shard));
     }
   } catch (const nlohmann::json::exception& e) {

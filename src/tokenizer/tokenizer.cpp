@@ -181,9 +181,16 @@ Tokenizer Tokenizer::load(const std::string& path) {
   std::error_code ec;
   check(fs::is_regular_file(path, ec), "tokenizer " + path + " not found: pass a sentencepiece .model file");
   auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
-  const auto status = sp->Load(path);
-  check(status.ok(), "tokenizer " + path + " is not a valid sentencepiece model (" + status.ToString() +
-                         "): pass the tokenizer.model of a data folder or checkpoint");
+  const std::string fix = "): pass the tokenizer.model of a data folder or checkpoint";
+  sentencepiece::util::Status status;
+  try {
+    status = sp->Load(path);
+  } catch (const std::exception& e) {
+    // Some malformed models (a piece holding a NUL byte) throw from sentencepiece's trie
+    // builder instead of returning a status.
+    throw Error("tokenizer " + path + " is not a valid sentencepiece model (" + e.what() + fix);
+  }
+  check(status.ok(), "tokenizer " + path + " is not a valid sentencepiece model (" + status.ToString() + fix);
   Tokenizer t;
   t.sp_ = std::move(sp);
   t.path_ = path;
