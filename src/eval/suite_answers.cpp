@@ -311,9 +311,13 @@ bool bbh_answer_settled(std::string_view generated, bool multiple_choice) {
       if (rest[i] == '(' && rest[i + 1] >= 'A' && rest[i + 1] <= 'Z') return true;
     return false;
   }
-  // Free form: the answer's first line (after leading whitespace) has ended.
+  // Free form: the answer's first line (after leading whitespace) has ended, and not in
+  // whitespace, which their strip keeps or drops depending on whether more text follows.
   const size_t start = py_space_prefix(rest);
-  return start < rest.size() && rest.find('\n', start) != std::string_view::npos;
+  const size_t nl = start < rest.size() ? rest.find('\n', start) : std::string_view::npos;
+  if (nl == std::string_view::npos) return false;
+  const std::string_view line = rest.substr(start, nl - start);
+  return py_strip(line).size() == line.size();
 }
 
 // ---------------------------------------------------------------------------------------

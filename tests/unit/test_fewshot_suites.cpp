@@ -215,6 +215,10 @@ TEST(SuiteAnswers, BbhStopsOnlyOnceTheAnswerCannotChange) {
   EXPECT_FALSE(bbh_answer_settled("So the answer is True", false));
   EXPECT_FALSE(bbh_answer_settled("So the answer is \n", false));
   EXPECT_TRUE(bbh_answer_settled("So the answer is True.\n", false));
+  // Their strip keeps "x " when text follows the line and drops the space when none does.
+  EXPECT_FALSE(bbh_answer_settled("So the answer is x \n", false));
+  EXPECT_EQ(bbh_prediction("So the answer is x \n", false), "x");
+  EXPECT_EQ(bbh_prediction("So the answer is x \nmore", false), "x ");
   // Where it says stop, the answer equals the one of any longer output.
   for (const std::string& tail : {std::string(""), std::string(" (D) the answer is (E)\nZ")}) {
     EXPECT_EQ(bbh_prediction("So the answer is (B" + tail, true), "B");
