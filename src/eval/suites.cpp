@@ -52,8 +52,10 @@ std::vector<std::string> files_ending(const fs::path& dir, const std::string& su
 
 // Keeps the subjects asked for (all when none), in sorted order; an unknown name is an error
 // listing what the folder has.
-std::vector<std::string> select_subjects(const std::vector<std::string>& found, const std::vector<std::string>& wanted,
+std::vector<std::string> select_subjects(std::vector<std::string> found, const std::vector<std::string>& wanted,
                                          const std::string& where) {
+  std::sort(found.begin(), found.end());  // several files may name one subject ("math.jsonl", "math.v2.jsonl")
+  found.erase(std::unique(found.begin(), found.end()), found.end());
   check(!found.empty(), where + " holds no subjects: see docs/EVAL.md for the layout and where to get the data");
   if (wanted.empty()) return found;
   for (const auto& w : wanted)
@@ -90,8 +92,11 @@ std::vector<std::vector<CsvCell>> csv_records(const std::string& text, const std
   std::vector<std::vector<CsvCell>> rows;
   size_t i = text.rfind("\xEF\xBB\xBF", 0) == 0 ? 3 : 0;
   while (i < text.size()) {
-    if (text[i] == '\n' || text[i] == '\r') {  // an empty line
-      i += text.compare(i, 2, "\r\n") == 0 ? 2 : 1;
+    // Empty lines and lines of only spaces and tabs are skipped (skip_blank_lines).
+    size_t j = i;
+    while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
+    if (j == text.size() || text[j] == '\n' || text[j] == '\r') {
+      i = j == text.size() ? j : j + (text.compare(j, 2, "\r\n") == 0 ? 2 : 1);
       continue;
     }
     std::vector<CsvCell> row;
@@ -366,6 +371,42 @@ std::string bbh_prompt(const std::string& cot_prompt, const std::string& input) 
 
 namespace {
 
+// Appends the items of bbh/<file>; returns the text its prompts start with.
+std::string load_bbh_file(const fs::path& dir, const std::string& file, const std::string& task,
+                          std::vector<SuiteItem>& items) {
+  std::string cot_name = file;  // their file.replace(".json", ".txt")
+  for (size_t at; (at = cot_name.find(".json")) != std::string::npos;) cot_name.replace(at, 5, ".txt");
+  const fs::path cot_path = dir / "cot-prompts" / cot_name, test_path = dir / "bbh" / file;
+  check(fs::exists(cot_path), "BBH task " + task + " has no worked examples " + cot_path.string());
+  const std::string cot = bbh_cot_prompt(read_file_text(cot_path, "BBH cot-prompts file"), cot_path.string());
+  json j;
+  try {
+    j = json::parse(read_file_text(test_path, "BBH task file"));
+  } catch (const json::exception& e) {
+    throw Error("BBH task file " + test_path.string() + " is not valid JSON: " + e.what());
+  }
+  const std::string hint = " (the file holds {\"examples\": [{\"input\": \"...\", \"target\": \"...\"}, ...]})";
+  check(j.is_object() && j.contains("examples") && j["examples"].is_array(),
+        "BBH task file " + test_path.string() + " has no \"examples\" list" + hint);
+  const bool mc = bbh_is_multiple_choice(task);
+  size_t n = 0;
+  for (const auto& ex : j["examples"]) {
+    const std::string where = test_path.string() + " example " + std::to_string(n++);
+    check(ex.is_object() && ex.contains("input") && ex["input"].is_string() && ex.contains("target") &&
+              ex["target"].is_string(),
+          where + ": needs string \"input\" and \"target\"" + hint);
+    SuiteItem it;
+    it.subject = task;
+    it.prompt = bbh_prompt(cot, ex["input"].get<std::string>());
+    const std::string target = ex["target"].get<std::string>();
+    it.label = SuiteAnswer::of(mc ? bbh_mcq_postprocess(target) : target);
+    it.where = where;
+    items.push_back(std::move(it));
+  }
+  const std::string head = bbh_prompt(cot, "");
+  return head.substr(0, head.size() - std::string("\nA: Let's think step by step.").size());
+}
+
 SuiteData load_bbh(const fs::path& dir, const SuiteLoadOptions& o) {
   check(o.shots < 0, "BBH prompts are the worked examples of its cot-prompts files: --shots does not apply to it");
   check(is_dir(dir / "bbh") && is_dir(dir / "cot-prompts"),
@@ -374,39 +415,15 @@ SuiteData load_bbh(const fs::path& dir, const SuiteLoadOptions& o) {
   SuiteData d;
   d.suite = Suite::Bbh;
   d.shots = 3;
+  const auto files = files_ending(dir / "bbh", ".json");
   std::vector<std::string> found;
-  for (const auto& f : files_ending(dir / "bbh", ".json")) found.push_back(f.substr(0, f.find('.')));
+  for (const auto& f : files) found.push_back(f.substr(0, f.find('.')));
   d.subjects = select_subjects(found, o.subjects, (dir / "bbh").string());
   for (const auto& task : d.subjects) {
-    const fs::path cot_path = dir / "cot-prompts" / (task + ".txt"), test_path = dir / "bbh" / (task + ".json");
-    check(fs::exists(cot_path), "BBH task " + task + " has no worked examples " + cot_path.string());
-    const std::string cot = bbh_cot_prompt(read_file_text(cot_path, "BBH cot-prompts file"), cot_path.string());
-    json j;
-    try {
-      j = json::parse(read_file_text(test_path, "BBH task file"));
-    } catch (const json::exception& e) {
-      throw Error("BBH task file " + test_path.string() + " is not valid JSON: " + e.what());
-    }
-    const std::string hint = " (the file holds {\"examples\": [{\"input\": \"...\", \"target\": \"...\"}, ...]})";
-    check(j.is_object() && j.contains("examples") && j["examples"].is_array(),
-          "BBH task file " + test_path.string() + " has no \"examples\" list" + hint);
-    const bool mc = bbh_is_multiple_choice(task);
-    d.shared.push_back(bbh_prompt(cot, ""));
-    d.shared.back().resize(d.shared.back().size() - std::string("\nA: Let's think step by step.").size());
-    size_t n = 0;
-    for (const auto& ex : j["examples"]) {
-      const std::string where = test_path.string() + " example " + std::to_string(n++);
-      check(ex.is_object() && ex.contains("input") && ex["input"].is_string() && ex.contains("target") &&
-                ex["target"].is_string(),
-            where + ": needs string \"input\" and \"target\"" + hint);
-      SuiteItem it;
-      it.subject = task;
-      it.prompt = bbh_prompt(cot, ex["input"].get<std::string>());
-      const std::string target = ex["target"].get<std::string>();
-      it.label = SuiteAnswer::of(mc ? bbh_mcq_postprocess(target) : target);
-      it.where = where;
-      d.items.push_back(std::move(it));
-    }
+    std::vector<std::string> heads;  // what this task's prompts start with, per file
+    for (const auto& file : files)
+      if (file.substr(0, file.find('.')) == task) heads.push_back(load_bbh_file(dir, file, task, d.items));
+    d.shared.push_back(common_prefix(heads));
   }
   return d;
 }

@@ -122,6 +122,7 @@ TEST(SuitePrompt, PandasCellsPrintAsTheirPromptCodeSeesThem) {
   TempDir tmp("suite_csv");
   write_file(tmp.file("a.csv"),
              "q1,007,1,True,1e-5,NA,\"multi\nline\"\n"
+             " \t\n"
              "q2,-3,2.50,false,100000000000000000000,x\n");
   const auto rows = read_pandas_csv(tmp.file("a.csv"));
   ASSERT_EQ(rows.size(), 2u);
@@ -165,6 +166,15 @@ TEST(SuitePrompt, AgievalPromptIsTheContextOfTheirExperimentInput) {
   ASSERT_EQ(f.items.size(), 1u);
   EXPECT_EQ(f.items[0].subject, "sat-math");
   EXPECT_EQ(f.items[0].prompt.substr(0, 52), "Here are the answers for the problems in the exam.\nP");
+
+  // Their subset is the file name up to its first dot: a second file adds to it.
+  write_file(tmp.file("AGIEval/experiment_input/zero-shot/math.part2.jsonl"),
+             "{\"context\": \"Q: 2+2?\\nA: The answer is\", \"label\": \"4\"}\n");
+  const SuiteData more = load_suite(Suite::Agieval, tmp.file("AGIEval"), {});
+  EXPECT_EQ(more.subjects, z.subjects);
+  ASSERT_EQ(more.items.size(), 5u);
+  EXPECT_EQ(more.items[4].subject, "math");
+  EXPECT_EQ(more.items[4].label.text, "4");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -394,6 +404,12 @@ class SuiteCli : public ::testing::Test {
     write_mmlu(*tmp_);
     write_bbh(*tmp_);
     write_agieval(*tmp_);
+    // A question longer than the 1024-token context.
+    std::string words;
+    for (int i = 0; i < 400; ++i) words += "word" + std::to_string(i) + " sort ";
+    write_file(tmp_->file("BBH/cot-prompts/word_sorting.txt"), "canary\n-----\nSort the words.\n");
+    write_file(tmp_->file("BBH/bbh/word_sorting.json"),
+               nlohmann::json{{"examples", {{{"input", words}, {"target", "sort word"}}}}}.dump());
   }
   static void TearDownTestSuite() { delete tmp_; }
 
@@ -432,8 +448,9 @@ TEST_F(SuiteCli, BbhRunsWithABudgetTheContextHolds) {
   const auto big = eval({"--suite", "bbh", "--data-dir", tmp_->file("BBH")});
   EXPECT_NE(big.code, 0);
   EXPECT_NE(big.output.find("--max-new-tokens 1024 leaves no room"), std::string::npos) << big.output;
-  const auto r = eval({"--suite", "bbh", "--data-dir", tmp_->file("BBH"), "--max-new-tokens", "1000", "--subjects",
-                       "date_understanding,boolean_expressions", "--json"});
+  const std::string pred = tmp_->file("bbh_pred.jsonl");
+  const auto r = eval({"--suite", "bbh", "--data-dir", tmp_->file("BBH"), "--max-new-tokens", "8", "--subjects",
+                       "word_sorting,boolean_expressions", "--json", "--predictions", pred});
   ASSERT_EQ(r.code, 0) << r.output;
   const auto j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
   EXPECT_EQ(j.at("suite"), "bbh");
@@ -441,7 +458,14 @@ TEST_F(SuiteCli, BbhRunsWithABudgetTheContextHolds) {
   EXPECT_EQ(j.at("subjects")[0].at("subject"), "boolean_expressions");
   EXPECT_EQ(j.at("subjects")[0].at("total"), 2);
   EXPECT_EQ(j.at("total"), 3);
-  EXPECT_EQ(j.at("prompts_truncated").get<int>(), 3);  // 24 tokens left for each: cut from the left
+  // The long question is cut from the left to 1024 - 8 tokens, as their tokenizer truncated.
+  EXPECT_EQ(j.at("prompts_truncated").get<int>(), 1);
+  std::istringstream in(read_all(pred));
+  std::string line;
+  std::vector<int> tokens;
+  while (std::getline(in, line)) tokens.push_back(nlohmann::json::parse(line).at("prompt_tokens").get<int>());
+  ASSERT_EQ(tokens.size(), 3u);
+  EXPECT_EQ(tokens[2], 1024 - 8);
 }
 
 TEST_F(SuiteCli, AgievalZeroShotRunsAndBadFlagsAreRefused) {
