@@ -277,7 +277,6 @@ int run_fewshot(const FewshotCli& c) {
   return 0;
 }
 
-
 json answer_json(const SuiteAnswer& a) {
   if (a.none) return nullptr;
   if (a.is_list) return a.list;
