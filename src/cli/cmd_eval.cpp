@@ -17,6 +17,7 @@
 #include "subllm/error.h"
 #include "subllm/eval.h"
 #include "subllm/generate.h"
+#include "subllm/suites.h"
 #include "subllm/threads.h"
 
 namespace subllm::cli {
@@ -160,6 +161,10 @@ int run_ppl(const PplCli& c) {
 
 struct FewshotCli {
   std::string model_dir, task, task_spec, train, test, scoring = "generate", predictions;
+  std::string suite, data_dir;          // --suite mmlu|bbh|agieval reads the authors' folder layouts
+  std::vector<std::string> subjects;
+  int max_new_tokens = 0;               // suites: 0 is the authors' budget
+  bool shots_given = false;             // suites default to their own shot counts
   std::string device = "cpu";
   int shots = 4;
   std::vector<uint32_t> seeds;
@@ -169,9 +174,13 @@ struct FewshotCli {
   bool json_out = false;
 };
 
+int run_suite(const FewshotCli& c);
+
 int run_fewshot(const FewshotCli& c) {
+  if (!c.suite.empty()) return run_suite(c);
   set_num_threads(c.threads);
-  check(!c.task.empty() || !c.task_spec.empty(), "give --task NAME or --task-spec FILE.json");
+  check(!c.task.empty() || !c.task_spec.empty(), "give --task NAME, --task-spec FILE.json or --suite NAME");
+  check(!c.train.empty() && !c.test.empty(), "--task and --task-spec need --train FILE.jsonl and --test FILE.jsonl");
   const FewshotTask task = c.task_spec.empty() ? builtin_task(c.task) : load_task_spec(c.task_spec);
   validate_task(task);
   // Data errors surface before the model loads.
@@ -268,6 +277,105 @@ int run_fewshot(const FewshotCli& c) {
   return 0;
 }
 
+json answer_json(const SuiteAnswer& a) {
+  if (a.none) return nullptr;
+  if (a.is_list) return a.list;
+  return a.text;
+}
+
+// MMLU, BBH or AGIEval from the authors' folder layouts: accuracy per subject and overall.
+int run_suite(const FewshotCli& c) {
+  set_num_threads(c.threads);
+  check(!c.data_dir.empty(), "--suite " + c.suite + " needs --data-dir DIR, the suite's folder of the authors' "
+                             "eval_data (see docs/EVAL.md)");
+  const Suite suite = parse_suite(c.suite);
+  SuiteLoadOptions lo;
+  lo.shots = c.shots_given ? c.shots : -1;
+  lo.subjects = c.subjects;
+  // Data errors surface before the model loads.
+  const SuiteData data = load_suite(suite, c.data_dir, lo);
+  // Written beside its final name and renamed there only when complete.
+  std::string tmp;
+  std::ofstream out;
+  struct Cleanup {
+    std::string& tmp;
+    ~Cleanup() {
+      std::error_code ec;
+      if (!tmp.empty()) std::filesystem::remove(tmp, ec);
+    }
+  } cleanup{tmp};
+  if (!c.predictions.empty()) {
+    tmp = c.predictions + ".tmp-" + std::to_string(::getpid());
+    out.open(tmp, std::ios::trunc);
+    if (!out.good()) {
+      const std::string why = std::strerror(errno);
+      tmp.clear();
+      throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
+    }
+  }
+  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  lm.model->knobs().keep_threshold = c.keep_threshold;
+  SuiteOptions o;
+  o.max_new_tokens = c.max_new_tokens;
+  ProgressLine bar(std::string("fewshot ") + suite_name(suite), "items");
+  o.progress = [&bar](int64_t d, int64_t t) { bar(d, t); };
+  const SuiteResult r = evaluate_suite(*lm.model, lm.tokenizer, data, o);
+
+  if (!c.predictions.empty()) {
+    for (const auto& it : r.items) {
+      const SuiteItem& item = data.items[it.item];
+      out << json{{"item", it.item},
+                  {"subject", item.subject},
+                  {"source", item.where},
+                  {"label", answer_json(item.label)},
+                  {"extracted", answer_json(it.extracted)},
+                  {"correct", it.correct},
+                  {"generated", it.generated},
+                  {"prompt_tokens", it.prompt_tokens},
+                  {"truncated", it.truncated}}
+                 .dump()
+          << "\n";
+    }
+    out.close();
+    check(!out.fail(), "writing --predictions " + c.predictions + " failed (disk full?); nothing was written there");
+    std::error_code ec;
+    std::filesystem::rename(tmp, c.predictions, ec);
+    check(!ec, "cannot move the predictions to " + c.predictions + ": " + ec.message());
+    tmp.clear();
+  }
+  const std::string setup = suite == Suite::Bbh       ? std::string("its cot-prompts")
+                            : suite == Suite::Agieval ? r.setting
+                                                      : std::to_string(r.shots) + " shots";
+  if (c.json_out) {
+    json subjects = json::array();
+    for (const auto& s : r.subjects)
+      subjects.push_back({{"subject", s.subject}, {"accuracy", s.accuracy}, {"correct", s.correct}, {"total", s.total}});
+    json j = {{"model", lm.dir},          {"suite", suite_name(suite)},   {"shots", r.shots},
+              {"max_new_tokens", r.max_new_tokens}, {"subjects", subjects}, {"accuracy", r.accuracy},
+              {"correct", r.correct},     {"total", r.total},            {"subject_mean", r.subject_mean},
+              {"prompts_truncated", r.truncated}, {"seconds", r.seconds}};
+    if (suite == Suite::Agieval) j["setting"] = r.setting;
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  size_t width = 12;
+  for (const auto& s : r.subjects) width = std::max(width, s.subject.size() + 1);
+  std::printf("%-*s %s\n", (int)width, "model", lm.dir.c_str());
+  std::printf("%-*s %s (%s, greedy, up to %d new tokens)\n", (int)width, "suite", suite_name(suite), setup.c_str(),
+              r.max_new_tokens);
+  for (const auto& s : r.subjects)
+    std::printf("%-*s %6.2f%% (%lld/%lld)\n", (int)width, s.subject.c_str(), s.accuracy, (long long)s.correct,
+                (long long)s.total);
+  std::printf("%-*s %6.2f%% (%lld/%lld, over all items, as the authors score)\n", (int)width, "overall", r.accuracy,
+              (long long)r.correct, (long long)r.total);
+  std::printf("%-*s %6.2f%% (mean of %zu subject accuracies)\n", (int)width, "subject mean", r.subject_mean,
+              r.subjects.size());
+  if (r.truncated)
+    std::printf("%-*s %lld prompts lost their first tokens to fit the context\n", (int)width, "truncated",
+                (long long)r.truncated);
+  std::printf("%-*s %.1f\n", (int)width, "seconds", r.seconds);
+  return 0;
+}
 }  // namespace
 
 void add_eval_command(CLI::App& app, Runner& run) {
@@ -324,30 +432,62 @@ void add_eval_command(CLI::App& app, Runner& run) {
       "\"query_template\" (the test item's own template, no {label}), \"max_new_tokens\" and \"strip_fields\" "
       "(default true). See docs/EVAL.md.\n"
       "A prompt longer than the context (minus the generated tokens) drops demonstrations from the front; the "
-      "count is reported.");
+      "count is reported.\n"
+      "--suite mmlu|bbh|agieval --data-dir DIR runs the authors' other benchmarks from their eval_data folders, "
+      "prompted and scored as their fewshot.py does; prints accuracy per subject and over all items.");
   fs->add_option("-m,--model", f->model_dir, "model folder (a checkpoint) or run folder (its newest checkpoint)")
       ->required();
   auto* task = fs->add_option("--task", f->task, "built-in task: sst2, yelp, amazon, agnews, dbpedia, tweet_hate, spam");
-  fs->add_option("--task-spec", f->task_spec, "a task described in JSON (see above)")
+  auto* spec = fs->add_option("--task-spec", f->task_spec, "a task described in JSON (see above)")
       ->check(CLI::ExistingFile)
       ->excludes(task);
-  fs->add_option("--train", f->train, "jsonl the demonstrations are drawn from")->required()->check(CLI::ExistingFile);
-  fs->add_option("--test", f->test, "jsonl of test items")->required()->check(CLI::ExistingFile);
-  fs->add_option("--shots", f->shots, "demonstrations per prompt")->capture_default_str()->check(interval("[0, inf)"));
-  fs->add_option("--seed", f->seeds, "seed of the demonstration choice; repeat for several (default 12345)");
+  auto* train = fs->add_option("--train", f->train, "jsonl the demonstrations are drawn from (--task, --task-spec)")
+                    ->check(CLI::ExistingFile);
+  auto* test = fs->add_option("--test", f->test, "jsonl of test items (--task, --task-spec)")->check(CLI::ExistingFile);
+  auto* shots = fs->add_option("--shots", f->shots,
+                               "demonstrations per prompt (tasks: default 4; mmlu: the first k dev rows, default 5; "
+                               "agieval: 0 reads experiment_input/zero-shot, more few-shot; bbh: not used)")
+                    ->capture_default_str()
+                    ->check(interval("[0, inf)"));
+  auto* seed = fs->add_option("--seed", f->seeds, "seed of the demonstration choice; repeat for several (default 12345)");
+  auto* suite = fs->add_option("--suite", f->suite,
+                               "the authors' benchmark suites instead of a task: mmlu, bbh or agieval, read from "
+                               "--data-dir in their eval_data layout (see docs/EVAL.md)")
+                    ->check(CLI::IsMember({"mmlu", "bbh", "agieval"}))
+                    ->excludes(task)
+                    ->excludes(spec)
+                    ->excludes(train)
+                    ->excludes(test)
+                    ->excludes(seed);
+  fs->add_option("--data-dir", f->data_dir,
+                 "the suite's folder: eval_data/MMLU/data (dev/, test/), eval_data/BBH (cot-prompts/, bbh/) or "
+                 "eval_data/AGIEval (experiment_input/)")
+      ->needs(suite);
+  fs->add_option("--subjects", f->subjects, "suite subjects to run, comma separated (default: all found)")
+      ->delimiter(',')
+      ->needs(suite);
+  fs->add_option("--max-new-tokens", f->max_new_tokens,
+                 "suite generation budget (default the authors': mmlu 3, bbh 1024, agieval 60)")
+      ->check(interval("[1, 1000000]"))
+      ->needs(suite);
   add_device_option(fs, f->device);
   fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
       ->check(CLI::IsMember({"generate", "loglik"}))
+      ->excludes(suite)
       ->capture_default_str();
   fs->add_option("--max-test", f->max_test,
                  "evaluate this many test items, chosen as the authors downsample (RandomState(666)); 0: all")
+      ->excludes(suite)
       ->capture_default_str()->check(interval("[0, inf)"));
   fs->add_option("--keep-threshold", f->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
       ->capture_default_str()->check(interval("(-inf, inf)"));
   fs->add_option("--predictions", f->predictions, "write every item's prediction to this jsonl file");
   add_threads_option(fs, f->threads);
   fs->add_flag("--json", f->json_out, "print one JSON object instead of the table");
-  fs->callback([&run, f] { run = [f] { return run_fewshot(*f); }; });
+  fs->callback([&run, f, shots] {
+    f->shots_given = shots->count() > 0;
+    run = [f] { return run_fewshot(*f); };
+  });
 }
 
 }  // namespace subllm::cli
