@@ -89,11 +89,12 @@ struct ModelConfig {
 
 // Reads config.json (docs/DESIGN.md, "The authors' model format", lists every key). Unknown
 // keys are kept; keys that would change the math in a way not implemented here are refused;
-// missing keys keep the defaults above, except qk_bias, which is
-// true when absent (the authors' class default). `downsampling_factor_denominator` may be a number, a
-// string ("0.64"), a comma-separated string ("0.64,0.5") or a JSON list; the authors'
-// `downsampling_factor` (a list of factors 1/r, one per subsampler) takes precedence.
-// Errors name the file and the key.
+// missing keys keep the defaults above, except qk_bias, which is true when absent (the
+// authors' class default) unless the file is subllm's own (norm_eps, rope_base or
+// subllm_format present: subllm had no biases before it wrote the key).
+// `downsampling_factor_denominator` may be a number, a string ("0.64"), a comma-separated
+// string ("0.64,0.5") or a JSON list; the authors' `downsampling_factor` (a list of factors
+// 1/r, one per subsampler) takes precedence. Errors name the file and the key.
 ModelConfig load_config(const std::string& path);
 ModelConfig config_from_json_text(const std::string& json_text, const std::string& source_name);
 // Every key of the authors' config class with this model's values, then ours (norm_eps,

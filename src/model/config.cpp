@@ -392,8 +392,9 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   read_int(j, s, "bos_token_id", c.bos_token_id);
   read_int(j, s, "eos_token_id", c.eos_token_id);
   read_bool(j, s, "tie_weights", c.tie_weights);
-  // Absent means true, as in the authors' config class (their published configs say false).
-  c.qk_bias = true;
+  // Absent means true, as in the authors' config class (their published configs say false),
+  // except in files of subllm (known by its own keys), which had no biases before it wrote the key.
+  c.qk_bias = !(j.contains("norm_eps") || j.contains("rope_base") || j.contains("subllm_format"));
   read_bool(j, s, "qk_bias", c.qk_bias);
   read_string(j, s, "structure", c.structure);
   c.retentions = read_retentions(j, s);

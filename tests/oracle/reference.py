@@ -250,7 +250,9 @@ def load_config(path):
             raise ReferenceError(f"{path}: missing required key {key!r}")
         cfg[key] = int(raw[key])
     cfg["tie_weights"] = bool(raw.get("tie_weights", False))
-    cfg["qk_bias"] = bool(raw.get("qk_bias", True))
+    # A missing qk_bias means true (the authors' class), false in files of subllm (its own keys).
+    ours = any(k in raw for k in ("norm_eps", "rope_base", "subllm_format"))
+    cfg["qk_bias"] = bool(raw.get("qk_bias", not ours))
     cfg["padding_idx"] = int(raw.get("padding_idx", 0))
     cfg["norm_eps"] = float(raw.get("norm_eps", 1e-5))
     cfg["rope_base"] = float(raw.get("rope_base", 10000.0))

@@ -69,6 +69,8 @@ TEST(QkBias, MissingKeyMeansTrueAsInTheAuthorsConfigClass) {
   EXPECT_TRUE(config_from_json_text(base + R"(, "qk_bias": true})", "c.json").qk_bias);
   const std::string err = testing::error_of([&] { config_from_json_text(base + R"(, "qk_bias": "no"})", "c.json"); });
   EXPECT_NE(err.find("c.json: qk_bias must be true or false"), std::string::npos) << err;
+  // subllm wrote no qk_bias key before it supported biases: its files (norm_eps, rope_base) had none.
+  EXPECT_FALSE(config_from_json_text(base + R"(, "norm_eps": 1e-6, "rope_base": 10000})", "c.json").qk_bias);
 }
 
 TEST(QkBias, ConfigJsonAlwaysStatesTheKey) {
