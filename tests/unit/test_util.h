@@ -127,13 +127,12 @@ struct CliResult {
   long peak_rss_kb = 0;  // its peak resident memory
 };
 
-// Runs the CLI with `args` ($SUBLLM_CLI when set, e.g. another build to compare with, else the
-// one built with these tests) in `cwd` ("": the tests' own), killed after five minutes.
-// file_limit > 0 caps the size of every file it writes (RLIMIT_FSIZE) with SIGXFSZ ignored,
-// so a write past it fails with EFBIG the way a write to a full disk fails with ENOSPC.
-inline CliResult run_cli(std::vector<std::string> args, const std::string& cwd = "", rlim_t file_limit = 0) {
-  const char* env = std::getenv("SUBLLM_CLI");
-  args.insert(args.begin(), env && *env ? env : SUBLLM_CLI_PATH);
+// Runs the program args[0] with stdout and stderr captured, in `cwd` ("": the tests' own),
+// killed after five minutes. file_limit > 0 caps the size of every file it writes
+// (RLIMIT_FSIZE) with SIGXFSZ ignored, so a write past it fails with EFBIG the way a write to a
+// full disk fails with ENOSPC. uid >= 0 runs it as that user (from root: permissions bind it).
+inline CliResult run_program(std::vector<std::string> args, const std::string& cwd = "", rlim_t file_limit = 0,
+                             int uid = -1) {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -151,6 +150,7 @@ inline CliResult run_cli(std::vector<std::string> args, const std::string& cwd =
       const rlimit limit{file_limit, file_limit};
       setrlimit(RLIMIT_FSIZE, &limit);
     }
+    if (uid >= 0 && (setgid((gid_t)uid) != 0 || setuid((uid_t)uid) != 0)) _exit(125);
     alarm(300);
     execv(argv[0], argv.data());
     _exit(127);
@@ -166,6 +166,14 @@ inline CliResult run_cli(std::vector<std::string> args, const std::string& cwd =
   r.peak_rss_kb = ru.ru_maxrss;
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
+}
+
+// The CLI with `args` ($SUBLLM_CLI when set, e.g. another build to compare with, else the one
+// built with these tests), as run_program runs it.
+inline CliResult run_cli(std::vector<std::string> args, const std::string& cwd = "", rlim_t file_limit = 0) {
+  const char* env = std::getenv("SUBLLM_CLI");
+  args.insert(args.begin(), env && *env ? env : SUBLLM_CLI_PATH);
+  return run_program(args, cwd, file_limit);
 }
 
 // The same with the arguments as one line of words separated by spaces (no quoting).
