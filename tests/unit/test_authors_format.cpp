@@ -125,6 +125,7 @@ std::vector<Fixture> fixtures() {
   untied["tie_weights"] = false;
   untied["norm_eps"] = 1e-5;  // their code ignores it; 1e-5 is what it uses
   untied["subllm_format"] = 2;
+  untied["rope_positions"] = "parent";  // with subllm_format and no key it would read as ours before it
   f.push_back({"nested untied, norm_eps and subllm_format given, no buffers", untied, "--make 5 --no-buffers"});
   json one = authors_config("TTT(TT)T", false);
   one["downsampling_factor_denominator"] = "0.64";
