@@ -218,7 +218,9 @@ void randomize(Model& m, uint64_t seed) {
 
 TEST(AuthorsFormat, ModelWrittenWithTheOldNumberingLoadsCorrectly) {
   TempDir tmp("authors_old");
-  Model m(nested_ours());
+  ModelConfig before = nested_ours();
+  before.rope_parent_positions = false;  // subllm then placed nested tokens at original positions
+  Model m(before);
   randomize(m, 21);
   const auto want = our_logits(m);
   // What subllm wrote before format 2: bypasses.j for the j-th '(', a config with our own keys
@@ -236,6 +238,7 @@ TEST(AuthorsFormat, ModelWrittenWithTheOldNumberingLoadsCorrectly) {
                  "tie_weights": false, "structure": "TT(TT(T)T)T", "norm_eps": 1e-05, "rope_base": 10000.0})");
   auto old = load_dir(tmp.path());
   EXPECT_EQ(old->config().bypass_numbering, 1);
+  EXPECT_FALSE(old->config().rope_parent_positions);
   const auto got = our_logits(*old);
   for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << "sequence " << i;
   // Written again, the files carry the authors' numbering and say so.
