@@ -63,6 +63,13 @@ struct ModelConfig {
   // in config.json): 2 = by `)`, as the authors do; 1 = by `(`, as subllm did before format 2;
   // 0 = not known (a config that says neither). A config is always written as 2.
   int bypass_numbering = 2;
+  // RoPE positions of the tokens of a subsampled segment (`rope_positions` in config.json):
+  // true ("parent", the authors' rule) = a kept token's row index within the sequence its
+  // subsampler received (the parent segment's kept tokens); false ("original", subllm before
+  // the key existed) = its position in the full sequence. The two differ only in nested
+  // segments. New models and the authors' configs use "parent"; our configs without the key,
+  // "original"; a config is always written with the key.
+  bool rope_parent_positions = true;
   // Keys this program does not use (the authors' keys that do not change the math, and keys
   // unknown to both), as JSON text in the order read; written back as they were.
   std::vector<std::pair<std::string, std::string>> kept_keys;
@@ -98,7 +105,7 @@ struct ModelConfig {
 ModelConfig load_config(const std::string& path);
 ModelConfig config_from_json_text(const std::string& json_text, const std::string& source_name);
 // Every key of the authors' config class with this model's values, then ours (norm_eps,
-// rope_base, subllm_format) unless `authors_keys_only`, then the kept keys.
+// rope_base, subllm_format, rope_positions) unless `authors_keys_only`, then the kept keys.
 std::string config_to_json_text(const ModelConfig& c, bool authors_keys_only = false);
 // Written atomically (temp file + rename).
 void save_config(const ModelConfig& c, const std::string& path);

@@ -1,5 +1,5 @@
 // config.json with the official SUBLLM key names (every key the authors' config class reads),
-// plus norm_eps, rope_base and subllm_format of our own; other keys are kept and written back.
+// plus norm_eps, rope_base, subllm_format and rope_positions of our own; other keys are kept and written back.
 #include <unistd.h>
 
 #include <algorithm>
@@ -278,7 +278,7 @@ bool is_read_key(const std::string& key) {
       "num_embeddings", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_layers", "decoder_attention_heads",
       "tokens_per_sample", "padding_idx", "bos_token_id", "eos_token_id", "tie_weights", "structure",
       "downsampling_factor_denominator", "downsampling_factor", "norm_eps", "rope_base", "norm_name", "mlp_name",
-      "subllm_format", "qk_bias", "hidden_size"};
+      "subllm_format", "qk_bias", "hidden_size", "rope_positions"};
   for (const char* k : kRead)
     if (key == k) return true;
   return false;
@@ -355,6 +355,26 @@ int read_bypass_numbering(const json& j, const std::string& s) {
   return ours ? 1 : 2;
 }
 
+// rope_positions: "parent" or "original". Without the key, a config that is recognisably ours
+// (subllm_format or our keys) was written before the key existed, when subllm used original
+// positions: it keeps them, so its checkpoints keep their results. Any other config (the
+// authors', or one that says neither) gets the authors' rule.
+bool read_rope_parent_positions(const json& j, const std::string& s) {
+  auto it = j.find("rope_positions");
+  if (it == j.end() || it->is_null()) {
+    const bool ours = j.contains("subllm_format") || j.contains("norm_eps") || j.contains("rope_base");
+    return !ours;
+  }
+  std::string v;
+  read_string(j, s, "rope_positions", v);
+  if (v != "parent" && v != "original") {
+    throw Error(s + ": rope_positions \"" + v +
+                "\" is not known: \"parent\" = a subsampled token's position is its row in the parent "
+                "segment (the authors' rule), \"original\" = its position in the full sequence");
+  }
+  return v == "parent";
+}
+
 }  // namespace
 
 std::string ModelConfig::layout() const {
@@ -405,6 +425,7 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   read_string(j, s, "norm_name", c.norm_name);
   read_string(j, s, "mlp_name", c.mlp_name);
   c.bypass_numbering = read_bypass_numbering(j, s);
+  c.rope_parent_positions = read_rope_parent_positions(j, s);
   check_authors_keys(j, s, c);
   for (auto it = j.begin(); it != j.end(); ++it)
     if (!is_read_key(it.key())) c.kept_keys.emplace_back(it.key(), it.value().dump());
@@ -461,6 +482,7 @@ std::string config_to_json_text(const ModelConfig& c, bool authors_keys_only) {
     j["norm_eps"] = float_for_json(c.norm_eps);
     j["rope_base"] = float_for_json(c.rope_base);
     j["subllm_format"] = 2;
+    j["rope_positions"] = c.rope_parent_positions ? "parent" : "original";
   }
   for (const auto& [key, value] : c.kept_keys)
     if (!j.contains(key)) j[key] = nlohmann::ordered_json::parse(value);

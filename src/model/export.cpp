@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -36,12 +37,24 @@ void check_exportable(const ModelConfig& c, const std::string& dir) {
                   "remove that pair of parentheses from the structure");
     }
   }
+  // Their code places a nested segment's tokens at their rows in the parent segment; a model
+  // using original positions there would compute something else. Without nesting both agree.
+  const bool nested = std::any_of(st.segments.begin(), st.segments.end(), [](const Segment& s) { return s.depth > 1; });
+  if (nested && !c.rope_parent_positions) {
+    throw Error("cannot export '" + dir + "': the model is nested (" + c.layout() +
+                ") and uses \"rope_positions\": \"original\", but the authors' code always uses \"parent\" "
+                "(a token's row in the parent segment): only nested models with \"parent\" positions can be exported");
+  }
 }
 
 std::string config_text(const ModelConfig& c) {
   nlohmann::ordered_json j = nlohmann::ordered_json::parse(config_to_json_text(c, true));
   // Their code ignores the key; it is written so that loading the export here gives the same model.
-  if (c.norm_eps != 1e-5f) j["norm_eps"] = c.norm_eps;
+  if (c.norm_eps != 1e-5f) {
+    j["norm_eps"] = c.norm_eps;
+    // With one of our keys the config would read as ours from before rope_positions; say it.
+    j["rope_positions"] = "parent";
+  }
   return j.dump(2) + "\n";
 }
 

@@ -23,7 +23,8 @@ struct BlockActs {
 struct SegmentActs {
   int T = 0;                   // tokens per sequence now (inference: this pass's count)
   int T_cap = 0;               // tokens per sequence the memory was planned for
-  Tensor pos;                  // (B*T) original positions, for RoPE
+  Tensor pos;                  // (B*T) RoPE positions (config.rope_parent_positions says which)
+  Tensor parent_index;         // (parent rows) i32: each parent row's index in its sequence ("parent" rule)
   Tensor tok;                  // (B*T) token ids (inference: padding is never kept)
   std::vector<Tensor> stream;  // items+1 of (B*T, C): the residual stream between items
   Tensor d_stream;             // (B*T, C)
@@ -69,6 +70,7 @@ struct BlockIO {
 struct CachedSegment {
   int cap = 0;
   Tensor scores, w, kept, count, x, pos, tok;  // (rows), (rows), (rows) i32, (1) i32, (rows, C), (rows) i32 x2
+  Tensor parent_index;                         // (rows) i32: positions within the parent segment
   void reserve(Backend& be, int rows, int C, DType act);  // x in the activation dtype
 };
 

@@ -83,6 +83,7 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
       g.d_w_scale = ar.alloc({rows});
       g.d_bypass = ar.alloc({C});
       g.count = ar.alloc({1}, DType::I32);
+      if (c.rope_parent_positions) g.parent_index = ar.alloc({parent_rows}, DType::I32);
     }
     for (const SegmentItem& it : st.segments[s].items) {
       if (!it.is_block) continue;
@@ -242,7 +243,13 @@ void Pass::subsample_forward(int child, View x) {
   const int64_t rows = (int64_t)B * g.T;
   const View kept = rows_of(g.kept, rows);
   be.gather_rows(x, kept, rows_of(g.stream[0], rows));
-  be.gather_rows(rows_of(parent.pos, Np), kept, rows_of(g.pos, rows));
+  if (cfg.rope_parent_positions) {
+    // The authors' rule: a kept token's position is its row within the parent's sequence.
+    be.fill_positions(rows_of(g.parent_index, Np), B, Tp, 0);
+    be.gather_rows(rows_of(g.parent_index, Np), kept, rows_of(g.pos, rows));
+  } else {
+    be.gather_rows(rows_of(parent.pos, Np), kept, rows_of(g.pos, rows));
+  }
   if (a.mode == Mode::Inference) be.gather_rows(rows_of(parent.tok, Np), kept, rows_of(g.tok, rows));
 }
 

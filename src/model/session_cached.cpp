@@ -63,6 +63,7 @@ void CachedSegment::reserve(Backend& be, int rows, int C, DType act) {
   count = be.empty({1}, DType::I32);
   x = be.empty({cap, (int64_t)C}, act);
   pos = be.empty({cap}, DType::I32);
+  parent_index = be.empty({cap}, DType::I32);
   tok = be.empty({cap}, DType::I32);
 }
 
@@ -75,7 +76,8 @@ void ensure(Backend& be, Tensor& t, int64_t numel, DType dt = DType::F32) {
   t = be.empty({std::max(numel, 2 * have)}, dt);
 }
 
-// The cached walk of one segment: x (rows, C) in and out; pos, tok (rows).
+// The cached walk of one segment: x (rows, C) in and out; pos, tok (rows); `before`: the
+// segment's tokens of the earlier chunks (its cached length).
 struct CachedPass {
   CachedPass(Session& session, SessionState& state, SequenceCache& c)
       : s(session), w(session.weights()), be(w.backend()), cfg(w.config()), st(state), cache(c) {}
@@ -88,7 +90,7 @@ struct CachedPass {
   SequenceCache& cache;
 
   void block(int blk, View x, int rows, View pos);
-  void segment(int seg, View x, int rows, View pos, View tok);
+  void segment(int seg, View x, int rows, View pos, View tok, int64_t before);
 };
 
 void CachedPass::block(int blk, View x, int rows, View pos) {
@@ -156,7 +158,7 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   be.copy_rows(y, x);
 }
 
-void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
+void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t before) {
   const int C = cfg.dim;
   for (const SegmentItem& it : w.structure().segments[seg].items) {
     if (it.is_block) {
@@ -173,14 +175,22 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok) {
                         view_of(b.count));
     int32_t nk = 0;
     be.to_host(&nk, b.count.raw(), sizeof nk);  // the kept length shapes everything after
+    const int64_t child_before = cache.kept[j];
     cache.seen[j] += rows;
     cache.kept[j] += nk;
     if (nk == 0) continue;
     const View kept = rows_of(b.kept, nk), xk = rows_of(b.x, nk);
     be.gather_rows(x, kept, xk);
-    be.gather_rows(pos, kept, rows_of(b.pos, nk));
+    if (cfg.rope_parent_positions) {
+      // The authors' rule: the position is the token's index in the parent segment's
+      // sequence, whose earlier chunks hold `before` tokens.
+      be.fill_positions(rows_of(b.parent_index, rows), 1, rows, (int)before);
+      be.gather_rows(rows_of(b.parent_index, rows), kept, rows_of(b.pos, nk));
+    } else {
+      be.gather_rows(pos, kept, rows_of(b.pos, nk));
+    }
     be.gather_rows(tok, kept, rows_of(b.tok, nk));
-    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk));
+    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk), child_before);
     // Upsample + bypass in place: x[kept] += c * w * (y' - x[kept]).
     be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), param_vec(w, w.bypass_offset(j), C), x);
   }
@@ -205,7 +215,7 @@ void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n,
   be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * n);
   be.fill_positions(pos, 1, n, cache.length);
   be.embedding_forward(tok, param(w_, w_.embed_offset(), V, C), x);
-  CachedPass(*this, st, cache).segment(0, x, n, pos, tok);
+  CachedPass(*this, st, cache).segment(0, x, n, pos, tok, cache.length);
   cache.length += n;
   const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
   ensure(be, st.normed, (int64_t)count * C, w_.compute_dtype());

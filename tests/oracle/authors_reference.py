@@ -15,12 +15,11 @@ Their semantics followed here (docs/DESIGN.md, "The authors' model format"):
     decoder.output_projection.weight, and its state dict names it twice.
   - inference mode: a subsampler keeps every token whose score is > 0 and that is not the
     padding token (at the outermost level, where padding can appear), in order; the kept
-    tokens run the inner layers at their original positions; upsampling blends them back by
-    clamp(score, 0, 1); the bypass mixes per channel. Keys that are padding tokens are
-    masked in the outer attention. One sequence at a time.
-One difference is kept on purpose, as in subllm (docs/DESIGN.md, Model): blocks inside nested
-segments use the tokens' original positions for RoPE, where their code passes positions
-relative to the parent segment.
+    tokens run the inner layers at RoPE positions equal to their row indices within the
+    sequence the subsampler received (the parent segment's kept tokens: in a nested segment
+    these are not the original positions); upsampling blends them back by clamp(score, 0, 1);
+    the bypass mixes per channel. Keys that are padding tokens are masked in the outer
+    attention. One sequence at a time.
 
 Usage: /usr/bin/python3 tests/oracle/authors_reference.py DIR [--make SEED] [--no-buffers]
                                                            [--no-head] [--compare F32_FILE]
@@ -191,7 +190,8 @@ class Decoder(nn.Module):
                     keep = keep & ~key_mask
                 idx = keep.nonzero()[:, 0]
                 saved.append((x, idx, s.clamp(0.0, 1.0)[idx], positions, key_mask))
-                x, positions, key_mask = x[idx], positions[idx], None
+                # Their rule: positions are the kept rows' indices in the parent sequence.
+                x, positions, key_mask = x[idx], idx, None
             else:
                 x_orig, idx, w, positions, key_mask = saved.pop()
                 u = x_orig.clone()

@@ -268,6 +268,15 @@ def load_config(path):
     cfg["segments"], cfg["num_subsamplers"], cfg["retentions"], closing = parse_structure(
         structure, cfg["decoder_layers"], rets, path)
     old_numbering = raw.get("subllm_format") == 1
+    # RoPE positions inside nested segments: "parent" (the authors' rule) = a kept token's
+    # row index within its parent segment; "original" = its position in the full sequence.
+    # Without the key: "original" for a config recognisably subllm's (written before the key
+    # existed), "parent" otherwise.
+    ours = any(k in raw for k in ("subllm_format", "norm_eps", "rope_base"))
+    rule = raw.get("rope_positions") or ("original" if ours else "parent")
+    if rule not in ("parent", "original"):
+        raise ReferenceError(f"{path}: rope_positions {rule!r}: expected 'parent' or 'original'")
+    cfg["rope_parent_positions"] = rule == "parent"
     cfg["bypass_index"] = list(range(len(closing))) if old_numbering else closing
     d, h = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]
     if h <= 0 or d % h != 0:
@@ -580,10 +589,13 @@ def subsample(params, cfg, j, x, flipped, balancer_on, trace):
     return kept, w_scale
 
 
-def run_segment(params, cfg, items, x, positions, step, choices, trace, record, key_mask=None):
-    """Runs the items of one segment on x (B, N, d) whose tokens sit at `positions`
-    (B, N) of the full sequence. key_mask (B, N), True where a key is masked, applies to
-    this segment's blocks only: the authors drop it inside subsampled segments."""
+def run_segment(params, cfg, items, x, positions, step, choices, trace, record, key_mask=None,
+                depth=0):
+    """Runs the items of one segment on x (B, N, d) whose tokens sit at RoPE `positions`
+    (B, N). key_mask (B, N), True where a key is masked, applies to this segment's blocks
+    only: the authors drop it inside subsampled segments. A child segment's positions: with
+    "original", the kept tokens' positions here; with "parent", their row indices here,
+    except below the root, whose (possibly explicit) positions the first level keeps."""
     hd = cfg["decoder_embed_dim"] // cfg["decoder_attention_heads"]
     N = x.shape[1]
     cos = sin = causal = None
@@ -605,8 +617,10 @@ def run_segment(params, cfg, items, x, positions, step, choices, trace, record, 
         record[f"w_scale/{j}"] = w_scale.detach()
         idx = kept.unsqueeze(-1).expand(B, kept.shape[1], d)
         xk = x.gather(1, idx)
-        yk = run_segment(params, cfg, child, xk, positions.gather(1, kept), step, choices,
-                         trace, record)
+        by_row = cfg.get("rope_parent_positions", False) and depth > 0
+        child_pos = kept if by_row else positions.gather(1, kept)
+        yk = run_segment(params, cfg, child, xk, child_pos, step, choices, trace, record,
+                         depth=depth + 1)
         ws = w_scale.unsqueeze(-1)
         u = x.scatter(1, idx, ws * yk + (1.0 - ws) * xk)
         c = params[bypass_name(cfg, j)]

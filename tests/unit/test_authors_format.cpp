@@ -125,6 +125,7 @@ std::vector<Fixture> fixtures() {
   untied["tie_weights"] = false;
   untied["norm_eps"] = 1e-5;  // their code ignores it; 1e-5 is what it uses
   untied["subllm_format"] = 2;
+  untied["rope_positions"] = "parent";  // with subllm_format and no key it would read as ours before it
   f.push_back({"nested untied, norm_eps and subllm_format given, no buffers", untied, "--make 5 --no-buffers"});
   json one = authors_config("TTT(TT)T", false);
   one["downsampling_factor_denominator"] = "0.64";
@@ -217,7 +218,9 @@ void randomize(Model& m, uint64_t seed) {
 
 TEST(AuthorsFormat, ModelWrittenWithTheOldNumberingLoadsCorrectly) {
   TempDir tmp("authors_old");
-  Model m(nested_ours());
+  ModelConfig before = nested_ours();
+  before.rope_parent_positions = false;  // subllm then placed nested tokens at original positions
+  Model m(before);
   randomize(m, 21);
   const auto want = our_logits(m);
   // What subllm wrote before format 2: bypasses.j for the j-th '(', a config with our own keys
@@ -235,6 +238,7 @@ TEST(AuthorsFormat, ModelWrittenWithTheOldNumberingLoadsCorrectly) {
                  "tie_weights": false, "structure": "TT(TT(T)T)T", "norm_eps": 1e-05, "rope_base": 10000.0})");
   auto old = load_dir(tmp.path());
   EXPECT_EQ(old->config().bypass_numbering, 1);
+  EXPECT_FALSE(old->config().rope_parent_positions);
   const auto got = our_logits(*old);
   for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << "sequence " << i;
   // Written again, the files carry the authors' numbering and say so.
