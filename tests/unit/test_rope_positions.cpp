@@ -117,7 +117,9 @@ TEST(RopePositions, CachedDecodingEqualsTheFullPassUnderBothRules) {
       // Positions differ between the rules only where the outer levels dropped tokens.
       for (size_t j = 0; j < c.kept.size(); ++j) {
         EXPECT_GT(c.kept[j], 0) << "the test should keep some tokens at level " << j;
-        if (j < 2) EXPECT_LT(c.kept[j], c.seen[j]) << "the test should drop some tokens at level " << j;
+        if (j < 2) {
+          EXPECT_LT(c.kept[j], c.seen[j]) << "the test should drop some tokens at level " << j;
+        }
       }
       if (std::string(layout) == "T(T(T)T)T") cached_by_rule[parent] = inc;
     }
