@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "eval/shared_prefix.h"
 #include "subllm/error.h"
 #include "subllm/eval.h"
 
@@ -120,33 +121,15 @@ class Evaluator {
   // Prefills the shared demonstrations once per seed; later prompts that start with the same
   // tokens continue from a copy of that cache.
   void set_prefix(const std::vector<const FewshotExample*>& demos) {
-    prefix_.clear();
-    has_prefix_ = false;
-    if (demos.empty()) return;
+    if (demos.empty()) return prefix_.clear();
     std::string text;
     for (const auto* d : demos) text += format_demonstration(task_, *d);
-    prefix_ = encode_doc(text);
-    // The last tokens may merge with the query's first characters; leave them out.
-    const size_t keep = prefix_.size() > 3 ? prefix_.size() - 2 : 0;
-    prefix_.resize(keep);
-    if (keep == 0 || keep + max_new_ >= (size_t)context_) return;
-    prefix_cache_ = m_.new_cache();
-    std::vector<float> logits(V_);
-    m_.forward_cached(prefix_cache_, prefix_.data(), (int)prefix_.size(), logits.data(), false);
-    has_prefix_ = true;
+    prefix_.set(encode_doc(text), max_new_);
   }
 
   // Runs the prompt; leaves its cache and next-token logits.
   void prefill(const std::vector<int32_t>& ids, SequenceCache& cache, std::vector<float>& last) {
-    last.assign(V_, 0.f);
-    size_t start = 0;
-    if (has_prefix_ && ids.size() > prefix_.size() && std::equal(prefix_.begin(), prefix_.end(), ids.begin())) {
-      cache = prefix_cache_;
-      start = prefix_.size();
-    } else {
-      cache = m_.new_cache();
-    }
-    m_.forward_cached(cache, ids.data() + start, (int)(ids.size() - start), last.data(), false);
+    prefix_.prefill(ids, cache, last);
   }
 
   FewshotItemResult run(const PreparedItem& p, int label) {
@@ -210,9 +193,7 @@ class Evaluator {
   Scoring scoring_;
   int V_, context_, max_new_ = 0;
   std::string gap_;
-  std::vector<int32_t> prefix_;
-  SequenceCache prefix_cache_;
-  bool has_prefix_ = false;
+  SharedPrefix prefix_{m_};
 };
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "eval/shared_prefix.h"
 #include "subllm/documents.h"
 #include "subllm/error.h"
 #include "subllm/suites.h"
@@ -541,16 +542,7 @@ class SuiteRunner {
 
   // Prefills the text every prompt of a subject starts with once; prompts whose tokens start
   // with it continue from a copy of that cache.
-  void set_prefix(const std::string& shared) {
-    prefix_ = encode_doc(shared);
-    // The last tokens may merge with what follows them in a prompt; leave them out.
-    prefix_.resize(prefix_.size() > 3 ? prefix_.size() - 2 : 0);
-    has_prefix_ = !prefix_.empty() && prefix_.size() + max_new_ < (size_t)context_;
-    if (!has_prefix_) return;
-    prefix_cache_ = m_.new_cache();
-    std::vector<float> logits(V_);
-    m_.forward_cached(prefix_cache_, prefix_.data(), (int)prefix_.size(), logits.data(), false);
-  }
+  void set_prefix(const std::string& shared) { prefix_.set(encode_doc(shared), max_new_); }
 
   // The authors' tokenizer cut prompts from the left (truncation_side='left') to leave room
   // for the generated tokens, keeping the start token.
@@ -565,15 +557,8 @@ class SuiteRunner {
   template <class Done>
   std::string generate(const std::vector<int32_t>& ids, Done done) {
     SequenceCache cache;
-    std::vector<float> logits(V_);
-    size_t start = 0;
-    if (has_prefix_ && ids.size() > prefix_.size() && std::equal(prefix_.begin(), prefix_.end(), ids.begin())) {
-      cache = prefix_cache_;
-      start = prefix_.size();
-    } else {
-      cache = m_.new_cache();
-    }
-    m_.forward_cached(cache, ids.data() + start, (int)(ids.size() - start), logits.data(), false);
+    std::vector<float> logits;
+    prefix_.prefill(ids, cache, logits);
     std::vector<int32_t> out;
     std::string text;
     for (int step = 0; step < max_new_; ++step) {
@@ -591,9 +576,7 @@ class SuiteRunner {
   Model& m_;
   const Tokenizer& tok_;
   int V_, context_, max_new_;
-  std::vector<int32_t> prefix_;
-  SequenceCache prefix_cache_;
-  bool has_prefix_ = false;
+  SharedPrefix prefix_{m_};
 };
 
 }  // namespace
