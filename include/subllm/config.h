@@ -95,7 +95,7 @@ struct ModelConfig {
 };
 
 // Reads config.json (docs/DESIGN.md, "The authors' model format", lists every key). Unknown
-// keys are kept; keys that would change the math in a way not implemented here are refused;
+// keys are kept; keys whose values would change the math beyond this model are refused;
 // missing keys keep the defaults above, except qk_bias, which is true when absent (the
 // authors' class default) unless the file is subllm's own (norm_eps, rope_base or
 // subllm_format present: subllm had no biases before it wrote the key).

@@ -294,7 +294,7 @@ const std::vector<std::pair<const char*, json>>& authors_kept_keys() {
   return keys;
 }
 
-// The authors' keys whose other values change the math in a way not implemented here: refused
+// The authors' keys whose other values would change the math beyond this model: refused
 // rather than ignored. Aliases of their config class (hidden_size, vocab_size, n_layer, n_head
 // override the key they name) must agree with it.
 void check_authors_keys(const json& j, const std::string& s, const ModelConfig& c) {
