@@ -611,19 +611,29 @@ TrainResult train(const TrainOptions& o) {
     set_last_checkpoint(last_checkpoint);
   };
 
-  auto stop_after_failed_metrics = [&](long step) {
+  // A metrics record that could not be written (disk full) stops the run after a checkpoint of
+  // the step it belongs to. Rank 0 learns it when writing; the next step's agreement tells the
+  // other ranks, since a checkpoint may need them all.
+  bool metrics_failed = false;
+  const auto metrics_error = [&](long step, const std::string& saved) {
+    if (!root) return Error("training stopped: rank 0 could not write " + metrics_path.string());
+    return Error("cannot append step " + std::to_string(step) + " to '" + metrics_path.string() +
+                 "' (disk full?): training stopped; " + saved);
+  };
+  const auto saved_text = [&] {
+    return "checkpoint saved to '" + last_checkpoint + "'; free some space and continue with --resume " +
+           run_dir.string();
+  };
+  const auto stop_after_failed_metrics = [&](long step) {
     std::string saved;
     try {
       checkpoint(step);
-      saved = "checkpoint saved to '" + last_checkpoint + "'; free some space and continue with --resume " +
-              run_dir.string();
+      saved = saved_text();
     } catch (const std::exception& e) {
       saved = e.what();
     }
     comm.barrier();
-    if (!root) throw Error("training stopped: rank 0 could not write " + metrics_path.string());
-    throw Error("cannot append step " + std::to_string(step) + " to '" + metrics_path.string() +
-                "' (disk full?): training stopped; " + saved);
+    throw metrics_error(step, saved);
   };
 
   for (long step = start_step; step < total_steps; ++step) {
@@ -639,12 +649,14 @@ TrainResult train(const TrainOptions& o) {
       loss_sum += accumulate_micro_batch(model, comm, micro_grads, tokens, targets, o.batch, o.seq,
                                          1.0f / global_micro, a == 0, a == o.grad_accum - 1);
     }
-    // Gradients summed over the ranks; the loss and the stop request agreed by all.
+    // Gradients summed over the ranks; the loss, the stop request and a failed metrics write
+    // agreed by all.
     double comm_s = comm.wait_reductions();
     const auto t_agree = std::chrono::steady_clock::now();
-    double agreed[2] = {loss_sum, g_stop_requested.load() ? 1.0 : 0.0};
-    comm.all_reduce_sum_host(agreed, 2);
+    double agreed[3] = {loss_sum, g_stop_requested.load() ? 1.0 : 0.0, metrics_failed ? 1.0 : 0.0};
+    comm.all_reduce_sum_host(agreed, 3);
     comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_agree).count();
+    if (agreed[2] > 0) stop_after_failed_metrics(step);  // before this step's update
     const float loss = (float)(agreed[0] / global_micro);
     const bool stop = agreed[1] > 0;
     StepReport rep;
@@ -740,9 +752,6 @@ TrainResult train(const TrainOptions& o) {
       res.retention = model.retention();
       if (!model.structure().is_plain()) m["retention"] = res.retention;
     }
-    // A record that cannot be written (disk full) stops the run with a checkpoint attempt,
-    // agreed by all ranks since a checkpoint may need them all.
-    double metrics_failed = 0;
     if (root) {
       const std::string record = m.dump() + "\n";
       metrics << record;
@@ -750,14 +759,12 @@ TrainResult train(const TrainOptions& o) {
       if (metrics) {
         metrics_bytes += (int64_t)record.size();
       } else {
-        metrics_failed = 1;
+        metrics_failed = true;
         metrics.close();
         std::error_code ec;
         fs::resize_file(metrics_path, (uintmax_t)metrics_bytes, ec);  // no record cut mid-line
       }
     }
-    if (ranks > 1) comm.all_reduce_sum_host(&metrics_failed, 1);
-    if (metrics_failed > 0) stop_after_failed_metrics(done);
     if (!quiet) {
       const double eta = (total_steps - done) * elapsed / timed_steps;
       char line[256];
@@ -779,6 +786,8 @@ TrainResult train(const TrainOptions& o) {
     // No rank leaves before rank 0 has written the final checkpoint: a launcher ends the whole
     // job when the first rank exits with a non-zero code.
     if (last || stop) comm.barrier();
+    // The run ends here: no next step's agreement will see the failed write.
+    if ((last || stop) && root && metrics_failed) throw metrics_error(done, saved_text());
     if (stop && !last) {
       res.interrupted = true;
       if (!quiet)
