@@ -243,6 +243,7 @@ std::vector<std::string> concat(const std::vector<std::string>& a, const Lists&.
 // ---- training runs ----------------------------------------------------------------------------
 
 using testing::prepare_tiny;
+using testing::read_metrics;
 
 // One `subllm train` command line: the tiny model of test_train's tiny_run (d 32, SwiGLU 64,
 // 4 heads; 2 blocks, or the 5-block nested SUBLLM T(T(T)T)T), micro-batches of 2 × 32 tokens.
@@ -297,14 +298,6 @@ std::vector<std::string> train_args(const Job& j) {
 // mpirun on this host: ranks may outnumber cores and are not pinned (tests may run side by side).
 std::vector<std::string> mpirun(int np) {
   return {"mpirun", "-np", std::to_string(np), "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS"};
-}
-
-std::vector<json> read_metrics(const std::string& run) {
-  std::vector<json> out;
-  std::ifstream in(fs::path(run) / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) out.push_back(json::parse(line));
-  return out;
 }
 
 std::string checkpoint_file(const std::string& run, int step, const std::string& file) {

@@ -21,6 +21,7 @@ namespace {
 using testing::CliResult;
 using testing::error_of;
 using testing::prepare_tiny;
+using testing::read_metrics;
 using testing::read_all;
 using testing::run_cli;
 using testing::TempDir;
@@ -38,14 +39,6 @@ std::vector<std::string> tiny_cli(const std::string& data, int steps, int dim = 
 std::vector<std::string> with(std::vector<std::string> args, const std::vector<std::string>& more) {
   args.insert(args.end(), more.begin(), more.end());
   return args;
-}
-
-std::vector<json> read_metrics(const std::string& run) {
-  std::vector<json> out;
-  std::ifstream in(fs::path(run) / "metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) out.push_back(json::parse(line));
-  return out;
 }
 
 long checkpoint_step(const std::string& dir) {

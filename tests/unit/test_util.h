@@ -12,6 +12,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -118,6 +119,14 @@ inline std::string prepare_tiny(const TempDir& tmp, int docs = 60, int valid_eve
   p.log = [](const std::string&) {};
   prepare_data(p);
   return p.out_dir;
+}
+
+// The records of a run folder's metrics.jsonl, in order.
+inline std::vector<nlohmann::json> read_metrics(const std::string& run) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(fs::path(run) / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
 }
 
 // How a run of the CLI ended and what it printed.
