@@ -235,6 +235,18 @@ class Session {
   // `reserve_tokens`: room made up front for this many tokens in every block (a hint).
   SequenceCache new_cache(int reserve_tokens = 0) const;
   void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows);
+  // One step of several sequences at once (continuous batching): step i runs steps[i].n new
+  // tokens of its own cache (a decode step is n = 1, a prefill chunk n > 1). Logits are
+  // written to host memory step after step: n rows for an all_rows step, else its last row,
+  // (sum of those rows, V) in all. Each step gives what forward_cached would give it alone;
+  // the caches must be distinct.
+  struct CachedStep {
+    SequenceCache* cache = nullptr;
+    const int32_t* tokens = nullptr;
+    int n = 0;
+    bool all_rows = false;
+  };
+  void forward_cached_batch(const std::vector<CachedStep>& steps, float* logits);
 
   // Bytes of planned activation memory for (B, T) in training.
   size_t activation_bytes(int B, int T) const;

@@ -229,4 +229,16 @@ void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n,
   be.to_host(logits, out.data, sizeof(float) * count * V);
 }
 
+void Session::forward_cached_batch(const std::vector<CachedStep>& steps, float* logits) {
+  const int V = w_.config().vocab_size;
+  for (size_t i = 0; i < steps.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      check(steps[i].cache != steps[j].cache, "forward_cached_batch: one cache appears in two steps");
+  for (const CachedStep& s : steps) {
+    check(s.cache != nullptr && s.tokens != nullptr, "forward_cached_batch: a step without its cache or tokens");
+    forward_cached(*s.cache, s.tokens, s.n, logits, s.all_rows);
+    logits += (size_t)(s.all_rows ? s.n : 1) * V;
+  }
+}
+
 }  // namespace subllm
