@@ -238,13 +238,19 @@ class Session {
   // One step of several sequences at once (continuous batching): step i runs steps[i].n new
   // tokens of its own cache (a decode step is n = 1, a prefill chunk n > 1). Logits are
   // written to host memory step after step: n rows for an all_rows step, else its last row,
-  // (sum of those rows, V) in all. Each step gives what forward_cached would give it alone;
-  // the caches must be distinct.
+  // (sum of those rows, V) in all. Each step gives what forward_cached would give it alone
+  // (with its own keep thresholds); the caches must be distinct.
   struct CachedStep {
     SequenceCache* cache = nullptr;
-    const int32_t* tokens = nullptr;
+    const int32_t* tokens = nullptr;  // (n) host
     int n = 0;
     bool all_rows = false;
+    // This sequence's keep threshold per subsampler (host, num_subsamplers values); null: the
+    // session's (keep_threshold(j)).
+    const float* keep_thresholds = nullptr;
+    // Optional out (n) host: how deep each new token went, the number of nested subsamplers
+    // that kept it on its deepest path (0: dropped by the first one it met, or no subsamplers).
+    uint8_t* depth = nullptr;
   };
   void forward_cached_batch(const std::vector<CachedStep>& steps, float* logits);
 

@@ -236,6 +236,8 @@ void Session::forward_cached_batch(const std::vector<CachedStep>& steps, float* 
       check(steps[i].cache != steps[j].cache, "forward_cached_batch: one cache appears in two steps");
   for (const CachedStep& s : steps) {
     check(s.cache != nullptr && s.tokens != nullptr, "forward_cached_batch: a step without its cache or tokens");
+    check(s.keep_thresholds == nullptr && s.depth == nullptr,
+          "forward_cached_batch: per-step keep thresholds and token depths need the batched pass");
     forward_cached(*s.cache, s.tokens, s.n, logits, s.all_rows);
     logits += (size_t)(s.all_rows ? s.n : 1) * V;
   }
