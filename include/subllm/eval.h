@@ -51,6 +51,16 @@ struct PplResult {
 // its window. A last, shorter window takes the tokens left over.
 PplResult evaluate_ppl(Model& model, const std::vector<int32_t>& tokens, const PplOptions& options);
 
+// Decoding speed on held-out text, with the model's current keep thresholds: the cached pass
+// prefills the first `prompt` tokens of `tokens`, then feeds the next `decode` tokens one at a
+// time (each as a sampled token would be fed), timed apart, after one untimed warm-up run.
+struct DecodeSpeed {
+  int prompt = 0, decoded = 0;
+  double prefill_tokens_per_s = 0, decode_tokens_per_s = 0;
+  size_t kv_cache_bytes = 0;  // at the end
+};
+DecodeSpeed measure_decode_speed(Model& model, const std::vector<int32_t>& tokens, int prompt, int decode);
+
 // ---------------------------------------------------------------------------------------
 // Few-shot tasks
 

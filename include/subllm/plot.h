@@ -94,4 +94,21 @@ void write_plot(const std::string& path, const std::vector<RunCurves>& runs, con
 std::vector<RunSummary> plot_runs(const std::vector<std::string>& dirs, const std::vector<std::string>& labels,
                                   const std::string& out_path, const PlotOptions& options);
 
+// A keep-threshold sweep of `subllm eval ppl --keep-threshold A,B,... --json`: loss and decode
+// speed per threshold, drawn as one curve (loss against decode tokens/s, points labelled by
+// their threshold), so users pick their point between speed and quality.
+struct SweepPoint {
+  double keep_threshold = 0, loss = NAN, decode_tokens_per_s = NAN;
+  std::vector<double> retention;
+};
+struct SweepCurve {
+  std::string label, file;
+  std::vector<SweepPoint> points;
+};
+// Errors name the file and say how to make one. `label` empty: the file's name (with the
+// weight type when the sweep records one).
+SweepCurve load_sweep(const std::string& path, const std::string& label = "");
+std::string render_sweep_plot(const std::vector<SweepCurve>& curves, const PlotOptions& options, PlotFormat format);
+void write_sweep_plot(const std::string& path, const std::vector<SweepCurve>& curves, const PlotOptions& options);
+
 }  // namespace subllm

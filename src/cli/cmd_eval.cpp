@@ -82,22 +82,105 @@ struct PplCli {
   int seq = 0, batch = 1;
   int64_t max_tokens = 0;
   std::string mode = "inference";
-  float keep_threshold = 0.0f;
+  std::vector<float> keep_thresholds{0.0f};
+  bool speed = false;
+  int speed_prompt = 256, speed_decode = 64;
   uint64_t seed = 0;
   int threads = 0;
   bool json_out = false;
 };
 
+std::string retention_text(const std::vector<double>& r) {
+  std::string out;
+  char buf[16];
+  for (double v : r) {
+    std::snprintf(buf, sizeof buf, "%.3f", v);
+    if (!out.empty()) out += ' ';
+    out += buf;
+  }
+  return out;
+}
+
+// --keep-threshold A,B,...: loss, retention and speed of a SUBLLM model at each threshold.
+int run_ppl_sweep(const PplCli& c, LoadedModel& lm, const std::vector<int32_t>& tokens) {
+  Model& m = *lm.model;
+  const int prompt = std::min(c.speed_prompt, m.config().context - c.speed_decode);
+  struct Row {
+    float threshold;
+    PplResult ppl;
+    DecodeSpeed speed;
+  };
+  std::vector<Row> rows;
+  for (float v : c.keep_thresholds) {
+    m.knobs().keep_threshold = v;
+    m.knobs().keep_thresholds.clear();
+    PplOptions o;
+    o.seq = c.seq;
+    o.batch = c.batch;
+    o.max_tokens = c.max_tokens;
+    o.mode = Mode::Inference;
+    char name[48];
+    std::snprintf(name, sizeof name, "ppl at threshold %g", v);
+    ProgressLine bar(name, "tok");
+    o.progress = [&bar](int64_t d, int64_t t) { bar(d, t); };
+    Row r{v, evaluate_ppl(m, tokens, o), {}};
+    r.speed = measure_decode_speed(m, tokens, prompt, c.speed_decode);
+    rows.push_back(std::move(r));
+  }
+  if (c.json_out) {
+    json j = {{"model", lm.dir},          {"data", c.data},          {"split", c.split},
+              {"seq", rows[0].ppl.seq},   {"batch", c.batch},        {"speed_prompt", prompt},
+              {"speed_decode", c.speed_decode}, {"keep_thresholds", c.keep_thresholds}};
+    json arr = json::array();
+    for (const Row& r : rows)
+      arr.push_back({{"mode", "inference"},
+                     {"keep_threshold", r.threshold},
+                     {"loss", r.ppl.loss},
+                     {"perplexity", r.ppl.perplexity},
+                     {"tokens", r.ppl.tokens},
+                     {"retention", r.ppl.retention},
+                     {"tokens_per_s", r.ppl.tokens_per_s},
+                     {"prefill_tokens_per_s", r.speed.prefill_tokens_per_s},
+                     {"decode_tokens_per_s", r.speed.decode_tokens_per_s},
+                     {"kv_cache_bytes", r.speed.kv_cache_bytes}});
+    j["results"] = arr;
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%-12s %s\n", "model", lm.dir.c_str());
+  std::printf("%-12s %lld predicted per threshold, windows of %d, batch %d\n", "tokens", (long long)rows[0].ppl.tokens,
+              rows[0].ppl.seq, c.batch);
+  std::printf("%-12s prefill %d tokens, then %d decoded one at a time (cached)\n", "speed", prompt, c.speed_decode);
+  std::printf("%-10s %-9s %-11s %-13s %-13s %-10s %s\n", "threshold", "loss", "perplexity", "prefill tok/s",
+              "decode tok/s", "KV MB", "retention");
+  for (const Row& r : rows)
+    std::printf("%-10g %-9.4f %-11.3f %-13.1f %-13.1f %-10.2f %s\n", r.threshold, r.ppl.loss, r.ppl.perplexity,
+                r.speed.prefill_tokens_per_s, r.speed.decode_tokens_per_s, r.speed.kv_cache_bytes / 1e6,
+                retention_text(r.ppl.retention).c_str());
+  return 0;
+}
+
 int run_ppl(const PplCli& c) {
   set_num_threads(c.threads);
+  const bool sweep = c.keep_thresholds.size() > 1;
+  check(!sweep || c.mode == "inference",
+        "--keep-threshold with several values sweeps inference mode's threshold: drop --mode " + c.mode);
   LoadedModel lm = load_model_dir(c.model_dir, c.device);
   Model& m = *lm.model;
-  m.knobs().keep_threshold = c.keep_threshold;
+  check(!sweep || !m.structure().is_plain(),
+        "--keep-threshold sweeps a SUBLLM model's subsamplers, and " + lm.dir +
+            " has none (a LLaMA): give one value");
+  check(c.speed_decode < m.config().context,
+        "--speed-decode " + std::to_string(c.speed_decode) + " leaves no room for a prompt in the model's context of " +
+            std::to_string(m.config().context) + " tokens");
+  m.knobs().keep_threshold = c.keep_thresholds[0];
   std::vector<Mode> modes;
   if (c.mode == "inference" || c.mode == "both") modes.push_back(Mode::Inference);
   if (c.mode == "train" || c.mode == "both") modes.push_back(Mode::Train);
-  const std::vector<int32_t> tokens =
-      load_eval_tokens(c.data, lm.tokenizer, c.split, c.max_tokens > 0 ? c.max_tokens + 1 : 0);
+  const int64_t speed_tokens = c.speed || sweep ? std::min(c.speed_prompt, m.config().context - c.speed_decode) + c.speed_decode : 0;
+  const std::vector<int32_t> tokens = load_eval_tokens(
+      c.data, lm.tokenizer, c.split, c.max_tokens > 0 ? std::max(c.max_tokens + 1, speed_tokens) : 0);
+  if (sweep) return run_ppl_sweep(c, lm, tokens);
   std::vector<PplResult> results;
   for (Mode mode : modes) {
     PplOptions o;
@@ -110,10 +193,18 @@ int run_ppl(const PplCli& c) {
     o.progress = [&bar](int64_t d, int64_t t) { bar(d, t); };
     results.push_back(evaluate_ppl(m, tokens, o));
   }
+  DecodeSpeed speed;
+  if (c.speed) speed = measure_decode_speed(m, tokens, (int)speed_tokens - c.speed_decode, c.speed_decode);
   const bool subllm = !m.structure().is_plain();
   if (c.json_out) {
     json j = {{"model", lm.dir}, {"data", c.data}, {"split", c.split}, {"seq", results[0].seq}, {"batch", c.batch},
-              {"keep_threshold", c.keep_threshold}};
+              {"keep_threshold", c.keep_thresholds[0]}};
+    if (c.speed)
+      j["speed"] = {{"prompt", speed.prompt},
+                    {"decoded", speed.decoded},
+                    {"prefill_tokens_per_s", speed.prefill_tokens_per_s},
+                    {"decode_tokens_per_s", speed.decode_tokens_per_s},
+                    {"kv_cache_bytes", speed.kv_cache_bytes}};
     json arr = json::array();
     for (const auto& r : results) {
       json e = {{"mode", mode_name(r.mode)},   {"loss", r.loss},       {"perplexity", r.perplexity},
@@ -153,6 +244,10 @@ int run_ppl(const PplCli& c) {
   }
   if (results.size() == 2)
     std::printf("%-12s %+.4f (train-mode loss minus inference-mode loss)\n", "gap", results[1].loss - results[0].loss);
+  if (c.speed)
+    std::printf("%-12s prefill %d tokens %.1f tokens/s, then %d decoded one at a time %.1f tokens/s, KV cache %.2f MB\n",
+                "speed", speed.prompt, speed.prefill_tokens_per_s, speed.decoded, speed.decode_tokens_per_s,
+                speed.kv_cache_bytes / 1e6);
   return 0;
 }
 
@@ -408,8 +503,19 @@ void add_eval_command(CLI::App& app, Runner& run) {
   ppl->add_option("--mode", p->mode, "subsampling: inference (threshold), train (top-k) or both")
       ->check(CLI::IsMember({"inference", "train", "both"}))
       ->capture_default_str();
-  ppl->add_option("--keep-threshold", p->keep_threshold, "SUBLLM inference: keep tokens scoring above this")
-      ->capture_default_str()->check(interval("(-inf, inf)"));
+  ppl->add_option("--keep-threshold", p->keep_thresholds,
+                  "SUBLLM inference: keep tokens scoring above this; several values (A,B,...) sweep it, printing "
+                  "loss, retention, prefill and decode speed per value (`subllm plot --sweep` charts the --json output)")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(interval("(-inf, inf)"));
+  ppl->add_flag("--speed", p->speed, "also measure cached prefill and decode speed on the data (a sweep always does)");
+  ppl->add_option("--speed-prompt", p->speed_prompt, "tokens prefilled before the decode measurement")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
+  ppl->add_option("--speed-decode", p->speed_decode, "tokens decoded one at a time for the decode speed")
+      ->capture_default_str()
+      ->check(interval("[1, inf)"));
   ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
   add_device_option(ppl, p->device);
   add_threads_option(ppl, p->threads);

@@ -20,6 +20,7 @@ struct PlotArgs {
   std::string out;
   std::string x = "step";
   std::string ylim;
+  bool sweep = false;
   PlotOptions options;
 };
 
@@ -45,9 +46,40 @@ std::string loss_text(double v) {
   return buf;
 }
 
+// --sweep: loss against decode speed of keep-threshold sweeps, one curve per file.
+int plot_sweeps(PlotArgs& a) {
+  plot_format_of(a.out);
+  check(a.labels.empty() || a.labels.size() == a.runs.size(),
+        "--label given " + std::to_string(a.labels.size()) + " times for " + std::to_string(a.runs.size()) +
+            " sweeps: give one per sweep file, in order, or none");
+  std::vector<SweepCurve> curves;
+  for (size_t i = 0; i < a.runs.size(); ++i) curves.push_back(load_sweep(a.runs[i], a.labels.empty() ? "" : a.labels[i]));
+  write_sweep_plot(a.out, curves, a.options);
+  std::printf("wrote %s\n", a.out.c_str());
+  std::printf("%-24s %10s %9s %14s  %s\n", "sweep", "threshold", "loss", "decode tok/s", "retention");
+  for (const SweepCurve& c : curves)
+    for (const SweepPoint& p : c.points) {
+      std::string r;
+      char buf[16];
+      for (double v : p.retention) {
+        std::snprintf(buf, sizeof buf, "%.3f", v);
+        if (!r.empty()) r += ' ';
+        r += buf;
+      }
+      std::printf("%-24s %10g %9.4f %14.1f  %s\n", c.label.c_str(), p.keep_threshold, p.loss, p.decode_tokens_per_s,
+                  r.c_str());
+    }
+  return 0;
+}
+
 int plot(PlotArgs& a) {
   a.options.x = a.x == "tokens" ? PlotX::tokens : a.x == "time" ? PlotX::time : PlotX::step;
   if (!a.ylim.empty()) a.options.ylim = parse_ylim(a.ylim);
+  if (a.sweep) {
+    check(!a.options.retention && a.x == "step",
+          "--sweep draws loss against decode speed: drop --retention and --x");
+    return plot_sweeps(a);
+  }
   const std::vector<RunSummary> runs = plot_runs(a.runs, a.labels, a.out, a.options);
   std::printf("wrote %s\n", a.out.c_str());
   size_t width = 3;
@@ -73,9 +105,12 @@ void add_plot_command(CLI::App& app, Runner& run) {
       "training time or tokens seen (LLaMA against SUBLLM shows SUBLLM's speed-up). --retention draws "
       "instead each subsampler's measured retention (fraction of tokens kept) over the run, from the "
       "validations of SUBLLM runs, one dash pattern per subsampler. Prints the last train loss and the "
-      "best validation loss of each run.");
+      "best validation loss of each run. --sweep draws instead keep-threshold sweeps of SUBLLM models "
+      "(JSON files of `subllm eval ppl --keep-threshold A,B,... --json`): validation loss against decode "
+      "speed, one curve per file (e.g. per weight type), each point labelled by its threshold.");
   auto args = std::make_shared<PlotArgs>();
-  cmd->add_option("runs", args->runs, "run folders written by `subllm train` (each holds metrics.jsonl)")
+  cmd->add_option("runs", args->runs,
+                  "run folders written by `subllm train` (each holds metrics.jsonl); with --sweep, sweep JSON files")
       ->required();
   cmd->add_option("-o,--out", args->out, "output file: a .png, .svg or .pdf path")->required();
   cmd->add_option("--label", args->labels, "name of a run in the legend; repeat once per run, in order "
@@ -87,6 +122,9 @@ void add_plot_command(CLI::App& app, Runner& run) {
   cmd->add_option("--smooth", args->options.smooth,
                   "moving-average window of the train curve in points (default: about steps/50; 1: off)")
                       ->check(interval("[0, inf)"));
+  cmd->add_flag("--sweep", args->sweep,
+                "the inputs are keep-threshold sweeps (`subllm eval ppl --keep-threshold A,B,... --json`): chart "
+                "validation loss against decode speed");
   cmd->add_flag("--retention", args->options.retention,
                 "chart each subsampler's retention over the run instead of the loss (SUBLLM runs)");
   cmd->add_option("--title", args->options.title, "chart title");

@@ -331,6 +331,7 @@ struct Series {
   std::string train_name, val_name;    // legend entries
   Rgb colour;
   std::vector<double> dash;  // of the validation-style line, in units of `ui`
+  std::vector<std::string> notes;  // optional: a label beside each validation-style point
 };
 
 const char* x_key(PlotX x) { return x == PlotX::step ? "step" : x == PlotX::tokens ? "tokens" : "elapsed_s"; }
@@ -400,12 +401,12 @@ struct Layout {
   PlotFrame frame;
 };
 
+Layout draw(const std::vector<Series>& series, const std::string& x_title, const std::string& y_title,
+            const PlotOptions& o, const std::string& nothing);
+
 Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
   validate(o);
   check(!runs.empty(), "no runs to plot");
-  const double W = o.width, H = o.height;
-  const double ui = std::clamp(std::min(W / 900.0, H / 560.0), 0.6, 8.0);
-  const double f_tick = 11 * ui, f_legend = 12 * ui, f_axis = 13 * ui, f_title = 16 * ui;
 
   // The time axis reads in seconds, minutes or hours, whichever keeps its numbers short.
   double x_unit = 1;
@@ -420,7 +421,6 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
   }
 
   std::vector<Series> series;
-  double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
   for (size_t r = 0; r < runs.size(); ++r) {
     const Rgb colour = kPalette[r % std::size(kPalette)];
     if (o.retention) {
@@ -440,6 +440,19 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
     check(!series.empty(), "no retention to plot: only SUBLLM runs log \"retention\" (at validation steps), and "
                            "no metrics.jsonl given has it; drop --retention to plot the loss");
   }
+  return draw(series, x_title, o.retention ? "retention (fraction kept)" : "loss", o,
+              "nothing to plot: no finite loss in the metrics.jsonl of " +
+                  (runs.size() == 1 ? "'" + runs[0].dir + "'" : "any of the " + std::to_string(runs.size()) + " runs"));
+}
+
+// The chart of `series`: axes fitted to their points, grid, lines, markers, legend and titles.
+// `nothing` is the error when no series has a finite point.
+Layout draw(const std::vector<Series>& series, const std::string& x_title, const std::string& y_title,
+            const PlotOptions& o, const std::string& nothing) {
+  const double W = o.width, H = o.height;
+  const double ui = std::clamp(std::min(W / 900.0, H / 560.0), 0.6, 8.0);
+  const double f_tick = 11 * ui, f_legend = 12 * ui, f_axis = 13 * ui, f_title = 16 * ui;
+  double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
   for (const Series& s : series) {
     for (double v : s.x) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
     for (double v : s.vx) xmin = std::min(xmin, v), xmax = std::max(xmax, v);
@@ -448,9 +461,7 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
       if (std::isfinite(v)) ymin = std::min(ymin, v), ymax = std::max(ymax, v);
     for (double v : s.val) ymin = std::min(ymin, v), ymax = std::max(ymax, v);
   }
-  check(std::isfinite(xmin) && std::isfinite(ymin),
-        "nothing to plot: no finite loss in the metrics.jsonl of " +
-            (runs.size() == 1 ? "'" + runs[0].dir + "'" : "any of the " + std::to_string(runs.size()) + " runs"));
+  check(std::isfinite(xmin) && std::isfinite(ymin), nothing);
 
   Layout L;
   Scene& sc = L.scene;
@@ -591,6 +602,8 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
         add_dot(p, 3.2 * ui, c, false);
       }
     }
+    for (size_t i = 0; i < series[r].notes.size() && i < v.size(); ++i)
+      add_text(v[i].x + 6 * ui, v[i].y - 6 * ui, series[r].notes[i], f_tick, Anchor::start, c);
   }
 
   // Legend, in whichever corner of the data area hides the fewest curve points.
@@ -648,10 +661,35 @@ Layout build(const std::vector<RunCurves>& runs, const PlotOptions& o) {
   // Axis titles and the chart title.
   add_text((left + right) / 2, H - pad * 0.6 - descent(f_axis), x_title, f_axis, Anchor::middle, kInk, false,
            true);
-  add_text(pad + cap_height(f_axis), (top + bottom) / 2, o.retention ? "retention (fraction kept)" : "loss", f_axis, Anchor::middle, kInk, true, true);
+  add_text(pad + cap_height(f_axis), (top + bottom) / 2, y_title, f_axis, Anchor::middle, kInk, true, true);
   if (!o.title.empty())
     add_text((left + right) / 2, pad + cap_height(f_title), o.title, f_title, Anchor::middle, kInk, false, true);
   return L;
+}
+
+// One curve per sweep file: loss against decode speed, each point labelled with its threshold.
+Layout build_sweep(const std::vector<SweepCurve>& curves, const PlotOptions& o) {
+  validate(o);
+  check(!curves.empty(), "no sweeps to plot");
+  std::vector<Series> series;
+  for (size_t r = 0; r < curves.size(); ++r) {
+    Series s;
+    s.colour = kPalette[r % std::size(kPalette)];
+    s.val_name = curves[r].label;
+    std::vector<SweepPoint> pts = curves[r].points;
+    std::sort(pts.begin(), pts.end(),
+              [](const SweepPoint& a, const SweepPoint& b) { return a.decode_tokens_per_s < b.decode_tokens_per_s; });
+    for (const SweepPoint& p : pts) {
+      s.vx.push_back(p.decode_tokens_per_s);
+      s.val.push_back(p.loss);
+      char note[32];
+      std::snprintf(note, sizeof note, "%g", p.keep_threshold);
+      s.notes.push_back(note);
+    }
+    series.push_back(std::move(s));
+  }
+  return draw(series, "decode speed (tokens/s), points labelled by keep threshold", "validation loss", o,
+              "nothing to plot: the sweeps hold no finite loss");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,6 +734,54 @@ PlotFormat plot_format_of(const std::string& path) {
 
 void write_plot(const std::string& path, const std::vector<RunCurves>& runs, const PlotOptions& options) {
   const std::string bytes = render_plot(runs, options, plot_format_of(path));
+  write_atomic(path, bytes.data(), bytes.size());
+}
+
+SweepCurve load_sweep(const std::string& path, const std::string& label) {
+  std::ifstream in(path, std::ios::binary);
+  check(in.good(), "cannot read sweep '" + path + "': write one with `subllm eval ppl --keep-threshold A,B,... --json > FILE`");
+  json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    throw Error("sweep '" + path + "' is not JSON (" + std::string(e.what()) +
+                "): write one with `subllm eval ppl --keep-threshold A,B,... --json > FILE`");
+  }
+  auto bad = [&](const std::string& what) {
+    throw Error("sweep '" + path + "': " + what + "; it should be the output of `subllm eval ppl --keep-threshold A,B,... --json`");
+  };
+  if (!j.is_object() || !j.contains("results") || !j["results"].is_array()) bad("no \"results\" array");
+  SweepCurve c;
+  c.file = path;
+  c.label = label;
+  if (c.label.empty()) {
+    c.label = fs::path(path).stem().string();
+    if (j.contains("dtype") && j["dtype"].is_string()) c.label += " (" + j["dtype"].get<std::string>() + ")";
+  }
+  for (const json& r : j["results"]) {
+    auto num = [&](const char* key) {
+      if (!r.is_object() || !r.contains(key) || !r[key].is_number()) bad(std::string("a result without a numeric \"") + key + "\"");
+      return r[key].get<double>();
+    };
+    SweepPoint p;
+    p.keep_threshold = num("keep_threshold");
+    p.loss = num("loss");
+    p.decode_tokens_per_s = num("decode_tokens_per_s");
+    if (r.contains("retention") && r["retention"].is_array())
+      for (const json& v : r["retention"])
+        if (v.is_number()) p.retention.push_back(v.get<double>());
+    c.points.push_back(std::move(p));
+  }
+  if (c.points.empty()) bad("no results");
+  return c;
+}
+
+std::string render_sweep_plot(const std::vector<SweepCurve>& curves, const PlotOptions& options, PlotFormat format) {
+  return plot_detail::render_scene(build_sweep(curves, options).scene, format);
+}
+
+void write_sweep_plot(const std::string& path, const std::vector<SweepCurve>& curves, const PlotOptions& options) {
+  const std::string bytes = render_sweep_plot(curves, options, plot_format_of(path));
   write_atomic(path, bytes.data(), bytes.size());
 }
 

@@ -150,4 +150,30 @@ PplResult evaluate_ppl(Model& model, const std::vector<int32_t>& tokens, const P
   return r;
 }
 
+DecodeSpeed measure_decode_speed(Model& model, const std::vector<int32_t>& tokens, int prompt, int decode) {
+  check(prompt >= 1 && decode >= 1, "the decode measurement needs a prompt and at least one decoded token");
+  check(prompt + decode <= model.config().context,
+        "prompt " + std::to_string(prompt) + " + " + std::to_string(decode) + " decoded tokens exceed the model's context of " +
+            std::to_string(model.config().context) + " tokens: lower --speed-prompt or --speed-decode");
+  check((int64_t)tokens.size() >= prompt + decode,
+        "the evaluation data has " + std::to_string(tokens.size()) + " tokens; the decode measurement needs " +
+            std::to_string(prompt + decode) + ": lower --speed-prompt or --speed-decode");
+  std::vector<float> logits((size_t)model.config().vocab_size);
+  DecodeSpeed d;
+  d.prompt = prompt;
+  d.decoded = decode;
+  for (int round = 0; round < 2; ++round) {  // round 0 warms the workspaces up
+    SequenceCache cache = model.new_cache(prompt + decode);
+    const auto t0 = Clock::now();
+    model.forward_cached(cache, tokens.data(), prompt, logits.data(), false);
+    const auto t1 = Clock::now();
+    for (int i = 0; i < decode; ++i) model.forward_cached(cache, tokens.data() + prompt + i, 1, logits.data(), false);
+    const auto t2 = Clock::now();
+    d.prefill_tokens_per_s = prompt / std::chrono::duration<double>(t1 - t0).count();
+    d.decode_tokens_per_s = decode / std::chrono::duration<double>(t2 - t1).count();
+    d.kv_cache_bytes = cache.bytes();
+  }
+  return d;
+}
+
 }  // namespace subllm
