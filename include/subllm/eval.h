@@ -53,7 +53,8 @@ PplResult evaluate_ppl(Model& model, const std::vector<int32_t>& tokens, const P
 
 // Decoding speed on held-out text, with the model's current keep thresholds: the cached pass
 // prefills the first `prompt` tokens of `tokens`, then feeds the next `decode` tokens one at a
-// time (each as a sampled token would be fed), timed apart, after one untimed warm-up run.
+// time (each as a sampled token would be fed), timed apart: the fastest of three runs after an
+// untimed warm-up.
 struct DecodeSpeed {
   int prompt = 0, decoded = 0;
   double prefill_tokens_per_s = 0, decode_tokens_per_s = 0;

@@ -602,8 +602,12 @@ Layout draw(const std::vector<Series>& series, const std::string& x_title, const
         add_dot(p, 3.2 * ui, c, false);
       }
     }
-    for (size_t i = 0; i < series[r].notes.size() && i < v.size(); ++i)
-      add_text(v[i].x + 6 * ui, v[i].y - 6 * ui, series[r].notes[i], f_tick, Anchor::start, c);
+    for (size_t i = 0; i < series[r].notes.size() && i < v.size(); ++i) {
+      const std::string& note = series[r].notes[i];
+      const bool room = v[i].x + 6 * ui + text_width(note, f_tick, false) < right;  // else left of the point
+      add_text(room ? v[i].x + 6 * ui : v[i].x - 6 * ui, v[i].y - 6 * ui, note, f_tick,
+               room ? Anchor::start : Anchor::end, c);
+    }
   }
 
   // Legend, in whichever corner of the data area hides the fewest curve points.
@@ -677,8 +681,9 @@ Layout build_sweep(const std::vector<SweepCurve>& curves, const PlotOptions& o) 
     s.colour = kPalette[r % std::size(kPalette)];
     s.val_name = curves[r].label;
     std::vector<SweepPoint> pts = curves[r].points;
+    // In threshold order: the curve is the path the knob takes.
     std::sort(pts.begin(), pts.end(),
-              [](const SweepPoint& a, const SweepPoint& b) { return a.decode_tokens_per_s < b.decode_tokens_per_s; });
+              [](const SweepPoint& a, const SweepPoint& b) { return a.keep_threshold < b.keep_threshold; });
     for (const SweepPoint& p : pts) {
       s.vx.push_back(p.decode_tokens_per_s);
       s.val.push_back(p.loss);
