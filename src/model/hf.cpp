@@ -20,6 +20,7 @@
 #include "subllm/error.h"
 #include "subllm/export.h"
 #include "subllm/generate.h"
+#include "subllm/host_memory.h"
 #include "subllm/model.h"
 #include "subllm/safetensors.h"
 #include "subllm/tokenizer.h"
@@ -333,7 +334,9 @@ std::string convert_from_hf(const std::string& hf_dir, const std::string& out_di
     }
   }
 
-  // The weights, laid out as ours on the CPU.
+  // The weights, laid out as ours on the CPU (and the copy save() writes from).
+  check_host_memory(8.0 * (double)c.param_count(), src + ": converting the model",
+                    "convert on a machine with more memory");
   Weights w(c, cpu_backend());
   float* P = w.data();
   const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size, KV = c.kv_dim();

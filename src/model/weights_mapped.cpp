@@ -18,9 +18,13 @@ namespace subllm {
 Weights::Weights(ModelConfig cfg, Backend& backend, const std::string& path)
     : Weights(std::move(cfg), backend, Buffer::none) {
   if (map_file(path)) return;
-  // A copy: the layout this class allocates, filled by load() with all of its checks.
-  check_host_memory(8.0 * (double)num_params_, path + ": the weights of " + cfg_.source,
-                    "store the weights as F32 in subllm's layout (e.g. `subllm convert`) so they can be mapped");
+  // A copy: the layout this class allocates, filled by load() with all of its checks (through a
+  // host staging copy; on the CPU the weights themselves are host memory too).
+  const bool on_host = std::string(backend_->name()) == "cpu";
+  check_host_memory((on_host ? 8.0 : 4.0) * (double)num_params_, path + ": loading the weights of " + cfg_.source,
+                    on_host ? "store them as F32 in subllm's layout (a checkpoint of `subllm train` or a folder of "
+                              "`subllm convert`) so that they are mapped instead of copied"
+                            : "use a smaller model");
   buf_ = backend_->zeros({num_params_});
   if (compute_dtype_ != DType::F32) compute_buf_ = backend_->empty({num_params_}, compute_dtype_);
   load(path);

@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "grad_check.h"
+#include "subllm/checkpoint.h"
 #include "subllm/error.h"
 #include "subllm/model.h"
 #include "subllm/rng.h"
@@ -218,6 +219,27 @@ TEST(Gqa, ConfigKeyIsReadWrittenAndValidated) {
   EXPECT_EQ(mha.param_count() - c.param_count(), 2 * 2 * 16 * 32);
   Model m(c);
   EXPECT_EQ(m.num_params(), c.param_count());
+}
+
+TEST(Gqa, TrainFlagAndGenerateStats) {
+  testing::TempDir tmp;
+  const std::string data = testing::prepare_tiny(tmp);
+  const std::string run = tmp.file("run");
+  auto r = testing::run_cli({"train", "--data", data, "--dim", "32", "--heads", "4", "--kv-heads", "2", "--layers", "3",
+                             "--structure", "T(T)T", "--retention", "0.5", "--steps", "2", "--batch", "2", "--seq",
+                             "16", "--eval-batches", "0", "-o", run, "-t", "2", "-q"});
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(load_config(find_checkpoint(run) + "/config.json").kv_heads(), 2);
+  r = testing::run_cli({"generate", "-m", run, "-p", "The", "-n", "4", "--stats", "-t", "2"});
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("kv heads            2 of 4 query heads"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("weights             mapped from the file"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("peak rss"), std::string::npos) << r.output;
+  r = testing::run_cli({"train", "--data", data, "--dim", "32", "--heads", "4", "--kv-heads", "3", "--steps", "1",
+                        "-o", tmp.file("bad")});
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("decoder_kv_heads (3) does not divide decoder_attention_heads (4)"), std::string::npos)
+      << r.output;
 }
 
 }  // namespace
