@@ -29,13 +29,10 @@ std::string largest_sizes(const ModelConfig& c) {
 // On the CPU the host holds the weights, their gradients, the staging copy that init and
 // load fill, and the RoPE tables; on a device only the staging copy is on the host (the
 // device's allocator reports its own shortage).
-// A valid config the device can run.
+// A valid config (the device is named by backend_for, which refuses one it cannot run).
 ModelConfig runnable(ModelConfig cfg, const std::string& device) {
   cfg.validate();
-  // The CUDA attention kernels take one key/value head per query head.
-  check(std::string(backend_for(device).name()) == "cpu" || cfg.kv_heads() == cfg.n_heads,
-        cfg.source + ": decoder_kv_heads " + std::to_string(cfg.kv_heads()) + " (grouped-query attention) runs on the CPU "
-                     "backend only: use --device cpu");
+  backend_for(device);
   return cfg;
 }
 
