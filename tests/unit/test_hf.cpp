@@ -11,6 +11,7 @@
 
 #include "subllm/error.h"
 #include "subllm/generate.h"
+#include "subllm/safetensors.h"
 #include "subllm/trainer.h"
 #include "test_util.h"
 
@@ -203,6 +204,32 @@ TEST(Hf, InitFromKeepsBlocksAndStartsSubsamplersFresh) {
   EXPECT_NE(r.output.find("not with the tokenizer of --init-from"), std::string::npos) << r.output;
   r = run_cli({"train", "--data", data, "--init-from", llama, "--resume", run, "--steps", "3"});
   EXPECT_NE(r.code, 0);
+}
+
+TEST(Hf, InitFromRefusesAQuantizedFolder) {
+  TempDir tmp;
+  ModelConfig c;
+  c.vocab_size = 64, c.dim = 16, c.ffn_dim = 24, c.n_heads = 2, c.context = 16, c.n_layers = 2;
+  Model m(c);
+  m.init_weights(1);
+  const std::string dir = tmp.path().string();
+  save_config(c, dir + "/config.json");
+  // One tensor stored as integers, as a quantized folder holds them.
+  std::vector<SafetensorsOut> out;
+  std::vector<int32_t> ints;
+  for (const ParamInfo& p : m.params()) {
+    if (p.name == "decoder.layers.0.self_attn.q_proj.weight") {
+      ints.assign((size_t)p.numel, 3);
+      out.push_back({p.name, DType::I32, p.shape, ints.data()});
+    } else {
+      out.push_back({p.name, DType::F32, p.shape, m.param_data() + p.offset});
+    }
+  }
+  write_safetensors(dir + "/model.safetensors", out);
+  Model target(c);
+  EXPECT_NE(error_of([&] { init_from_model(target, dir); })
+                .find("tensor 'decoder.layers.0.self_attn.q_proj.weight' is I32: a quantized model cannot seed training"),
+            std::string::npos);
 }
 
 }  // namespace
