@@ -46,7 +46,7 @@ void BM_AttentionForward(benchmark::State& state) {
   const long rss1 = max_rss_bytes();
   for (auto _ : state) {
     attention_forward(qkv.data(), qkv.data() + kC, qkv.data() + 2 * kC, 3 * kC, o.data(), kC, lse.data(), kB, T, kH,
-                      kHd, static_cast<float*>(scratch.get()));
+                      kH, kHd, static_cast<float*>(scratch.get()));
     benchmark::ClobberMemory();
   }
   const long rss2 = max_rss_bytes();
@@ -69,9 +69,9 @@ void BM_AttentionForwardBackward(benchmark::State& state) {
   const long rss1 = max_rss_bytes();
   for (auto _ : state) {
     attention_forward(qkv.data(), qkv.data() + kC, qkv.data() + 2 * kC, 3 * kC, o.data(), kC, lse.data(), kB, T, kH,
-                      kHd, sp);
+                      kH, kHd, sp);
     attention_backward(qkv.data(), qkv.data() + kC, qkv.data() + 2 * kC, 3 * kC, o.data(), kC, dout.data(),
-                       lse.data(), dqkv.data(), dqkv.data() + kC, dqkv.data() + 2 * kC, 3 * kC, kB, T, kH, kHd, sp);
+                       lse.data(), dqkv.data(), dqkv.data() + kC, dqkv.data() + 2 * kC, 3 * kC, kB, T, kH, kH, kHd, sp);
     benchmark::ClobberMemory();
   }
   const long rss2 = max_rss_bytes();

@@ -45,6 +45,10 @@ struct ModelConfig {
   int ffn_dim = 1376;             // decoder_ffn_embed_dim
   int n_layers = 8;               // decoder_layers
   int n_heads = 8;                // decoder_attention_heads
+  // Key/value heads (`decoder_kv_heads`): grouped-query attention when fewer than n_heads
+  // (query head h reads key/value head h / (n_heads / kv heads)), multi-query at 1.
+  // 0 means n_heads (plain multi-head attention); must divide n_heads.
+  int n_kv_heads = 0;
   int context = 1024;             // tokens_per_sample
   int padding_idx = 0;
   int bos_token_id = 1;
@@ -78,6 +82,11 @@ struct ModelConfig {
   std::string source = "config.json";
 
   int head_dim() const { return dim / n_heads; }
+  int kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  // Width of the k (and of the v) projection: kv_heads * head_dim (= dim without GQA).
+  int kv_dim() const { return kv_heads() * head_dim(); }
+  // Width of the fused q|k|v projection: dim + 2 * kv_dim.
+  int qkv_dim() const { return dim + 2 * kv_dim(); }
   std::string layout() const;     // structure, or "T" * n_layers when empty
   Structure parse() const;        // parse_structure(layout(), n_layers, retentions)
   // Elements of the flat parameter buffer (tensors with their padding), counted with overflow

@@ -111,7 +111,7 @@ struct SequenceCache {
   std::vector<KVRows> k, v;              // per block: (rows, C), grown as tokens arrive
   std::vector<int> rows;                 // per block
   int length = 0;                        // tokens consumed (root positions used)
-  int width = 0;                         // elements per cached row (the model width)
+  int width = 0;                         // elements per cached row (kv_heads * head_dim)
   size_t element_bytes = 4;              // bytes per cached element (the compute dtype's)
   std::vector<int64_t> seen, kept;       // per subsampler
   size_t bytes() const;                  // key/value bytes in use
@@ -122,6 +122,15 @@ struct SequenceCache {
 class Weights {
  public:
   Weights(ModelConfig cfg, Backend& backend);  // validates the config; parameters start at zero
+  // For inference: the weights of the safetensors file `path`. On the CPU backend, when every
+  // tensor of the file is one of this model's, F32, and q|k|v (and the q|k biases) lie back to
+  // back, the weights point into the file's read-only mapping instead of a copy: pages are read
+  // on first use and stay shared with the page cache, so a model larger than the free memory
+  // loads (the load still scans every value for NaN, dropping each scanned range from this
+  // process's resident set). Otherwise they are allocated and loaded as load() does. Mapped
+  // weights are never written: no training, no load(), no params_changed().
+  Weights(ModelConfig cfg, Backend& backend, const std::string& path);
+  bool mapped() const { return mapping_ != nullptr; }
   ~Weights();
   Weights(const Weights&) = delete;
   Weights& operator=(const Weights&) = delete;
@@ -188,6 +197,11 @@ class Weights {
   int64_t num_params_ = 0;
   DType compute_dtype_ = DType::F32;
   Tensor buf_, compute_buf_, rope_cos_, rope_sin_;  // compute_buf_ empty when it would equal buf_
+  std::shared_ptr<const void> mapping_;  // the mapped file buf_ points into (mapped weights only)
+
+  enum class Buffer { allocate, none };
+  Weights(ModelConfig cfg, Backend& backend, Buffer buffer);  // the layout; the buffer if asked
+  bool map_file(const std::string& path);  // weights_mapped.cpp: points buf_ into the file, or false
 };
 
 struct SessionState;  // plans, workspaces and traces; private to the model's sources
@@ -281,6 +295,9 @@ class Model {
  public:
   // Validates the config; parameters start at zero. `device` names the backend ("cpu").
   explicit Model(ModelConfig cfg, const std::string& device = "cpu");
+  // For inference: the weights of `weights_path` (mapped where Weights' file constructor can),
+  // and no gradient buffer, so training passes are refused.
+  Model(ModelConfig cfg, const std::string& device, const std::string& weights_path);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;

@@ -53,8 +53,10 @@ struct SafetensorsOut {
   Shape shape;
   const void* data = nullptr;
 };
-// Writes atomically: to `path + ".tmp"`, fsync, then rename over `path`.
+// Writes atomically: to `path + ".tmp"`, fsync, then rename over `path`. The data section holds
+// the tensors sorted by name, or in the order given when `in_given_order` (so tensors that are
+// adjacent in memory stay adjacent in the file, as mapped weights need).
 void write_safetensors(const std::string& path, const std::vector<SafetensorsOut>& tensors,
-                       const std::map<std::string, std::string>& metadata = {});
+                       const std::map<std::string, std::string>& metadata = {}, bool in_given_order = false);
 
 }  // namespace subllm

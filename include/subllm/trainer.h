@@ -18,6 +18,15 @@ struct TrainOptions {
   std::string out_dir;           // run folder: checkpoints and metrics.jsonl (empty with resume: its run folder)
   std::string resume;            // a run folder or a checkpoint folder; empty: fresh run
   bool overwrite = false;        // out_dir may hold another run: delete its files first
+  // A trained model folder (a checkpoint, a run folder's newest, or a converted LLaMA) whose
+  // weights seed a fresh run: its blocks, embedding, final norm and head are kept in place
+  // (block i stays block i; LLaMA and SUBLLM number blocks alike, in layout order), and tensors
+  // it has not (score layers, bypass scales, blocks past its last) start as a fresh model's.
+  // Subsampler tensors are kept only when the layouts are equal. The optimizer starts fresh and
+  // the schedule (warm-up included) from step 0. Refused when the widths, heads, vocabulary,
+  // tie_weights or qk_bias differ, when it has more blocks than the model, or when its weights
+  // are quantized. See init_from_model.
+  std::string init_from;
   ModelConfig model;
   bool model_given = true;       // false: a resumed run takes the checkpoint's config
   int batch = 8;                 // sequences per micro-batch
@@ -52,5 +61,13 @@ struct TrainResult {
 };
 
 TrainResult train(const TrainOptions& opt);
+
+// The folder --init-from names: `path` itself when it holds model.safetensors, else the newest
+// checkpoint of the run folder `path`. Errors name the path.
+std::string init_from_folder(const std::string& path);
+// Copies the weights of the model folder `dir` into `model` as TrainOptions::init_from says;
+// `model` keeps its own values where the source has no tensor. Returns a summary for the user
+// (lines ending in '\n'): what was kept, what starts fresh.
+std::string init_from_model(Model& model, const std::string& dir);
 
 }  // namespace subllm

@@ -70,6 +70,17 @@ Tensor Backend::zeros(Shape shape, DType dt) {
 
 double balancer_mean_bound(double p) { return kernels::proportion_positive_to_mean(p); }
 
+int attention_kv_heads(const View& q, const View& k, const View& v, int H, const char* op) {
+  check(H > 0 && q.cols % H == 0, std::string(op) + ": q's width is not a multiple of the head count");
+  const int64_t hd = q.cols / H;
+  check(k.cols == v.cols && k.cols % hd == 0 && k.cols > 0,
+        std::string(op) + ": k and v must have one width, a multiple of the head size");
+  const int64_t Hkv = k.cols / hd;
+  check(H % Hkv == 0, std::string(op) + ": the key/value head count (" + std::to_string(Hkv) +
+                          ") does not divide the query head count (" + std::to_string(H) + ")");
+  return (int)Hkv;
+}
+
 std::unique_ptr<Backend> make_cpu_backend();  // cpu_backend.cpp
 
 Backend& cpu_backend() {

@@ -126,12 +126,15 @@ class Backend {
   virtual void swiglu_backward(View gu, View da, View dgu) = 0;
 
   // ---- attention -------------------------------------------------------------------------
-  // q, k, v, o: (B*T, H*hd) strided views; lse (B, H, T). Causal within each sequence.
+  // q, o: (B*T, H*hd) strided views; k, v: (B*T, Hkv*hd), Hkv dividing H (grouped-query
+  // attention: query head h reads key/value head h / (H / Hkv); the kernels take Hkv from k's
+  // width, attention_kv_heads); lse (B, H, T). Causal within each sequence. In the backward,
+  // dk and dv of a key/value head sum over its query heads, deterministically.
   virtual size_t attention_scratch_bytes(int B, int T, int H, int hd, bool backward) const = 0;
   virtual void attention_forward(View q, View k, View v, View o, View lse, int B, int T, int H, Scratch s) = 0;
   virtual void attention_backward(View q, View k, View v, View o, View dout, View lse, View dq, View dk, View dv,
                                   int B, int T, int H, Scratch s) = 0;
-  // q (m, H*hd): the last m of the L cached rows of k, v (L, H*hd); query i sees rows [0, L-m+i]
+  // q (m, H*hd): the last m of the L cached rows of k, v (L, Hkv*hd); query i sees rows [0, L-m+i]
   virtual size_t attention_cached_scratch_bytes(int m, int L, int H, int hd) const = 0;
   virtual void attention_cached(View q, View k, View v, View out, int H, Scratch s) = 0;
 
@@ -201,6 +204,10 @@ class Backend {
 // The balancer's mean/std bound for a positive fraction p: 0.814 * atanh(2p - 1), which
 // approximates erfinv(2p - 1) (SUBLLM.md §7).
 double balancer_mean_bound(double p);
+
+// The key/value head count of an attention call: k's width over the head size q.cols / H,
+// checked (equal k and v widths, a divisor of H); `op` names the call in errors.
+int attention_kv_heads(const View& q, const View& k, const View& v, int H, const char* op);
 
 // The backend for a --device value: "cpu", "cuda" (bf16 compute) or "cuda:fp32" (fp32 compute,
 // for verification); an unknown or unavailable device is an Error naming the choices.

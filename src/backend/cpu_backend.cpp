@@ -157,29 +157,30 @@ class CpuBackend final : public Backend {
   }
   void attention_forward(View q, View kk, View v, View o, View lse, int B, int T, int H, Scratch s) override {
     check(q.ld == kk.ld && q.ld == v.ld, "attention_forward: q, k and v share one row stride");
-    const int hd = (int)(q.cols / H);
+    const int hd = (int)(q.cols / H), Hkv = attention_kv_heads(q, kk, v, H, "attention_forward");
     need_scratch(s, attention_scratch_bytes(B, T, H, hd, false), "attention_forward");
-    k::attention_forward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, lse.f32(), B, T, H, hd,
+    k::attention_forward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, lse.f32(), B, T, H, Hkv, hd,
                          static_cast<float*>(s.data));
   }
   void attention_backward(View q, View kk, View v, View o, View dout, View lse, View dq, View dk, View dv, int B, int T,
                           int H, Scratch s) override {
     check(q.ld == kk.ld && q.ld == v.ld && dq.ld == dk.ld && dq.ld == dv.ld && o.ld == dout.ld,
           "attention_backward: q, k, v (and their gradients, and o, dout) share a row stride");
-    const int hd = (int)(q.cols / H);
+    const int hd = (int)(q.cols / H), Hkv = attention_kv_heads(q, kk, v, H, "attention_backward");
+    check(dk.cols == kk.cols && dv.cols == v.cols, "attention_backward: dk and dv have the key/value heads' width");
     need_scratch(s, attention_scratch_bytes(B, T, H, hd, true), "attention_backward");
     k::attention_backward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, dout.f32(), lse.f32(), dq.f32(),
-                          dk.f32(), dv.f32(), (int)dq.ld, B, T, H, hd, static_cast<float*>(s.data));
+                          dk.f32(), dv.f32(), (int)dq.ld, B, T, H, Hkv, hd, static_cast<float*>(s.data));
   }
   size_t attention_cached_scratch_bytes(int, int L, int, int hd) const override {
     return sizeof(float) * (size_t)num_threads() * k::attention_cached_scratch_floats(L, hd);
   }
   void attention_cached(View q, View kk, View v, View out, int H, Scratch s) override {
     check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
-    const int hd = (int)(q.cols / H), L = (int)kk.rows;
+    const int hd = (int)(q.cols / H), L = (int)kk.rows, Hkv = attention_kv_heads(q, kk, v, H, "attention_cached");
     need_scratch(s, attention_cached_scratch_bytes((int)q.rows, L, H, hd), "attention_cached");
-    k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, hd, out.f32(), (int)out.ld,
-                        static_cast<float*>(s.data));
+    k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, Hkv, hd, out.f32(),
+                        (int)out.ld, static_cast<float*>(s.data));
   }
 
   void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,

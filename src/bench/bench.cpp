@@ -177,11 +177,12 @@ double decode_weight_bytes(const Model& m) {
   const auto& st = m.structure();
   std::vector<double> frac(st.segments.size(), 1.0);
   const double C = m.config().dim, F = m.config().ffn_dim, e = (double)dtype_size(m.weights().compute_dtype());
+  const double KV = m.config().kv_dim();
   double bytes = e * m.config().vocab_size * C + e * C;
   for (size_t s = 0; s < st.segments.size(); ++s) {
     if (s > 0) frac[s] = frac[st.segments[s].parent] * st.segments[s].retention;
     for (const auto& it : st.segments[s].items)
-      bytes += it.is_block ? frac[s] * e * (4 * C * C + 3 * C * F + 2 * C) : frac[s] * e * 2 * C;
+      bytes += it.is_block ? frac[s] * e * (2 * C * C + 2 * KV * C + 3 * C * F + 2 * C) : frac[s] * e * 2 * C;
   }
   return bytes;
 }
@@ -233,7 +234,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
   std::vector<double> retention;
   for (size_t j = 0; j < cache.seen.size(); ++j) retention.push_back(cache.seen[j] ? (double)cache.kept[j] / cache.seen[j] : 0);
   const double weight_bytes = (double)cache.element_bytes * m.num_params();  // the compute copy decoding reads
-  const size_t kv_llama = 2 * cache.element_bytes * (size_t)m.config().n_layers * cache.length * m.config().dim;
+  const size_t kv_llama = 2 * cache.element_bytes * (size_t)m.config().n_layers * cache.length * m.config().kv_dim();
   const double pf = forward_flops(m, a.prompt_len);
   return {{"impl", "subllm"},
           {"config", source},

@@ -4,6 +4,7 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "subllm/bench.h"
 #include "subllm/error.h"
 #include "subllm/generate.h"
 #include "subllm/threads.h"
@@ -32,9 +33,15 @@ void print_stats(const GenerateStats& s, const Model& m) {
   for (size_t j = 0; j < s.retention.size(); ++j)
     std::fprintf(stderr, "retention %-9zu %.3f (configured %.2f)\n", j, s.retention[j],
                  m.structure().segments[j + 1].retention);
+  const ModelConfig& c = m.config();
+  std::fprintf(stderr, "kv heads            %d of %d query heads (%d values per cached row of a block)\n", c.kv_heads(),
+               c.n_heads, 2 * c.kv_dim());
   std::fprintf(stderr, "kv cache            %.2f MB (LLaMA would hold %.2f MB, x%.3f)\n", s.kv_cache_bytes / 1048576.0,
                s.kv_cache_bytes_llama / 1048576.0,
                s.kv_cache_bytes_llama ? (double)s.kv_cache_bytes / s.kv_cache_bytes_llama : 0.0);
+  std::fprintf(stderr, "weights             %s\n",
+               m.weights().mapped() ? "mapped from the file (read on use, shared with the page cache)" : "loaded (a copy)");
+  std::fprintf(stderr, "peak rss            %.1f MB\n", peak_rss_mb());
 }
 
 // Far more text than any context holds; the bound makes a device such as /dev/zero end

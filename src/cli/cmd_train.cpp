@@ -15,10 +15,12 @@ namespace {
 struct TrainCli {
   TrainOptions o;
   std::string config_path;
-  int dim = 256, layers = 4, heads = 4, ffn = 0, vocab = 0;
+  int dim = 256, layers = 4, heads = 4, kv_heads = 0, ffn = 0, vocab = 0;
   std::string structure;
   std::string retention;
   bool layers_given = false;
+  // Which model flags were given (with --init-from, the rest come from the source model).
+  bool dim_given = false, heads_given = false, kv_heads_given = false, ffn_given = false, vocab_given = false;
   std::string recipe;
   std::string balancer_fraction = SubllmKnobs{}.balancer_counted ? "counted" : "gaussian";
   std::string balancer_prob = SubllmKnobs{}.balancer_prob.str(), bypass_min = SubllmKnobs{}.bypass_min.str();
@@ -38,6 +40,33 @@ int run_train(TrainCli& c) {
   const bool sized = !c.config_path.empty();
   if (sized) {
     o.model = load_config(c.config_path);
+  } else if (!o.init_from.empty()) {
+    // The source model's config, with the layout the flags ask for (continued training as SUBLLM).
+    const std::string from = init_from_folder(o.init_from);
+    ModelConfig m = load_config((std::filesystem::path(from) / "config.json").string());
+    m.source = "the config of --init-from " + from + " with the model flags";
+    if (!c.structure.empty()) {
+      const bool new_layout = c.structure != m.layout();
+      m.structure = c.structure;
+      m.n_layers = c.layers_given ? c.layers : (int)std::count(c.structure.begin(), c.structure.end(), 'T');
+      m.retentions.clear();
+      if (!c.retention.empty()) m.retentions = config_from_json_text("{\"downsampling_factor_denominator\": \"" + c.retention + "\"}", "--retention").retentions;
+      // A new layout places kept tokens as the authors do.
+      if (new_layout) m.rope_parent_positions = true;
+    } else if (!c.retention.empty()) {
+      m.retentions = config_from_json_text("{\"downsampling_factor_denominator\": \"" + c.retention + "\"}", "--retention").retentions;
+    } else if (c.layers_given) {
+      m.n_layers = c.layers;
+    }
+    // Sizes given explicitly are taken as asked; init_from_model refuses any that differ.
+    if (c.dim_given) m.dim = c.dim;
+    if (c.heads_given) m.n_heads = c.heads;
+    if (c.kv_heads_given) m.n_kv_heads = c.kv_heads == m.n_heads ? 0 : c.kv_heads;
+    if (c.ffn_given) m.ffn_dim = c.ffn;
+    if (c.vocab_given) m.vocab_size = c.vocab;
+    m.bypass_numbering = 2;
+    m.validate();
+    o.model = m;
   } else {
     ModelConfig m;
     m.source = "the model flags (decoder_embed_dim is --dim, decoder_layers --layers, decoder_attention_heads "
@@ -47,6 +76,7 @@ int run_train(TrainCli& c) {
     m.n_layers = c.layers_given || c.structure.empty() ? c.layers
                                                        : (int)std::count(c.structure.begin(), c.structure.end(), 'T');
     m.n_heads = c.heads;
+    m.n_kv_heads = c.kv_heads == c.heads ? 0 : c.kv_heads;
     // SwiGLU hidden size ≈ 8/3 d rounded to a multiple of 32, as LLaMA sizes it.
     // In 64 bits, so a huge --dim reaches the size limits rather than wrapping around.
     m.ffn_dim = c.ffn > 0 ? c.ffn : (int)std::min<int64_t>((8 * (int64_t)c.dim / 3 + 31) / 32 * 32, INT32_MAX);
@@ -123,12 +153,20 @@ void add_train_command(CLI::App& app, Runner& run) {
   auto* heads = t->add_option("--heads", c->heads, "attention heads")
       ->capture_default_str()
       ->check(interval("[1, inf)"));
+  auto* kv_heads = t->add_option("--kv-heads", c->kv_heads,
+                                 "key/value heads, a divisor of --heads (grouped-query attention; 1: multi-query; "
+                                 "default: --heads)")
+                      ->check(interval("[0, inf)"));
+  t->add_option("--init-from", o.init_from,
+                "start from the weights of a trained model (model, checkpoint or run folder; e.g. a LLaMA from "
+                "`subllm convert`): its blocks stay in place, new subsamplers start fresh, the optimizer and "
+                "schedule start anew; without --config its sizes are used, with --structure/--retention the new layout");
   auto* ffn = t->add_option("--ffn", c->ffn, "SwiGLU hidden size (default ≈ 8/3 · dim)")->check(interval("[0, inf)"));
   auto* vocab = t->add_option("--vocab", c->vocab, "vocabulary size (default: the tokenizer's)")
       ->check(interval("[0, inf)"));
   auto* structure = t->add_option("--structure", c->structure, "layout string, e.g. TT(TT)TT (default all T)");
   auto* retention = t->add_option("--retention", c->retention, "subsampler retention(s), e.g. 0.64 or 0.64,0.5");
-  for (auto* opt : {dim, layers, heads, ffn, vocab, structure, retention}) opt->excludes(cfg);
+  for (auto* opt : {dim, layers, heads, kv_heads, ffn, vocab, structure, retention}) opt->excludes(cfg);
   t->add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str()->check(interval("[1, inf)"));
   t->add_option("--seq", o.seq, "tokens per sequence")->capture_default_str()->check(interval("[1, inf)"));
   t->add_option("--grad-accum", o.grad_accum,
@@ -236,10 +274,16 @@ void add_train_command(CLI::App& app, Runner& run) {
   add_device_option(t, o.device);
   add_threads_option(t, o.threads);
   t->add_flag("-q,--quiet", o.quiet, "no progress output");
-  t->callback([&run, c, out, cfg, dim, layers, heads, ffn, vocab, structure, retention, lr, schedule, optimizer, beta2,
-               warmup, bal_scale] {
-    c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + ffn->count() + vocab->count() +
-                           structure->count() + retention->count() > 0 || c->o.resume.empty();
+  t->callback([&run, c, out, cfg, dim, layers, heads, kv_heads, ffn, vocab, structure, retention, lr, schedule,
+               optimizer, beta2, warmup, bal_scale] {
+    c->o.model_given = cfg->count() + dim->count() + layers->count() + heads->count() + kv_heads->count() +
+                           ffn->count() + vocab->count() + structure->count() + retention->count() > 0 ||
+                       c->o.resume.empty();
+    c->dim_given = dim->count() > 0;
+    c->heads_given = heads->count() > 0;
+    c->kv_heads_given = kv_heads->count() > 0;
+    c->ffn_given = ffn->count() > 0;
+    c->vocab_given = vocab->count() > 0;
     // --resume alone continues the run in its own folder, not in the default -o.
     if (!c->o.resume.empty() && out->count() == 0) c->o.out_dir.clear();
     c->layers_given = layers->count() > 0;

@@ -29,8 +29,8 @@ LoadedModel load_model_dir(const std::string& path, const std::string& device) {
   check(tok.vocab_size() <= cfg.vocab_size,
         "model folder '" + dir + "': tokenizer.model has " + std::to_string(tok.vocab_size()) +
             " pieces but the model only " + std::to_string(cfg.vocab_size) + ": the files do not belong together");
-  auto model = std::make_unique<Model>(cfg, device);
-  model->load((fs::path(dir) / "model.safetensors").string());
+  // For inference: mapped from the file where it can be (see Weights), else a copy.
+  auto model = std::make_unique<Model>(cfg, device, (fs::path(dir) / "model.safetensors").string());
   return LoadedModel{std::move(model), std::move(tok), dir};
 }
 
@@ -105,7 +105,7 @@ void finish_stats(Stream& s, const ModelConfig& mc) {
   s.stats.retention.clear();
   for (size_t j = 0; j < c.seen.size(); ++j) s.stats.retention.push_back(c.seen[j] ? (double)c.kept[j] / c.seen[j] : 0.0);
   s.stats.kv_cache_bytes = c.bytes();
-  s.stats.kv_cache_bytes_llama = 2 * sizeof(float) * (size_t)mc.n_layers * c.length * mc.dim;
+  s.stats.kv_cache_bytes_llama = 2 * c.element_bytes * (size_t)mc.n_layers * c.length * mc.kv_dim();
 }
 
 }  // namespace

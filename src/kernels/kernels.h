@@ -52,21 +52,24 @@ void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const R
 // ---- causal attention (tiled, online softmax; O(T*hd) memory per head) ----------------
 // q, k, v: rows of matrices with row stride ld_qkv; sequence b, token t, head h lives at
 //   q[(b*T + t)*ld_qkv + h*hd .. + hd). Causal within each sequence of length T.
+// q has H heads, k and v Hkv (grouped-query attention; Hkv divides H): query head h reads
+// key/value head h / (H / Hkv). Hkv = H is multi-head attention, Hkv = 1 multi-query.
 // o: (B*T, ld_o) same head layout; lse: (B, H, T) log-sum-exp of the scaled scores.
 // scale = 1/sqrt(hd).
 // scratch: workers * attention_scratch_bytes(hd, false), 64-byte aligned.
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd, float* scratch);
-// Recomputes the scores; writes (overwrites) dq, dk, dv with row stride ld_dqkv.
+                       int B, int T, int H, int Hkv, int hd, float* scratch);
+// Recomputes the scores; writes (overwrites) dq, dk, dv with row stride ld_dqkv; dk and dv of
+// a key/value head sum over the query heads of its group, in head order (deterministic).
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd, float* scratch);
+                        int T, int H, int Hkv, int hd, float* scratch);
 
 // New queries against a cache: q (m, ld_q) are the last m of L positions, k/v (L, ld_kv) the
 // cache including them; query i attends to cache rows [0, L - m + i]. Forward only.
 // scratch: workers * attention_cached_scratch_floats(L, hd) floats.
-void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
-                      float* out, int ld_o, float* scratch);
+void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H,
+                      int Hkv, int hd, float* out, int ld_o, float* scratch);
 size_t attention_cached_scratch_floats(int L, int hd);
 
 // Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.

@@ -189,10 +189,13 @@ int64_t count_params(const ModelConfig& c, const std::string& src) {
   const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size;
   const int64_t subsamplers = std::count(c.structure.begin(), c.structure.end(), '(');
   const int64_t CC = mul(C, C);
-  int64_t block = add(mul(2, CC), padded(CC));                         // q, k, v
+  // k and v are kv_heads * head_dim wide (grouped-query attention); C without it.
+  const int64_t KV = c.n_heads > 0 && c.n_kv_heads > 0 ? C / c.n_heads * c.n_kv_heads : C;
+  const int64_t CKV = mul(KV, C);
+  int64_t block = add(add(CC, CKV), padded(CKV));                      // q, k, v
   block = add(block, add(padded(CC), mul(2, padded(C))));              // out_proj, both norms
   block = add(block, add(padded(mul(mul(2, F), C)), padded(mul(C, F))));  // w12, w3
-  if (c.qk_bias) block = add(block, padded(mul(2, C)));               // q and k biases
+  if (c.qk_bias) block = add(block, padded(add(C, KV)));              // q and k biases
   int64_t total = add(padded(mul(V, C)), mul(c.n_layers, block));
   total = add(total, mul(add(mul(2, subsamplers), 1), padded(C)));    // scores, bypasses, final norm
   if (!c.tie_weights) total = add(total, padded(mul(V, C)));
@@ -228,6 +231,12 @@ void validate_named(const ModelConfig& c, const std::string& src) {
   if (c.dim % c.n_heads != 0) {
     throw Error(src + ": decoder_embed_dim (" + std::to_string(c.dim) + ") is not divisible by decoder_attention_heads (" +
                 std::to_string(c.n_heads) + "): choose sizes with dim % heads == 0");
+  }
+  if (c.n_kv_heads < 0 || (c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads != 0)) {
+    throw Error(src + ": decoder_kv_heads (" + std::to_string(c.n_kv_heads) + ") does not divide decoder_attention_heads (" +
+                std::to_string(c.n_heads) +
+                "): grouped-query attention shares each key/value head among an equal number of query heads; "
+                "use a divisor of the head count (1 = multi-query, the head count or no key = multi-head)");
   }
   if (c.head_dim() % 2 != 0) {
     throw Error(src + ": head size decoder_embed_dim / decoder_attention_heads = " + std::to_string(c.head_dim()) +
@@ -278,7 +287,7 @@ bool is_read_key(const std::string& key) {
       "num_embeddings", "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_layers", "decoder_attention_heads",
       "tokens_per_sample", "padding_idx", "bos_token_id", "eos_token_id", "tie_weights", "structure",
       "downsampling_factor_denominator", "downsampling_factor", "norm_eps", "rope_base", "norm_name", "mlp_name",
-      "subllm_format", "qk_bias", "hidden_size", "rope_positions"};
+      "subllm_format", "qk_bias", "hidden_size", "rope_positions", "decoder_kv_heads"};
   for (const char* k : kRead)
     if (key == k) return true;
   return false;
@@ -407,6 +416,15 @@ ModelConfig config_from_json_text(const std::string& json_text, const std::strin
   read_int(j, s, "decoder_ffn_embed_dim", c.ffn_dim);
   read_int(j, s, "decoder_layers", c.n_layers);
   read_int(j, s, "decoder_attention_heads", c.n_heads);
+  if (j.contains("decoder_kv_heads") && !j["decoder_kv_heads"].is_null()) {
+    int kv = 0;
+    read_int(j, s, "decoder_kv_heads", kv);
+    if (kv <= 0) {
+      throw Error(s + ": decoder_kv_heads (" + std::to_string(kv) +
+                  ") must be positive: the number of key/value heads, a divisor of decoder_attention_heads");
+    }
+    c.n_kv_heads = kv == c.n_heads ? 0 : kv;  // one form for plain multi-head attention
+  }
   read_int(j, s, "tokens_per_sample", c.context);
   read_int(j, s, "padding_idx", c.padding_idx);
   read_int(j, s, "bos_token_id", c.bos_token_id);
@@ -452,6 +470,8 @@ std::string config_to_json_text(const ModelConfig& c, bool authors_keys_only) {
   j["hidden_size"] = c.dim;
   j["decoder_layers"] = c.n_layers;
   j["decoder_attention_heads"] = c.n_heads;
+  // Ours (the authors' code has no grouped-query attention); written only when it applies.
+  if (c.kv_heads() != c.n_heads) j["decoder_kv_heads"] = c.kv_heads();
   j["norm_name"] = c.norm_name;
   j["mlp_name"] = c.mlp_name;
   j["qk_bias"] = c.qk_bias;  // always written: the authors' class defaults a missing key to true

@@ -29,6 +29,12 @@ void check_exportable(const ModelConfig& c, const std::string& dir) {
     throw Error("cannot export '" + dir + "': rope_base is " + std::to_string(c.rope_base) +
                 ", but the authors' code always uses RoPE base 10000: only models with rope_base 10000 can be exported");
   }
+  if (c.kv_heads() != c.n_heads) {
+    throw Error("cannot export '" + dir + "': it has grouped-query attention (" + std::to_string(c.kv_heads()) +
+                " key/value heads for " + std::to_string(c.n_heads) +
+                " query heads), which the authors' code does not have: only models with as many key/value heads as "
+                "query heads can be exported (a LLaMA-structure model converts with `subllm convert --to hf`)");
+  }
   const Structure st = c.parse();
   for (int j = 0; j < st.num_subsamplers; ++j) {
     if (st.segments[(size_t)j + 1].retention >= 1.0f) {

@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "model/passes.h"
+#include "subllm/error.h"
 #include "subllm/host_memory.h"
 
 namespace subllm {
@@ -13,8 +14,8 @@ namespace {
 
 // The keys behind most of a config's memory: what to lower when it does not fit.
 std::string largest_sizes(const ModelConfig& c) {
-  const double C = c.dim, F = c.ffn_dim;
-  const double blocks = c.n_layers * (4 * C * C + 3 * C * F);
+  const double C = c.dim, F = c.ffn_dim, KV = c.kv_dim();
+  const double blocks = c.n_layers * (2 * C * C + 2 * KV * C + 3 * C * F);
   const double embed = (c.tie_weights ? 1.0 : 2.0) * c.vocab_size * C;
   const double rope = (double)c.context * c.head_dim();
   if (rope >= blocks && rope >= embed) return "tokens_per_sample (" + std::to_string(c.context) + ")";
@@ -28,8 +29,15 @@ std::string largest_sizes(const ModelConfig& c) {
 // On the CPU the host holds the weights, their gradients, the staging copy that init and
 // load fill, and the RoPE tables; on a device only the staging copy is on the host (the
 // device's allocator reports its own shortage).
-ModelConfig fitting_host_memory(ModelConfig cfg, const std::string& device) {
+// A valid config (the device is named by backend_for, which refuses one it cannot run).
+ModelConfig runnable(ModelConfig cfg, const std::string& device) {
   cfg.validate();
+  backend_for(device);
+  return cfg;
+}
+
+ModelConfig fitting_host_memory(ModelConfig cfg, const std::string& device) {
+  cfg = runnable(std::move(cfg), device);
   const bool on_host = std::string(backend_for(device).name()) == "cpu";
   const double params = (double)cfg.param_count();
   const double bytes = 4.0 * (on_host ? 3 * params + (double)cfg.context * cfg.head_dim() : params);
@@ -45,6 +53,10 @@ ModelConfig fitting_host_memory(ModelConfig cfg, const std::string& device) {
 Model::Model(ModelConfig cfg, const std::string& device)
     : weights_(fitting_host_memory(std::move(cfg), device), backend_for(device)),
       grads_(weights_.backend().zeros({weights_.num_params()})),
+      session_(std::make_unique<Session>(weights_)) {}
+
+Model::Model(ModelConfig cfg, const std::string& device, const std::string& weights_path)
+    : weights_(runnable(std::move(cfg), device), backend_for(device), weights_path),
       session_(std::make_unique<Session>(weights_)) {}
 
 Model::~Model() = default;
@@ -65,13 +77,13 @@ std::vector<int> Model::segment_lengths(int T) const { return plan_lengths(struc
 
 double Model::train_flops_per_token(int T) const {
   const ModelConfig& c = config();
-  const double C = c.dim, F = c.ffn_dim, V = c.vocab_size;
+  const double C = c.dim, F = c.ffn_dim, V = c.vocab_size, KV = c.kv_dim();
   const std::vector<int> len = segment_lengths(T);
   double flops = 6 * V * C;
   for (size_t s = 0; s < structure().segments.size(); ++s) {
     const double frac = (double)len[s] / T;
     for (const SegmentItem& it : structure().segments[s].items)
-      if (it.is_block) flops += frac * (6 * (4 * C * C + 3 * C * F) + 6.0 * len[s] * C);
+      if (it.is_block) flops += frac * (6 * (2 * C * C + 2 * KV * C + 3 * C * F) + 6.0 * len[s] * C);
   }
   return flops;
 }

@@ -12,7 +12,7 @@ namespace subllm {
 // Activations of one transformer block, sized for the rows of its segment.
 struct BlockActs {
   Tensor rstd1, rstd2;  // (rows)
-  Tensor qkv;           // (rows, 3C), q and k after RoPE
+  Tensor qkv;           // (rows, C + 2 KV), q and k after RoPE (KV = kv_dim())
   Tensor att;           // (rows, C) attention output before out_proj
   Tensor lse;           // (B, H, T_seg)
   Tensor h;             // (rows, C) after the attention residual
@@ -49,7 +49,7 @@ struct ModelActivations {
   Tensor norm_out, rstd_f;           // (N, C), (N) final norm
   Tensor tmp_c, tmp_f;               // (N, C), (N, F): recomputed norm / swiglu outputs
   Tensor d_tmp_c, d_att;             // (N, C)
-  Tensor d_qkv;                      // (N, 3C)
+  Tensor d_qkv;                      // (N, C + 2 KV)
   Tensor d_f, d_gu;                  // (N, F), (N, 2F)
   Tensor logits_chunk;               // (chunk, V)
   Tensor loss;                       // (2) f64: summed loss, counted rows
@@ -60,7 +60,7 @@ struct ModelActivations {
 
 // Where one block pass keeps its intermediates.
 struct BlockIO {
-  View n1, qkv, att, h, gu, a, rstd1, rstd2, lse;  // (rows, C | 3C | C | C | 2F | F), (rows) x2, (H, rows)
+  View n1, qkv, att, h, gu, a, rstd1, rstd2, lse;  // (rows, C | C + 2 KV | C | C | 2F | F), (rows) x2, (H, rows)
   View ones;                                       // (rows, 1) of 1, for the q/k biases (qk_bias only)
   Scratch scratch;
 };
@@ -113,17 +113,17 @@ inline View param_vec(const Weights& w, int64_t offset, int64_t n) { return para
 template <class Attend>
 void block_core(Backend& be, const Weights& w, int blk, View x, View y, View pos, const BlockIO& io, Attend attend) {
   const ModelConfig& c = w.config();
-  const int64_t C = c.dim, F = c.ffn_dim, hd = c.head_dim();
+  const int64_t C = c.dim, F = c.ffn_dim, hd = c.head_dim(), KV = c.kv_dim();
   const BlockOffsets& o = w.block(blk);
   const View cos = view_of(w.rope_cos()), sin = view_of(w.rope_sin());
   // h = x + wo · attention(rope(qkv(norm(x))))
   be.rmsnorm_forward(x, param_vec(w, o.attn_norm, C), io.n1, io.rstd1, c.norm_eps);
-  // q, k, v weights are adjacent, so one GEMM against the (3C, C) block makes all three.
-  be.linear_forward(io.n1, param(w, o.wqkv, 3 * C, C), io.qkv);
+  // q, k, v weights are adjacent, so one GEMM against the (C + 2 KV, C) block makes all three.
+  be.linear_forward(io.n1, param(w, o.wqkv, C + 2 * KV, C), io.qkv);
   // The q and k biases go in before RoPE, as in the authors' q_proj / k_proj.
-  if (c.qk_bias) be.linear_forward(io.ones, param(w, o.qk_bias, 2 * C, 1), io.qkv.cols_at(0, 2 * C), true);
+  if (c.qk_bias) be.linear_forward(io.ones, param(w, o.qk_bias, C + KV, 1), io.qkv.cols_at(0, C + KV), true);
   be.rope_apply(io.qkv.cols_at(0, C), pos, cos, sin, (int)hd, false);
-  be.rope_apply(io.qkv.cols_at(C, C), pos, cos, sin, (int)hd, false);
+  be.rope_apply(io.qkv.cols_at(C, KV), pos, cos, sin, (int)hd, false);
   attend();
   be.copy_rows(x, io.h);
   be.linear_forward(io.att, param(w, o.wo, C, C), io.h, true);

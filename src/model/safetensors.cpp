@@ -283,7 +283,7 @@ void SafetensorsFile::read_f32(const std::string& name, const Shape& expected, f
 }
 
 void write_safetensors(const std::string& path, const std::vector<SafetensorsOut>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, bool in_given_order) {
   const std::string bad = "cannot write '" + path + "': ";
   std::vector<const SafetensorsOut*> sorted;
   sorted.reserve(tensors.size());
@@ -296,7 +296,8 @@ void write_safetensors(const std::string& path, const std::vector<SafetensorsOut
     if (numel > 0 && t.data == nullptr) throw Error(bad + "tensor '" + t.name + "' has no data");
     sorted.push_back(&t);
   }
-  std::sort(sorted.begin(), sorted.end(), [](const SafetensorsOut* a, const SafetensorsOut* b) { return a->name < b->name; });
+  if (!in_given_order)
+    std::sort(sorted.begin(), sorted.end(), [](const SafetensorsOut* a, const SafetensorsOut* b) { return a->name < b->name; });
 
   // Offsets are contiguous without gaps: common safetensors readers reject holes in the data
   // section. The data section itself starts 8-byte aligned.

@@ -90,7 +90,7 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
       BlockActs& b = a.blk[it.index];
       b.rstd1 = ar.alloc({rows});
       b.rstd2 = ar.alloc({rows});
-      b.qkv = ar.alloc({rows, 3 * C}, ad);
+      b.qkv = ar.alloc({rows, (int64_t)c.qkv_dim()}, ad);
       b.att = ar.alloc({rows, C}, ad);
       b.lse = ar.alloc({(int64_t)B, (int64_t)c.n_heads, (int64_t)len[s]});
       b.h = ar.alloc({rows, C}, ad);
@@ -104,7 +104,7 @@ void plan_into(ModelActivations& a, Backend& be, const ModelConfig& c, const Str
   a.tmp_f = ar.alloc({N, F}, ad);
   a.d_tmp_c = ar.alloc({N, C}, ad);
   a.d_att = ar.alloc({N, C}, ad);
-  a.d_qkv = ar.alloc({N, 3 * C}, ad);
+  a.d_qkv = ar.alloc({N, (int64_t)c.qkv_dim()}, ad);
   a.d_f = ar.alloc({N, F}, ad);
   a.d_gu = ar.alloc({N, 2 * F}, ad);
   // Chunks of at most ~32 MB of logits.
@@ -160,14 +160,14 @@ struct Pass {
 void Pass::block_forward(int blk, int seg, View x, View y) {
   const SegmentActs& g = a.seg[seg];
   BlockActs& ba = a.blk[blk];
-  const int B = a.B, T = g.T, C = cfg.dim, rows = B * T;
+  const int B = a.B, T = g.T, C = cfg.dim, KV = cfg.kv_dim(), rows = B * T;
   const BlockIO io{rows_of(a.tmp_c, rows), rows_of(ba.qkv, rows),   rows_of(ba.att, rows),
                    rows_of(ba.h, rows),    rows_of(ba.gu, rows),    rows_of(a.tmp_f, rows),
                    rows_of(ba.rstd1, rows), rows_of(ba.rstd2, rows), view_of(ba.lse),
                    cfg.qk_bias ? rows_of(a.ones, rows) : View{}, scratch_of(a.scratch)};
   block_core(be, w, blk, x, y, rows_of(g.pos, rows), io, [&] {
-    be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, B, T,
-                         cfg.n_heads, io.scratch);
+    be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, KV), io.qkv.cols_at(C + KV, KV), io.att, io.lse, B,
+                         T, cfg.n_heads, io.scratch);
   });
 }
 
@@ -176,7 +176,7 @@ void Pass::block_forward(int blk, int seg, View x, View y) {
 void Pass::block_backward(int blk, int seg, View x, View dres) {
   const SegmentActs& g = a.seg[seg];
   BlockActs& ba = a.blk[blk];
-  const int B = a.B, T = g.T, N = B * T, C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim();
+  const int B = a.B, T = g.T, N = B * T, C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim(), KV = cfg.kv_dim();
   const BlockOffsets& o = w.block(blk);
   const Scratch scratch = scratch_of(a.scratch);
   const View pos = rows_of(g.pos, N), qkv = rows_of(ba.qkv, N), att = rows_of(ba.att, N), h = rows_of(ba.h, N);
@@ -193,17 +193,17 @@ void Pass::block_backward(int blk, int seg, View x, View dres) {
   be.rmsnorm_backward(h, param_vec(o.ffn_norm, C), rstd2, dtmp_c, dres, vec(G + o.ffn_norm, C), true, scratch);
   // h = x + wo · att; dres now holds dh
   be.linear_backward(att, param(o.wo, C, C), dres, d_att, grad(o.wo, C, C));
-  be.attention_backward(qkv.cols_at(0, C), qkv.cols_at(C, C), qkv.cols_at(2 * C, C), att, d_att, view_of(ba.lse),
-                        dqkv.cols_at(0, C), dqkv.cols_at(C, C), dqkv.cols_at(2 * C, C), B, T, H, scratch);
+  be.attention_backward(qkv.cols_at(0, C), qkv.cols_at(C, KV), qkv.cols_at(C + KV, KV), att, d_att, view_of(ba.lse),
+                        dqkv.cols_at(0, C), dqkv.cols_at(C, KV), dqkv.cols_at(C + KV, KV), B, T, H, scratch);
   be.rope_apply(dqkv.cols_at(0, C), pos, rope_cos(), rope_sin(), hd, true);
-  be.rope_apply(dqkv.cols_at(C, C), pos, rope_cos(), rope_sin(), hd, true);
+  be.rope_apply(dqkv.cols_at(C, KV), pos, rope_cos(), rope_sin(), hd, true);
   // The q/k biases were added before RoPE: their gradient is the column sums of d(q|k) there.
   if (cfg.qk_bias)
-    be.linear_backward(rows_of(a.ones, N), param(o.qk_bias, 2 * C, 1), dqkv.cols_at(0, 2 * C), View{},
-                       grad(o.qk_bias, 2 * C, 1));
+    be.linear_backward(rows_of(a.ones, N), param(o.qk_bias, C + KV, 1), dqkv.cols_at(0, C + KV), View{},
+                       grad(o.qk_bias, C + KV, 1));
   // qkv = wqkv · norm(x)
   be.rmsnorm_forward(x, param_vec(o.attn_norm, C), tmp_c, rstd1, cfg.norm_eps);
-  be.linear_backward(tmp_c, param(o.wqkv, 3 * C, C), dqkv, dtmp_c, grad(o.wqkv, 3 * C, C));
+  be.linear_backward(tmp_c, param(o.wqkv, C + 2 * KV, C), dqkv, dtmp_c, grad(o.wqkv, C + 2 * KV, C));
   be.rmsnorm_backward(x, param_vec(o.attn_norm, C), rstd1, dtmp_c, dres, vec(G + o.attn_norm, C), true, scratch);
 }
 
@@ -479,6 +479,9 @@ void check_token_ids(const ModelConfig& c, const int32_t* tokens, const int32_t*
 float Session::forward_backward(float* grads, const int32_t* tokens, const int32_t* targets, int B, int T,
                                 float grad_multiplier) {
   check(targets, "training needs targets");
+  check(grads != nullptr && !w_.mapped(),
+        "this model was loaded for inference (no gradients, weights mapped read-only): training loads its weights "
+        "with Model(config) and load()");
   check_run(w_.config(), tokens, targets, B, T);
   ModelActivations& a = plan(*st_, w_, B, T, Mode::Train);
   Pass p(*this, a, grads);

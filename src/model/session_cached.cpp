@@ -43,11 +43,11 @@ SequenceCache Session::new_cache(int reserve_tokens) const {
   cache.k.assign(c.n_layers, KVRows(&w_.backend(), dt));
   cache.v.assign(c.n_layers, KVRows(&w_.backend(), dt));
   for (int b = 0; b < c.n_layers && reserve_tokens > 0; ++b) {
-    cache.k[b].reserve((size_t)reserve_tokens * c.dim);
-    cache.v[b].reserve((size_t)reserve_tokens * c.dim);
+    cache.k[b].reserve((size_t)reserve_tokens * c.kv_dim());
+    cache.v[b].reserve((size_t)reserve_tokens * c.kv_dim());
   }
   cache.rows.assign(c.n_layers, 0);
-  cache.width = c.dim;
+  cache.width = c.kv_dim();  // key/value heads only: grouped-query attention caches less
   cache.element_bytes = dtype_size(dt);
   cache.seen.assign(w_.structure().num_subsamplers, 0);
   cache.kept.assign(w_.structure().num_subsamplers, 0);
@@ -94,11 +94,11 @@ struct CachedPass {
 };
 
 void CachedPass::block(int blk, View x, int rows, View pos) {
-  const int64_t C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim();
+  const int64_t C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim(), KV = cfg.kv_dim();
   const DType ad = w.compute_dtype();
   // One workspace serves every block: blocks never run nested inside one another.
   // Activations in the compute dtype, per-row statistics in F32.
-  ensure(be, st.block_ws, rows * (7 * C + 3 * F), ad);
+  ensure(be, st.block_ws, rows * (5 * C + 2 * KV + 3 * F), ad);
   ensure(be, st.block_stats, rows * (2 + H));
   char* ws = static_cast<char*>(st.block_ws.raw());
   float* stats = st.block_stats.f32();
@@ -114,7 +114,7 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   };
   BlockIO io;
   io.n1 = take(C);
-  io.qkv = take(3 * C);
+  io.qkv = take(C + 2 * KV);
   io.att = take(C);
   io.h = take(C);
   io.gu = take(2 * F);
@@ -141,17 +141,17 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   }
   block_core(be, w, blk, x, y, pos, io, [&] {
     // Append this chunk's keys and values, then attend over the whole cache.
-    K.reserve((size_t)L * C);
-    V.reserve((size_t)L * C);
-    const View k_rows{K.data(), ad, L, C, C}, v_rows{V.data(), ad, L, C, C};
-    be.copy_rows(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
-    be.copy_rows(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
-    K.set_used((size_t)L * C);
-    V.set_used((size_t)L * C);
+    K.reserve((size_t)L * KV);
+    V.reserve((size_t)L * KV);
+    const View k_rows{K.data(), ad, L, KV, KV}, v_rows{V.data(), ad, L, KV, KV};
+    be.copy_rows(io.qkv.cols_at(C, KV), k_rows.rows_at(L0, rows));
+    be.copy_rows(io.qkv.cols_at(C + KV, KV), v_rows.rows_at(L0, rows));
+    K.set_used((size_t)L * KV);
+    V.set_used((size_t)L * KV);
     cache.rows[blk] = L;
     if (L0 == 0)
-      be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, 1,
-                           rows, (int)H, io.scratch);
+      be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, KV), io.qkv.cols_at(C + KV, KV), io.att, io.lse,
+                           1, rows, (int)H, io.scratch);
     else
       be.attention_cached(io.qkv.cols_at(0, C), k_rows, v_rows, io.att, (int)H, io.scratch);
   });

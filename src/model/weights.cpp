@@ -73,10 +73,12 @@ std::string bias_hint(const std::string& name) {
 }
 }  // namespace
 
-Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), backend_(&backend) {
+Weights::Weights(ModelConfig cfg, Backend& backend) : Weights(std::move(cfg), backend, Buffer::allocate) {}
+
+Weights::Weights(ModelConfig cfg, Backend& backend, Buffer buffer) : cfg_(std::move(cfg)), backend_(&backend) {
   cfg_.validate();
   structure_ = cfg_.parse();
-  const int64_t C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
+  const int64_t C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size, KV = cfg_.kv_dim();
   // Tensors start on 64-byte boundaries, except that q, k and v stay back to back so one
   // GEMM against their (3C, C) block computes all three projections.
   auto add = [&](const std::string& name, Shape shape, bool decay, bool pad_after = true, float lr_scale = 1.0f) {
@@ -98,13 +100,14 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
     const int64_t first = num_params_;
     BlockOffsets b;
     b.attn_norm = add(pre + "self_attn_layer_norm.weight", {C}, false);
+    // k and v have KV = kv_heads * head_dim rows (C without grouped-query attention).
     b.wqkv = add(pre + "self_attn.q_proj.weight", {C, C}, true, false);
-    add(pre + "self_attn.k_proj.weight", {C, C}, true, false);
-    add(pre + "self_attn.v_proj.weight", {C, C}, true);
-    // Adjacent too, so one (2C) vector adds to the q|k columns of the fused projection.
+    add(pre + "self_attn.k_proj.weight", {KV, C}, true, false);
+    add(pre + "self_attn.v_proj.weight", {KV, C}, true);
+    // Adjacent too, so one (C + KV) vector adds to the q|k columns of the fused projection.
     if (cfg_.qk_bias) {
       b.qk_bias = add(pre + "self_attn.q_proj.bias", {C}, false, false);
-      add(pre + "self_attn.k_proj.bias", {C}, false);
+      add(pre + "self_attn.k_proj.bias", {KV}, false);
     }
     b.wo = add(pre + "self_attn.out_proj.weight", {C, C}, true);
     b.ffn_norm = add(pre + "final_layer_norm.weight", {C}, false);
@@ -132,10 +135,12 @@ Weights::Weights(ModelConfig cfg, Backend& backend) : cfg_(std::move(cfg)), back
   final_norm_span_ = {final_norm_offset_, num_params_};
   head_offset_ = cfg_.tie_weights ? 0 : add("decoder.output_projection.weight", {V, C}, true);
   head_span_ = cfg_.tie_weights ? Span{num_params_, num_params_} : Span{head_offset_, num_params_};
-  buf_ = backend_->zeros({num_params_});
   compute_dtype_ = backend_->compute_dtype();
-  if (compute_dtype_ != DType::F32) compute_buf_ = backend_->empty({num_params_}, compute_dtype_);
-  params_changed();
+  if (buffer == Buffer::allocate) {  // mapped weights (weights_mapped.cpp) point into their file instead
+    buf_ = backend_->zeros({num_params_});
+    if (compute_dtype_ != DType::F32) compute_buf_ = backend_->empty({num_params_}, compute_dtype_);
+    params_changed();
+  }
   const int64_t half = cfg_.head_dim() / 2;
   rope_cos_ = backend_->zeros({(int64_t)cfg_.context, half});
   rope_sin_ = backend_->zeros({(int64_t)cfg_.context, half});
@@ -156,6 +161,7 @@ const ParamInfo& Weights::param_info(const std::string& name) const {
 }
 
 void Weights::init(uint64_t seed) {
+  check(!mapped(), "weights mapped from a file are read-only: initialise a model made with Model(config)");
   // Drawn on the host in parameter order, so every backend starts from the same weights.
   std::vector<float> host((size_t)num_params_, 0.f);
   Rng rng(seed);
@@ -190,6 +196,7 @@ void Weights::init(uint64_t seed) {
 }
 
 void Weights::load(const std::string& path) {
+  check(!mapped(), "weights mapped from a file are read-only: load into a model made with Model(config)");
   SafetensorsFile f(path);
   const int numbering = file_bypass_numbering(f, cfg_.bypass_numbering);
   const bool renumbered = std::any_of(params_.begin(), params_.end(), [](const ParamInfo& p) { return !p.legacy_name.empty(); });
@@ -246,7 +253,8 @@ void Weights::save(const std::string& path) const {
   backend_->to_host(host.data(), data(), sizeof(float) * host.size());
   std::vector<SafetensorsOut> out;
   for (const auto& p : params_) out.push_back({p.name, DType::F32, p.shape, host.data() + p.offset});
-  write_safetensors(path, out, {{"format", "pt"}, {"subllm_format", "2"}});
+  // In layout order, so that inference can map the file (weights_mapped.cpp).
+  write_safetensors(path, out, {{"format", "pt"}, {"subllm_format", "2"}}, true);
 }
 
 }  // namespace subllm

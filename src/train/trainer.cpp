@@ -226,6 +226,7 @@ void check_same_config(const ModelConfig& saved, const ModelConfig& now, const s
   differ("decoder_ffn_embed_dim", std::to_string(saved.ffn_dim), std::to_string(now.ffn_dim));
   differ("decoder_layers", std::to_string(saved.n_layers), std::to_string(now.n_layers));
   differ("decoder_attention_heads", std::to_string(saved.n_heads), std::to_string(now.n_heads));
+  differ("decoder_kv_heads", std::to_string(saved.kv_heads()), std::to_string(now.kv_heads()));
   differ("structure", saved.layout(), now.layout());
   differ("tie_weights", saved.tie_weights ? "true" : "false", now.tie_weights ? "true" : "false");
   differ("qk_bias", saved.qk_bias ? "true" : "false", now.qk_bias ? "true" : "false");
@@ -387,6 +388,21 @@ void check_data_tokenizer(const TokenDataset& ds) {
                                        ": re-run `subllm prepare` to rebuild the data folder");
 }
 
+// The data must be tokenized as the model was trained: the same tokenizer.model, byte for byte.
+void check_init_tokenizer(const std::string& init_dir, const TokenDataset& ds) {
+  const fs::path mine = fs::path(init_dir) / "tokenizer.model";
+  if (!fs::exists(mine)) return;  // a folder without one: the vocabulary size check still applies
+  auto bytes = [](const fs::path& p) {
+    std::ifstream f(p, std::ios::binary);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  };
+  check(bytes(mine) == bytes(ds.tokenizer_path()),
+        "the data folder was tokenized with " + ds.tokenizer_path() + ", not with the tokenizer of --init-from (" +
+            mine.string() + "): prepare the data with `subllm prepare --tokenizer " + mine.string() + "`");
+}
+
 }  // namespace
 
 TrainResult train(const TrainOptions& o) {
@@ -407,9 +423,13 @@ TrainResult train(const TrainOptions& o) {
     state_file = (fs::path(resume_from) / "trainer_state.json").string();
     st = read_json(state_file);
   }
+  check(o.init_from.empty() || o.resume.empty(),
+        "--init-from starts a new run from a model's weights and --resume continues a run: give one of them");
+  const std::string init_dir = o.init_from.empty() ? "" : init_from_folder(o.init_from);
   const fs::path data_dir(o.data_dir);
   TokenDataset train_ds((data_dir / "manifest.json").string(), "train");
   check_data_tokenizer(train_ds);
+  if (!init_dir.empty()) check_init_tokenizer(init_dir, train_ds);
   // --eval-batches 0 trains without validation; otherwise the split must be there and whole.
   std::unique_ptr<TokenDataset> valid_ds;
   if (o.eval_batches > 0) {
@@ -477,6 +497,10 @@ TrainResult train(const TrainOptions& o) {
     fs::remove(probe);
   }
   model.init_weights(o.seed);
+  if (!init_dir.empty()) {
+    const std::string notes = init_from_model(model, init_dir);
+    if (!quiet) std::fputs(notes.c_str(), stderr);
+  }
   model.knobs() = o.subllm;
   std::unique_ptr<Optimizer> opt = make_optimizer(o.optimizer, model, o.adamw, o.scaled_adam);
   if (o.shard_optimizer) opt->shard(comm);

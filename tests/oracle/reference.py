@@ -281,6 +281,11 @@ def load_config(path):
     d, h = cfg["decoder_embed_dim"], cfg["decoder_attention_heads"]
     if h <= 0 or d % h != 0:
         raise ReferenceError(f"{path}: decoder_embed_dim {d} not divisible by heads {h}")
+    # Grouped-query attention: key/value heads, each shared by h / kv query heads.
+    kv = raw.get("decoder_kv_heads")
+    cfg["kv_heads"] = h if kv is None else int(kv)
+    if cfg["kv_heads"] <= 0 or h % cfg["kv_heads"] != 0:
+        raise ReferenceError(f"{path}: decoder_kv_heads {kv} does not divide heads {h}")
     if (d // h) % 2 != 0:
         raise ReferenceError(f"{path}: head_dim {d // h} must be even for rotate-half RoPE")
     return cfg
@@ -303,11 +308,12 @@ def param_shapes(cfg):
     for i in range(L):
         p = f"decoder.layers.{i}."
         shapes[p + "self_attn_layer_norm.weight"] = (d,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[p + f"self_attn.{proj}.weight"] = (d, d)
+        kvd = d // cfg["decoder_attention_heads"] * cfg.get("kv_heads", cfg["decoder_attention_heads"])
+        for proj, rows in (("q_proj", d), ("k_proj", kvd), ("v_proj", kvd), ("out_proj", d)):
+            shapes[p + f"self_attn.{proj}.weight"] = (rows, d)
         if cfg.get("qk_bias", False):
             shapes[p + "self_attn.q_proj.bias"] = (d,)
-            shapes[p + "self_attn.k_proj.bias"] = (d,)
+            shapes[p + "self_attn.k_proj.bias"] = (kvd,)
         shapes[p + "final_layer_norm.weight"] = (d,)
         shapes[p + "feedforward.swiglu.w12.weight"] = (2 * F, d)
         shapes[p + "feedforward.swiglu.w3.weight"] = (d, F)
@@ -436,8 +442,13 @@ def block(params, cfg, i, x, cos, sin, causal):
     hd = d // H
     B, N = x.shape[0], x.shape[1]
 
-    def heads(t):  # (B, N, d) -> (B, H, N, hd), contiguous feature groups per head
-        return t.view(B, N, H, hd).transpose(1, 2)
+    Hkv = cfg.get("kv_heads", H)
+
+    def heads(t):  # (B, N, n*hd) -> (B, n, N, hd), contiguous feature groups per head
+        return t.view(B, N, t.shape[-1] // hd, hd).transpose(1, 2)
+
+    def shared(t):  # (B, Hkv, N, hd) -> (B, H, N, hd): query head j reads key/value head j // (H / Hkv)
+        return t.repeat_interleave(H // Hkv, dim=1)
 
     p = f"decoder.layers.{i}."
     n1 = rms_norm(x, params[p + "self_attn_layer_norm.weight"], eps)
@@ -449,6 +460,7 @@ def block(params, cfg, i, x, cos, sin, causal):
     q, k = heads(q), heads(k)
     v = heads(n1 @ params[p + "self_attn.v_proj.weight"].t())
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = shared(k), shared(v)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
     if causal.dim() == 2:
         causal = causal.unsqueeze(0)

@@ -64,12 +64,12 @@ struct Problem {
 
   void forward() {
     attention_forward(qkv.data(), qkv.data() + C, qkv.data() + 2 * C, ld_qkv, o.data(), ld_o, lse.data(), B, T, H,
-                      hd, scratch(false));
+                      H, hd, scratch(false));
   }
   // dout = R, so dqkv is the gradient of L = sum(o * R).
   void backward() {
     attention_backward(qkv.data(), qkv.data() + C, qkv.data() + 2 * C, ld_qkv, o.data(), ld_o, R.data(), lse.data(),
-                       dqkv.data(), dqkv.data() + C, dqkv.data() + 2 * C, ld_d, B, T, H, hd, scratch(true));
+                       dqkv.data(), dqkv.data() + C, dqkv.data() + 2 * C, ld_d, B, T, H, H, hd, scratch(true));
   }
   // The kernels' working memory, from the CPU backend as the model gets it.
   float* scratch(bool backward) {

@@ -163,6 +163,78 @@ TEST(CudaAttention, ForwardBackwardBf16Hd40) {
   check_full("cuda", 40, kBf16Tol);
 }
 
+// Grouped-query attention (H query heads, Hkv key/value heads; query head h reads head
+// h / (H / Hkv)) against the CPU backend: forward, backward (dk, dv summed over each group) and
+// the cached path, on a fused (N, C + 2 KV) buffer.
+void check_gqa(const char* device, int H, int Hkv, int hd, Tol tol) {
+  Backend& be = backend_for(device);
+  Backend& cpu = cpu_backend();
+  const DType dt = be.compute_dtype();
+  const bool bf16 = dt == DType::BF16;
+  for (int T : {17, 129}) {
+    SCOPED_TRACE(std::string(device) + " H " + std::to_string(H) + " Hkv " + std::to_string(Hkv) + " hd " +
+                 std::to_string(hd) + " T " + std::to_string(T));
+    const int B = 2, C = H * hd, KV = Hkv * hd;
+    const int64_t N = (int64_t)B * T, ld = C + 2 * KV;
+    std::vector<float> qkv = random_floats((size_t)(N * ld), 77 + T), dout = random_floats((size_t)(N * C), 78 + T);
+    if (bf16) {
+      for (auto& x : qkv) x = bf16_round(x);
+      for (auto& x : dout) x = bf16_round(x);
+    }
+    // CPU reference.
+    std::vector<float> o((size_t)(N * C)), lse((size_t)B * H * T), d((size_t)(N * ld));
+    auto fs = cpu.alloc_shared(std::max<size_t>(cpu.attention_scratch_bytes(B, T, H, hd, true), 64));
+    const Scratch cs{fs.get(), cpu.attention_scratch_bytes(B, T, H, hd, true)};
+    cpu.attention_forward(mat(qkv.data(), N, C, ld), mat(qkv.data() + C, N, KV, ld), mat(qkv.data() + C + KV, N, KV, ld),
+                          mat(o.data(), N, C), vec(lse.data(), (int64_t)lse.size()), B, T, H, cs);
+    cpu.attention_backward(mat(qkv.data(), N, C, ld), mat(qkv.data() + C, N, KV, ld), mat(qkv.data() + C + KV, N, KV, ld),
+                           mat(o.data(), N, C), mat(dout.data(), N, C), vec(lse.data(), (int64_t)lse.size()),
+                           mat(d.data(), N, C, ld), mat(d.data() + C, N, KV, ld), mat(d.data() + C + KV, N, KV, ld), B,
+                           T, H, cs);
+    // The device.
+    Tensor tqkv = upload(be, qkv, {N, ld}, dt), tdout = upload(be, dout, {N, (int64_t)C}, dt);
+    Tensor to = be.zeros({N, (int64_t)C}, dt), tl = be.empty({(int64_t)B, (int64_t)H, (int64_t)T});
+    Tensor td = be.zeros({N, ld}, dt);
+    const View f{tqkv.raw(), dt, N, ld, ld}, fd{td.raw(), dt, N, ld, ld};
+    const View ov{to.raw(), dt, N, C, C}, dov{tdout.raw(), dt, N, C, C};
+    Tensor fsc = scratch_tensor(be, be.attention_scratch_bytes(B, T, H, hd, false));
+    be.attention_forward(f.cols_at(0, C), f.cols_at(C, KV), f.cols_at(C + KV, KV), ov, view_of(tl), B, T, H,
+                         Scratch{fsc.raw(), fsc.nbytes()});
+    Tensor bsc = scratch_tensor(be, be.attention_scratch_bytes(B, T, H, hd, true));
+    be.attention_backward(f.cols_at(0, C), f.cols_at(C, KV), f.cols_at(C + KV, KV), ov, dov, view_of(tl),
+                          fd.cols_at(0, C), fd.cols_at(C, KV), fd.cols_at(C + KV, KV), B, T, H,
+                          Scratch{bsc.raw(), bsc.nbytes()});
+    const std::vector<float> go = download(be, to), gd = download(be, td);
+    EXPECT_TRUE(all_close(go, o, tol.o, tol.o)) << "o";
+    EXPECT_TRUE(all_close(download(be, tl), lse, tol.lse, tol.lse)) << "lse";
+    EXPECT_TRUE(close_to_max(cols_of(gd, N, ld, 0, C), cols_of(d, N, ld, 0, C), tol.grad)) << "dq";
+    EXPECT_TRUE(close_to_max(cols_of(gd, N, ld, C, KV), cols_of(d, N, ld, C, KV), tol.grad)) << "dk";
+    EXPECT_TRUE(close_to_max(cols_of(gd, N, ld, C + KV, KV), cols_of(d, N, ld, C + KV, KV), tol.grad)) << "dv";
+    // Cached: the last 5 queries of sequence 0 against its keys and values.
+    const int m = 5;
+    Tensor tc = be.zeros({(int64_t)m, (int64_t)C}, dt);
+    Tensor csc = scratch_tensor(be, be.attention_cached_scratch_bytes(m, T, H, hd));
+    be.attention_cached(f.cols_at(0, C).rows_at(T - m, m), f.cols_at(C, KV).rows_at(0, T),
+                        f.cols_at(C + KV, KV).rows_at(0, T), View{tc.raw(), dt, m, C, C}, H,
+                        Scratch{csc.raw(), csc.nbytes()});
+    const std::vector<float> want(o.begin() + (size_t)(T - m) * C, o.begin() + (size_t)T * C);
+    EXPECT_TRUE(all_close(download(be, tc), want, tol.o, tol.o)) << "cached";
+  }
+}
+
+TEST(CudaAttention, GroupedQueryF32) {
+  SUBLLM_REQUIRE_DEVICE("cuda:fp32");
+  check_gqa("cuda:fp32", 4, 2, 64, kF32Tol);
+  check_gqa("cuda:fp32", 4, 1, 40, kF32Tol);
+}
+// hd 64 and 128: the tensor-core kernels; hd 40: the simple ones.
+TEST(CudaAttention, GroupedQueryBf16) {
+  SUBLLM_REQUIRE_DEVICE("cuda");
+  check_gqa("cuda", 4, 2, 64, kBf16Tol);
+  check_gqa("cuda", 8, 2, 128, kBf16Tol);
+  check_gqa("cuda", 4, 1, 40, kBf16Tol);
+}
+
 TEST(CudaAttention, RejectsMismatchedViews) {
   SUBLLM_REQUIRE_DEVICE("cuda:fp32");
   Backend& be = backend_for("cuda:fp32");

@@ -156,6 +156,18 @@ TEST(Oracle, NestedSubllmWithBalancerAndBypassLimitMatchesPyTorch) {
   run_oracle(oc, "subllm_balanced");
 }
 
+TEST(Oracle, GroupedQueryLlamaMatchesPyTorch) {
+  ModelConfig c = oracle_config();
+  c.n_kv_heads = 2;
+  run_oracle({c}, "gqa");
+}
+
+TEST(Oracle, MultiQueryNestedSubllmMatchesPyTorch) {
+  ModelConfig c = nested_config();
+  c.n_kv_heads = 1;
+  run_oracle({c}, "mqa_subllm");
+}
+
 TEST(Oracle, TiedLlamaMatchesPyTorch) {
   ModelConfig c = oracle_config();
   c.tie_weights = true;

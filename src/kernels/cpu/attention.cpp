@@ -282,12 +282,14 @@ size_t attention_scratch_bytes(int hd, bool backward) {
   return (backward ? bwd_scratch_floats(hdp) : fwd_scratch_floats(hdp)) * sizeof(float);
 }
 
-// q, k, v: (B*T, ld_qkv) head slices; o: (B*T, ld_o); lse: (B, H, T).
+// q: (B*T, ld_qkv) slices of H heads, k, v: of Hkv heads (query head h reads key/value head
+// h / (H / Hkv)); o: (B*T, ld_o); lse: (B, H, T).
 // A task is a group of kFwdGroup consecutive query tiles of one head: each key/value tile is
 // gathered from the strided fused buffer once and used by the whole group.
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd, float* scratch) {
-  if (B <= 0 || T <= 0 || H <= 0 || hd <= 0) return;
+                       int B, int T, int H, int Hkv, int hd, float* scratch) {
+  if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || hd <= 0) return;
+  const int group = H / Hkv;  // query heads per key/value head
   const int hdp = round_up16(hd);
   const float scale = 1.0f / std::sqrt((float)hd);
   const int nqb = (T + kBlk - 1) / kBlk;
@@ -317,6 +319,7 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
       const int b = bh / H, h = bh % H;
       const int qb0 = g * kFwdGroup, ng = std::min(kFwdGroup, nqb - qb0);
       const size_t head = (size_t)b * T * ld_qkv + (size_t)h * hd;
+      const size_t kvhead = (size_t)b * T * ld_qkv + (size_t)(h / group) * hd;
       const int iend = std::min(T, (qb0 + ng) * kBlk);
 
       for (int gi = 0; gi < ng; ++gi) {
@@ -331,7 +334,7 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
       for (int j0 = 0; j0 < iend; j0 += kBlk) {
         const int nk = std::min(kBlk, T - j0);
         const bool more = j0 + kBlk < iend;
-        const size_t koff = head + (size_t)j0 * ld_qkv, knext = koff + (size_t)kBlk * ld_qkv;
+        const size_t koff = kvhead + (size_t)j0 * ld_qkv, knext = koff + (size_t)kBlk * ld_qkv;
         copy_rows(k + koff, ld_qkv, nk, hd, hdp, Ks, more ? k + knext : nullptr);
         copy_rows(v + koff, ld_qkv, nk, hd, hdp, Vs, more ? v + knext : nullptr);
         for (int gi = 0; gi < ng; ++gi) {
@@ -362,17 +365,19 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
   }
 }
 
-// Each (b, h) is one task, so dq/dk/dv of a head have a single writer and a fixed summation
-// order: race-free and independent of the thread count. Within a head, key tiles go in
-// groups of kBwdGroup: each query tile (and its dout, D and dq) is gathered from the strided
-// buffers once per group rather than once per key tile.
+// Each (b, key/value head) is one task, with every query head of its group: dq of those heads
+// and dk/dv of the key/value head have a single writer, and dk/dv sum over the group's query
+// heads in head order, so the result is race-free and independent of the thread count.
+// Within a head, key tiles go in groups of kBwdGroup: each query tile (and its dout, D and
+// dq) is gathered from the strided buffers once per group rather than once per key tile.
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd, float* scratch) {
-  if (B <= 0 || T <= 0 || H <= 0 || hd <= 0) return;
+                        int T, int H, int Hkv, int hd, float* scratch) {
+  if (B <= 0 || T <= 0 || H <= 0 || Hkv <= 0 || hd <= 0) return;
+  const int group = H / Hkv;  // query heads per key/value head
   const int hdp = round_up16(hd);
   const float scale = 1.0f / std::sqrt((float)hd);
-  const int nbh = B * H;
+  const int nbkv = B * Hkv;
   const int nkb = (T + kBlk - 1) / kBlk;
   const __mmask16 tail = tail_mask(hd);
   const size_t tile = (size_t)hdp * kBlk;
@@ -391,23 +396,22 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 
 #pragma omp for schedule(dynamic)
-    for (int bh = 0; bh < nbh; ++bh) {
-      const int b = bh / H, h = bh % H;
-      const size_t head = (size_t)b * T * ld_qkv + (size_t)h * hd;
-      const size_t ohead = (size_t)b * T * ld_o + (size_t)h * hd;
-      float* dqh = dq + (size_t)b * T * ld_dqkv + (size_t)h * hd;
-      float* dkh = dk + (size_t)b * T * ld_dqkv + (size_t)h * hd;
-      float* dvh = dv + (size_t)b * T * ld_dqkv + (size_t)h * hd;
-      const float* lse_bh = lse + (size_t)bh * T;
-
-      for (int t = 0; t < T; ++t) std::fill(dqh + (size_t)t * ld_dqkv, dqh + (size_t)t * ld_dqkv + hd, 0.0f);
+    for (int bkv = 0; bkv < nbkv; ++bkv) {
+      const int b = bkv / Hkv, kvh = bkv % Hkv;
+      const size_t kvhead = (size_t)b * T * ld_qkv + (size_t)kvh * hd;
+      float* dkh = dk + (size_t)b * T * ld_dqkv + (size_t)kvh * hd;
+      float* dvh = dv + (size_t)b * T * ld_dqkv + (size_t)kvh * hd;
+      for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+        float* dqh = dq + (size_t)b * T * ld_dqkv + (size_t)h * hd;
+        for (int t = 0; t < T; ++t) std::fill(dqh + (size_t)t * ld_dqkv, dqh + (size_t)t * ld_dqkv + hd, 0.0f);
+      }
 
       for (int kb0 = 0; kb0 < nkb; kb0 += kBwdGroup) {
         const int ng = std::min(kBwdGroup, nkb - kb0);
         for (int gi = 0; gi < ng; ++gi) {
           float* Kt = grp + (5 * gi) * tile;
           const int j0 = (kb0 + gi) * kBlk, nk = std::min(kBlk, T - j0);
-          const size_t koff = head + (size_t)j0 * ld_qkv;
+          const size_t koff = kvhead + (size_t)j0 * ld_qkv;
           const bool more = gi + 1 < ng;
           // Gather first, then transpose from the contiguous copy: the gather is the
           // latency-bound part and runs with prefetches; the transpose then hits L1.
@@ -418,8 +422,14 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
           std::fill(Kt + 3 * tile, Kt + 5 * tile, 0.0f);
         }
 
-        // Query tiles are aligned with key tiles, so the first that sees key tile kb0 starts there.
+        // The query heads of the group, in order, each over its query tiles; query tiles are
+        // aligned with key tiles, so the first that sees key tile kb0 starts there.
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h)
         for (int i0 = kb0 * kBlk; i0 < T; i0 += kBlk) {
+          const size_t head = (size_t)b * T * ld_qkv + (size_t)h * hd;
+          const size_t ohead = (size_t)b * T * ld_o + (size_t)h * hd;
+          float* dqh = dq + (size_t)b * T * ld_dqkv + (size_t)h * hd;
+          const float* lse_bh = lse + ((size_t)b * H + h) * T;
           const int nq = std::min(kBlk, T - i0);
           const bool more = i0 + kBlk < T;
           const size_t qoff = head + (size_t)i0 * ld_qkv, ooff = ohead + (size_t)i0 * ld_o;

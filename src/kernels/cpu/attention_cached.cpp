@@ -14,10 +14,12 @@ namespace subllm::kernels {
 
 size_t attention_cached_scratch_floats(int L, int hd) { return (size_t)(L + 15) / 16 * 16 + (size_t)(hd + 15) / 16 * 16; }
 
-// q: (m, ld_q), k/v cache: (L, ld_kv), out: (m, ld_o); heads at columns [h*hd, (h+1)*hd).
-void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
-                      float* out, int ld_o, float* scratch) {
+// q: (m, ld_q), k/v cache: (L, ld_kv), out: (m, ld_o); heads at columns [h*hd, (h+1)*hd), query
+// head h reading key/value head h / (H / Hkv).
+void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H,
+                      int Hkv, int hd, float* out, int ld_o, float* scratch) {
   const float scale = 1.0f / std::sqrt((float)hd);
+  const int group = H / Hkv;  // query heads per key/value head
 #pragma omp parallel
   {
     float* s = scratch + (size_t)omp_get_thread_num() * attention_cached_scratch_floats(L, hd);
@@ -29,7 +31,7 @@ void attention_cached(const float* q, int ld_q, int m, const float* k, const flo
         const int n = L - m + i + 1;
         float mx = -std::numeric_limits<float>::infinity();
         for (int j = 0; j < n; ++j) {
-          const float* kj = k + (int64_t)j * ld_kv + h * hd;
+          const float* kj = k + (int64_t)j * ld_kv + (h / group) * hd;
           float d = 0.f;
 #pragma omp simd reduction(+ : d)
           for (int e = 0; e < hd; ++e) d += qi[e] * kj[e];
@@ -44,7 +46,7 @@ void attention_cached(const float* q, int ld_q, int m, const float* k, const flo
         }
         std::fill(acc, acc + hd, 0.f);
         for (int j = 0; j < n; ++j) {
-          const float* vj = v + (int64_t)j * ld_kv + h * hd;
+          const float* vj = v + (int64_t)j * ld_kv + (h / group) * hd;
           const float p = s[j];
 #pragma omp simd
           for (int e = 0; e < hd; ++e) acc[e] += p * vj[e];

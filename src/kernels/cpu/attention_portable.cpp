@@ -15,8 +15,9 @@ namespace subllm::kernels {
 size_t attention_scratch_bytes(int hd, bool /*backward*/) { return sizeof(float) * (size_t)hd; }
 
 void attention_forward(const float* q, const float* k, const float* v, int ld_qkv, float* o, int ld_o, float* lse,
-                       int B, int T, int H, int hd, float* scratch) {
+                       int B, int T, int H, int Hkv, int hd, float* scratch) {
   const float scale = 1.0f / std::sqrt((float)hd);
+  const int group = H / Hkv;  // query heads per key/value head
 #pragma omp parallel
   {
     float* acc = scratch + (size_t)omp_get_thread_num() * hd;
@@ -28,8 +29,8 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
         float m = -std::numeric_limits<float>::infinity(), l = 0.f;
         std::fill(acc, acc + hd, 0.f);
         for (int j = 0; j <= t; ++j) {
-          const float* kj = k + (size_t)(b * T + j) * ld_qkv + h * hd;
-          const float* vj = v + (size_t)(b * T + j) * ld_qkv + h * hd;
+          const float* kj = k + (size_t)(b * T + j) * ld_qkv + (h / group) * hd;
+          const float* vj = v + (size_t)(b * T + j) * ld_qkv + (h / group) * hd;
           float s = 0.f;
           for (int i = 0; i < hd; ++i) s += qt[i] * kj[i];
           s *= scale;
@@ -49,19 +50,25 @@ void attention_forward(const float* q, const float* k, const float* v, int ld_qk
 
 void attention_backward(const float* q, const float* k, const float* v, int ld_qkv, const float* o, int ld_o,
                         const float* dout, const float* lse, float* dq, float* dk, float* dv, int ld_dqkv, int B,
-                        int T, int H, int hd, float* /*scratch*/) {
+                        int T, int H, int Hkv, int hd, float* /*scratch*/) {
   const float scale = 1.0f / std::sqrt((float)hd);
-  // One (b, h) per task: it alone writes that head's columns of dq, dk, dv.
+  const int group = H / Hkv;  // query heads per key/value head
+  // One (b, key/value head) per task, with the query heads of its group in order: it alone
+  // writes those heads' columns of dq and its own of dk, dv.
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int bh = 0; bh < B * H; ++bh) {
-    const int b = bh / H, h = bh % H;
+  for (int bkv = 0; bkv < B * Hkv; ++bkv) {
+    const int b = bkv / Hkv, kvh = bkv % Hkv;
+    auto kv_row = [&](const float* base, int t) { return base + (size_t)(b * T + t) * ld_qkv + kvh * hd; };
+    auto kv_grad_row = [&](float* base, int t) { return base + (size_t)(b * T + t) * ld_dqkv + kvh * hd; };
+    for (int t = 0; t < T; ++t) {
+      std::fill(kv_grad_row(dk, t), kv_grad_row(dk, t) + hd, 0.f);
+      std::fill(kv_grad_row(dv, t), kv_grad_row(dv, t) + hd, 0.f);
+    }
+    for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const int bh = b * H + h;
     auto row = [&](const float* base, int ld, int t) { return base + (size_t)(b * T + t) * ld + h * hd; };
     auto grad_row = [&](float* base, int t) { return base + (size_t)(b * T + t) * ld_dqkv + h * hd; };
-    for (int t = 0; t < T; ++t) {
-      std::fill(grad_row(dq, t), grad_row(dq, t) + hd, 0.f);
-      std::fill(grad_row(dk, t), grad_row(dk, t) + hd, 0.f);
-      std::fill(grad_row(dv, t), grad_row(dv, t) + hd, 0.f);
-    }
+    for (int t = 0; t < T; ++t) std::fill(grad_row(dq, t), grad_row(dq, t) + hd, 0.f);
     for (int t = 0; t < T; ++t) {
       const float* qt = row(q, ld_qkv, t);
       const float* dot = row(dout, ld_o, t);
@@ -71,8 +78,8 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
       for (int i = 0; i < hd; ++i) D += dot[i] * ot[i];
       const float l = lse[(size_t)bh * T + t];
       for (int j = 0; j <= t; ++j) {
-        const float* kj = row(k, ld_qkv, j);
-        const float* vj = row(v, ld_qkv, j);
+        const float* kj = kv_row(k, j);
+        const float* vj = kv_row(v, j);
         float s = 0.f, dp = 0.f;
         for (int i = 0; i < hd; ++i) {
           s += qt[i] * kj[i];
@@ -80,14 +87,15 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
         }
         const float p = std::exp(s * scale - l);
         const float ds = p * (dp - D) * scale;
-        float* dkj = grad_row(dk, j);
-        float* dvj = grad_row(dv, j);
+        float* dkj = kv_grad_row(dk, j);
+        float* dvj = kv_grad_row(dv, j);
         for (int i = 0; i < hd; ++i) {
           dvj[i] += p * dot[i];
           dqt[i] += ds * kj[i];
           dkj[i] += ds * qt[i];
         }
       }
+    }
     }
   }
 }

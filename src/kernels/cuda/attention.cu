@@ -1,6 +1,7 @@
 // Causal multi-head attention on the GPU (CudaBackend::attention_forward / attention_backward).
 //
-// Layout (backend.h): q, k, v are (B*T, H*hd) column views of a fused qkv matrix sharing one
+// Layout (backend.h): q is (B*T, H*hd), k and v (B*T, Hkv*hd) (grouped-query attention: query
+// head h reads key/value head h / G, G = H / Hkv), column views of a fused qkv matrix sharing one
 // row stride; row b*T + t, head h lives at columns [h*hd, (h+1)*hd). o and dout (B*T, H*hd) with
 // their own stride; lse (B, H, T) F32 holds the natural-log log-sum-exp of the scaled scores
 // s = q·k / sqrt(hd) of each query row (as the CPU kernels store it). Backward overwrites dq, dk,
@@ -153,6 +154,7 @@ struct FwdArgs {
   float* lse;  // (B, H, Tq) or null
   int64_t ldq, ldkv, ldo;
   int Tq, Tk, q_off, H;
+  int G;             // query heads per key/value head (grouped-query attention; 1 without)
   float scale_log2;  // log2(e) / sqrt(hd)
 };
 
@@ -184,8 +186,8 @@ __global__ void __launch_bounds__(kFwdThreads) flash_fwd_kernel(FwdArgs p) {
   const int n_kt = (kend + kFwdBc - 1) / kFwdBc;
 
   const bf16* qg = p.q + ((int64_t)b * p.Tq + q0) * p.ldq + h * HD;
-  const bf16* kg = p.k + (int64_t)b * p.Tk * p.ldkv + h * HD;
-  const bf16* vg = p.v + (int64_t)b * p.Tk * p.ldkv + h * HD;
+  const bf16* kg = p.k + (int64_t)b * p.Tk * p.ldkv + (h / p.G) * HD;
+  const bf16* vg = p.v + (int64_t)b * p.Tk * p.ldkv + (h / p.G) * HD;
 
   tile_to_smem<HD>(Qs, qg, p.ldq, kFwdBr, nq);
   tile_to_smem<HD>(sm, kg, p.ldkv, kFwdBc, min(kFwdBc, p.Tk));
@@ -324,6 +326,7 @@ struct BwdArgs {
   bf16 *dq, *dk, *dv;
   int64_t ldqkv, ldo, ldd;
   int T, H;
+  int G;  // query heads per key/value head (grouped-query attention; 1 without)
   float scale, scale_log2;
 };
 
@@ -340,9 +343,11 @@ constexpr size_t bwd_smem_bytes() {
   return sizeof(bf16) * (2 * 64 + 4 * bwd_step<HD>()) * (HD + 8) + sizeof(float) * 4 * bwd_step<HD>();
 }
 
-// dK, dV of 64 keys of one (b, h); grid (B*H, n_ktiles), 128 threads; warp w owns keys
-// k0 + 16w .. +15. Loops over query blocks of BQ rows from k0 to T (earlier queries cannot see
-// these keys). blockIdx.y = 0 is key tile 0, which sees the most queries.
+// dK, dV of 64 keys of one (b, key/value head); grid (B*H/G, n_ktiles), 128 threads; warp w owns
+// keys k0 + 16w .. +15. Loops over the G query heads of the group, in order, and for each over
+// query blocks of BQ rows from k0 to T (earlier queries cannot see these keys), accumulating
+// into the same registers: dk, dv sum over the group in a fixed order. blockIdx.y = 0 is key
+// tile 0, which sees the most queries.
 template <int HD>
 __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dkdv_kernel(BwdArgs p) {
   constexpr int BQ = bwd_step<HD>();
@@ -354,20 +359,24 @@ __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dkdv_kernel(BwdArgs p) 
   bf16* const QB = Vs + 64 * LDS;                 // 2 buffers x {Q (BQ rows), dO (BQ rows)}
   float* const FB = reinterpret_cast<float*>(QB + 4 * BQ * LDS);  // 2 buffers x {lse2 (BQ), D (BQ)}
 
-  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int Hkv = p.H / p.G;
+  const int bkv = blockIdx.x, b = bkv / Hkv, kvh = bkv % Hkv;
   const int k0 = blockIdx.y * 64;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int T = p.T;
   const int64_t row0 = (int64_t)b * T;  // first row of this batch entry
-  const bf16* qg = p.q + row0 * p.ldqkv + h * HD;
-  const bf16* dog = p.dout + row0 * p.ldo + h * HD;
-  const float* lseg = p.lse + (int64_t)bh * T;
-  const float* Dg = p.D + (int64_t)bh * T;
-  const int n_it = (T - k0 + BQ - 1) / BQ;
+  const int n_blk = (T - k0 + BQ - 1) / BQ;  // query blocks per head
+  const int n_it = n_blk * p.G;             // over the group's heads
 
-  // Issues the loads of query block `it` into buffer it & 1 (cp.async for Q, dO; plain for lse, D).
+  // Issues the loads of step `it` (query head kvh*G + it / n_blk, block it % n_blk) into buffer
+  // it & 1 (cp.async for Q, dO; plain for lse, D).
   auto issue = [&](int it) {
-    const int i0 = k0 + it * BQ, valid = min(BQ, T - i0);
+    const int h = kvh * p.G + it / n_blk, bh = b * p.H + h;
+    const bf16* qg = p.q + row0 * p.ldqkv + h * HD;
+    const bf16* dog = p.dout + row0 * p.ldo + h * HD;
+    const float* lseg = p.lse + (int64_t)bh * T;
+    const float* Dg = p.D + (int64_t)bh * T;
+    const int i0 = k0 + (it % n_blk) * BQ, valid = min(BQ, T - i0);
     bf16* qb = QB + (it & 1) * 2 * BQ * LDS;
     tile_to_smem<HD>(qb, qg + (int64_t)i0 * p.ldqkv, p.ldqkv, BQ, valid);
     tile_to_smem<HD>(qb + BQ * LDS, dog + (int64_t)i0 * p.ldo, p.ldo, BQ, valid);
@@ -379,8 +388,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dkdv_kernel(BwdArgs p) 
     }
   };
 
-  tile_to_smem<HD>(Ks, p.k + row0 * p.ldqkv + (int64_t)k0 * p.ldqkv + h * HD, p.ldqkv, 64, min(64, T - k0));
-  tile_to_smem<HD>(Vs, p.v + row0 * p.ldqkv + (int64_t)k0 * p.ldqkv + h * HD, p.ldqkv, 64, min(64, T - k0));
+  tile_to_smem<HD>(Ks, p.k + row0 * p.ldqkv + (int64_t)k0 * p.ldqkv + kvh * HD, p.ldqkv, 64, min(64, T - k0));
+  tile_to_smem<HD>(Vs, p.v + row0 * p.ldqkv + (int64_t)k0 * p.ldqkv + kvh * HD, p.ldqkv, 64, min(64, T - k0));
   issue(0);  // commits K, V and block 0 as one group
 
   float dk[DT][4], dv[DT][4];
@@ -394,7 +403,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dkdv_kernel(BwdArgs p) 
     cp_async_wait_all();
     __syncthreads();  // block it visible to all; buffer (it+1)&1 no longer read
     if (it + 1 < n_it) issue(it + 1);
-    const int i0 = k0 + it * BQ;
+    const int i0 = k0 + (it % n_blk) * BQ;
     // Queries of this block all precede this warp's first key: nothing to add (warp-uniform).
     if (i0 + BQ - 1 < k0 + warp * 16) continue;
     const bf16* Qs = QB + (it & 1) * 2 * BQ * LDS;
@@ -460,8 +469,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dkdv_kernel(BwdArgs p) 
     }
   }
 
-  bf16* dkg = p.dk + row0 * p.ldd + h * HD + 2 * t;
-  bf16* dvg = p.dv + row0 * p.ldd + h * HD + 2 * t;
+  bf16* dkg = p.dk + row0 * p.ldd + kvh * HD + 2 * t;
+  bf16* dvg = p.dv + row0 * p.ldd + kvh * HD + 2 * t;
 #pragma unroll
   for (int d = 0; d < DT; ++d) {
     if (j_a < T) {
@@ -497,8 +506,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_bwd_dq_kernel(BwdArgs p) {
   const int nq = min(64, T - q0);
   const int kend = q0 + nq;  // keys [0, kend) are seen by some query of the tile
   const int n_kt = (kend + BK - 1) / BK;
-  const bf16* kg = p.k + row0 * p.ldqkv + h * HD;
-  const bf16* vg = p.v + row0 * p.ldqkv + h * HD;
+  const bf16* kg = p.k + row0 * p.ldqkv + (h / p.G) * HD;
+  const bf16* vg = p.v + row0 * p.ldqkv + (h / p.G) * HD;
 
   auto issue = [&](int kt) {
     const int j0 = kt * BK, valid = min(BK, T - j0);
@@ -609,6 +618,7 @@ struct SimpleArgs {
   const float *lse, *D;
   int64_t ldqkv, ldo, ldd;
   int B, T_, H, hd;
+  int G;    // query heads per key/value head (grouped-query attention; 1 without)
   int bh0;  // first (b, h) of this launch: blockIdx.y = bh - bh0 (launches of <= 65535 heads)
   float scale;
 };
@@ -635,8 +645,8 @@ __global__ void __launch_bounds__(128) simple_fwd_kernel(SimpleArgs<T> a) {
   }
   float m = -INFINITY, l = 0.f;
   for (int j = 0; j <= tq; ++j) {
-    const T* kr = a.k + (base + j) * a.ldqkv + h * a.hd;
-    const T* vr = a.v + (base + j) * a.ldqkv + h * a.hd;
+    const T* kr = a.k + (base + j) * a.ldqkv + (h / a.G) * a.hd;
+    const T* vr = a.v + (base + j) * a.ldqkv + (h / a.G) * a.hd;
     float part = 0.f;
 #pragma unroll
     for (int r = 0; r < EPL; ++r) {
@@ -700,8 +710,8 @@ __global__ void __launch_bounds__(128) simple_dq_kernel(SimpleArgs<T> a) {
   }
   const float lse = a.lse[(int64_t)bh * a.T_ + i], Di = a.D[(int64_t)bh * a.T_ + i];
   for (int j = 0; j <= i; ++j) {
-    const T* kr = a.k + (base + j) * a.ldqkv + h * a.hd;
-    const T* vr = a.v + (base + j) * a.ldqkv + h * a.hd;
+    const T* kr = a.k + (base + j) * a.ldqkv + (h / a.G) * a.hd;
+    const T* vr = a.v + (base + j) * a.ldqkv + (h / a.G) * a.hd;
     float ps = 0.f, pd = 0.f, kv[EPL];
 #pragma unroll
     for (int r = 0; r < EPL; ++r) {
@@ -724,16 +734,19 @@ __global__ void __launch_bounds__(128) simple_dq_kernel(SimpleArgs<T> a) {
   }
 }
 
-// dk, dv of key row j: grid (ceil(T / 4), heads of this launch), 128 threads, a warp per row; loops queries j..T-1.
+// dk, dv of key row j of one (b, key/value head): grid (ceil(T / 4), key/value heads of this
+// launch), 128 threads, a warp per row; loops the group's query heads in order, each over queries
+// j..T-1, so dk, dv sum over the group in a fixed order.
 template <class T, int EPL>
 __global__ void __launch_bounds__(128) simple_dkdv_kernel(SimpleArgs<T> a) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int j = blockIdx.x * 4 + warp;  // early keys (most queries) first
   if (j >= a.T_) return;
-  const int bh = a.bh0 + (int)blockIdx.y, b = bh / a.H, h = bh % a.H;
+  const int Hkv = a.H / a.G;
+  const int bkv = a.bh0 + (int)blockIdx.y, b = bkv / Hkv, kvh = bkv % Hkv;
   const int64_t base = (int64_t)b * a.T_;
-  const T* kr = a.k + (base + j) * a.ldqkv + h * a.hd;
-  const T* vr = a.v + (base + j) * a.ldqkv + h * a.hd;
+  const T* kr = a.k + (base + j) * a.ldqkv + kvh * a.hd;
+  const T* vr = a.v + (base + j) * a.ldqkv + kvh * a.hd;
   float kv[EPL], vv[EPL], dk[EPL], dv[EPL];
 #pragma unroll
   for (int r = 0; r < EPL; ++r) {
@@ -742,29 +755,32 @@ __global__ void __launch_bounds__(128) simple_dkdv_kernel(SimpleArgs<T> a) {
     vv[r] = d < a.hd ? load(vr + d) : 0.f;
     dk[r] = dv[r] = 0.f;
   }
-  for (int i = j; i < a.T_; ++i) {
-    const T* qr = a.q + (base + i) * a.ldqkv + h * a.hd;
-    const T* dor = a.dout + (base + i) * a.ldo + h * a.hd;
-    float ps = 0.f, pd = 0.f, qv[EPL], dov[EPL];
+  for (int h = kvh * a.G; h < (kvh + 1) * a.G; ++h) {
+    const int64_t bh = (int64_t)b * a.H + h;
+    for (int i = j; i < a.T_; ++i) {
+      const T* qr = a.q + (base + i) * a.ldqkv + h * a.hd;
+      const T* dor = a.dout + (base + i) * a.ldo + h * a.hd;
+      float ps = 0.f, pd = 0.f, qv[EPL], dov[EPL];
 #pragma unroll
-    for (int r = 0; r < EPL; ++r) {
-      const int d = lane + 32 * r;
-      qv[r] = d < a.hd ? load(qr + d) : 0.f;
-      dov[r] = d < a.hd ? load(dor + d) : 0.f;
-      ps += qv[r] * kv[r];
-      pd += dov[r] * vv[r];
-    }
-    const float s = warp_sum(ps), dpv = warp_sum(pd);
-    const float pj = expf(s * a.scale - a.lse[(int64_t)bh * a.T_ + i]);
-    const float ds = pj * (dpv - a.D[(int64_t)bh * a.T_ + i]) * a.scale;
+      for (int r = 0; r < EPL; ++r) {
+        const int d = lane + 32 * r;
+        qv[r] = d < a.hd ? load(qr + d) : 0.f;
+        dov[r] = d < a.hd ? load(dor + d) : 0.f;
+        ps += qv[r] * kv[r];
+        pd += dov[r] * vv[r];
+      }
+      const float s = warp_sum(ps), dpv = warp_sum(pd);
+      const float pj = expf(s * a.scale - a.lse[bh * a.T_ + i]);
+      const float ds = pj * (dpv - a.D[bh * a.T_ + i]) * a.scale;
 #pragma unroll
-    for (int r = 0; r < EPL; ++r) {
-      dv[r] += pj * dov[r];
-      dk[r] += ds * qv[r];
+      for (int r = 0; r < EPL; ++r) {
+        dv[r] += pj * dov[r];
+        dk[r] += ds * qv[r];
+      }
     }
   }
-  T* dko = a.dk + (base + j) * a.ldd + h * a.hd;
-  T* dvo = a.dv + (base + j) * a.ldd + h * a.hd;
+  T* dko = a.dk + (base + j) * a.ldd + kvh * a.hd;
+  T* dvo = a.dv + (base + j) * a.ldd + kvh * a.hd;
 #pragma unroll
   for (int r = 0; r < EPL; ++r) {
     const int d = lane + 32 * r;
@@ -820,7 +836,7 @@ int head_dim_of(const View& q, int B, int T, int H, const char* op) {
 // training layout); returns false (nothing launched) when the shape or alignment does not fit
 // (then the caller uses another kernel).
 bool flash_forward_bf16(cudaStream_t stream, const View& q, const View& k, const View& v, const View& o, float* lse,
-                        int B, int Tq, int Tk, int q_off, int H, int hd) {
+                        int B, int Tq, int Tk, int q_off, int H, int hd, int G) {
   if (hd != 64 && hd != 128) return false;
   if ((Tq + kFwdBr - 1) / kFwdBr > 65535) return false;  // query tiles on gridDim.y
   if (q.dtype != DType::BF16 || k.dtype != DType::BF16 || v.dtype != DType::BF16 || o.dtype != DType::BF16)
@@ -828,7 +844,7 @@ bool flash_forward_bf16(cudaStream_t stream, const View& q, const View& k, const
   if (k.ld != v.ld || q.ld % 8 || k.ld % 8 || o.ld % 2) return false;
   if (!aligned16(q.data) || !aligned16(k.data) || !aligned16(v.data) || !aligned4(o.data)) return false;
   FwdArgs a{ptr<const bf16>(q), ptr<const bf16>(k), ptr<const bf16>(v), ptr<bf16>(o), lse, q.ld, k.ld, o.ld,
-            Tq, Tk, q_off, H, kLog2e / std::sqrt((float)hd)};
+            Tq, Tk, q_off, H, G, kLog2e / std::sqrt((float)hd)};
   const dim3 grid((unsigned)(B * H), (unsigned)((Tq + kFwdBr - 1) / kFwdBr));
   if (hd == 64) {
     constexpr size_t smem = fwd_smem_bytes<64>();
@@ -858,17 +874,18 @@ void CudaBackend::attention_forward(View q, View k, View v, View o, View lse, in
   const char* op = "attention_forward";
   (void)s;
   const int hd = cuda::head_dim_of(q, B, T, H, op);
-  const int64_t N = (int64_t)B * T, C = (int64_t)H * hd;
+  const int Hkv = attention_kv_heads(q, k, v, H, op), G = H / Hkv;
+  const int64_t N = (int64_t)B * T, C = (int64_t)H * hd, KV = (int64_t)Hkv * hd;
   cuda::expect_shape(q, N, C, op, "q");
-  cuda::expect_shape(k, N, C, op, "k");
-  cuda::expect_shape(v, N, C, op, "v");
+  cuda::expect_shape(k, N, KV, op, "k");
+  cuda::expect_shape(v, N, KV, op, "v");
   cuda::expect_shape(o, N, C, op, "o");
   if (k.dtype != q.dtype || v.dtype != q.dtype || o.dtype != q.dtype)
     throw Error("attention_forward: q, k, v and o must share one dtype");
   if (k.ld != q.ld || v.ld != q.ld) throw Error("attention_forward: q, k and v must share one row stride");
   cuda::expect_lse(lse, N * H, op);
 
-  if (cuda::flash_forward_bf16(stream(), q, k, v, o, lse.f32(), B, T, T, 0, H, hd)) return;
+  if (cuda::flash_forward_bf16(stream(), q, k, v, o, lse.f32(), B, T, T, 0, H, hd, G)) return;
   cuda::dispatch_float(q.dtype, op, [&](auto tag) {
     using Tp = decltype(tag);
     cuda::SimpleArgs<Tp> a{};
@@ -879,7 +896,7 @@ void CudaBackend::attention_forward(View q, View k, View v, View o, View lse, in
     a.lse_out = lse.f32();
     a.ldqkv = q.ld;
     a.ldo = o.ld;
-    a.B = B, a.T_ = T, a.H = H, a.hd = hd;
+    a.B = B, a.T_ = T, a.H = H, a.hd = hd, a.G = G;
     a.scale = 1.0f / std::sqrt((float)hd);
     // gridDim.y <= 65535: the heads in launches of at most that many.
     for (int bh0 = 0; bh0 < B * H; bh0 += cuda::kMaxGridY) {
@@ -897,15 +914,16 @@ void CudaBackend::attention_backward(View q, View k, View v, View o, View dout, 
                                      int B, int T, int H, Scratch s) {
   const char* op = "attention_backward";
   const int hd = cuda::head_dim_of(q, B, T, H, op);
-  const int64_t N = (int64_t)B * T, C = (int64_t)H * hd;
+  const int Hkv = attention_kv_heads(q, k, v, H, op), G = H / Hkv;
+  const int64_t N = (int64_t)B * T, C = (int64_t)H * hd, KV = (int64_t)Hkv * hd;
   cuda::expect_shape(q, N, C, op, "q");
-  cuda::expect_shape(k, N, C, op, "k");
-  cuda::expect_shape(v, N, C, op, "v");
+  cuda::expect_shape(k, N, KV, op, "k");
+  cuda::expect_shape(v, N, KV, op, "v");
   cuda::expect_shape(o, N, C, op, "o");
   cuda::expect_shape(dout, N, C, op, "dout");
   cuda::expect_shape(dq, N, C, op, "dq");
-  cuda::expect_shape(dk, N, C, op, "dk");
-  cuda::expect_shape(dv, N, C, op, "dv");
+  cuda::expect_shape(dk, N, KV, op, "dk");
+  cuda::expect_shape(dv, N, KV, op, "dv");
   const DType dt = q.dtype;
   if (k.dtype != dt || v.dtype != dt || o.dtype != dt || dout.dtype != dt || dq.dtype != dt || dk.dtype != dt ||
       dv.dtype != dt)
@@ -935,8 +953,9 @@ void CudaBackend::attention_backward(View q, View k, View v, View o, View dout, 
   if (flash) {
     cuda::BwdArgs a{cuda::ptr<const bf16>(q), cuda::ptr<const bf16>(k), cuda::ptr<const bf16>(v),
                     cuda::ptr<const bf16>(dout), lse.f32(), D, cuda::ptr<bf16>(dq), cuda::ptr<bf16>(dk),
-                    cuda::ptr<bf16>(dv), q.ld, o.ld, dq.ld, T, H, scale, scale * cuda::kLog2e};
+                    cuda::ptr<bf16>(dv), q.ld, o.ld, dq.ld, T, H, G, scale, scale * cuda::kLog2e};
     const dim3 grid((unsigned)(B * H), (unsigned)((T + 63) / 64));
+    const dim3 grid_kv((unsigned)(B * Hkv), (unsigned)((T + 63) / 64));  // dk, dv: one block per key/value head
     auto launch = [&](auto hd_tag) {
       constexpr int HD = decltype(hd_tag)::value;
       constexpr size_t smem = cuda::bwd_smem_bytes<HD>();
@@ -946,7 +965,7 @@ void CudaBackend::attention_backward(View q, View k, View v, View o, View dout, 
       cuda_check(cudaFuncSetAttribute(cuda::flash_bwd_dq_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)smem),
                  "attention_backward: shared memory size");
-      cuda::flash_bwd_dkdv_kernel<HD><<<grid, cuda::kBwdThreads, smem, stream()>>>(a);
+      cuda::flash_bwd_dkdv_kernel<HD><<<grid_kv, cuda::kBwdThreads, smem, stream()>>>(a);
       cuda_check_launch("attention_backward (flash dk, dv)");
       cuda::flash_bwd_dq_kernel<HD><<<grid, cuda::kBwdThreads, smem, stream()>>>(a);
       cuda_check_launch("attention_backward (flash dq)");
@@ -971,17 +990,23 @@ void CudaBackend::attention_backward(View q, View k, View v, View o, View dout, 
     a.ldqkv = q.ld;
     a.ldo = o.ld;
     a.ldd = dq.ld;
-    a.B = B, a.T_ = T, a.H = H, a.hd = hd;
+    a.B = B, a.T_ = T, a.H = H, a.hd = hd, a.G = G;
     a.scale = scale;
-    // gridDim.y <= 65535: the heads in launches of at most that many.
+    // gridDim.y <= 65535: the heads in launches of at most that many (dq: query heads; dk, dv:
+    // key/value heads).
     for (int bh0 = 0; bh0 < B * H; bh0 += cuda::kMaxGridY) {
       a.bh0 = bh0;
       const dim3 grid((unsigned)((T + 3) / 4), (unsigned)std::min(B * H - bh0, cuda::kMaxGridY));
       cuda::dispatch_epl(hd, [&](auto epl) {
-        constexpr int E = decltype(epl)::value;
-        cuda::simple_dq_kernel<Tp, E><<<grid, 128, 0, stream()>>>(a);
+        cuda::simple_dq_kernel<Tp, decltype(epl)::value><<<grid, 128, 0, stream()>>>(a);
         cuda_check_launch("attention_backward (simple dq)");
-        cuda::simple_dkdv_kernel<Tp, E><<<grid, 128, 0, stream()>>>(a);
+      });
+    }
+    for (int bh0 = 0; bh0 < B * Hkv; bh0 += cuda::kMaxGridY) {
+      a.bh0 = bh0;
+      const dim3 grid((unsigned)((T + 3) / 4), (unsigned)std::min(B * Hkv - bh0, cuda::kMaxGridY));
+      cuda::dispatch_epl(hd, [&](auto epl) {
+        cuda::simple_dkdv_kernel<Tp, decltype(epl)::value><<<grid, 128, 0, stream()>>>(a);
         cuda_check_launch("attention_backward (simple dk, dv)");
       });
     }

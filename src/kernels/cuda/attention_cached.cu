@@ -1,5 +1,6 @@
 // Attention of m new queries against a key/value cache on the GPU (CudaBackend::attention_cached):
-// q (m, H*hd) are the last m of L positions; k, v (L, H*hd) the cache (one shared row stride);
+// q (m, H*hd) are the last m of L positions; k, v (L, Hkv*hd) the cache (one shared row stride;
+// query head h reads key/value head h / G, G = H / Hkv);
 // query i sees cache rows [0, L - m + i]; out (m, H*hd). Scale 1/sqrt(hd), math in f32.
 //
 // Decoding (small m) runs "flash-decoding": a CTA of 4 warps per (query, head, slice of keys),
@@ -25,7 +26,7 @@ namespace cuda {
 // Defined in attention.cu: the tensor-core forward of Tq queries at positions q_off.. against Tk
 // keys; false when the shape, dtype or alignment does not fit it (nothing launched).
 bool flash_forward_bf16(cudaStream_t stream, const View& q, const View& k, const View& v, const View& o, float* lse,
-                        int B, int Tq, int Tk, int q_off, int H, int hd);
+                        int B, int Tq, int Tk, int q_off, int H, int hd, int G);
 
 namespace {
 
@@ -52,6 +53,7 @@ struct CachedArgs {
   float* part;  // (m, H, n_split, hd + 2): {max, sum, o[hd]} per slice; null when n_split == 1
   int64_t ldq, ldkv, ldo;
   int m, L, H, hd, n_split;
+  int G;  // query heads per key/value head (grouped-query attention; 1 without)
   float scale;
 };
 
@@ -71,8 +73,8 @@ __global__ void __launch_bounds__(kWarps * 32) cached_partial_kernel(CachedArgs<
   const int wj0 = js + warp * sub, wj1 = min(wj0 + sub, je);  // this warp's keys [wj0, wj1)
 
   const T* qr = a.q + (int64_t)i * a.ldq + h * a.hd;
-  const T* kh = a.k + h * a.hd;
-  const T* vh = a.v + h * a.hd;
+  const T* kh = a.k + (h / a.G) * a.hd;
+  const T* vh = a.v + (h / a.G) * a.hd;
   float qv[EPL], acc[EPL];
 #pragma unroll
   for (int r = 0; r < EPL; ++r) {
@@ -218,8 +220,8 @@ void CudaBackend::attention_cached(View q, View k, View v, View out, int H, Scra
   const int m = (int)q.rows, L = (int)k.rows;
   if (m < 1 || m > L)
     throw Error("attention_cached: q has " + std::to_string(m) + " rows; need 1..L, L = " + std::to_string(L));
-  if (k.cols != q.cols || v.cols != q.cols || v.rows != L)
-    throw Error("attention_cached: k and v must be (L, H*hd) like q's columns");
+  const int Hkv = attention_kv_heads(q, k, v, H, op), G = H / Hkv;
+  if (v.rows != L) throw Error("attention_cached: k and v must both be (L, Hkv*hd)");
   if (out.rows != m || out.cols != q.cols) throw Error("attention_cached: out must be shaped like q");
   if (k.dtype != q.dtype || v.dtype != q.dtype || out.dtype != q.dtype)
     throw Error("attention_cached: q, k, v and out must share one dtype");
@@ -227,7 +229,7 @@ void CudaBackend::attention_cached(View q, View k, View v, View out, int H, Scra
   if (q.ld < q.cols || k.ld < k.cols || out.ld < out.cols) throw Error("attention_cached: a row stride is below cols");
 
   if (m >= cuda::kFlashMinRows &&
-      cuda::flash_forward_bf16(stream(), q, k, v, out, nullptr, 1, m, L, L - m, H, hd))
+      cuda::flash_forward_bf16(stream(), q, k, v, out, nullptr, 1, m, L, L - m, H, hd, G))
     return;
   // The slice kernels put the queries on gridDim.z (and the combine on gridDim.y).
   if (m > 65535)
@@ -249,7 +251,7 @@ void CudaBackend::attention_cached(View q, View k, View v, View out, int H, Scra
     a.ldq = q.ld;
     a.ldkv = k.ld;
     a.ldo = out.ld;
-    a.m = m, a.L = L, a.H = H, a.hd = hd, a.n_split = ns;
+    a.m = m, a.L = L, a.H = H, a.hd = hd, a.n_split = ns, a.G = G;
     a.scale = 1.0f / std::sqrt((float)hd);
     const dim3 grid((unsigned)ns, (unsigned)H, (unsigned)m);
     auto launch = [&](auto epl) {
