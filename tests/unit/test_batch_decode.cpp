@@ -321,5 +321,32 @@ TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
     for (size_t i = 0; i < s.want.size(); ++i) ASSERT_FLOAT_EQ(s.got[i], s.want[i]) << "m " << s.m << " L " << s.L;
 }
 
+// The few-rows product of batched decoding (2..32 rows against a W of model size, read once)
+// against plain sums, with widths that leave tails of the 16-wide vectors and of the 4-row
+// tiles; accumulation too.
+TEST(BatchDecode, FewRowsLinearEqualsPlainSums) {
+  Backend& be = cpu_backend();
+  Rng r(8);
+  const int in = 300, out = 223;  // 66900 weights: the few-rows path on AVX-512, BLAS elsewhere
+  std::vector<float> w((size_t)out * in);
+  for (float& v : w) v = (float)r.normal();
+  for (int n : {2, 3, 5, 16, 17, 32, 33}) {
+    std::vector<float> x((size_t)n * in), y((size_t)n * out), base((size_t)n * out);
+    for (float& v : x) v = (float)r.normal();
+    for (float& v : base) v = (float)r.normal();
+    for (bool acc : {false, true}) {
+      y = base;
+      be.linear_forward(mat(x.data(), n, in), mat(w.data(), out, in), mat(y.data(), n, out), acc);
+      for (int i = 0; i < n; ++i)
+        for (int o = 0; o < out; ++o) {
+          double want = acc ? base[(size_t)i * out + o] : 0.0;
+          for (int k = 0; k < in; ++k) want += (double)x[(size_t)i * in + k] * w[(size_t)o * in + k];
+          ASSERT_NEAR(y[(size_t)i * out + o], want, 1e-4 * (1 + std::fabs(want)))
+              << "n " << n << (acc ? " accumulate" : "");
+        }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace subllm
