@@ -184,6 +184,9 @@ class CpuBackend final : public Backend {
                         static_cast<float*>(s.data));
   }
 
+  size_t attention_cached_many_scratch_bytes(int, int max_L, int H, int hd) const override {
+    return sizeof(float) * (size_t)num_threads() * k::attention_cached_many_scratch_floats(max_L, H, hd);
+  }
   void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) override {
     if (count == 0) return;
     const int hd = (int)(items[0].q.cols / H);
@@ -198,7 +201,7 @@ class CpuBackend final : public Backend {
       many_[i] = {a.q.f32(), (int)a.q.ld, (int)a.q.rows, a.k.f32(), a.v.f32(), (int)a.k.ld, (int)a.k.rows, a.out.f32(),
                   (int)a.out.ld};
     }
-    need_scratch(s, attention_cached_scratch_bytes(1, max_L, H, hd), "attention_cached_many");
+    need_scratch(s, attention_cached_many_scratch_bytes(1, max_L, H, hd), "attention_cached_many");
     k::attention_cached_many(many_.data(), count, max_L, H, hd, static_cast<float*>(s.data));
   }
 
