@@ -42,5 +42,26 @@ TEST(Bench, PaperTablesOnTinyConfigs) {
   EXPECT_NE(md.find("first token"), std::string::npos);
 }
 
+// `bench infer --streams`: several sequences decoding together, through the CLI, in JSON.
+TEST(Bench, InferStreamsOnATinyConfig) {
+  testing::TempDir tmp("bench_streams");
+  testing::write_file(tmp.file("subllm.json"),
+                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
+                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
+                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
+  InferBenchOptions o;
+  o.prompt_len = 12;
+  o.gen = 3;
+  for (int n : {1, 3}) {
+    nlohmann::json r = measure_streams(tmp.file("subllm.json"), o, n);
+    EXPECT_EQ(r["streams"].get<int>(), n);
+    EXPECT_GT(r["decode_tokens_per_s"].get<double>(), 0);
+    EXPECT_GT(r["prefill_tokens_per_s"].get<double>(), 0);
+    EXPECT_NEAR(r["retention"][0].get<double>(), 0.5, 0.25);
+  }
+  EXPECT_NE(testing::error_of([&] { measure_streams(tmp.file("subllm.json"), o, 0); }).find("--streams"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace subllm
