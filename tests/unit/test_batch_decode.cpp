@@ -230,6 +230,9 @@ void check_batch_equals_alone(ModelConfig cfg, float session_threshold, bool exp
 
 TEST(BatchDecode, LlamaBatchEqualsEachSequenceAlone) {
   check_batch_equals_alone(batch_config("TTT", {}), 0.f, false);
+  ModelConfig gqa = batch_config("TTT", {});
+  gqa.n_kv_heads = 2;  // grouped-query attention: two query heads per key/value head
+  check_batch_equals_alone(gqa, 0.f, false);
 }
 
 TEST(BatchDecode, NestedSubllmBatchEqualsEachSequenceAlone) {
@@ -238,6 +241,9 @@ TEST(BatchDecode, NestedSubllmBatchEqualsEachSequenceAlone) {
   parent.rope_parent_positions = true;
   parent.qk_bias = true;
   check_batch_equals_alone(parent, -0.1f, true);
+  ModelConfig mqa = batch_config("T(TT(TT)TT)T", {0.6f, 0.5f});
+  mqa.n_kv_heads = 1;  // multi-query attention
+  check_batch_equals_alone(mqa, 0.1f, true);
 }
 
 TEST(BatchDecode, BadBatchesAreRefusedBeforeAnyCacheChanges) {
@@ -290,35 +296,38 @@ TEST(BatchDecode, BadBatchesAreRefusedBeforeAnyCacheChanges) {
 // The batched decoding step's attention: several sequences against their own caches in one
 // call equal one attention_cached per sequence (decode rows, chunks, different lengths).
 TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
-  Backend& be = cpu_backend();
-  const int H = 4, hd = 8, C = H * hd;
-  Rng r(5);
-  struct Seq {
-    int m, L;
-    std::vector<float> q, k, v, want, got;
-  };
-  std::vector<Seq> seqs = {{1, 37}, {5, 12}, {1, 1}, {3, 64}, {2, 2}};
-  for (Seq& s : seqs) {
-    for (auto* t : {&s.k, &s.v}) {
-      t->resize((size_t)s.L * C);
-      for (float& x : *t) x = (float)r.normal();
-    }
-    s.q.resize((size_t)s.m * 3 * C);  // strided like a fused qkv block
-    for (float& x : s.q) x = (float)r.normal();
-    s.want.assign((size_t)s.m * C, 0.f);
-    s.got.assign((size_t)s.m * C, -1.f);
+  for (int Hkv : {4, 2, 1}) {  // multi-head, grouped-query, multi-query
+    Backend& be = cpu_backend();
+    const int H = 4, hd = 8, C = H * hd, KV = Hkv * hd;
+    Rng r(5);
+    struct Seq {
+      int m, L;
+      std::vector<float> q, k, v, want, got;
+    };
+    std::vector<Seq> seqs = {{1, 37}, {5, 12}, {1, 1}, {3, 64}, {2, 2}};
+    for (Seq& s : seqs) {
+      for (auto* t : {&s.k, &s.v}) {
+        t->resize((size_t)s.L * KV);
+        for (float& x : *t) x = (float)r.normal();
+      }
+      s.q.resize((size_t)s.m * 3 * C);  // strided like a fused qkv block
+      for (float& x : s.q) x = (float)r.normal();
+      s.want.assign((size_t)s.m * C, 0.f);
+      s.got.assign((size_t)s.m * C, -1.f);
   }
   std::vector<float> scratch(be.attention_cached_many_scratch_bytes(5, 64, H, hd) / sizeof(float) + 1);
   std::vector<Backend::CachedAttention> items;
   for (Seq& s : seqs) {
-    const View q = mat(s.q.data(), s.m, C, 3 * C), k = mat(s.k.data(), s.L, C), v = mat(s.v.data(), s.L, C);
+    const View q = mat(s.q.data(), s.m, C, 3 * C), k = mat(s.k.data(), s.L, KV), v = mat(s.v.data(), s.L, KV);
     std::vector<float> one(be.attention_cached_scratch_bytes(s.m, s.L, H, hd) / sizeof(float) + 1);
     be.attention_cached(q, k, v, mat(s.want.data(), s.m, C), H, Scratch{one.data(), one.size() * sizeof(float)});
     items.push_back({q, k, v, mat(s.got.data(), s.m, C)});
   }
   be.attention_cached_many(items.data(), (int)items.size(), H, Scratch{scratch.data(), scratch.size() * sizeof(float)});
   for (const Seq& s : seqs)
-    for (size_t i = 0; i < s.want.size(); ++i) ASSERT_FLOAT_EQ(s.got[i], s.want[i]) << "m " << s.m << " L " << s.L;
+    for (size_t i = 0; i < s.want.size(); ++i)
+      ASSERT_FLOAT_EQ(s.got[i], s.want[i]) << "m " << s.m << " L " << s.L << " kv heads " << Hkv;
+  }
 }
 
 // The few-rows product of batched decoding (2..32 rows against a W of model size, read once)
