@@ -88,9 +88,13 @@ struct CachedPass {
   const ModelConfig& cfg;
   SessionState& st;
   SequenceCache& cache;
+  const float* thresholds = nullptr;  // per subsampler, or null: the session's
+  uint8_t* depth = nullptr;           // (new tokens) out, or null
 
   void block(int blk, View x, int rows, View pos);
-  void segment(int seg, View x, int rows, View pos, View tok, int64_t before);
+  // root: each row's index among the new tokens (host; kept up only when depth is asked for)
+  void segment(int seg, View x, int rows, View pos, View tok, int64_t before, const std::vector<int32_t>& root,
+               int level);
 };
 
 void CachedPass::block(int blk, View x, int rows, View pos) {
@@ -158,7 +162,8 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   be.copy_rows(y, x);
 }
 
-void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t before) {
+void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t before,
+                         const std::vector<int32_t>& root, int level) {
   const int C = cfg.dim;
   for (const SegmentItem& it : w.structure().segments[seg].items) {
     if (it.is_block) {
@@ -171,7 +176,7 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t 
     b.reserve(be, rows, C, w.compute_dtype());
     const View scores = rows_of(b.scores, rows);
     be.score_forward(x, param_vec(w, w.score_offset(j), C), scores);
-    be.select_threshold(scores, tok, s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
+    be.select_threshold(scores, tok, thresholds ? thresholds[j] : s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
                         view_of(b.count));
     int32_t nk = 0;
     be.to_host(&nk, b.count.raw(), sizeof nk);  // the kept length shapes everything after
@@ -180,6 +185,15 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t 
     cache.kept[j] += nk;
     if (nk == 0) continue;
     const View kept = rows_of(b.kept, nk), xk = rows_of(b.x, nk);
+    std::vector<int32_t> child_root;
+    if (depth) {
+      child_root.resize(nk);
+      be.to_host(child_root.data(), b.kept.raw(), sizeof(int32_t) * nk);
+      for (int32_t& r : child_root) {
+        r = root[r];
+        depth[r] = (uint8_t)std::max<int>(depth[r], level + 1);
+      }
+    }
     be.gather_rows(x, kept, xk);
     if (cfg.rope_parent_positions) {
       // The authors' rule: the position is the token's index in the parent segment's
@@ -190,7 +204,7 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t 
       be.gather_rows(pos, kept, rows_of(b.pos, nk));
     }
     be.gather_rows(tok, kept, rows_of(b.tok, nk));
-    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk), child_before);
+    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk), child_before, child_root, level + 1);
     // Upsample + bypass in place: x[kept] += c * w * (y' - x[kept]).
     be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), param_vec(w, w.bypass_offset(j), C), x);
   }
@@ -198,7 +212,19 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t 
 
 }  // namespace
 
+namespace {
+void run_cached(Session& s, SessionState& st, SequenceCache& cache, const int32_t* tokens, int n, float* logits,
+                bool all_rows, const float* thresholds, uint8_t* depth);
+}
+
 void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
+  run_cached(*this, *st_, cache, tokens, n, logits, all_rows, nullptr, nullptr);
+}
+
+namespace {
+void run_cached(Session& s, SessionState& st, SequenceCache& cache, const int32_t* tokens, int n, float* logits,
+                bool all_rows, const float* thresholds, uint8_t* depth) {
+  const Weights& w_ = s.weights();
   const ModelConfig& c = w_.config();
   check(n > 0, "nothing to run: no new tokens");
   if (cache.length + n > c.context)
@@ -207,15 +233,23 @@ void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n,
   check_token_ids(c, tokens, nullptr, n);
   Backend& be = w_.backend();
   const int C = c.dim, V = c.vocab_size;
-  SessionState& st = *st_;
   st.cseg.resize(w_.structure().segments.size());
-  CachedSegment& root = st.cseg[0];
-  root.reserve(be, n, C, w_.compute_dtype());
-  const View x = rows_of(root.x, n), pos = rows_of(root.pos, n), tok = rows_of(root.tok, n);
-  be.to_device(root.tok.raw(), tokens, sizeof(int32_t) * n);
+  CachedSegment& root_seg = st.cseg[0];
+  root_seg.reserve(be, n, C, w_.compute_dtype());
+  const View x = rows_of(root_seg.x, n), pos = rows_of(root_seg.pos, n), tok = rows_of(root_seg.tok, n);
+  be.to_device(root_seg.tok.raw(), tokens, sizeof(int32_t) * n);
   be.fill_positions(pos, 1, n, cache.length);
   be.embedding_forward(tok, param(w_, w_.embed_offset(), V, C), x);
-  CachedPass(*this, st, cache).segment(0, x, n, pos, tok, cache.length);
+  CachedPass pass(s, st, cache);
+  pass.thresholds = thresholds;
+  pass.depth = depth;
+  std::vector<int32_t> root;
+  if (depth) {
+    std::fill(depth, depth + n, 0);
+    root.resize(n);
+    for (int i = 0; i < n; ++i) root[i] = i;
+  }
+  pass.segment(0, x, n, pos, tok, cache.length, root, 0);
   cache.length += n;
   const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
   ensure(be, st.normed, (int64_t)count * C, w_.compute_dtype());
@@ -228,6 +262,7 @@ void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n,
   be.linear_forward(normed, param(w_, w_.head_offset(), V, C), out);
   be.to_host(logits, out.data, sizeof(float) * count * V);
 }
+}  // namespace
 
 void Session::forward_cached_batch(const std::vector<CachedStep>& steps, float* logits) {
   const int V = w_.config().vocab_size;
@@ -236,9 +271,7 @@ void Session::forward_cached_batch(const std::vector<CachedStep>& steps, float* 
       check(steps[i].cache != steps[j].cache, "forward_cached_batch: one cache appears in two steps");
   for (const CachedStep& s : steps) {
     check(s.cache != nullptr && s.tokens != nullptr, "forward_cached_batch: a step without its cache or tokens");
-    check(s.keep_thresholds == nullptr && s.depth == nullptr,
-          "forward_cached_batch: per-step keep thresholds and token depths need the batched pass");
-    forward_cached(*s.cache, s.tokens, s.n, logits, s.all_rows);
+    run_cached(*this, *st_, *s.cache, s.tokens, s.n, logits, s.all_rows, s.keep_thresholds, s.depth);
     logits += (size_t)(s.all_rows ? s.n : 1) * V;
   }
 }
