@@ -87,15 +87,17 @@ struct Metrics {
 // every active slot (a decode token, or a prefill chunk), samples, publishes.
 class Scheduler {
  public:
-  Scheduler(LoadedModel& lm, const ServeOptions& opt, Metrics& metrics)
-      : lm_(lm), opt_(opt), metrics_(metrics), thread_([this] { loop(); }) {}
-  ~Scheduler() {
+  Scheduler(LoadedModel& lm, const ServeOptions& opt, Metrics& metrics) : lm_(lm), opt_(opt), metrics_(metrics) {}
+
+  // Runs the inference loop on the calling thread until stop(). The thread that loaded the
+  // model runs it, so the OpenMP team of the kernels stays that thread's.
+  void run() { loop(); }
+  void stop() {
     {
       std::lock_guard<std::mutex> g(mu_);
       stopping_ = true;
     }
     cv_.notify_all();
-    thread_.join();
   }
 
   // Queues all of a request's jobs, or none: false when the queue cannot take them.
@@ -259,7 +261,6 @@ class Scheduler {
   std::deque<std::shared_ptr<Job>> queue_;
   size_t outstanding_ = 0;  // jobs queued or in a slot: at most parallel + queue
   bool stopping_ = false;
-  std::thread thread_;  // last: starts once the members above exist
 };
 
 // ---------------------------------------------------------------------------------------
@@ -542,19 +543,22 @@ class Server {
       check(svr.bind_to_port(opt_.host, port),
             "cannot listen on " + opt_.host + ":" + std::to_string(port) + " (in use?): pick another --port");
     }
-    // SIGINT/SIGTERM end the server: a thread waits for them (they are blocked everywhere else).
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
-    std::thread watcher([&svr, set] {
+    if (opt_.on_listening) opt_.on_listening(opt_.host, port);
+    std::thread http([&svr] { svr.listen_after_bind(); });
+    // SIGINT/SIGTERM end the server: a thread waits for them (they are blocked everywhere else)
+    // and stops the scheduler and httplib.
+    std::thread watcher([this, &svr, set] {
       int sig = 0;
       sigwait(&set, &sig);
+      sched_.stop();
       svr.stop();
     });
-    if (opt_.on_listening) opt_.on_listening(opt_.host, port);
-    svr.listen_after_bind();
-    // Stopped by a signal; the watcher has returned.
+    sched_.run();
+    http.join();
     watcher.join();
   }
 

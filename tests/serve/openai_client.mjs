@@ -31,8 +31,9 @@ assert.ok(finish === "stop" || finish === "length");
 const lp = await client.completions.create({ model, prompt, max_tokens: 4, temperature: 0, logprobs: 2, echo: true });
 assert.ok(lp.choices[0].text.startsWith(prompt));
 assert.equal(lp.choices[0].logprobs.tokens.join(""), lp.choices[0].text);
-assert.equal(lp.choices[0].logprobs.token_logprobs[0], null);
-for (const l of lp.choices[0].logprobs.token_logprobs.slice(1)) assert.ok(l <= 0);
+// Every echoed prompt token is scored too (the first one after the document-start token).
+for (const l of lp.choices[0].logprobs.token_logprobs) assert.ok(typeof l === "number" && l <= 0);
+for (const t of lp.choices[0].logprobs.top_logprobs) assert.equal(Object.keys(t).length <= 2, true);
 
 // Chat: the plain-text template; streamed deltas concatenate to the reply.
 const messages = [

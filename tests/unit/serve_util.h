@@ -20,12 +20,13 @@
 
 namespace subllm::testing {
 
-// `subllm serve -m dir --port 0 extra...`, started at construction (which waits for the
+// `subllm serve -m dir --port 0 -t 1 extra...` (one kernel thread: the tests run many processes
+// side by side on a few cores), started at construction (which waits for the
 // "listening" line), stopped with SIGTERM at destruction.
 class ServerProcess {
  public:
   explicit ServerProcess(const std::string& model_dir, std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {SUBLLM_CLI_PATH, "serve", "-m", model_dir, "--port", "0", "-t", "2"};
+    std::vector<std::string> args = {SUBLLM_CLI_PATH, "serve", "-m", model_dir, "--port", "0", "-t", "1"};
     args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -160,7 +161,7 @@ inline std::vector<nlohmann::json> sse_events(const std::string& body) {
 // scores spread around 0 (so subsamplers keep some tokens and drop others), on the tokenizer
 // of a 400-piece prepared corpus under tmp.
 inline std::string random_model_dir(const TempDir& tmp, const std::string& name, const std::string& structure,
-                                    std::vector<float> retentions, int dim = 32, int context = 128) {
+                                    std::vector<float> retentions, int dim = 32, int context = 256) {
   if (!fs::exists(tmp.file("data/tokenizer.model"))) {
     write_corpus(tmp.path() / "corpus", 40);
     PrepareOptions p;
