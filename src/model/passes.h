@@ -65,13 +65,27 @@ struct BlockIO {
   Scratch scratch;
 };
 
-// Buffers of the cached path for one segment (0: the new tokens), grown to the largest
-// chunk seen; uninitialised, as every pass writes the rows it reads.
+// Buffers of the cached path for one segment (0: the new tokens) over the rows of every
+// sequence of a batched step, each sequence's rows contiguous; grown to the largest step seen
+// (doubling); uninitialised, as every pass writes the rows it reads. A child segment's
+// selection buffers are sized by its parent's rows, which bound its own.
 struct CachedSegment {
   int cap = 0;
-  Tensor scores, w, kept, count, x, pos, tok;  // (rows), (rows), (rows) i32, (1) i32, (rows, C), (rows) i32 x2
-  Tensor parent_index;                         // (rows) i32: positions within the parent segment
-  void reserve(Backend& be, int rows, int C, DType act);  // x in the activation dtype
+  Tensor x, pos, tok;        // (rows, C) activation dtype, (rows) i32 x2
+  Tensor index;              // (rows) i32: each row's index within its sequence's segment ("parent" rule)
+  Tensor scores;             // (parent rows) F32
+  Tensor kept, w;            // (rows) i32 parent row, F32 clamp(score): every sequence's kept rows
+  Tensor kept_local, w_local;  // (parent rows): select_threshold's per-sequence output, at the sequence's parent offset
+  Tensor iota;               // (cap) i32: 0, 1, ... (turns a sequence's own row index into a batch row)
+  Tensor counts;             // (sequences) i32: rows each sequence kept
+  int counts_cap = 0;
+  // Host: per sequence of the step, its rows' offset and count here and the rows its
+  // segment held before this step; per row, its row among the new tokens (depth only).
+  std::vector<int> off, n;
+  std::vector<int64_t> before;
+  std::vector<int32_t> host_counts, root;
+  void reserve(Backend& be, int rows, int C, DType act);
+  void reserve_sequences(Backend& be, int sequences);
 };
 
 struct SessionState {
@@ -82,6 +96,11 @@ struct SessionState {
   std::vector<CachedSegment> cseg;   // per segment (0: the new tokens)
   Tensor block_ws, block_stats;      // one block's intermediates: activations, F32 statistics
   Tensor normed, rstd, logits;       // final norm and head of the rows whose logits are asked for
+  Tensor head_in;                    // (rows, C): the rows whose logits are asked for, gathered
+  Tensor staging;                    // i32 uploads of a batched step: tokens, positions, wanted rows
+  std::vector<int32_t> host_staging;
+  std::vector<uint8_t> host_depth;   // (new tokens) depth of every new token of the step
+  std::vector<size_t> attend_scratch;  // per sequence, bytes (block workspace sizing)
   Tensor scratch;                    // kernel working memory, bytes
   Tensor ones;                       // (ones_rows) of 1 in the compute dtype (qk_bias only)
   int64_t ones_rows = 0;

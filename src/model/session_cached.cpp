@@ -1,7 +1,16 @@
-// Inference with a key/value cache: incremental decoding and (chunked) prefill of one
-// sequence, in inference mode. Blocks inside subsamplers cache only the tokens that every
-// enclosing subsampler kept; a token scoring at or below the threshold skips the segment.
+// Inference with a key/value cache: incremental decoding and (chunked) prefill, in inference
+// mode, of one sequence or of several at once (a batched step). Blocks inside subsamplers
+// cache only the tokens that every enclosing subsampler kept; a token scoring at or below
+// the threshold skips the segment.
+//
+// A batched step stacks the new rows of every sequence into one (sum n_i, C) stream, each
+// sequence's rows contiguous, and walks the structure once: every GEMM, norm, RoPE and SwiGLU
+// runs over all rows; attention runs per sequence against its own cache; a subsampler scores
+// all rows at once, selects per sequence (its own threshold), reads every sequence's kept
+// count in one device->host copy, and gathers the kept rows of all sequences into one ragged
+// batch for the inner segment. forward_cached is the batch of one.
 #include <algorithm>
+#include <cmath>
 
 #include "model/passes.h"
 #include "subllm/error.h"
@@ -57,14 +66,23 @@ SequenceCache Session::new_cache(int reserve_tokens) const {
 void CachedSegment::reserve(Backend& be, int rows, int C, DType act) {
   if (rows <= cap) return;
   cap = std::max(rows, 2 * cap);
-  scores = be.empty({cap});
-  w = be.empty({cap});
-  kept = be.empty({cap}, DType::I32);
-  count = be.empty({1}, DType::I32);
   x = be.empty({cap, (int64_t)C}, act);
   pos = be.empty({cap}, DType::I32);
-  parent_index = be.empty({cap}, DType::I32);
   tok = be.empty({cap}, DType::I32);
+  index = be.empty({cap}, DType::I32);
+  scores = be.empty({cap});
+  kept = be.empty({cap}, DType::I32);
+  w = be.empty({cap});
+  kept_local = be.empty({cap}, DType::I32);
+  w_local = be.empty({cap});
+  iota = be.empty({cap}, DType::I32);
+  be.fill_positions(view_of(iota), 1, cap, 0);
+}
+
+void CachedSegment::reserve_sequences(Backend& be, int sequences) {
+  if (sequences <= counts_cap) return;
+  counts_cap = std::max(sequences, 2 * counts_cap);
+  counts = be.empty({counts_cap}, DType::I32);
 }
 
 namespace {
@@ -76,28 +94,31 @@ void ensure(Backend& be, Tensor& t, int64_t numel, DType dt = DType::F32) {
   t = be.empty({std::max(numel, 2 * have)}, dt);
 }
 
-// The cached walk of one segment: x (rows, C) in and out; pos, tok (rows); `before`: the
-// segment's tokens of the earlier chunks (its cached length).
+// The cached walk of one batched step. A segment's rows are those of every sequence in turn;
+// st.cseg[seg].off / n / before say where each sequence's rows are and how many rows its
+// segment held before this step.
 struct CachedPass {
-  CachedPass(Session& session, SessionState& state, SequenceCache& c)
-      : s(session), w(session.weights()), be(w.backend()), cfg(w.config()), st(state), cache(c) {}
+  CachedPass(const Session& session, SessionState& state, const Session::CachedStep* steps, int count)
+      : s(session), w(session.weights()), be(w.backend()), cfg(w.config()), st(state), step(steps), S(count) {}
 
-  Session& s;
+  const Session& s;
   const Weights& w;
   Backend& be;
   const ModelConfig& cfg;
   SessionState& st;
-  SequenceCache& cache;
-  const float* thresholds = nullptr;  // per subsampler, or null: the session's
-  uint8_t* depth = nullptr;           // (new tokens) out, or null
+  const Session::CachedStep* step;
+  int S;
+  bool want_depth = false;  // some step asks for its tokens' depths (st.host_depth, by root row)
 
-  void block(int blk, View x, int rows, View pos);
-  // root: each row's index among the new tokens (host; kept up only when depth is asked for)
-  void segment(int seg, View x, int rows, View pos, View tok, int64_t before, const std::vector<int32_t>& root,
-               int level);
+  float threshold(int i, int j) const {
+    return step[i].keep_thresholds ? step[i].keep_thresholds[j] : s.keep_threshold(j);
+  }
+  // x (rows, C) in and out; pos, tok, index (rows) i32.
+  void segment(int seg, View x, int rows, View pos, View tok, View index, int depth);
+  void block(int blk, const CachedSegment& g, View x, int rows, View pos);
 };
 
-void CachedPass::block(int blk, View x, int rows, View pos) {
+void CachedPass::block(int blk, const CachedSegment& g, View x, int rows, View pos) {
   const int64_t C = cfg.dim, F = cfg.ffn_dim, H = cfg.n_heads, hd = cfg.head_dim();
   const DType ad = w.compute_dtype();
   // One workspace serves every block: blocks never run nested inside one another.
@@ -127,13 +148,16 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
   io.rstd2 = take_f32(1);
   io.lse = take_f32(H);
   const View y = take(C);
-  KVRows& K = cache.k[blk];
-  KVRows& V = cache.v[blk];
-  const int L0 = cache.rows[blk], L = L0 + rows;
-  ensure(be, st.scratch,
-         (int64_t)std::max(be.attention_scratch_bytes(1, rows, (int)H, (int)hd, false),
-                           be.attention_cached_scratch_bytes(rows, L, (int)H, (int)hd)),
-         DType::U8);
+  // Attention scratch: the most any one sequence's call needs.
+  size_t scratch = 0;
+  for (int i = 0; i < S; ++i) {
+    const int m = g.n[i];
+    if (m == 0) continue;
+    const int L0 = step[i].cache->rows[blk];
+    scratch = std::max(scratch, L0 == 0 ? be.attention_scratch_bytes(1, m, (int)H, (int)hd, false)
+                                        : be.attention_cached_scratch_bytes(m, L0 + m, (int)H, (int)hd));
+  }
+  ensure(be, st.scratch, (int64_t)scratch, DType::U8);
   io.scratch = scratch_of(st.scratch);
   if (cfg.qk_bias) {
     if (st.ones_rows < rows) {
@@ -144,136 +168,230 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
     io.ones = rows_of(st.ones, rows);
   }
   block_core(be, w, blk, x, y, pos, io, [&] {
-    // Append this chunk's keys and values, then attend over the whole cache.
-    K.reserve((size_t)L * C);
-    V.reserve((size_t)L * C);
-    const View k_rows{K.data(), ad, L, C, C}, v_rows{V.data(), ad, L, C, C};
-    be.copy_rows(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
-    be.copy_rows(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
-    K.set_used((size_t)L * C);
-    V.set_used((size_t)L * C);
-    cache.rows[blk] = L;
-    if (L0 == 0)
-      be.attention_forward(io.qkv.cols_at(0, C), io.qkv.cols_at(C, C), io.qkv.cols_at(2 * C, C), io.att, io.lse, 1,
-                           rows, (int)H, io.scratch);
-    else
-      be.attention_cached(io.qkv.cols_at(0, C), k_rows, v_rows, io.att, (int)H, io.scratch);
+    // Each sequence appends its rows' keys and values to its cache, then attends over it.
+    for (int i = 0; i < S; ++i) {
+      const int m = g.n[i], r0 = g.off[i];
+      if (m == 0) continue;
+      SequenceCache& cache = *step[i].cache;
+      KVRows& K = cache.k[blk];
+      KVRows& V = cache.v[blk];
+      const int L0 = cache.rows[blk], L = L0 + m;
+      K.reserve((size_t)L * C);
+      V.reserve((size_t)L * C);
+      const View k_rows{K.data(), ad, L, C, C}, v_rows{V.data(), ad, L, C, C};
+      const View qkv = io.qkv.rows_at(r0, m), att = io.att.rows_at(r0, m);
+      be.copy_rows(qkv.cols_at(C, C), k_rows.rows_at(L0, m));
+      be.copy_rows(qkv.cols_at(2 * C, C), v_rows.rows_at(L0, m));
+      K.set_used((size_t)L * C);
+      V.set_used((size_t)L * C);
+      cache.rows[blk] = L;
+      if (L0 == 0)
+        be.attention_forward(qkv.cols_at(0, C), qkv.cols_at(C, C), qkv.cols_at(2 * C, C), att,
+                             mat(io.lse.f32() + (int64_t)r0 * H, m, H), 1, m, (int)H, io.scratch);
+      else
+        be.attention_cached(qkv.cols_at(0, C), k_rows, v_rows, att, (int)H, io.scratch);
+    }
   });
   be.copy_rows(y, x);
 }
 
-void CachedPass::segment(int seg, View x, int rows, View pos, View tok, int64_t before,
-                         const std::vector<int32_t>& root, int level) {
+void CachedPass::segment(int seg, View x, int rows, View pos, View tok, View index, int depth) {
   const int C = cfg.dim;
-  for (const SegmentItem& it : w.structure().segments[seg].items) {
+  const Structure& structure = w.structure();
+  for (const SegmentItem& it : structure.segments[seg].items) {
+    CachedSegment& g = st.cseg[seg];
     if (it.is_block) {
-      block(it.index, x, rows, pos);
+      block(it.index, g, x, rows, pos);
       continue;
     }
     const int child = it.index;
-    const int j = w.structure().segments[child].subsampler;
+    const int j = structure.segments[child].subsampler;
     CachedSegment& b = st.cseg[child];
     b.reserve(be, rows, C, w.compute_dtype());
-    const View scores = rows_of(b.scores, rows);
-    be.score_forward(x, param_vec(w, w.score_offset(j), C), scores);
-    be.select_threshold(scores, tok, thresholds ? thresholds[j] : s.keep_threshold(j), cfg.padding_idx, rows_of(b.kept, rows), rows_of(b.w, rows),
-                        view_of(b.count));
-    int32_t nk = 0;
-    be.to_host(&nk, b.count.raw(), sizeof nk);  // the kept length shapes everything after
-    const int64_t child_before = cache.kept[j];
-    cache.seen[j] += rows;
-    cache.kept[j] += nk;
+    b.reserve_sequences(be, S);
+    be.score_forward(x, param_vec(w, w.score_offset(j), C), rows_of(b.scores, rows));
+    // Select per sequence, each with its own threshold. The first sequence's rows start at
+    // row 0, so its choice is already in batch rows and in place; the others land at their
+    // parent offset and move into place once the counts are known.
+    for (int i = 0; i < S; ++i) {
+      const int m = g.n[i], r0 = g.off[i];
+      if (m == 0) continue;
+      const bool in_place = r0 == 0;
+      be.select_threshold(view_of(b.scores).rows_at(r0, m), tok.rows_at(r0, m),
+                          threshold(i, j), cfg.padding_idx, (in_place ? view_of(b.kept) : view_of(b.kept_local)).rows_at(r0, m),
+                          (in_place ? view_of(b.w) : view_of(b.w_local)).rows_at(r0, m), view_of(b.counts).rows_at(i, 1));
+    }
+    // The kept lengths shape everything after: one read for every sequence.
+    b.host_counts.resize(S);
+    be.to_host(b.host_counts.data(), b.counts.raw(), sizeof(int32_t) * S);
+    b.off.resize(S);
+    b.n.resize(S);
+    b.before.resize(S);
+    int nk = 0;
+    for (int i = 0; i < S; ++i) {
+      const int m = g.n[i], r0 = g.off[i], k = m == 0 ? 0 : b.host_counts[i];
+      SequenceCache& cache = *step[i].cache;
+      b.off[i] = nk;
+      b.n[i] = k;
+      b.before[i] = cache.kept[j];
+      cache.seen[j] += m;
+      cache.kept[j] += k;
+      if (k > 0 && r0 != 0) {
+        // Own row index -> batch row (r0 + t), moved down to the packed offset.
+        be.gather_rows(view_of(b.iota).rows_at(r0, m), view_of(b.kept_local).rows_at(r0, k),
+                       view_of(b.kept).rows_at(nk, k));
+        be.copy_rows(view_of(b.w_local).rows_at(r0, k), view_of(b.w).rows_at(nk, k));
+      }
+      nk += k;
+    }
     if (nk == 0) continue;
     const View kept = rows_of(b.kept, nk), xk = rows_of(b.x, nk);
-    std::vector<int32_t> child_root;
-    if (depth) {
-      child_root.resize(nk);
-      be.to_host(child_root.data(), b.kept.raw(), sizeof(int32_t) * nk);
-      for (int32_t& r : child_root) {
-        r = root[r];
-        depth[r] = (uint8_t)std::max<int>(depth[r], level + 1);
+    if (want_depth) {
+      b.root.resize(nk);
+      be.to_host(b.root.data(), b.kept.raw(), sizeof(int32_t) * nk);
+      for (int32_t& r : b.root) {
+        r = g.root[r];
+        st.host_depth[r] = (uint8_t)std::max<int>(st.host_depth[r], depth + 1);
       }
     }
     be.gather_rows(x, kept, xk);
-    if (cfg.rope_parent_positions) {
-      // The authors' rule: the position is the token's index in the parent segment's
-      // sequence, whose earlier chunks hold `before` tokens.
-      be.fill_positions(rows_of(b.parent_index, rows), 1, rows, (int)before);
-      be.gather_rows(rows_of(b.parent_index, rows), kept, rows_of(b.pos, nk));
-    } else {
-      be.gather_rows(pos, kept, rows_of(b.pos, nk));
-    }
+    // Positions: the authors' "parent" rule takes each kept token's index in the parent
+    // segment's sequence; otherwise it keeps its root position.
+    be.gather_rows(cfg.rope_parent_positions ? index : pos, kept, rows_of(b.pos, nk));
     be.gather_rows(tok, kept, rows_of(b.tok, nk));
-    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk), child_before, child_root, level + 1);
+    bool nested = false;
+    for (const SegmentItem& inner : structure.segments[child].items) nested |= !inner.is_block;
+    if (cfg.rope_parent_positions && nested)
+      for (int i = 0; i < S; ++i)
+        if (b.n[i] > 0) be.fill_positions(view_of(b.index).rows_at(b.off[i], b.n[i]), 1, b.n[i], (int)b.before[i]);
+    segment(child, xk, nk, rows_of(b.pos, nk), rows_of(b.tok, nk), rows_of(b.index, nk), depth + 1);
     // Upsample + bypass in place: x[kept] += c * w * (y' - x[kept]).
     be.upsample_bypass_forward(x, xk, kept, rows_of(b.w, nk), param_vec(w, w.bypass_offset(j), C), x);
   }
 }
 
-}  // namespace
-
-namespace {
-void run_cached(Session& s, SessionState& st, SequenceCache& cache, const int32_t* tokens, int n, float* logits,
-                bool all_rows, const float* thresholds, uint8_t* depth);
+// One batched step; forward_cached and forward_cached_batch both come here.
+void run_steps(const Session& session, SessionState& st, const Session::CachedStep* steps, int S, float* logits) {
+  const Weights& w = session.weights();
+  const ModelConfig& c = w.config();
+  const Structure& structure = w.structure();
+  const int num_sub = structure.num_subsamplers;
+  // Everything is checked before anything runs, so a refused batch changes no cache.
+  auto where = [&](int i) { return S > 1 ? "step " + std::to_string(i) + ": " : std::string(); };
+  int64_t total = 0;
+  for (int i = 0; i < S; ++i) {
+    const Session::CachedStep& s = steps[i];
+    check(s.cache != nullptr && s.tokens != nullptr,
+          where(i) + "a step without its cache or tokens: give every step a cache and its new tokens");
+    if (s.n <= 0) throw Error(where(i) + "nothing to run: no new tokens (n = " + std::to_string(s.n) + ")");
+    for (int k = 0; k < i; ++k)
+      if (steps[k].cache == s.cache)
+        throw Error("forward_cached_batch: steps " + std::to_string(k) + " and " + std::to_string(i) +
+                    " share one cache; give each sequence one step per batch");
+    const SequenceCache& cache = *s.cache;
+    check((int)cache.k.size() == c.n_layers && (int)cache.v.size() == c.n_layers && (int)cache.rows.size() == c.n_layers &&
+              cache.width == c.dim && (int)cache.seen.size() == num_sub && (int)cache.kept.size() == num_sub &&
+              cache.element_bytes == dtype_size(w.compute_dtype()),
+          where(i) + "the cache was not made for this model: make it with this model's Session::new_cache");
+    if (cache.length + (int64_t)s.n > c.context)
+      throw Error(where(i) + "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(s.n) +
+                  " tokens exceed " + std::to_string(c.context) +
+                  " (tokens_per_sample); shorten the prompt or the generation");
+    try {
+      check_token_ids(c, s.tokens, nullptr, s.n);
+    } catch (const Error& e) {
+      throw Error(where(i) + e.what());
+    }
+    if (s.keep_thresholds)
+      for (int j = 0; j < num_sub; ++j)
+        if (std::isnan(s.keep_thresholds[j]))
+          throw Error(where(i) + "keep threshold " + std::to_string(j) + " is NaN: give a number");
+    total += s.n;
+  }
+  if (S == 0) return;
+  const int R = (int)total, C = c.dim, V = c.vocab_size;
+  Backend& be = w.backend();
+  st.cseg.resize(structure.segments.size());
+  CachedSegment& root = st.cseg[0];
+  root.reserve(be, R, C, w.compute_dtype());
+  root.off.resize(S);
+  root.n.resize(S);
+  root.before.resize(S);
+  // One upload: tokens (R), root positions (R), then the rows whose logits are asked for.
+  std::vector<int32_t>& host = st.host_staging;
+  host.resize(2 * (size_t)R);
+  int r = 0, wanted = 0;
+  bool want_depth = false;
+  for (int i = 0; i < S; ++i) {
+    const Session::CachedStep& s = steps[i];
+    root.off[i] = r;
+    root.n[i] = s.n;
+    root.before[i] = s.cache->length;
+    std::copy(s.tokens, s.tokens + s.n, host.begin() + r);
+    for (int t = 0; t < s.n; ++t) host[R + r + t] = s.cache->length + t;
+    r += s.n;
+    wanted += s.all_rows ? s.n : 1;
+    want_depth |= s.depth != nullptr;
+  }
+  const bool every_row = wanted == R;
+  if (!every_row) {
+    for (int i = 0; i < S; ++i) {
+      const int r0 = root.off[i], m = root.n[i];
+      if (steps[i].all_rows)
+        for (int t = 0; t < m; ++t) host.push_back(r0 + t);
+      else
+        host.push_back(r0 + m - 1);
+    }
+  }
+  ensure(be, st.staging, (int64_t)host.size(), DType::I32);
+  be.to_device(st.staging.raw(), host.data(), sizeof(int32_t) * host.size());
+  const View staged = view_of(st.staging);
+  const View tok = staged.rows_at(0, R), pos = staged.rows_at(R, R);
+  const View x = rows_of(root.x, R);
+  if (want_depth) {
+    st.host_depth.assign(R, 0);
+    root.root.resize(R);
+    for (int t = 0; t < R; ++t) root.root[t] = t;
+  }
+  be.embedding_forward(tok, param(w, w.embed_offset(), V, C), x);
+  CachedPass pass(session, st, steps, S);
+  pass.want_depth = want_depth;
+  // At the root a row's index in its sequence is its position.
+  pass.segment(0, x, R, pos, tok, pos, 0);
+  for (int i = 0; i < S; ++i) steps[i].cache->length += steps[i].n;
+  if (want_depth)
+    for (int i = 0; i < S; ++i)
+      if (steps[i].depth) std::copy_n(st.host_depth.begin() + root.off[i], root.n[i], steps[i].depth);
+  // Final norm and head over the rows whose logits are asked for.
+  View head_in = x;
+  if (!every_row) {
+    ensure(be, st.head_in, (int64_t)wanted * C, w.compute_dtype());
+    head_in = View{st.head_in.raw(), w.compute_dtype(), wanted, C, C};
+    be.gather_rows(x, staged.rows_at(2 * (int64_t)R, wanted), head_in);
+  }
+  ensure(be, st.normed, (int64_t)wanted * C, w.compute_dtype());
+  ensure(be, st.rstd, wanted);
+  ensure(be, st.logits, (int64_t)wanted * V);
+  const View normed = View{st.normed.raw(), w.compute_dtype(), wanted, C, C}, out = mat(st.logits.f32(), wanted, V);
+  be.rmsnorm_forward(head_in, param_vec(w, w.final_norm_offset(), C), normed, vec(st.rstd.f32(), wanted), c.norm_eps);
+  // Logits in F32 from compute-dtype operands.
+  be.linear_forward(normed, param(w, w.head_offset(), V, C), out);
+  be.to_host(logits, out.data, sizeof(float) * wanted * V);
 }
+
+}  // namespace
 
 void Session::forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
-  run_cached(*this, *st_, cache, tokens, n, logits, all_rows, nullptr, nullptr);
+  CachedStep step;
+  step.cache = &cache;
+  step.tokens = tokens;
+  step.n = n;
+  step.all_rows = all_rows;
+  run_steps(*this, *st_, &step, 1, logits);
 }
-
-namespace {
-void run_cached(Session& s, SessionState& st, SequenceCache& cache, const int32_t* tokens, int n, float* logits,
-                bool all_rows, const float* thresholds, uint8_t* depth) {
-  const Weights& w_ = s.weights();
-  const ModelConfig& c = w_.config();
-  check(n > 0, "nothing to run: no new tokens");
-  if (cache.length + n > c.context)
-    throw Error("the context is full: " + std::to_string(cache.length) + " + " + std::to_string(n) + " tokens exceed " +
-                std::to_string(c.context) + " (tokens_per_sample); shorten the prompt or the generation");
-  check_token_ids(c, tokens, nullptr, n);
-  Backend& be = w_.backend();
-  const int C = c.dim, V = c.vocab_size;
-  st.cseg.resize(w_.structure().segments.size());
-  CachedSegment& root_seg = st.cseg[0];
-  root_seg.reserve(be, n, C, w_.compute_dtype());
-  const View x = rows_of(root_seg.x, n), pos = rows_of(root_seg.pos, n), tok = rows_of(root_seg.tok, n);
-  be.to_device(root_seg.tok.raw(), tokens, sizeof(int32_t) * n);
-  be.fill_positions(pos, 1, n, cache.length);
-  be.embedding_forward(tok, param(w_, w_.embed_offset(), V, C), x);
-  CachedPass pass(s, st, cache);
-  pass.thresholds = thresholds;
-  pass.depth = depth;
-  std::vector<int32_t> root;
-  if (depth) {
-    std::fill(depth, depth + n, 0);
-    root.resize(n);
-    for (int i = 0; i < n; ++i) root[i] = i;
-  }
-  pass.segment(0, x, n, pos, tok, cache.length, root, 0);
-  cache.length += n;
-  const int first = all_rows ? 0 : n - 1, count = all_rows ? n : 1;
-  ensure(be, st.normed, (int64_t)count * C, w_.compute_dtype());
-  ensure(be, st.rstd, count);
-  ensure(be, st.logits, (int64_t)count * V);
-  const View normed = View{st.normed.raw(), w_.compute_dtype(), count, C, C}, out = mat(st.logits.f32(), count, V);
-  be.rmsnorm_forward(x.rows_at(first, count), param_vec(w_, w_.final_norm_offset(), C), normed,
-                     vec(st.rstd.f32(), count), c.norm_eps);
-  // Logits in F32 from compute-dtype operands.
-  be.linear_forward(normed, param(w_, w_.head_offset(), V, C), out);
-  be.to_host(logits, out.data, sizeof(float) * count * V);
-}
-}  // namespace
 
 void Session::forward_cached_batch(const std::vector<CachedStep>& steps, float* logits) {
-  const int V = w_.config().vocab_size;
-  for (size_t i = 0; i < steps.size(); ++i)
-    for (size_t j = 0; j < i; ++j)
-      check(steps[i].cache != steps[j].cache, "forward_cached_batch: one cache appears in two steps");
-  for (const CachedStep& s : steps) {
-    check(s.cache != nullptr && s.tokens != nullptr, "forward_cached_batch: a step without its cache or tokens");
-    run_cached(*this, *st_, *s.cache, s.tokens, s.n, logits, s.all_rows, s.keep_thresholds, s.depth);
-    logits += (size_t)(s.all_rows ? s.n : 1) * V;
-  }
+  run_steps(*this, *st_, steps.data(), (int)steps.size(), logits);
 }
 
 }  // namespace subllm

@@ -130,5 +130,161 @@ TEST(BatchDecode, DepthFollowsTheKeptPositions) {
   }
 }
 
+
+// 16 sequences of different prompt lengths join at different rounds; each round's batch mixes
+// prefill chunks (some asking for all rows, some for the last) and greedy decode steps, and a
+// quarter of the sequences carry their own keep thresholds. Every step's logits must equal
+// those of its sequence run alone through forward_cached by a session with its thresholds.
+void check_batch_equals_alone(ModelConfig cfg, float session_threshold, bool expect_ragged) {
+  Model m(cfg);
+  randomize(m, 21);
+  const int V = m.config().vocab_size, S = 16, gen = 6, chunk = 8;
+  const int num_sub = m.structure().num_subsamplers;
+  const std::vector<float> own = num_sub ? std::vector<float>{0.5f, -0.2f} : std::vector<float>{};
+  Session batch(m.weights());
+  batch.knobs().keep_threshold = session_threshold;
+  Session plain(m.weights()), tuned(m.weights());
+  plain.knobs().keep_threshold = session_threshold;
+  tuned.knobs().keep_thresholds = own;
+  struct Seq {
+    std::vector<int32_t> tokens;
+    int prompt = 0, done = 0, start = 0;
+    bool own_thresholds = false, all_rows = false;
+    SequenceCache batched, alone;
+  };
+  std::vector<Seq> seqs(S);
+  for (int i = 0; i < S; ++i) {
+    Seq& q = seqs[i];
+    q.prompt = 1 + (i * 7) % 23;
+    q.tokens = random_tokens(q.prompt, V, 100 + i);
+    q.start = i % 3;
+    q.own_thresholds = num_sub && i % 4 == 1;
+    q.all_rows = i % 2 == 0;
+    q.batched = batch.new_cache();
+    q.alone = (q.own_thresholds ? tuned : plain).new_cache();
+  }
+  int ragged_steps = 0, mixed_batches = 0;
+  for (int round = 0;; ++round) {
+    std::vector<Step> steps;
+    std::vector<int> who;
+    bool prefill = false, decode = false;
+    for (int i = 0; i < S; ++i) {
+      Seq& q = seqs[i];
+      if (round < q.start || q.done >= q.prompt + gen) continue;
+      const int n = q.done < q.prompt ? std::min(chunk, q.prompt - q.done) : 1;
+      (q.done < q.prompt ? prefill : decode) = true;
+      steps.push_back(Step{&q.batched, q.tokens.data() + q.done, n, q.all_rows && q.done < q.prompt,
+                           q.own_thresholds ? own.data() : nullptr, nullptr});
+      who.push_back(i);
+    }
+    if (steps.empty()) break;
+    mixed_batches += prefill && decode;
+    size_t rows = 0;
+    for (const Step& s : steps) rows += s.all_rows ? s.n : 1;
+    std::vector<float> got(rows * V);
+    std::vector<std::vector<int64_t>> kept_before;
+    for (const Step& s : steps) kept_before.push_back(s.cache->kept);
+    batch.forward_cached_batch(steps, got.data());
+    // Some sequence kept no rows at a subsampler where another in the batch kept some.
+    for (int j = 0; j < num_sub; ++j) {
+      bool zero = false, some = false;
+      for (size_t k = 0; k < steps.size(); ++k) {
+        const int64_t d = steps[k].cache->kept[j] - kept_before[k][j];
+        (d == 0 ? zero : some) = true;
+      }
+      ragged_steps += zero && some;
+    }
+    const float* row = got.data();
+    for (size_t k = 0; k < steps.size(); ++k) {
+      Seq& q = seqs[who[k]];
+      const Step& s = steps[k];
+      const int count = s.all_rows ? s.n : 1;
+      std::vector<float> want((size_t)count * V);
+      (q.own_thresholds ? tuned : plain).forward_cached(q.alone, s.tokens, s.n, want.data(), s.all_rows);
+      double scale = 0, worst = 0;
+      for (size_t e = 0; e < want.size(); ++e) scale = std::max(scale, (double)std::fabs(want[e]));
+      for (size_t e = 0; e < want.size(); ++e) worst = std::max(worst, std::fabs((double)row[e] - want[e]));
+      EXPECT_LE(worst, 1e-5 * scale) << "sequence " << who[k] << " round " << round;
+      const float* last_got = row + (size_t)(count - 1) * V;
+      const float* last_want = want.data() + (size_t)(count - 1) * V;
+      const int32_t tok_got = (int32_t)(std::max_element(last_got, last_got + V) - last_got);
+      const int32_t tok_want = (int32_t)(std::max_element(last_want, last_want + V) - last_want);
+      EXPECT_EQ(tok_got, tok_want) << "sequence " << who[k] << " round " << round;
+      q.done += s.n;
+      if (q.done >= q.prompt && q.done < q.prompt + gen) q.tokens.push_back(tok_got);  // greedy
+      row += (size_t)count * V;
+    }
+  }
+  for (int i = 0; i < S; ++i) {
+    const Seq& q = seqs[i];
+    EXPECT_EQ(q.batched.length, q.prompt + gen);
+    EXPECT_EQ(q.batched.length, q.alone.length);
+    EXPECT_EQ(q.batched.rows, q.alone.rows) << "sequence " << i;
+    EXPECT_EQ(q.batched.kept, q.alone.kept) << "sequence " << i;
+    EXPECT_EQ(q.batched.seen, q.alone.seen) << "sequence " << i;
+  }
+  EXPECT_GT(mixed_batches, 0) << "the test should mix prefill chunks and decode steps in one batch";
+  if (expect_ragged) EXPECT_GT(ragged_steps, 0) << "the test should have sequences keeping 0 rows beside others";
+}
+
+TEST(BatchDecode, LlamaBatchEqualsEachSequenceAlone) {
+  check_batch_equals_alone(batch_config("TTT", {}), 0.f, false);
+}
+
+TEST(BatchDecode, NestedSubllmBatchEqualsEachSequenceAlone) {
+  check_batch_equals_alone(batch_config("T(TT(TT)TT)T", {0.6f, 0.5f}), 0.1f, true);
+  ModelConfig parent = batch_config("T(TT(TT)TT)T", {0.6f, 0.5f});
+  parent.rope_parent_positions = true;
+  parent.qk_bias = true;
+  check_batch_equals_alone(parent, -0.1f, true);
+}
+
+TEST(BatchDecode, BadBatchesAreRefusedBeforeAnyCacheChanges) {
+  Model m(batch_config("T(TT(TT)TT)T", {0.6f, 0.5f}));
+  randomize(m, 3);
+  const int V = m.config().vocab_size, ctx = m.config().context;
+  Session& s = m.session();
+  const auto tok = random_tokens(ctx, V, 4);
+  SequenceCache a = s.new_cache(), b = s.new_cache(), full = s.new_cache();
+  std::vector<float> logits((size_t)(ctx + 2) * V);
+  s.forward_cached(a, tok.data(), 5, logits.data(), false);
+  s.forward_cached(full, tok.data(), ctx - 1, logits.data(), false);
+  auto snapshot = [&] {
+    std::vector<std::vector<int64_t>> v;
+    for (const SequenceCache* c : {&a, &b, &full}) {
+      v.push_back({c->length});
+      v.push_back(std::vector<int64_t>(c->rows.begin(), c->rows.end()));
+      v.push_back(c->seen);
+      v.push_back(c->kept);
+    }
+    return v;
+  };
+  const auto before = snapshot();
+  auto refused = [&](std::vector<Step> steps, const std::string& part) {
+    const std::string msg = error_of([&] { s.forward_cached_batch(steps, logits.data()); });
+    EXPECT_NE(msg.find(part), std::string::npos) << "want '" << part << "' in: " << msg;
+    EXPECT_EQ(snapshot(), before) << part;
+  };
+  const int32_t bad = V;
+  const float nan_thr[2] = {std::nanf(""), 0.f};
+  refused({Step{&a, tok.data(), 1}, Step{&b, tok.data(), 2}, Step{&a, tok.data(), 1}}, "share one cache");
+  refused({Step{&a, tok.data(), 1}, Step{&b, nullptr, 2}}, "step 1: a step without its cache or tokens");
+  refused({Step{&a, tok.data(), 1}, Step{nullptr, tok.data(), 2}}, "without its cache");
+  refused({Step{&a, tok.data(), 1}, Step{&b, tok.data(), 0}}, "step 1: nothing to run");
+  refused({Step{&b, tok.data(), 3}, Step{&a, tok.data(), -2}}, "nothing to run");
+  // The full cache's step comes last: the first two would fit.
+  refused({Step{&a, tok.data(), 4}, Step{&b, tok.data(), 4}, Step{&full, tok.data(), 2}}, "step 2: the context is full");
+  refused({Step{&a, tok.data(), 1}, Step{&b, &bad, 1}}, "token id 300");
+  refused({Step{&a, tok.data(), 1, false, nan_thr}}, "keep threshold 0 is NaN");
+  SequenceCache other = Session(Model(batch_config("TTT", {})).weights()).new_cache();
+  refused({Step{&a, tok.data(), 1}, Step{&other, tok.data(), 1}}, "not made for this model");
+  // An empty batch does nothing; the last free position still takes one token.
+  s.forward_cached_batch({}, logits.data());
+  EXPECT_EQ(snapshot(), before);
+  s.forward_cached_batch({Step{&full, tok.data(), 1}, Step{&b, tok.data(), 3, true}}, logits.data());
+  EXPECT_EQ(full.length, ctx);
+  EXPECT_EQ(b.length, 3);
+}
+
 }  // namespace
 }  // namespace subllm
