@@ -28,6 +28,9 @@ PROMPTS = [
 ]
 
 
+RETENTION = []  # the last request's kept fraction per subsampler (SUBLLM)
+
+
 def percentile(xs, q):
     if not xs:
         return float("nan")
@@ -69,6 +72,7 @@ def one_request(port, prompt, tokens, out):
                 last = now
             if "usage" in data:
                 generated = data["usage"]["completion_tokens"]
+                RETENTION[:] = data["usage"].get("retention", [])
     conn.close()
     out.append((first, gaps, generated))
 
@@ -110,6 +114,7 @@ def run_level(port, streams, tokens, requests):
         "ttft_p99_ms": 1e3 * percentile(ttft, 99),
         "itl_p50_ms": 1e3 * percentile(gaps, 50),
         "itl_p99_ms": 1e3 * percentile(gaps, 99),
+        "retention": list(RETENTION),
     }
 
 
@@ -152,9 +157,10 @@ def main():
             if a.json:
                 print(json.dumps(r))
             else:
-                print("%8d %10d %12.1f %10.1fms %10.1fms %10.1fms %10.1fms   x%.2f" %
+                print("%8d %10d %12.1f %10.1fms %10.1fms %10.1fms %10.1fms   x%.2f%s" %
                       (s, r["generated_tokens"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
-                       r["itl_p50_ms"], r["itl_p99_ms"], r["speedup_vs_first"]))
+                       r["itl_p50_ms"], r["itl_p99_ms"], r["speedup_vs_first"],
+                       "   retention " + ",".join("%.3f" % x for x in r["retention"]) if r["retention"] else ""))
             sys.stdout.flush()
     finally:
         server.terminate()
