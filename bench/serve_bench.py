@@ -3,6 +3,7 @@
 
     bench/serve_bench.py -m MODEL_DIR [--streams 1,4,16] [--tokens 64] [--requests 3]
                          [--parallel 16] [--threads N] [--subllm build/subllm] [--device cpu]
+                         [--keep-threshold JSON]
 
 Starts the server on a free loopback port, then for each concurrency S runs S clients, each
 sending --requests streamed completions of --tokens tokens (ignore_eos, greedy) back to back.
@@ -39,9 +40,15 @@ def percentile(xs, q):
     return xs[k]
 
 
+KEEP_THRESHOLD = None  # sent with every request when given (SUBLLM: a number or one per subsampler)
+
+
 def one_request(port, prompt, tokens, out):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True})
+    req = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    if KEEP_THRESHOLD is not None:
+        req["keep_threshold"] = KEEP_THRESHOLD
+    body = json.dumps(req)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -128,13 +135,15 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--subllm", default="build/subllm")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--keep-threshold", default=None)
+    ap.add_argument("--keep-threshold", default=None,
+                    help="JSON: the keep_threshold every request sends, e.g. -0.005 or [-0.005,-0.012]")
     ap.add_argument("--json", action="store_true", help="one JSON line per level instead of a table")
     a = ap.parse_args()
     cmd = [a.subllm, "serve", "-m", a.model, "--port", "0", "--parallel", str(a.parallel), "--queue", "256",
            "-t", str(a.threads), "--device", a.device]
+    global KEEP_THRESHOLD
     if a.keep_threshold is not None:
-        cmd += ["--keep-threshold", a.keep_threshold]
+        KEEP_THRESHOLD = json.loads(a.keep_threshold)
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = server.stdout.readline()
