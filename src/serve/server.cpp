@@ -596,9 +596,9 @@ class Server {
         }
       }
       if (chat) {
-        if (const json* lp = field(body, "logprobs"); lp && !lp->is_boolean())
-          throw BadRequest{"'logprobs' must be true or false", "logprobs"};
-        if (boolean(body, "logprobs", false)) c.opt.top_logprobs = (int)integer_in(body, "top_logprobs", 0, 0, 20);
+        if (boolean(body, "logprobs", false))
+          throw BadRequest{"'logprobs' is served on /v1/completions only (send the chat template as a prompt)",
+                           "logprobs"};
       } else if (field(body, "logprobs")) {
         c.opt.top_logprobs = (int)integer_in(body, "logprobs", 0, 0, 5);
       }
