@@ -175,6 +175,21 @@ TEST_F(Serve, ListPromptsChatTemplateStopsAndEndpoints) {
   json a = {{"prompt", prompts[1]}, {"max_tokens", 12}, {"temperature", 1.0}, {"top_k", 20}, {"top_p", 0.9}, {"seed", 5}};
   EXPECT_EQ(post_json(srv, "/v1/completions", a)["choices"][0]["text"],
             post_json(srv, "/v1/completions", a)["choices"][0]["text"]);
+  // The per-request keep threshold: above every score nothing is kept, far below everything is;
+  // in between, the text is what generate gives with those thresholds.
+  json none = post_json(srv, "/v1/completions", {{"prompt", prompts[2]}, {"max_tokens", 4}, {"keep_threshold", 1e5}});
+  EXPECT_EQ(none["usage"]["retention"], json({0.0, 0.0})) << none.dump();
+  json all = post_json(srv, "/v1/completions", {{"prompt", prompts[2]}, {"max_tokens", 4}, {"keep_threshold", -1e5}});
+  EXPECT_EQ(all["usage"]["retention"], json({1.0, 1.0})) << all.dump();
+  {
+    GenerateOptions o;
+    o.max_new_tokens = 10;
+    o.sampling.temperature = 0;
+    o.keep_thresholds = {0.5f, -0.25f};
+    json per = post_json(srv, "/v1/completions",
+                         {{"prompt", prompts[2]}, {"max_tokens", 10}, {"temperature", 0}, {"keep_threshold", {0.5, -0.25}}});
+    EXPECT_EQ(per["choices"][0]["text"], Generator(*lm.model, lm.tokenizer).generate(prompts[2], o));
+  }
   // The page and the metrics.
   HttpResult page = http(srv.url("/"));
   EXPECT_EQ(page.status, 200);
