@@ -38,6 +38,11 @@ struct InferBenchOptions {
 // prefill_tokens_per_s, decode_tokens_per_s, retention, kv_cache_bytes, ...
 nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm, double bw);
 
+// Batched decoding of `streams` sequences together (Session::forward_cached_batch), each with
+// its own random prompt: prefill_tokens_per_s, decode_tokens_per_s (all sequences' tokens),
+// decode_step_ms, retention, ...
+nlohmann::json measure_streams(const std::string& config_path, const InferBenchOptions& a, int streams);
+
 // Per subsampler, in order, the threshold that keeps its configured fraction of `prompt`.
 std::vector<float> calibrate_thresholds(Model& m, const std::vector<int32_t>& prompt);
 

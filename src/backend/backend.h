@@ -134,6 +134,18 @@ class Backend {
   // q (m, H*hd): the last m of the L cached rows of k, v (L, H*hd); query i sees rows [0, L-m+i]
   virtual size_t attention_cached_scratch_bytes(int m, int L, int H, int hd) const = 0;
   virtual void attention_cached(View q, View k, View v, View out, int H, Scratch s) = 0;
+  // attention_cached of several sequences, each against its own cache (a batched decoding
+  // step): items[i] = {q (m_i, H*hd), k, v (L_i, H*hd), out (m_i, H*hd)}; max_m, max_L bound
+  // every item's. The default is one attention_cached per item.
+  struct CachedAttention {
+    View q, k, v, out;
+  };
+  virtual size_t attention_cached_many_scratch_bytes(int max_m, int max_L, int H, int hd) const {
+    return attention_cached_scratch_bytes(max_m, max_L, H, hd);
+  }
+  virtual void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) {
+    for (int i = 0; i < count; ++i) attention_cached(items[i].q, items[i].k, items[i].v, items[i].out, H, s);
+  }
 
   // ---- output head -------------------------------------------------------------------------
   // Fused projection + softmax cross-entropy over x(N,C), w(V,C), targets(N) (< 0: ignored;

@@ -1,7 +1,9 @@
 // The CPU backend: host memory, and the kernels of kernels/cpu/ called on the views' pointers.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <vector>
 
 #include "backend/backend.h"
 #include "kernels/kernels.h"
@@ -180,6 +182,24 @@ class CpuBackend final : public Backend {
     need_scratch(s, attention_cached_scratch_bytes((int)q.rows, L, H, hd), "attention_cached");
     k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, hd, out.f32(), (int)out.ld,
                         static_cast<float*>(s.data));
+  }
+
+  void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) override {
+    if (count == 0) return;
+    const int hd = (int)(items[0].q.cols / H);
+    int max_L = 0;
+    // Per calling thread: sessions on one backend may run concurrently.
+    static thread_local std::vector<k::CachedAttentionItem> many_;
+    many_.resize(count);
+    for (int i = 0; i < count; ++i) {
+      const CachedAttention& a = items[i];
+      check(a.k.ld == a.v.ld, "attention_cached_many: the key and value caches share one row stride");
+      max_L = std::max(max_L, (int)a.k.rows);
+      many_[i] = {a.q.f32(), (int)a.q.ld, (int)a.q.rows, a.k.f32(), a.v.f32(), (int)a.k.ld, (int)a.k.rows, a.out.f32(),
+                  (int)a.out.ld};
+    }
+    need_scratch(s, attention_cached_scratch_bytes(1, max_L, H, hd), "attention_cached_many");
+    k::attention_cached_many(many_.data(), count, max_L, H, hd, static_cast<float*>(s.data));
   }
 
   void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,

@@ -261,6 +261,75 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
           {"peak_rss_mb", peak_rss_mb()}};
 }
 
+// Batched decoding: `streams` sequences, each with its own random prompt of prompt_len
+// tokens, prefilled together in one batched step, then 1 + `gen` batched steps that decode
+// one greedy token for every sequence (the first untimed). decode_tokens_per_s counts all sequences' tokens.
+nlohmann::json measure_streams(const std::string& config_path, const InferBenchOptions& a, int streams) {
+  check(streams > 0, "--streams must list positive counts, e.g. 1,4,16");
+  ModelConfig cfg = load_config(config_path);
+  if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
+  Model m(cfg, a.device);
+  m.init_weights(a.seed);
+  check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
+  const int V = m.config().vocab_size;
+  Rng rng(a.seed);
+  std::vector<std::vector<int32_t>> prompts(streams, std::vector<int32_t>(a.prompt_len));
+  for (auto& p : prompts)
+    for (auto& t : p) t = (int32_t)(1 + rng.below(V - 1));
+  std::vector<float> thresholds;
+  if (!m.structure().is_plain()) thresholds = calibrate_thresholds(m, prompts[0]);
+  Session& session = m.session();
+  std::vector<SequenceCache> caches;
+  std::vector<Session::CachedStep> steps(streams);
+  std::vector<int32_t> next(streams);
+  std::vector<float> logits((size_t)streams * V);
+  auto greedy = [&] {
+    for (int i = 0; i < streams; ++i) {
+      const float* row = logits.data() + (size_t)i * V;
+      next[i] = (int32_t)(std::max_element(row, row + V) - row);
+    }
+  };
+  auto prefill = [&] {
+    caches.clear();
+    for (int i = 0; i < streams; ++i) caches.push_back(m.new_cache(a.prompt_len + a.gen));
+    for (int i = 0; i < streams; ++i) steps[i] = {&caches[i], prompts[i].data(), a.prompt_len, false, nullptr, nullptr};
+    session.forward_cached_batch(steps, logits.data());
+    greedy();
+  };
+  // The prefill (one batched step of every prompt) is timed once, workspace growth included;
+  // one untimed decode step then sizes the decode workspaces before the timed ones.
+  auto t0 = Clock::now();
+  prefill();
+  const double prefill_s = seconds_since(t0);
+  for (int i = 0; i < streams; ++i) steps[i] = {&caches[i], &next[i], 1, false, nullptr, nullptr};
+  session.forward_cached_batch(steps, logits.data());
+  greedy();
+  auto t1 = Clock::now();
+  for (int g = 0; g < a.gen; ++g) {
+    session.forward_cached_batch(steps, logits.data());
+    greedy();
+  }
+  const double decode_s = seconds_since(t1);
+  std::vector<double> retention;
+  for (size_t j = 0; j < caches[0].seen.size(); ++j) {
+    int64_t seen = 0, kept = 0;
+    for (const auto& c : caches) seen += c.seen[j], kept += c.kept[j];
+    retention.push_back(seen ? (double)kept / seen : 0);
+  }
+  return {{"config", config_path},
+          {"structure", m.config().layout()},
+          {"device", a.device},
+          {"threads", num_threads()},
+          {"streams", streams},
+          {"prompt_len", a.prompt_len},
+          {"gen", a.gen},
+          {"prefill_tokens_per_s", (double)streams * a.prompt_len / prefill_s},
+          {"decode_tokens_per_s", (double)streams * a.gen / decode_s},
+          {"decode_step_ms", 1e3 * decode_s / a.gen},
+          {"retention", retention},
+          {"thresholds", thresholds}};
+}
+
 // Bytes a training step holds beyond activations: weights, gradients and two Adam moments.
 double training_state_mb(const std::string& config_path) {
   Model m(load_config(config_path));

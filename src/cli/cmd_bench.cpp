@@ -22,6 +22,7 @@ struct BenchTrainArgs {
 struct BenchInferArgs {
   std::string config, baseline;
   InferBenchOptions opt;
+  std::vector<int> streams;  // batched decoding of this many sequences at once, each count in turn
   int threads = 0;
   bool json = false;
 };
@@ -74,10 +75,52 @@ int bench_train(const BenchTrainArgs& a) {
   return 0;
 }
 
+// `bench infer --streams 1,4,16`: aggregate decode speed of that many sequences decoding
+// together, for the config and (in the same run) the baseline.
+int bench_streams(const BenchInferArgs& a) {
+  check(a.opt.model_dir.empty(), "--streams measures random weights: give --config CONFIG.json instead of -m");
+  nlohmann::json rows = nlohmann::json::array();
+  double single = 0, single_base = 0;
+  for (int n : a.streams) {
+    nlohmann::json row = measure_streams(a.config, a.opt, n);
+    if (n == a.streams.front()) single = row["decode_tokens_per_s"].get<double>();
+    row["decode_vs_first"] = row["decode_tokens_per_s"].get<double>() / single;
+    if (!a.baseline.empty()) {
+      nlohmann::json base = measure_streams(a.baseline, a.opt, n);
+      if (n == a.streams.front()) single_base = base["decode_tokens_per_s"].get<double>();
+      base["decode_vs_first"] = base["decode_tokens_per_s"].get<double>() / single_base;
+      row["decode_speedup"] = row["decode_tokens_per_s"].get<double>() / base["decode_tokens_per_s"].get<double>();
+      row["baseline"] = base;
+    }
+    rows.push_back(row);
+  }
+  if (a.json) {
+    std::printf("%s\n", nlohmann::json{{"streams", rows}}.dump().c_str());
+    return 0;
+  }
+  auto show = [](const nlohmann::json& r) {
+    std::printf("  %-40s %3d streams  decode %9.1f tokens/s (x%.2f of %s), step %.2f ms, prefill %.1f tokens/s\n",
+                (r["config"].get<std::string>() + " (" + r["structure"].get<std::string>() + ")").c_str(),
+                r["streams"].get<int>(), r["decode_tokens_per_s"].get<double>(), r["decode_vs_first"].get<double>(),
+                "the first count", r["decode_step_ms"].get<double>(), r["prefill_tokens_per_s"].get<double>());
+  };
+  std::printf("batched decoding: prompt %d, %d generated per stream, %d threads\n", a.opt.prompt_len, a.opt.gen,
+              rows[0]["threads"].get<int>());
+  for (const auto& r : rows) {
+    if (r.contains("baseline")) show(r["baseline"]);
+    show(r);
+    if (r.contains("decode_speedup"))
+      std::printf("  ratio at %d streams: decode x%.3f over the baseline\n", r["streams"].get<int>(),
+                  r["decode_speedup"].get<double>());
+  }
+  return 0;
+}
+
 int bench_infer(const BenchInferArgs& a) {
   set_num_threads(a.threads);
   check(!a.config.empty() || !a.opt.model_dir.empty(), "give --config CONFIG.json (random weights) or -m MODEL_DIR");
   check(a.opt.prompt_len > 0 && a.opt.gen > 0, "--prompt-len and --gen must be positive");
+  if (!a.streams.empty()) return bench_streams(a);
   const double sgemm = measure_sgemm_gflops(a.opt.device), bw = measure_read_bandwidth(a.opt.device);
   nlohmann::json base;
   if (!a.baseline.empty()) {
@@ -169,6 +212,10 @@ void add_bench_command(CLI::App& app, Runner& run) {
   add_threads_option(infer, ia->threads);
   infer->add_option("--seed", ia->opt.seed, "seed for weights and prompt")->capture_default_str();
   add_device_option(infer, ia->opt.device);
+  infer->add_option("--streams", ia->streams,
+                    "batched decoding: sequences decoding together, a list (e.g. 1,4,16); aggregate tokens/s")
+      ->delimiter(',')
+      ->check(interval("[1, 4096]"));
   infer->add_flag("--json", ia->json, "print one JSON line");
   infer->callback([&run, ia] { run = [ia] { return bench_infer(*ia); }; });
 

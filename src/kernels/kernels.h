@@ -68,6 +68,18 @@ void attention_backward(const float* q, const float* k, const float* v, int ld_q
 void attention_cached(const float* q, int ld_q, int m, const float* k, const float* v, int ld_kv, int L, int H, int hd,
                       float* out, int ld_o, float* scratch);
 size_t attention_cached_scratch_floats(int L, int hd);
+// attention_cached of several sequences, each against its own cache, in one parallel region
+// (a batched decoding step). scratch: workers * attention_cached_scratch_floats(max_L, hd)
+// floats, max_L the longest cache.
+struct CachedAttentionItem {
+  const float* q;
+  int ld_q, m;
+  const float *k, *v;
+  int ld_kv, L;
+  float* out;
+  int ld_o;
+};
+void attention_cached_many(const CachedAttentionItem* items, int count, int max_L, int H, int hd, float* scratch);
 
 // Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.
 size_t attention_scratch_bytes(int hd, bool backward);

@@ -100,7 +100,7 @@ struct SessionState {
   Tensor staging;                    // i32 uploads of a batched step: tokens, positions, wanted rows
   std::vector<int32_t> host_staging;
   std::vector<uint8_t> host_depth;   // (new tokens) depth of every new token of the step
-  std::vector<size_t> attend_scratch;  // per sequence, bytes (block workspace sizing)
+  std::vector<Backend::CachedAttention> attend_many;  // a block's sequences attending to their caches
   Tensor scratch;                    // kernel working memory, bytes
   Tensor ones;                       // (ones_rows) of 1 in the compute dtype (qk_bias only)
   int64_t ones_rows = 0;

@@ -148,15 +148,22 @@ void CachedPass::block(int blk, const CachedSegment& g, View x, int rows, View p
   io.rstd2 = take_f32(1);
   io.lse = take_f32(H);
   const View y = take(C);
-  // Attention scratch: the most any one sequence's call needs.
+  // Attention scratch: the most any one sequence's first chunk needs, or the sequences
+  // attending to their caches together.
   size_t scratch = 0;
+  int max_m = 0, max_L = 0;
   for (int i = 0; i < S; ++i) {
     const int m = g.n[i];
     if (m == 0) continue;
     const int L0 = step[i].cache->rows[blk];
-    scratch = std::max(scratch, L0 == 0 ? be.attention_scratch_bytes(1, m, (int)H, (int)hd, false)
-                                        : be.attention_cached_scratch_bytes(m, L0 + m, (int)H, (int)hd));
+    if (L0 == 0) {
+      scratch = std::max(scratch, be.attention_scratch_bytes(1, m, (int)H, (int)hd, false));
+    } else {
+      max_m = std::max(max_m, m);
+      max_L = std::max(max_L, L0 + m);
+    }
   }
+  if (max_L > 0) scratch = std::max(scratch, be.attention_cached_many_scratch_bytes(max_m, max_L, (int)H, (int)hd));
   ensure(be, st.scratch, (int64_t)scratch, DType::U8);
   io.scratch = scratch_of(st.scratch);
   if (cfg.qk_bias) {
@@ -168,7 +175,10 @@ void CachedPass::block(int blk, const CachedSegment& g, View x, int rows, View p
     io.ones = rows_of(st.ones, rows);
   }
   block_core(be, w, blk, x, y, pos, io, [&] {
-    // Each sequence appends its rows' keys and values to its cache, then attends over it.
+    // Each sequence appends its rows' keys and values to its cache, then attends over it: a
+    // first chunk on its own, the others against their caches in one call.
+    std::vector<Backend::CachedAttention>& many = st.attend_many;
+    many.clear();
     for (int i = 0; i < S; ++i) {
       const int m = g.n[i], r0 = g.off[i];
       if (m == 0) continue;
@@ -189,8 +199,9 @@ void CachedPass::block(int blk, const CachedSegment& g, View x, int rows, View p
         be.attention_forward(qkv.cols_at(0, C), qkv.cols_at(C, C), qkv.cols_at(2 * C, C), att,
                              mat(io.lse.f32() + (int64_t)r0 * H, m, H), 1, m, (int)H, io.scratch);
       else
-        be.attention_cached(qkv.cols_at(0, C), k_rows, v_rows, att, (int)H, io.scratch);
+        many.push_back({qkv.cols_at(0, C), k_rows, v_rows, att});
     }
+    if (!many.empty()) be.attention_cached_many(many.data(), (int)many.size(), (int)H, io.scratch);
   });
   be.copy_rows(y, x);
 }
@@ -364,7 +375,9 @@ void run_steps(const Session& session, SessionState& st, const Session::CachedSt
       if (steps[i].depth) std::copy_n(st.host_depth.begin() + root.off[i], root.n[i], steps[i].depth);
   // Final norm and head over the rows whose logits are asked for.
   View head_in = x;
-  if (!every_row) {
+  if (S == 1 && !every_row) {
+    head_in = x.rows_at(R - 1, 1);  // one sequence's last row: no gather
+  } else if (!every_row) {
     ensure(be, st.head_in, (int64_t)wanted * C, w.compute_dtype());
     head_in = View{st.head_in.raw(), w.compute_dtype(), wanted, C, C};
     be.gather_rows(x, staged.rows_at(2 * (int64_t)R, wanted), head_in);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/backend.h"
 #include "subllm/error.h"
 #include "subllm/model.h"
 #include "subllm/rng.h"
@@ -284,6 +285,67 @@ TEST(BatchDecode, BadBatchesAreRefusedBeforeAnyCacheChanges) {
   s.forward_cached_batch({Step{&full, tok.data(), 1}, Step{&b, tok.data(), 3, true}}, logits.data());
   EXPECT_EQ(full.length, ctx);
   EXPECT_EQ(b.length, 3);
+}
+
+// The batched decoding step's attention: several sequences against their own caches in one
+// call equal one attention_cached per sequence (decode rows, chunks, different lengths).
+TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
+  Backend& be = cpu_backend();
+  const int H = 4, hd = 8, C = H * hd;
+  Rng r(5);
+  struct Seq {
+    int m, L;
+    std::vector<float> q, k, v, want, got;
+  };
+  std::vector<Seq> seqs = {{1, 37}, {5, 12}, {1, 1}, {3, 64}, {2, 2}};
+  for (Seq& s : seqs) {
+    for (auto* t : {&s.k, &s.v}) {
+      t->resize((size_t)s.L * C);
+      for (float& x : *t) x = (float)r.normal();
+    }
+    s.q.resize((size_t)s.m * 3 * C);  // strided like a fused qkv block
+    for (float& x : s.q) x = (float)r.normal();
+    s.want.assign((size_t)s.m * C, 0.f);
+    s.got.assign((size_t)s.m * C, -1.f);
+  }
+  std::vector<float> scratch(be.attention_cached_many_scratch_bytes(5, 64, H, hd) / sizeof(float) + 1);
+  std::vector<Backend::CachedAttention> items;
+  for (Seq& s : seqs) {
+    const View q = mat(s.q.data(), s.m, C, 3 * C), k = mat(s.k.data(), s.L, C), v = mat(s.v.data(), s.L, C);
+    std::vector<float> one(be.attention_cached_scratch_bytes(s.m, s.L, H, hd) / sizeof(float) + 1);
+    be.attention_cached(q, k, v, mat(s.want.data(), s.m, C), H, Scratch{one.data(), one.size() * sizeof(float)});
+    items.push_back({q, k, v, mat(s.got.data(), s.m, C)});
+  }
+  be.attention_cached_many(items.data(), (int)items.size(), H, Scratch{scratch.data(), scratch.size() * sizeof(float)});
+  for (const Seq& s : seqs)
+    for (size_t i = 0; i < s.want.size(); ++i) ASSERT_FLOAT_EQ(s.got[i], s.want[i]) << "m " << s.m << " L " << s.L;
+}
+
+// The few-rows product of batched decoding (2..32 rows against a W of model size, read once)
+// against plain sums, with widths that leave tails of the 16-wide vectors and of the 4-row
+// tiles; accumulation too.
+TEST(BatchDecode, FewRowsLinearEqualsPlainSums) {
+  Backend& be = cpu_backend();
+  Rng r(8);
+  const int in = 300, out = 223;  // 66900 weights: the few-rows path on AVX-512, BLAS elsewhere
+  std::vector<float> w((size_t)out * in);
+  for (float& v : w) v = (float)r.normal();
+  for (int n : {2, 3, 5, 16, 17, 32, 33}) {
+    std::vector<float> x((size_t)n * in), y((size_t)n * out), base((size_t)n * out);
+    for (float& v : x) v = (float)r.normal();
+    for (float& v : base) v = (float)r.normal();
+    for (bool acc : {false, true}) {
+      y = base;
+      be.linear_forward(mat(x.data(), n, in), mat(w.data(), out, in), mat(y.data(), n, out), acc);
+      for (int i = 0; i < n; ++i)
+        for (int o = 0; o < out; ++o) {
+          double want = acc ? base[(size_t)i * out + o] : 0.0;
+          for (int k = 0; k < in; ++k) want += (double)x[(size_t)i * in + k] * w[(size_t)o * in + k];
+          ASSERT_NEAR(y[(size_t)i * out + o], want, 1e-4 * (1 + std::fabs(want)))
+              << "n " << n << (acc ? " accumulate" : "");
+        }
+    }
+  }
 }
 
 }  // namespace

@@ -2,6 +2,12 @@
 // a GPU backend replaces one file.
 #include <cblas.h>
 
+#include <algorithm>
+#include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
@@ -13,6 +19,78 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
               A, lda, B, ldb, beta, C, ldc);
 }
 
+#if defined(__AVX512F__)
+namespace {
+
+// A product takes the few-rows path up to this many rows of x, and from this many elements
+// of W: there BLAS's packing copy of W costs about what the product does, while a small W
+// sits in cache and BLAS serves it well.
+constexpr int kFewRows = 32;
+constexpr int64_t kFewRowsMinWeights = 1 << 16;
+
+// y[r][o] (+)= x_r · w_o for RW rows of w from o0 and RX rows of x from r0, over `in`.
+template <int RW, int RX>
+void few_rows_tile(const float* x, const float* w, float* y, int in, int out, int o0, int r0, bool accumulate) {
+  __m512 acc[RW][RX];
+  for (int i = 0; i < RW; ++i)
+    for (int j = 0; j < RX; ++j) acc[i][j] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= in; k += 16) {
+    __m512 xv[RX];
+    for (int j = 0; j < RX; ++j) xv[j] = _mm512_loadu_ps(x + (int64_t)(r0 + j) * in + k);
+    for (int i = 0; i < RW; ++i) {
+      const __m512 wv = _mm512_loadu_ps(w + (int64_t)(o0 + i) * in + k);
+      for (int j = 0; j < RX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  if (k < in) {
+    const __mmask16 m = (__mmask16)((1u << (in - k)) - 1);
+    __m512 xv[RX];
+    for (int j = 0; j < RX; ++j) xv[j] = _mm512_maskz_loadu_ps(m, x + (int64_t)(r0 + j) * in + k);
+    for (int i = 0; i < RW; ++i) {
+      const __m512 wv = _mm512_maskz_loadu_ps(m, w + (int64_t)(o0 + i) * in + k);
+      for (int j = 0; j < RX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RW; ++i)
+    for (int j = 0; j < RX; ++j) {
+      float& dst = y[(int64_t)(r0 + j) * out + o0 + i];
+      const float v = _mm512_reduce_add_ps(acc[i][j]);
+      dst = accumulate ? dst + v : v;
+    }
+}
+
+template <int RW>
+void few_rows_strip(const float* x, const float* w, float* y, int n, int in, int out, int o0, bool accumulate) {
+  int r0 = 0;
+  for (; r0 + 4 <= n; r0 += 4) few_rows_tile<RW, 4>(x, w, y, in, out, o0, r0, accumulate);
+  switch (n - r0) {
+    case 3: few_rows_tile<RW, 3>(x, w, y, in, out, o0, r0, accumulate); break;
+    case 2: few_rows_tile<RW, 2>(x, w, y, in, out, o0, r0, accumulate); break;
+    case 1: few_rows_tile<RW, 1>(x, w, y, in, out, o0, r0, accumulate); break;
+    default: break;
+  }
+}
+
+// A few rows (a batched decoding step): W is read once, a strip of 4 of its rows at a time
+// against every row of x (which stays in cache), without BLAS's packing copies.
+void linear_few_rows(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate) {
+  const int strips = (out + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int s = 0; s < strips; ++s) {
+    const int o0 = 4 * s;
+    switch (std::min(4, out - o0)) {
+      case 4: few_rows_strip<4>(x, w, y, n, in, out, o0, accumulate); break;
+      case 3: few_rows_strip<3>(x, w, y, n, in, out, o0, accumulate); break;
+      case 2: few_rows_strip<2>(x, w, y, n, in, out, o0, accumulate); break;
+      default: few_rows_strip<1>(x, w, y, n, in, out, o0, accumulate); break;
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 // x: (n, in), w: (out, in), y: (n, out)
 void linear_forward(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate) {
   // One row (decoding) is a matrix-vector product, bound by reading W once.
@@ -20,6 +98,12 @@ void linear_forward(const float* x, const float* w, float* y, int n, int in, int
     cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x, 1, accumulate ? 1.0f : 0.0f, y, 1);
     return;
   }
+#if defined(__AVX512F__)
+  if (n <= kFewRows && (int64_t)out * in >= kFewRowsMinWeights) {
+    linear_few_rows(x, w, y, n, in, out, accumulate);
+    return;
+  }
+#endif
   gemm(false, true, n, out, in, 1.0f, x, in, w, in, accumulate ? 1.0f : 0.0f, y, out);
 }
 
