@@ -473,13 +473,23 @@ json token_json(const Tokenizer& tok, const TokenRecord& t) {
   return j;
 }
 
+// A token as it reads inside a text: its piece with the word-start mark as a space (byte and
+// control pieces as decode renders them alone).
+std::string token_surface(const Tokenizer& tok, int32_t id) {
+  if (tok.is_byte(id) || tok.is_control(id) || tok.is_unknown(id)) return tok.decode({id});
+  std::string piece = tok.id_to_piece(id);
+  const std::string mark = "\xe2\x96\x81";  // U+2581, sentencepiece's word-start mark
+  for (size_t at; (at = piece.find(mark)) != std::string::npos;) piece.replace(at, mark.size(), " ");
+  return piece;
+}
+
 // OpenAI's legacy logprobs object for a run of tokens starting at byte `offset` of the text.
 void add_logprobs(json& lp, const Tokenizer& tok, const std::vector<TokenRecord>& recs, size_t& offset) {
   for (const auto& t : recs) {
     lp["tokens"].push_back(t.text);
     lp["token_logprobs"].push_back(std::isnan(t.logprob) ? json() : json(t.logprob));
     json top = json::object();
-    for (auto& [id, l] : t.top) top[tok.decode({id})] = l;
+    for (auto& [id, l] : t.top) top[token_surface(tok, id)] = l;
     lp["top_logprobs"].push_back(t.top.empty() && std::isnan(t.logprob) ? json() : top);
     lp["text_offset"].push_back(offset);
     offset += t.text.size();

@@ -190,6 +190,23 @@ TEST_F(Serve, ListPromptsChatTemplateStopsAndEndpoints) {
                          {{"prompt", prompts[2]}, {"max_tokens", 10}, {"temperature", 0}, {"keep_threshold", {0.5, -0.25}}});
     EXPECT_EQ(per["choices"][0]["text"], Generator(*lm.model, lm.tokenizer).generate(prompts[2], o));
   }
+  // logprobs: a greedy pick is the likeliest alternative (its text may differ from the
+  // alternative's name when a byte piece completes a character only with the next token).
+  json lp = post_json(srv, "/v1/completions", {{"prompt", prompts[1]}, {"max_tokens", 6}, {"temperature", 0}, {"logprobs", 2}});
+  const json& l = lp["choices"][0]["logprobs"];
+  ASSERT_EQ(l["tokens"].size(), 6u) << lp.dump();
+  std::string joined;
+  for (size_t i = 0; i < 6; ++i) {
+    joined += l["tokens"][i].get<std::string>();
+    // Two alternatives (one name when both render as the same text, e.g. two lone bytes).
+    ASSERT_GE(l["top_logprobs"][i].size(), 1u) << lp.dump();
+    ASSERT_LE(l["top_logprobs"][i].size(), 2u) << lp.dump();
+    float best = -1e30f;
+    for (auto& [name, v] : l["top_logprobs"][i].items()) best = std::max(best, v.get<float>());
+    EXPECT_FLOAT_EQ(best, l["token_logprobs"][i].get<float>()) << lp.dump();
+    EXPECT_EQ(l["text_offset"][i].get<size_t>(), joined.size() - l["tokens"][i].get<std::string>().size());
+  }
+  EXPECT_EQ(joined, lp["choices"][0]["text"]);
   // The page and the metrics.
   HttpResult page = http(srv.url("/"));
   EXPECT_EQ(page.status, 200);
