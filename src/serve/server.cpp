@@ -448,8 +448,6 @@ std::string chat_prompt(const json& body) {
 json usage_of(const std::vector<std::shared_ptr<Job>>& jobs) {
   long prompt = 0, completion = 0;
   size_t kv = 0;
-  std::vector<double> seen, kept;
-  json per;
   for (auto& j : jobs) {
     prompt += j->stats.prompt_tokens;
     completion += j->stats.generated_tokens;
@@ -466,10 +464,10 @@ json usage_of(const std::vector<std::shared_ptr<Job>>& jobs) {
   return u;
 }
 
-json token_json(const Tokenizer& tok, const TokenRecord& t) {
+// One token of `return_tokens`: its id, the text it completed and how deep it went.
+json token_json(const TokenRecord& t) {
   json j = {{"id", t.id}, {"text", t.text}, {"depth", t.depth}};
   if (!std::isnan(t.logprob)) j["logprob"] = t.logprob;
-  (void)tok;
   return j;
 }
 
@@ -477,10 +475,18 @@ json token_json(const Tokenizer& tok, const TokenRecord& t) {
 // control pieces as decode renders them alone).
 std::string token_surface(const Tokenizer& tok, int32_t id) {
   if (tok.is_byte(id) || tok.is_control(id) || tok.is_unknown(id)) return tok.decode({id});
-  std::string piece = tok.id_to_piece(id);
+  const std::string piece = tok.id_to_piece(id);
   const std::string mark = "\xe2\x96\x81";  // U+2581, sentencepiece's word-start mark
-  for (size_t at; (at = piece.find(mark)) != std::string::npos;) piece.replace(at, mark.size(), " ");
-  return piece;
+  std::string out;
+  for (size_t i = 0; i < piece.size();) {
+    if (piece.compare(i, mark.size(), mark) == 0) {
+      out += ' ';
+      i += mark.size();
+    } else {
+      out += piece[i++];
+    }
+  }
+  return out;
 }
 
 // OpenAI's legacy logprobs object for a run of tokens starting at byte `offset` of the text.
@@ -677,8 +683,8 @@ class Server {
       }
       if (c.opt.record_depth) {
         json pt = json::array(), gt = json::array();
-        for (size_t i = 1; i < j->prompt_records.size(); ++i) pt.push_back(token_json(tok, j->prompt_records[i]));
-        for (auto& t : j->records) gt.push_back(token_json(tok, t));
+        for (size_t i = 1; i < j->prompt_records.size(); ++i) pt.push_back(token_json(j->prompt_records[i]));
+        for (auto& t : j->records) gt.push_back(token_json(t));
         ch["prompt_tokens"] = pt;
         ch["tokens"] = gt;
       }
@@ -766,11 +772,11 @@ class Server {
                 }
                 if (c.opt.record_depth) {
                   json gt = json::array();
-                  for (auto& t : recs) gt.push_back(token_json(tok, t));
+                  for (auto& t : recs) gt.push_back(token_json(t));
                   ch["tokens"] = gt;
                   if (prompt_now) {
                     json pt = json::array();
-                    for (size_t i = 1; i < prompt_recs.size(); ++i) pt.push_back(token_json(tok, prompt_recs[i]));
+                    for (size_t i = 1; i < prompt_recs.size(); ++i) pt.push_back(token_json(prompt_recs[i]));
                     ch["prompt_tokens"] = pt;
                   }
                 }

@@ -1,6 +1,9 @@
 // `subllm serve` as clients see it: the real binary on a free loopback port, driven with curl,
 // the official OpenAI client (Node.js) and headless Chromium.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <regex>
@@ -290,34 +293,52 @@ TEST_F(Serve, BadRequestsGet400WithAnOpenAIErrorBodyAndGarbageNeverCrashes) {
 }
 
 // One slot, no queue: a second request while one runs gets 503; a client that leaves
-// mid-stream frees its slot at once (the model would have gone on for seconds).
+// mid-stream frees its slot at once (the model would have gone on for seconds). The client
+// is a raw socket, so the test decides when it leaves.
 TEST_F(Serve, FullServerAnswers503AndADisconnectFreesTheSlot) {
   const std::string slow = testing::random_model_dir(*tmp_, "slow", "TTTT", {}, 192, 4096);
   ServerProcess srv(slow, {"--parallel", "1", "--queue", "0"});
   ASSERT_GT(srv.port(), 0) << srv.log();
-  const json long_request = {{"prompt", "The old sailor"}, {"max_tokens", 4000}, {"ignore_eos", true}, {"stream", true}};
-  std::atomic<bool> left{false};
-  std::thread holder([&] {
-    // curl gives up after 3 s: the server learns it when its next write fails.
-    http(srv.url("/v1/completions"), long_request.dump(), {"--max-time", "3"});
-    left = true;
-  });
-  for (int i = 0; i < 100 && metric(srv, "subllm_active_slots") < 1; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  ASSERT_EQ(metric(srv, "subllm_active_slots"), 1);
+  const std::string body =
+      json{{"prompt", "The old sailor"}, {"max_tokens", 4000}, {"ignore_eos", true}, {"stream", true}}.dump();
+  struct Socket {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ~Socket() {
+      if (fd >= 0) close(fd);
+    }
+  } client;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons((uint16_t)srv.port());
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(client.fd, (sockaddr*)&addr, sizeof addr), 0);
+  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(write(client.fd, request.data(), request.size()), (ssize_t)request.size());
+  timeval limit{60, 0};
+  setsockopt(client.fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+  std::string got;
+  char buf[4096];
+  while (got.find("\"text\"") == std::string::npos) {
+    const ssize_t n = read(client.fd, buf, sizeof buf);
+    if (n <= 0) break;
+    got.append(buf, (size_t)n);
+  }
+  ASSERT_NE(got.find("200 OK"), std::string::npos) << got;
+  EXPECT_EQ(metric(srv, "subllm_active_slots"), 1);
   int status = 0;
   json busy = post_json(srv, "/v1/completions", {{"prompt", "x"}, {"max_tokens", 2}}, &status);
   EXPECT_EQ(status, 503);
   EXPECT_EQ(busy["error"]["type"], "server_busy") << busy.dump();
   EXPECT_EQ(metric(srv, "subllm_requests_rejected_total"), 1);
-  holder.join();
-  ASSERT_TRUE(left);
-  EXPECT_LT(metric(srv, "subllm_generated_tokens_total"), 3990) << "the test needs a generation longer than 3 s";
-  // The slot is free within a moment of the client leaving, not when 4000 tokens are done.
-  for (int i = 0; i < 40 && metric(srv, "subllm_active_slots") > 0; ++i)
+  // The client leaves: the slot is free within a moment, not when 4000 tokens are done.
+  close(client.fd);
+  client.fd = -1;
+  for (int i = 0; i < 100 && metric(srv, "subllm_active_slots") > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_EQ(metric(srv, "subllm_active_slots"), 0);
   EXPECT_EQ(metric(srv, "subllm_requests_cancelled_total"), 1);
+  EXPECT_LT(metric(srv, "subllm_generated_tokens_total"), 3990) << "the generation should still have been running";
   json after = post_json(srv, "/v1/completions", {{"prompt", "x"}, {"max_tokens", 2}}, &status);
   EXPECT_EQ(status, 200) << after.dump();
 }
