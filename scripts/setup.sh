@@ -13,6 +13,7 @@ RUN_PKGS=(
   libsentencepiece-dev              # the tokenizer
   openmpi-bin libopenmpi-dev        # data-parallel training (mpirun)
   libcairo2-dev libfontconfig-dev fonts-dejavu-core  # subllm plot: drawing, font lookup, its font
+  libcpp-httplib-dev                # subllm serve: the HTTP server
 )
 # Only the tests and the benchmarks.
 TEST_PKGS=(
@@ -21,6 +22,7 @@ TEST_PKGS=(
   python3-torch python3-numpy       # the independent PyTorch reference and the training peer
   iproute2                          # the two-host MPI test (network namespaces)
   clang libclang-rt-14-dev          # the fuzz targets (libFuzzer, sanitizer runtimes): scripts/fuzz.sh
+  chromium curl                     # the server tests: the page in headless Chromium, HTTP with curl
 )
 
 case "${1:-}" in

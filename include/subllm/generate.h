@@ -1,6 +1,8 @@
 #pragma once
 // Text generation: load a model folder, prefill prompts, decode token by token with the
 // key/value cache, stream text as it completes.
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -33,6 +35,13 @@ struct GenerateOptions {
   // Every document in training data follows an end-of-document token, so a prompt starts
   // with one (an empty prompt then generates a fresh document).
   bool document_start = true;
+  // SUBLLM: this sequence's keep threshold per subsampler (empty: the session's knobs).
+  std::vector<float> keep_thresholds;
+  // Per generated token: its log-probability and the `top_logprobs` likeliest alternatives
+  // (< 0: none recorded). `prompt_logprobs` also scores every prompt token after the first.
+  int top_logprobs = -1;
+  bool prompt_logprobs = false;
+  bool record_depth = false;  // per token: how deep it went through the subsamplers
 };
 
 struct GenerateStats {
@@ -48,6 +57,73 @@ struct GenerateStats {
   double decode_tokens_per_s() const { return decode_s > 0 ? (generated_tokens - 1) / decode_s : 0; }
 };
 
+// One token of a sequence, prompt or generated, as a client sees it.
+struct TokenRecord {
+  int32_t id = 0;
+  std::string text;  // the text this token completed (may be empty inside a UTF-8 character)
+  float logprob = 0;  // log-probability under the model (NaN: not scored, e.g. the first token)
+  std::vector<std::pair<int32_t, float>> top;  // the likeliest alternatives, best first
+  int depth = -1;     // subsamplers that kept it on its deepest path (-1: not recorded)
+};
+
+// The decoding state of one sequence: its prompt, key/value cache, sampler (with its seed),
+// stop strings, the text streamed so far and statistics. generate(), generate_interleaved()
+// and the server step it the same way: next_step() is what the sequence feeds the next
+// (batched) pass, take_logits() takes what the pass returned for it and samples.
+class Decoding {
+ public:
+  // `prompt`: token ids as Generator::prompt_tokens gives them; `prompt_has_text`: the
+  // generated text continues shown text (a leading word-start mark is a space).
+  Decoding(Session& session, const Tokenizer& tokenizer, std::vector<int32_t> prompt, const GenerateOptions& opt,
+           bool prompt_has_text);
+  Decoding(const Decoding&) = delete;
+  Decoding& operator=(const Decoding&) = delete;
+
+  // The step for the next pass: up to `max_chunk` more prompt tokens while prefilling (a
+  // long prompt in chunks), else the last sampled token. Valid until take_logits().
+  Session::CachedStep next_step(int max_chunk);
+  // Logit rows the step writes: its n when prompt log-probabilities are wanted, else 1.
+  int step_rows() const { return step_.all_rows ? step_.n : 1; }
+  // The pass's logits for this step (step_rows() x V); samples once the prompt is in.
+  void take_logits(float* logits);
+
+  bool prefilling() const { return fed_ < (int)prompt_.size(); }
+  bool done() const { return done_; }
+  // Text settled since the last call: never half a UTF-8 character, never what could still
+  // become a stop string (everything once done()).
+  std::string take_text();
+  const std::string& text() const { return text_; }
+  // Tokens recorded so far (prompt tokens once their prefill ran, then generated ones).
+  const std::vector<TokenRecord>& prompt_records() const { return prompt_records_; }
+  const std::vector<TokenRecord>& records() const { return records_; }
+  bool stopped_by_string() const { return stopped_; }
+  bool ended_by_eos() const { return eos_; }
+  // Statistics, with retention and cache sizes as of now.
+  GenerateStats stats() const;
+
+ private:
+  void accept(int32_t id, const float* logits);
+
+  Session& session_;
+  const Tokenizer& tok_;
+  GenerateOptions opt_;
+  std::vector<int32_t> prompt_, history_;
+  SequenceCache cache_;
+  Sampler sampler_;
+  StreamDecoder decoder_, prompt_decoder_;
+  Session::CachedStep step_;
+  std::vector<uint8_t> depth_;
+  std::vector<float> logits_;
+  std::vector<TokenRecord> prompt_records_, records_;
+  std::string text_;
+  size_t shown_ = 0;
+  int fed_ = 0;  // prompt tokens in the cache
+  bool done_ = false, stopped_ = false, eos_ = false;
+  GenerateStats stats_;
+  std::chrono::steady_clock::time_point start_, decode_start_;
+  bool started_ = false;
+};
+
 // Generates with one Session: its knobs (keep thresholds) and workspace. Generators on
 // different Sessions of one Weights may run on different threads at once.
 class Generator {
@@ -59,9 +135,9 @@ class Generator {
   std::string generate(const std::string& prompt, const GenerateOptions& opt,
                        const std::function<void(const std::string&)>& on_text = nullptr,
                        GenerateStats* stats = nullptr);
-  // Several prompts interleaved, one token each per round (one sequence per forward pass);
-  // prompt i samples with seed `seed + i`, so the results equal generate() of each prompt
-  // with that seed.
+  // Several prompts at once: each round is one batched pass (Session::forward_cached_batch)
+  // of every unfinished prompt, a whole prompt's prefill or one token; prompt i samples with
+  // seed `seed + i`, so the results equal generate() of each prompt with that seed.
   std::vector<std::string> generate_interleaved(const std::vector<std::string>& prompts, const GenerateOptions& opt,
                                           std::vector<GenerateStats>* stats = nullptr);
   // The token ids a prompt becomes (with the document-start token and truncation applied).

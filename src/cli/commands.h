@@ -20,6 +20,7 @@ void add_generate_command(CLI::App& app, Runner& run);
 void add_eval_command(CLI::App& app, Runner& run);
 void add_export_command(CLI::App& app, Runner& run);
 void add_convert_command(CLI::App& app, Runner& run);
+void add_serve_command(CLI::App& app, Runner& run);
 
 // A numeric flag's valid values, written as an interval: "[1, inf)", "(0, 1]", "[0, 1)". NaN and
 // infinities are refused too; the error names the flag (CLI11 prefixes it) and the interval.

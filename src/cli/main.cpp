@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   subllm::cli::add_prepare_command(app, run);
   subllm::cli::add_train_command(app, run);
   subllm::cli::add_generate_command(app, run);
+  subllm::cli::add_serve_command(app, run);
   subllm::cli::add_eval_command(app, run);
   subllm::cli::add_export_command(app, run);
   subllm::cli::add_convert_command(app, run);

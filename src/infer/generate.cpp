@@ -1,7 +1,11 @@
 #include "subllm/generate.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
+#include <limits>
+#include <numeric>
 
 #include "subllm/error.h"
 #include "subllm/checkpoint.h"
@@ -57,141 +61,239 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// The state of one sequence being generated.
-struct Stream {
-  SequenceCache cache;
-  std::vector<int32_t> history;
-  std::vector<float> logits;
-  Sampler sampler;
-  StreamDecoder decoder;
-  std::string text;
-  bool done = false;
-  bool stopped = false;  // a stop string ended it: the text after it is dropped
-  GenerateStats stats;
-  Stream(SequenceCache c, SamplingOptions s, const Tokenizer& t) : cache(std::move(c)), sampler(s), decoder(t) {}
-};
-
-// Takes the sampled token into the stream: history, text, and whether generation ends
-// (end of document, a stop string, or the token budget).
-void accept(Stream& s, int32_t id, const GenerateOptions& opt, int eos) {
-  s.history.push_back(id);
-  ++s.stats.generated_tokens;
-  if (s.stats.generated_tokens >= opt.max_new_tokens) s.done = true;
-  if (opt.stop_at_eos && id == eos) {
-    s.done = true;
-    return;
-  }
-  s.text += s.decoder.push(id);
-  for (const auto& stop : opt.stop)
-    if (!stop.empty() && s.text.find(stop) != std::string::npos) {
-      s.text.erase(s.text.find(stop));
-      s.done = s.stopped = true;
-    }
+// log softmax(row)[id] from one pass over the row: the max, then the sum of exponentials.
+float log_softmax_at(const float* row, int V, int32_t id, float* log_sum_out = nullptr) {
+  float mx = row[0];
+  for (int i = 1; i < V; ++i) mx = std::max(mx, row[i]);
+  double sum = 0;
+  for (int i = 0; i < V; ++i) sum += std::exp((double)row[i] - mx);
+  const float log_sum = mx + (float)std::log(sum);
+  if (log_sum_out) *log_sum_out = log_sum;
+  return row[id] - log_sum;
 }
 
-// Prompt processing: fills the cache and leaves the next-token logits in s.logits.
-void prefill(Session& m, Stream& s, const std::vector<int32_t>& ids, bool prompt_has_text) {
-  if (prompt_has_text) s.decoder.continue_text();
-  const auto t0 = Clock::now();
-  s.logits.assign(m.weights().config().vocab_size, 0.f);
-  m.forward_cached(s.cache, ids.data(), (int)ids.size(), s.logits.data(), false);
-  s.stats.prefill_s = since(t0);
-  s.stats.prompt_tokens = (int)ids.size();
-  s.history = ids;
-}
-
-void finish_stats(Stream& s, const ModelConfig& mc) {
-  const auto& c = s.cache;
-  s.stats.retention.clear();
-  for (size_t j = 0; j < c.seen.size(); ++j) s.stats.retention.push_back(c.seen[j] ? (double)c.kept[j] / c.seen[j] : 0.0);
-  s.stats.kv_cache_bytes = c.bytes();
-  s.stats.kv_cache_bytes_llama = 2 * c.element_bytes * (size_t)mc.n_layers * c.length * mc.kv_dim();
+// The `k` likeliest tokens of a row with their log-probabilities, best first (ties by id).
+std::vector<std::pair<int32_t, float>> top_of(const float* row, int V, int k, float log_sum) {
+  k = std::min(k, V);
+  std::vector<int32_t> idx(V);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+  std::vector<std::pair<int32_t, float>> out;
+  for (int i = 0; i < k; ++i) out.emplace_back(idx[i], row[idx[i]] - log_sum);
+  return out;
 }
 
 }  // namespace
 
+Decoding::Decoding(Session& session, const Tokenizer& tokenizer, std::vector<int32_t> prompt, const GenerateOptions& opt,
+                   bool prompt_has_text)
+    : session_(session),
+      tok_(tokenizer),
+      opt_(opt),
+      prompt_(std::move(prompt)),
+      cache_(session.new_cache((int)prompt_.size() + std::max(opt.max_new_tokens, 0))),
+      sampler_(opt.sampling),
+      decoder_(tokenizer),
+      prompt_decoder_(tokenizer) {
+  check(!prompt_.empty(), "empty prompt: give some text (or keep the document-start token)");
+  const int subsamplers = session.weights().structure().num_subsamplers;
+  check(opt_.keep_thresholds.empty() || (int)opt_.keep_thresholds.size() == subsamplers,
+        "keep thresholds: " + std::to_string(opt_.keep_thresholds.size()) + " values for a model with " +
+            std::to_string(subsamplers) + " subsamplers: give one per subsampler");
+  if (prompt_has_text) decoder_.continue_text();
+  history_ = prompt_;
+  done_ = opt_.max_new_tokens <= 0;
+}
+
+Session::CachedStep Decoding::next_step(int max_chunk) {
+  check(!done_, "Decoding::next_step: the sequence is finished");
+  if (!started_) {
+    start_ = Clock::now();
+    started_ = true;
+  }
+  step_ = Session::CachedStep{};
+  step_.cache = &cache_;
+  if (prefilling()) {
+    step_.tokens = prompt_.data() + fed_;
+    step_.n = std::min((int)prompt_.size() - fed_, std::max(max_chunk, 1));
+    step_.all_rows = opt_.prompt_logprobs;
+  } else {
+    step_.tokens = &history_.back();
+    step_.n = 1;
+  }
+  if (!opt_.keep_thresholds.empty()) step_.keep_thresholds = opt_.keep_thresholds.data();
+  if (opt_.record_depth) {
+    depth_.assign(step_.n, 0);
+    step_.depth = depth_.data();
+  }
+  return step_;
+}
+
+void Decoding::take_logits(float* logits) {
+  const int V = session_.weights().config().vocab_size;
+  if (prefilling()) {
+    const int first = fed_;
+    for (int r = 0; r < step_.n; ++r) {
+      const int p = first + r;
+      TokenRecord t;
+      t.id = prompt_[p];
+      t.text = prompt_decoder_.push(t.id);
+      t.logprob = std::numeric_limits<float>::quiet_NaN();
+      if (opt_.record_depth) t.depth = depth_[r];
+      // Row r - 1 of this chunk predicted token p (rows are the chunk's own positions).
+      if (opt_.prompt_logprobs && r > 0) {
+        float log_sum = 0;
+        t.logprob = log_softmax_at(logits + (size_t)(r - 1) * V, V, t.id, &log_sum);
+        if (opt_.top_logprobs > 0) t.top = top_of(logits + (size_t)(r - 1) * V, V, opt_.top_logprobs, log_sum);
+      } else if (opt_.prompt_logprobs && p > 0 && !logits_.empty()) {
+        // The first token of a later chunk: the previous chunk's last row predicted it.
+        float log_sum = 0;
+        t.logprob = log_softmax_at(logits_.data(), V, t.id, &log_sum);
+        if (opt_.top_logprobs > 0) t.top = top_of(logits_.data(), V, opt_.top_logprobs, log_sum);
+      }
+      prompt_records_.push_back(std::move(t));
+    }
+    fed_ += step_.n;
+    const float* last = logits + (size_t)(step_rows() - 1) * V;
+    logits_.assign(last, last + V);
+    if (prefilling()) return;
+    if (!prompt_records_.empty()) prompt_records_.back().text += prompt_decoder_.flush();
+    stats_.prefill_s = since(start_);
+    stats_.prompt_tokens = (int)prompt_.size();
+    if (done_) return;
+  } else {
+    if (opt_.record_depth && !records_.empty()) records_.back().depth = depth_[0];
+    logits_.assign(logits, logits + V);
+  }
+  const auto t0 = Clock::now();
+  std::vector<float> raw;
+  if (opt_.top_logprobs >= 0) raw = logits_;  // the sampler may change logits (repeat penalty)
+  const int32_t id = sampler_.sample(logits_, history_);
+  accept(id, raw.empty() ? nullptr : raw.data());
+  if (stats_.generated_tokens == 1) {
+    stats_.first_token_s = stats_.prefill_s + since(t0);
+    decode_start_ = Clock::now();
+  } else if (done_) {
+    stats_.decode_s = since(decode_start_);
+  }
+  if (done_ && !stopped_) {
+    const std::string rest = decoder_.flush();
+    text_ += rest;
+    if (!records_.empty()) records_.back().text += rest;
+  }
+}
+
+// Takes the sampled token into the sequence: history, text, and whether generation ends
+// (end of document, a stop string, or the token budget).
+void Decoding::accept(int32_t id, const float* raw_logits) {
+  const int V = session_.weights().config().vocab_size;
+  history_.push_back(id);
+  ++stats_.generated_tokens;
+  TokenRecord t;
+  t.id = id;
+  t.logprob = std::numeric_limits<float>::quiet_NaN();
+  if (raw_logits) {
+    float log_sum = 0;
+    t.logprob = log_softmax_at(raw_logits, V, id, &log_sum);
+    if (opt_.top_logprobs > 0) t.top = top_of(raw_logits, V, opt_.top_logprobs, log_sum);
+  }
+  if (stats_.generated_tokens >= opt_.max_new_tokens) done_ = true;
+  if (opt_.stop_at_eos && id == tok_.eos_id()) {
+    done_ = eos_ = true;
+    records_.push_back(std::move(t));
+    return;
+  }
+  t.text = decoder_.push(id);
+  text_ += t.text;
+  records_.push_back(std::move(t));
+  for (const auto& stop : opt_.stop)
+    if (!stop.empty() && text_.find(stop) != std::string::npos) {
+      text_.erase(text_.find(stop));
+      done_ = stopped_ = true;
+    }
+}
+
+std::string Decoding::take_text() {
+  size_t safe = text_.size();
+  if (!done_)
+    for (const auto& stop : opt_.stop)
+      for (size_t k = std::min(stop.size() - 1, text_.size()); k > 0; --k)
+        if (text_.compare(text_.size() - k, k, stop, 0, k) == 0) {
+          safe = std::min(safe, text_.size() - k);
+          break;
+        }
+  if (safe <= shown_) return "";
+  std::string out = text_.substr(shown_, safe - shown_);
+  shown_ = safe;
+  return out;
+}
+
+GenerateStats Decoding::stats() const {
+  GenerateStats s = stats_;
+  const ModelConfig& mc = session_.weights().config();
+  for (size_t j = 0; j < cache_.seen.size(); ++j)
+    s.retention.push_back(cache_.seen[j] ? (double)cache_.kept[j] / cache_.seen[j] : 0.0);
+  s.kv_cache_bytes = cache_.bytes();
+  s.kv_cache_bytes_llama = 2 * cache_.element_bytes * (size_t)mc.n_layers * cache_.length * mc.kv_dim();
+  return s;
+}
+
 std::vector<std::string> Generator::generate_interleaved(const std::vector<std::string>& prompts, const GenerateOptions& opt,
                                                    std::vector<GenerateStats>* stats) {
-  std::vector<std::unique_ptr<Stream>> streams;
+  std::vector<std::unique_ptr<Decoding>> seqs;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    SamplingOptions so = opt.sampling;
-    so.seed = opt.sampling.seed + i;
-    streams.push_back(std::make_unique<Stream>(session_.new_cache(), so, tok_));
+    GenerateOptions oi = opt;
+    oi.sampling.seed = opt.sampling.seed + i;
+    seqs.push_back(std::make_unique<Decoding>(session_, tok_, prompt_tokens(prompts[i], opt), oi, !prompts[i].empty()));
   }
-  // Prefill every prompt and sample its first token; then one token per prompt per round.
-  std::vector<Clock::time_point> decode_start(prompts.size());
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    Stream& s = *streams[i];
-    prefill(session_, s, prompt_tokens(prompts[i], opt), !prompts[i].empty());
-    if (opt.max_new_tokens <= 0) {
-      s.done = true;
-      continue;
-    }
-    const auto t0 = Clock::now();
-    accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
-    s.stats.first_token_s = s.stats.prefill_s + since(t0);
-    decode_start[i] = Clock::now();
-  }
-  for (bool any = true; any;) {
-    any = false;
-    for (size_t i = 0; i < streams.size(); ++i) {
-      Stream& s = *streams[i];
-      if (s.done) continue;
-      any = true;
-      session_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
-      accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
-      if (s.done) s.stats.decode_s = since(decode_start[i]);
+  const int V = session_.weights().config().vocab_size;
+  const int context = session_.weights().config().context;
+  std::vector<float> logits;
+  for (;;) {
+    std::vector<Session::CachedStep> steps;
+    std::vector<Decoding*> stepped;
+    size_t rows = 0;
+    for (auto& d : seqs)
+      if (!d->done()) {
+        steps.push_back(d->next_step(context));
+        stepped.push_back(d.get());
+        rows += d->step_rows();
+      }
+    if (steps.empty()) break;
+    logits.resize(rows * V);
+    session_.forward_cached_batch(steps, logits.data());
+    float* row = logits.data();
+    for (Decoding* d : stepped) {
+      const int r = d->step_rows();
+      d->take_logits(row);
+      row += (size_t)r * V;
     }
   }
   std::vector<std::string> out;
   if (stats) stats->clear();
-  for (auto& sp : streams) {
-    Stream& s = *sp;
-    if (!s.stopped) s.text += s.decoder.flush();
-    finish_stats(s, session_.weights().config());
-    out.push_back(s.text);
-    if (stats) stats->push_back(s.stats);
+  for (auto& d : seqs) {
+    out.push_back(d->text());
+    if (stats) stats->push_back(d->stats());
   }
   return out;
 }
 
 std::string Generator::generate(const std::string& prompt, const GenerateOptions& opt,
                                 const std::function<void(const std::string&)>& on_text, GenerateStats* stats) {
-  const std::vector<int32_t> ids = prompt_tokens(prompt, opt);
-  Stream s(session_.new_cache((int)ids.size() + opt.max_new_tokens), opt.sampling, tok_);
-  prefill(session_, s, ids, !prompt.empty());
-  // Text is held back while it could still be the start of a stop string.
-  size_t shown = 0;
-  auto show = [&](bool final) {
-    size_t safe = s.text.size();
-    if (!final)
-      for (const auto& stop : opt.stop)
-        for (size_t k = std::min(stop.size() - 1, s.text.size()); k > 0; --k)
-          if (s.text.compare(s.text.size() - k, k, stop, 0, k) == 0) {
-            safe = std::min(safe, s.text.size() - k);
-            break;
-          }
-    if (on_text && safe > shown) on_text(s.text.substr(shown, safe - shown));
-    shown = std::max(shown, safe);
-  };
-  s.done = opt.max_new_tokens <= 0;
-  Clock::time_point decode_start;
-  while (!s.done) {
-    const auto ts = Clock::now();
-    if (s.stats.generated_tokens > 0) session_.forward_cached(s.cache, &s.history.back(), 1, s.logits.data(), false);
-    accept(s, s.sampler.sample(s.logits, s.history), opt, tok_.eos_id());
-    if (s.stats.generated_tokens == 1) {
-      s.stats.first_token_s = s.stats.prefill_s + since(ts);
-      decode_start = Clock::now();
-    }
-    show(false);
+  Decoding d(session_, tok_, prompt_tokens(prompt, opt), opt, !prompt.empty());
+  const int V = session_.weights().config().vocab_size;
+  std::vector<float> logits;
+  while (!d.done()) {
+    const Session::CachedStep step = d.next_step(session_.weights().config().context);
+    logits.resize((size_t)d.step_rows() * V);
+    session_.forward_cached_batch({step}, logits.data());
+    d.take_logits(logits.data());
+    const std::string piece = d.take_text();
+    if (on_text && !piece.empty()) on_text(piece);
   }
-  if (s.stats.generated_tokens > 1) s.stats.decode_s = since(decode_start);
-  if (!s.stopped) s.text += s.decoder.flush();
-  show(true);
-  finish_stats(s, session_.weights().config());
-  if (stats) *stats = s.stats;
-  return s.text;
+  if (stats) *stats = d.stats();
+  return d.text();
 }
 
 }  // namespace subllm

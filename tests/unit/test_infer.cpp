@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include "subllm/error.h"
@@ -304,6 +305,65 @@ TEST(Infer, PromptLimitsAndModelFolderErrors) {
   fs::copy_file(tmp.file("data/tokenizer.model"), dir + "/tokenizer.model");
   msg = error_of([&] { load_model_dir(dir); });
   EXPECT_NE(msg.find("do not belong together"), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace subllm
+
+namespace subllm {
+namespace {
+
+// A Decoding fed its prompt in chunks of 3 scores every prompt token as one chunk does, and
+// as the full inference-mode forward does (log softmax of the row before each token); the
+// greedy continuation and the token depths are the same too.
+TEST(Infer, DecodingInChunksScoresThePromptAsOnePass) {
+  TempDir tmp("infer");
+  LoadedModel lm = load_model_dir(make_model_dir(tmp, "T(TT)T", {0.6f}));
+  Session& s = lm.model->session();
+  const int V = lm.model->config().vocab_size;
+  GenerateOptions o;
+  o.max_new_tokens = 6;
+  o.sampling.temperature = 0;
+  o.prompt_logprobs = true;
+  o.top_logprobs = 2;
+  o.record_depth = true;
+  Generator gen(*lm.model, lm.tokenizer);
+  const std::vector<int32_t> ids = gen.prompt_tokens("The old sailor watched the distant harbour", o);
+  auto run = [&](int chunk) {
+    auto d = std::make_unique<Decoding>(s, lm.tokenizer, ids, o, true);
+    std::vector<float> logits;
+    while (!d->done()) {
+      const Session::CachedStep step = d->next_step(chunk);
+      logits.resize((size_t)d->step_rows() * V);
+      s.forward_cached_batch({step}, logits.data());
+      d->take_logits(logits.data());
+    }
+    return d;
+  };
+  auto whole = run(1000), chunked = run(3);
+  EXPECT_EQ(whole->text(), chunked->text());
+  ASSERT_EQ(whole->prompt_records().size(), ids.size());
+  ASSERT_EQ(chunked->prompt_records().size(), ids.size());
+  std::vector<float> full(ids.size() * (size_t)V);
+  lm.model->forward(ids.data(), nullptr, 1, (int)ids.size(), full.data(), Mode::Inference);
+  std::set<int> depths;
+  for (size_t p = 1; p < ids.size(); ++p) {
+    const float* row = full.data() + (p - 1) * V;
+    double mx = row[0], sum = 0;
+    for (int i = 1; i < V; ++i) mx = std::max(mx, (double)row[i]);
+    for (int i = 0; i < V; ++i) sum += std::exp(row[i] - mx);
+    const double expected = row[ids[p]] - mx - std::log(sum);
+    EXPECT_NEAR(whole->prompt_records()[p].logprob, expected, 1e-3) << "token " << p;
+    EXPECT_NEAR(chunked->prompt_records()[p].logprob, expected, 1e-3) << "token " << p;
+    EXPECT_EQ(chunked->prompt_records()[p].top.size(), 2u);
+    EXPECT_EQ(whole->prompt_records()[p].depth, chunked->prompt_records()[p].depth) << "token " << p;
+    depths.insert(whole->prompt_records()[p].depth);
+  }
+  EXPECT_TRUE(std::isnan(whole->prompt_records()[0].logprob));
+  EXPECT_GE(depths.size(), 2u) << "the subsampler should keep some prompt tokens and drop others";
+  // Generated tokens: log-probabilities of greedy picks are the row maxima (<= 0).
+  for (const auto& r : whole->records()) EXPECT_LE(r.logprob, 0.0f);
+  EXPECT_EQ(whole->stats().prompt_tokens, (int)ids.size());
 }
 
 }  // namespace
