@@ -77,6 +77,7 @@ const char* mode_name(Mode m) { return m == Mode::Train ? "train" : "inference";
 struct PplCli {
   std::string model_dir;
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   std::vector<std::string> data;
   std::string split = "valid";
   int seq = 0, batch = 1;
@@ -90,7 +91,7 @@ struct PplCli {
 
 int run_ppl(const PplCli& c) {
   set_num_threads(c.threads);
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   Model& m = *lm.model;
   m.knobs().keep_threshold = c.keep_threshold;
   std::vector<Mode> modes;
@@ -166,6 +167,7 @@ struct FewshotCli {
   int max_new_tokens = 0;               // suites: 0 is the authors' budget
   bool shots_given = false;             // suites default to their own shot counts
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   int shots = 4;
   std::vector<uint32_t> seeds;
   int64_t max_test = 0;
@@ -205,7 +207,7 @@ int run_fewshot(const FewshotCli& c) {
       throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
     }
   }
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   FewshotOptions o;
   o.shots = c.shots;
@@ -313,7 +315,7 @@ int run_suite(const FewshotCli& c) {
       throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
     }
   }
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   SuiteOptions o;
   o.max_new_tokens = c.max_new_tokens;
@@ -412,6 +414,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->capture_default_str()->check(interval("(-inf, inf)"));
   ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
   add_device_option(ppl, p->device);
+  add_dtype_options(ppl, p->dtype, p->kv_dtype);
   add_threads_option(ppl, p->threads);
   ppl->add_flag("--json", p->json_out, "print one JSON object instead of the table");
   ppl->callback([&run, p] { run = [p] { return run_ppl(*p); }; });
@@ -471,6 +474,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->check(interval("[1, 1000000]"))
       ->needs(suite);
   add_device_option(fs, f->device);
+  add_dtype_options(fs, f->dtype, f->kv_dtype);
   fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
       ->check(CLI::IsMember({"generate", "loglik"}))
       ->excludes(suite)

@@ -36,10 +36,20 @@ void KVRows::reserve(size_t elements) {
   cap_ = cap;
 }
 
+void Session::set_kv_dtype(DType dt) {
+  const char* name = dt == DType::BF16 ? "bf16" : dt == DType::F32 ? "f32" : dtype_name(dt);
+  check(w_.backend().takes_kv_dtype(dt), std::string("--kv-dtype ") + name + ": the " + w_.backend().name() +
+                                             " backend keeps its key/value cache in its compute dtype (" +
+                                             (w_.compute_dtype() == DType::BF16 ? "bf16" : "f32") +
+                                             "): leave --kv-dtype out");
+  kv_dtype_ = dt;
+  kv_dtype_set_ = true;
+}
+
 SequenceCache Session::new_cache(int reserve_tokens) const {
   const ModelConfig& c = w_.config();
   SequenceCache cache;
-  const DType dt = w_.compute_dtype();
+  const DType dt = kv_dtype();
   cache.k.assign(c.n_layers, KVRows(&w_.backend(), dt));
   cache.v.assign(c.n_layers, KVRows(&w_.backend(), dt));
   for (int b = 0; b < c.n_layers && reserve_tokens > 0; ++b) {
@@ -143,9 +153,14 @@ void CachedPass::block(int blk, View x, int rows, View pos) {
     // Append this chunk's keys and values, then attend over the whole cache.
     K.reserve((size_t)L * C);
     V.reserve((size_t)L * C);
-    const View k_rows{K.data(), ad, L, C, C}, v_rows{V.data(), ad, L, C, C};
-    be.copy_rows(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
-    be.copy_rows(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
+    const View k_rows{K.data(), K.dtype(), L, C, C}, v_rows{V.data(), V.dtype(), L, C, C};
+    if (K.dtype() == ad) {
+      be.copy_rows(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
+      be.copy_rows(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
+    } else {  // a cache in another dtype than the activations (bf16 under f32)
+      be.convert(io.qkv.cols_at(C, C), k_rows.rows_at(L0, rows));
+      be.convert(io.qkv.cols_at(2 * C, C), v_rows.rows_at(L0, rows));
+    }
     K.set_used((size_t)L * C);
     V.set_used((size_t)L * C);
     cache.rows[blk] = L;
