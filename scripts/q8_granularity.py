@@ -1,12 +1,12 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Writes a copy of an fp32 model folder whose matrices are rounded as an 8-bit type would
 round them, with one scale per group of G weights along a row (G = 32: subllm's q8) or one
 per row (G = 0), stored back in fp32, so `subllm eval ppl` on the copy measures what the
 scale granularity costs, independently of the kernels.
 
-  python3 scripts/q8_granularity.py MODEL_DIR OUT_DIR GROUP [--head-bf16]
+  /usr/bin/python3 scripts/q8_granularity.py MODEL_DIR OUT_DIR GROUP [--head-bf16]
 
-Rounding as subllm's q8: scale = max|x| / 127 over the group, q = round-half-even(x / scale).
+Rounding as subllm's q8: scale = max|x| / 127 over the group, q = round-half-even(x · (1 / scale)).
 Matrices are the 2-D tensors with more than one row (the score layers are vectors); an untied
 embedding is only rounded to bf16, as subllm's q8 keeps it; --head-bf16 treats an untied output
 head the same way (to measure what its 8 bits cost)."""
@@ -54,7 +54,8 @@ def fake_q8(w, group):
     g = cols if group == 0 else group
     x = w.reshape(rows, cols // g, g)
     scale = x.abs().amax(dim=2, keepdim=True) / 127.0
-    q = torch.where(scale > 0, torch.round(x / torch.where(scale > 0, scale, torch.ones_like(scale))), torch.zeros_like(x))
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    q = torch.round(x * inv)  # float32 throughout, as the C++ quantizer computes it
     return (q.clamp(-127, 127) * scale).reshape(rows, cols)
 
 
