@@ -33,6 +33,7 @@ struct InferBenchOptions {
   uint64_t seed = 1;
   std::string model_dir;  // a trained model folder instead of random weights
   std::string device = "cpu";
+  std::string dtype, kv_dtype;  // inference weight and cache types (empty: the defaults)
 };
 // Prefill of a random prompt, first token, `gen` greedy decode steps: first_token_ms,
 // prefill_tokens_per_s, decode_tokens_per_s, retention, kv_cache_bytes, ...

@@ -24,7 +24,16 @@ struct LoadedModel {
 // `subllm train`); a run folder resolves to its newest checkpoint. Errors name the missing
 // or inconsistent file.
 // `device` names the backend the weights are loaded to ("cpu").
-LoadedModel load_model_dir(const std::string& path, const std::string& device = "cpu");
+//
+// `dtype` is the inference weight type, "f32", "bf16" or "q8" (Weights::set_weight_dtype); empty:
+// the folder's own (the type `subllm quantize` wrote, else f32). A typed folder loads only as its
+// own type. `kv_dtype` ("f32", "bf16"; empty: the compute dtype) is the sessions' cache dtype.
+LoadedModel load_model_dir(const std::string& path, const std::string& device = "cpu", const std::string& dtype = "",
+                           const std::string& kv_dtype = "");
+// "f32", "bf16", "q8" as a DType; anything else is an Error naming `flag` and the choices.
+DType inference_dtype(const std::string& name, const std::string& flag = "--dtype");
+// The inference weight type a model folder's model.safetensors holds ("f32" unless typed).
+std::string model_dir_dtype(const std::string& dir);
 
 struct GenerateOptions {
   int max_new_tokens = 128;

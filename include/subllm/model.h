@@ -17,6 +17,7 @@
 namespace subllm {
 
 class Backend;  // the device; chosen by name (backend_names() lists them)
+class SafetensorsFile;  // subllm/safetensors.h
 std::vector<std::string> backend_names();
 // Whether `device` names a backend this build has and this machine can run; `why` says what
 // is missing when it cannot.
@@ -79,7 +80,7 @@ struct BlockOffsets {
   int64_t qk_bias = -1;
 };
 
-// Cached key or value rows of one block in backend memory, in the backend's compute dtype.
+// Cached key or value rows of one block in backend memory, in the session's KV dtype.
 // Memory is reserved without being initialised, so untouched capacity costs no RSS, and
 // growth doubles so appending stays amortised O(1).
 class KVRows {
@@ -112,7 +113,7 @@ struct SequenceCache {
   std::vector<int> rows;                 // per block
   int length = 0;                        // tokens consumed (root positions used)
   int width = 0;                         // elements per cached row (kv_heads * head_dim)
-  size_t element_bytes = 4;              // bytes per cached element (the compute dtype's)
+  size_t element_bytes = 4;              // bytes per cached element (the KV dtype's)
   std::vector<int64_t> seen, kept;       // per subsampler
   size_t bytes() const;                  // key/value bytes in use
 };
@@ -151,6 +152,20 @@ class Weights {
   // Refreshes the compute copy from the master weights (init and load call it themselves).
   void params_changed();
 
+  // ---- inference weight types ----------------------------------------------------------
+  // The matrices (q|k|v, out_proj, w12 and w3 of every block, the output head, the embedding)
+  // as kernels read them in inference: F32 (the compute copy; the default), BF16, or Q8 (int8
+  // with one F32 scale per group of 32 along a row; an untied embedding is BF16 then, see
+  // DESIGN.md). Set it before init() or load(), on a backend that takes the type. The master
+  // buffer then holds only the other tensors (norms, score weights, bypass scales; its matrix
+  // pages are never touched, so they take no memory): such weights are for inference, save()
+  // writes the typed file `subllm quantize` makes, and training refuses them. A typed file
+  // (`subllm_weight_type` in its metadata) loads only into weights of its type.
+  void set_weight_dtype(DType dt);
+  DType weight_dtype() const { return weight_dtype_; }
+  // The typed copy of the matrix tensor whose first element is at `offset` (its dtype in *dt),
+  // or null when kernels read that tensor from the compute copy.
+  const void* matrix_data(int64_t offset, DType* dt) const;
   // The authors' initialisation (SUBLLM.md §3), seeded; drawn on the host, then uploaded.
   void init(uint64_t seed);
   // Safetensors with the official names; load checks every name and shape against the
@@ -175,6 +190,8 @@ class Weights {
   Span final_norm_span() const { return final_norm_span_; }
   Span embed_span() const { return embed_span_; }
   Span head_span() const { return head_span_; }
+  // Bytes kernels read for the tensors in `s` (typed matrices at their size, with scales).
+  double read_bytes(Span s) const;
   int64_t score_offset(int j) const { return score_offset_[j]; }
   int64_t bypass_offset(int j) const { return bypass_offset_[j]; }
   int64_t embed_offset() const { return embed_offset_; }
@@ -202,7 +219,28 @@ class Weights {
   enum class Buffer { allocate, none };
   Weights(ModelConfig cfg, Backend& backend, Buffer buffer);  // the layout; the buffer if asked
   bool map_file(const std::string& path);  // weights_mapped.cpp: points buf_ into the file, or false
+
+  // Inference weight types (weight_types.cpp): the typed matrices, by offset, in typed_buf_.
+  struct TypedMatrix {
+    int64_t offset = 0, rows = 0, cols = 0;
+    DType dtype = DType::F32;
+    size_t byte_offset = 0, bytes = 0;
+  };
+  DType weight_dtype_ = DType::F32;
+  std::vector<TypedMatrix> typed_;
+  Tensor typed_buf_;
+  const TypedMatrix* typed_at(int64_t offset) const;
+  // Host fp32 parameters (num_params) into the master buffer, or, with typed matrices, the
+  // matrices into their typed copies and the rest into the master buffer.
+  void upload(const std::vector<float>& host);
+  // A typed file (subllm quantize): true when `f` is one and has been loaded.
+  bool load_typed(const SafetensorsFile& f);
+  void save_typed(const std::string& path) const;
 };
+
+// The inference weight type a model.safetensors holds: "bf16" or "q8" when `subllm quantize`
+// wrote it (metadata subllm_weight_type), else "f32".
+std::string weight_file_type(const std::string& safetensors_path);
 
 struct SessionState;  // plans, workspaces and traces; private to the model's sources
 
@@ -248,6 +286,10 @@ class Session {
   // row only. Equals the inference-mode forward() over the whole sequence, token for token.
   // `reserve_tokens`: room made up front for this many tokens in every block (a hint).
   SequenceCache new_cache(int reserve_tokens = 0) const;
+  // The dtype new caches hold keys and values in (every block's, SUBLLM's inner ones too): the
+  // compute dtype by default; BF16 under F32 compute on a backend that reads it (the CPU).
+  void set_kv_dtype(DType dt);
+  DType kv_dtype() const { return kv_dtype_set_ ? kv_dtype_ : w_.compute_dtype(); }
   void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows);
   // One step of several sequences at once (continuous batching): step i runs steps[i].n new
   // tokens of its own cache (a decode step is n = 1, a prefill chunk n > 1). Logits are
@@ -287,6 +329,8 @@ class Session {
   uint64_t train_seed_ = 0;
   std::vector<int64_t> seen_, kept_;
   GradReady grad_ready_;
+  DType kv_dtype_ = DType::F32;
+  bool kv_dtype_set_ = false;
   std::unique_ptr<SessionState> st_;
   friend struct Pass;
 };
@@ -313,7 +357,8 @@ class Model {
   int64_t num_params() const { return weights_.num_params(); }
   // Backend memory (host memory on the CPU backend).
   float* param_data() { return weights_.data(); }
-  float* grad_data() { return grads_.f32(); }
+  // The gradient buffer, allocated on first use (inference never touches it).
+  float* grad_data();
   Tensor param(const std::string& name);
   Tensor grad(const std::string& name);
 
@@ -339,6 +384,7 @@ class Model {
   const Structure& structure() const { return weights_.structure(); }
 
   SequenceCache new_cache(int reserve_tokens = 0) const { return session_->new_cache(reserve_tokens); }
+  void set_kv_dtype(DType dt) { session_->set_kv_dtype(dt); }
   void forward_cached(SequenceCache& cache, const int32_t* tokens, int n, float* logits, bool all_rows) {
     session_->forward_cached(cache, tokens, n, logits, all_rows);
   }

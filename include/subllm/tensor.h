@@ -1,6 +1,5 @@
 #pragma once
-// A shaped view of memory with its dtype and the backend (device) that owns it. fp32 is the
-// only compute type today; bf16 is declared so a backend can add kernels for it.
+// A shaped view of memory with its dtype and the backend (device) that owns it.
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -10,7 +9,11 @@
 
 namespace subllm {
 
-enum class DType : uint8_t { F32, BF16, F16, I32, F64, I64, U8 };
+// I8: plain int8 (the values of a Q8 matrix in a safetensors file). Q8: an inference weight
+// matrix of int8 values with one F32 scale per group of 32 along a row (kernels/quant_kernels.h
+// has the layout); its dtype_size is that of its values, a row with its scales is
+// q8_row_bytes(cols).
+enum class DType : uint8_t { F32, BF16, F16, I32, F64, I64, U8, I8, Q8 };
 
 class Backend;  // backend/backend.h
 

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "kernels/kernels.h"
+#include "kernels/quant_kernels.h"
 #include "subllm/error.h"
 
 namespace subllm {
@@ -25,6 +26,8 @@ int64_t* View::i64() const { return static_cast<int64_t*>(require(*this, DType::
 uint8_t* View::u8() const { return static_cast<uint8_t*>(require(*this, DType::U8)); }
 
 View View::cols_at(int64_t c0, int64_t n) const {
+  // A Q8 row keeps its scales after its values: a column slice has no view of its own.
+  check(dtype != DType::Q8 || (c0 == 0 && n == cols), "a Q8 matrix has no column slices: take whole rows");
   View v = *this;
   v.data = static_cast<char*>(data) + c0 * (int64_t)dtype_size(dtype);
   v.cols = n;
@@ -33,7 +36,8 @@ View View::cols_at(int64_t c0, int64_t n) const {
 
 View View::rows_at(int64_t r0, int64_t n) const {
   View v = *this;
-  v.data = static_cast<char*>(data) + r0 * ld * (int64_t)dtype_size(dtype);
+  const int64_t row_bytes = dtype == DType::Q8 ? (int64_t)kernels::q8_row_bytes(ld) : ld * (int64_t)dtype_size(dtype);
+  v.data = static_cast<char*>(data) + r0 * row_bytes;
   v.rows = n;
   return v;
 }

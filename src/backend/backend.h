@@ -65,6 +65,13 @@ class Backend {
   virtual const char* name() const = 0;
   // The dtype of activations and of the weights' compute copy (see above).
   virtual DType compute_dtype() const { return DType::F32; }
+  // Inference weight types: whether linear_forward, embedding_forward and lm_head_xent without
+  // gradients take weight matrices of `dt` (BF16 or Q8 read by F32-activation kernels on the
+  // CPU). Every backend takes its compute dtype.
+  virtual bool takes_weight_dtype(DType dt) const { return dt == compute_dtype(); }
+  // Whether attention_cached reads key/value caches of `dt` (a BF16 cache under F32 compute on
+  // the CPU). Every backend takes its compute dtype.
+  virtual bool takes_kv_dtype(DType dt) const { return dt == compute_dtype(); }
 
   // ---- memory (device pointers; bytes) ---------------------------------------------------
   virtual void* alloc(size_t bytes) = 0;  // 64-byte aligned, uninitialised
@@ -89,7 +96,8 @@ class Backend {
   virtual void convert(View src, View dst) = 0;
 
   // ---- dense algebra -------------------------------------------------------------------
-  // y(N,out) = x(N,in) · w(out,in)^T (+ y if accumulate)
+  // y(N,out) = x(N,in) · w(out,in)^T (+ y if accumulate); w may be of an inference weight
+  // type the backend takes (takes_weight_dtype)
   virtual void linear_forward(View x, View w, View y, bool accumulate = false) = 0;
   // dx(N,in) (=|+=) dy · w ; dw(out,in) += dy^T · x; either output may be empty
   virtual void linear_backward(View x, View w, View dy, View dx, View dw, bool accumulate_dx = false) = 0;

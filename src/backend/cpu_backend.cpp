@@ -8,6 +8,7 @@
 #include "backend/backend.h"
 #include "kernels/kernels.h"
 #include "kernels/optimizer_kernels.h"
+#include "kernels/quant_kernels.h"
 #include "subllm/error.h"
 #include "subllm/host_memory.h"
 #include "subllm/threads.h"
@@ -62,6 +63,8 @@ void need_scratch(const Scratch& s, size_t bytes, const char* op) {
 class CpuBackend final : public Backend {
  public:
   const char* name() const override { return "cpu"; }
+  bool takes_weight_dtype(DType dt) const override { return dt == DType::F32 || dt == DType::BF16 || dt == DType::Q8; }
+  bool takes_kv_dtype(DType dt) const override { return dt == DType::F32 || dt == DType::BF16; }
 
   void* alloc(size_t bytes) override {
     void* p = std::aligned_alloc(64, round64(bytes ? bytes : 64));
@@ -79,6 +82,20 @@ class CpuBackend final : public Backend {
 
   void convert(View src, View dst) override {
     check(src.rows == dst.rows && src.cols == dst.cols, "convert: source and destination shapes differ");
+    if (src.dtype == DType::Q8 || dst.dtype == DType::Q8) {  // inference weights, quantized on load
+      check(src.ld == src.cols && dst.ld == dst.cols && (src.dtype == DType::F32 || dst.dtype == DType::F32),
+            "convert: Q8 converts to and from dense F32 only");
+      check(src.cols % k::kQ8Group == 0, "convert: Q8 rows hold a multiple of 32 elements");
+      if (dst.dtype == DType::Q8) k::quantize_q8(src.f32(), src.rows, (int)src.cols, dst.data);
+      else k::dequantize_q8(src.data, src.rows, (int)src.cols, dst.f32());
+      return;
+    }
+    if (src.dtype == DType::F32 && dst.dtype == DType::BF16) {  // e.g. keys and values into a BF16 cache
+      for (int64_t r = 0; r < src.rows; ++r)
+        k::f32_to_bf16(static_cast<const float*>(src.data) + r * src.ld, static_cast<uint16_t*>(dst.data) + r * dst.ld,
+                       src.cols);
+      return;
+    }
     for (int64_t r = 0; r < src.rows; ++r)
       for (int64_t c = 0; c < src.cols; ++c) set_f32(dst, r, c, get_f32(src, r, c));
   }
@@ -86,6 +103,16 @@ class CpuBackend final : public Backend {
   // Strided operands (e.g. the q|k columns of the fused qkv rows) go to the GEMM with their
   // row strides; dense ones keep the kernels' paths (a matrix-vector product for one row).
   void linear_forward(View x, View w, View y, bool accumulate) override {
+    if (w.dtype == DType::Q8) {
+      check(w.ld == w.cols, "linear_forward: a Q8 weight matrix is dense");
+      k::linear_forward_q8(x.f32(), x.ld, w.data, y.f32(), y.ld, (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
+      return;
+    }
+    if (w.dtype == DType::BF16) {
+      k::linear_forward_bf16(x.f32(), x.ld, static_cast<const uint16_t*>(w.data), w.ld, y.f32(), y.ld, (int)x.rows,
+                             (int)x.cols, (int)w.rows, accumulate);
+      return;
+    }
     if (is_dense({x, w, y})) {
       k::linear_forward(x.f32(), w.f32(), y.f32(), (int)x.rows, (int)x.cols, (int)w.rows, accumulate);
       return;
@@ -126,6 +153,15 @@ class CpuBackend final : public Backend {
   void fill_positions(View pos, int B, int T, int offset) override { k::fill_positions(pos.i32(), B, T, offset); }
 
   void embedding_forward(View tokens, View table, View out) override {
+    if (table.dtype == DType::Q8) {
+      k::embedding_forward_q8(tokens.i32(), table.data, out.f32(), (int)tokens.rows, (int)table.cols);
+      return;
+    }
+    if (table.dtype == DType::BF16) {
+      k::embedding_forward_bf16(tokens.i32(), static_cast<const uint16_t*>(table.data), out.f32(), (int)tokens.rows,
+                                (int)table.cols);
+      return;
+    }
     k::embedding_forward(tokens.i32(), table.f32(), out.f32(), (int)tokens.rows, (int)table.cols);
   }
   void embedding_backward(View tokens, View dout, View dtable) override {
@@ -181,6 +217,12 @@ class CpuBackend final : public Backend {
     check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
     const int hd = (int)(q.cols / H), L = (int)kk.rows, Hkv = attention_kv_heads(q, kk, v, H, "attention_cached");
     need_scratch(s, attention_cached_scratch_bytes((int)q.rows, L, H, hd), "attention_cached");
+    if (kk.dtype == DType::BF16 && v.dtype == DType::BF16) {
+      k::attention_cached_bf16(q.f32(), (int)q.ld, (int)q.rows, static_cast<const uint16_t*>(kk.data),
+                               static_cast<const uint16_t*>(v.data), (int)kk.ld, L, H, Hkv, hd, out.f32(), (int)out.ld,
+                               static_cast<float*>(s.data));
+      return;
+    }
     k::attention_cached(q.f32(), (int)q.ld, (int)q.rows, kk.f32(), v.f32(), (int)kk.ld, L, H, Hkv, hd, out.f32(),
                         (int)out.ld, static_cast<float*>(s.data));
   }
@@ -190,6 +232,11 @@ class CpuBackend final : public Backend {
   }
   void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) override {
     if (count == 0) return;
+    if (items[0].k.dtype == DType::BF16) {
+      // A bf16 cache: one sequence after another (the scratch covers the longest cache).
+      for (int i = 0; i < count; ++i) attention_cached(items[i].q, items[i].k, items[i].v, items[i].out, H, s);
+      return;
+    }
     const int hd = (int)(items[0].q.cols / H);
     const int Hkv = attention_kv_heads(items[0].q, items[0].k, items[0].v, H, "attention_cached_many");
     int max_L = 0;
@@ -206,12 +253,27 @@ class CpuBackend final : public Backend {
                   (int)a.out.ld};
     }
     need_scratch(s, attention_cached_many_scratch_bytes(1, max_L, H, hd), "attention_cached_many");
-    k::attention_cached_many(many_.data(), count, max_L, H, Hkv, hd, static_cast<float*>(s.data));
-  }
+    k::attention_cached_many(many_.data(), count, max_L, H, Hkv, hd, static_cast<float*>(s.data));  }
 
   void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,
                     View out) override {
     int64_t count = 0;
+    if (w.dtype == DType::Q8 || w.dtype == DType::BF16) {
+      // Inference weight types have no gradients: loss and logits only.
+      check(!dx && !dw, "lm_head_xent: a " + std::string(dtype_name(w.dtype)) +
+                            " output head is for inference; training needs F32 weights");
+      const float* lg = logits ? logits.f32() : nullptr;
+      const int32_t* tg = targets ? targets.i32() : nullptr;
+      const double loss =
+          w.dtype == DType::Q8
+              ? k::lm_head_loss_q8(x.f32(), w.data, tg, (int)x.rows, (int)x.cols, (int)w.rows, const_cast<float*>(lg),
+                                   chunk.f32(), (int)chunk.rows, &count)
+              : k::lm_head_loss_bf16(x.f32(), static_cast<const uint16_t*>(w.data), tg, (int)x.rows, (int)x.cols,
+                                     (int)w.rows, const_cast<float*>(lg), chunk.f32(), (int)chunk.rows, &count);
+      out.f64()[0] = loss;
+      out.f64()[1] = (double)count;
+      return;
+    }
     const double loss = k::lm_head_xent(x.f32(), w.f32(), targets ? targets.i32() : nullptr, (int)x.rows, (int)x.cols, (int)w.rows,
                                         grad_scale, dx ? dx.f32() : nullptr, dw ? dw.f32() : nullptr,
                                         logits ? logits.f32() : nullptr, chunk.f32(), (int)chunk.rows, &count);

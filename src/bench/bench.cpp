@@ -172,17 +172,30 @@ double forward_flops(const Model& m, int P) {
   return (m.train_flops_per_token(P) / 3 - head) * P + head;
 }
 
-// Bytes of weights a decoded token reads when each segment sees the configured fraction.
-double decode_weight_bytes(const Model& m) {
+// Bytes of weights a decoded token reads when segment s sees the fraction frac[s] of the
+// tokens (subsampler j feeds segment j + 1): each block's tensors as kernels read them (typed
+// matrices at their size), the subsamplers' score weights and bypass scales, the final norm and
+// the output head; the embedding only gives one row.
+double decode_weight_bytes(const Model& m, const std::vector<double>& retention) {
+  const Weights& w = m.weights();
   const auto& st = m.structure();
   std::vector<double> frac(st.segments.size(), 1.0);
-  const double C = m.config().dim, F = m.config().ffn_dim, e = (double)dtype_size(m.weights().compute_dtype());
-  const double KV = m.config().kv_dim();
-  double bytes = e * m.config().vocab_size * C + e * C;
+  double bytes = w.read_bytes(w.final_norm_span()) +
+                 (m.config().tie_weights ? w.read_bytes(w.embed_span()) : w.read_bytes(w.head_span()));
   for (size_t s = 0; s < st.segments.size(); ++s) {
-    if (s > 0) frac[s] = frac[st.segments[s].parent] * st.segments[s].retention;
-    for (const auto& it : st.segments[s].items)
-      bytes += it.is_block ? frac[s] * e * (2 * C * C + 2 * KV * C + 3 * C * F + 2 * C) : frac[s] * e * 2 * C;
+    if (s > 0) {
+      const int j = st.segments[s].subsampler;
+      const double r = (size_t)j < retention.size() ? retention[(size_t)j] : st.segments[s].retention;
+      frac[s] = frac[st.segments[s].parent] * r;
+    }
+    for (const auto& it : st.segments[s].items) {
+      if (it.is_block) {
+        bytes += frac[s] * w.read_bytes(w.block_span(it.index));
+      } else {
+        const int j = st.segments[it.index].subsampler;
+        bytes += frac[s] * (w.read_bytes(w.score_span(j)) + w.read_bytes(w.bypass_span(j)));
+      }
+    }
   }
   return bytes;
 }
@@ -191,12 +204,14 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
   std::unique_ptr<Model> model;
   const std::string& source = config_path;
   if (!a.model_dir.empty() && config_path == a.model_dir) {
-    LoadedModel lm = load_model_dir(a.model_dir, a.device);
+    LoadedModel lm = load_model_dir(a.model_dir, a.device, a.dtype, a.kv_dtype);
     model = std::move(lm.model);
   } else {
     ModelConfig cfg = load_config(config_path);
     if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
     model = std::make_unique<Model>(cfg, a.device);
+    if (!a.dtype.empty()) model->weights().set_weight_dtype(inference_dtype(a.dtype));
+    if (!a.kv_dtype.empty()) model->set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
     model->init_weights(a.seed);
   }
   Model& m = *model;
@@ -225,6 +240,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
     tok = (int32_t)(std::max_element(logits.begin(), logits.end()) - logits.begin());
     first_token_s = std::min(first_token_s, seconds_since(t0));
   }
+  const size_t kv_after_prefill = cache.bytes();
   auto t1 = Clock::now();
   for (int i = 0; i < a.gen; ++i) {
     m.forward_cached(cache, &tok, 1, logits.data(), false);
@@ -233,8 +249,14 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
   const double decode_s = seconds_since(t1);
   std::vector<double> retention;
   for (size_t j = 0; j < cache.seen.size(); ++j) retention.push_back(cache.seen[j] ? (double)cache.kept[j] / cache.seen[j] : 0);
-  const double weight_bytes = (double)cache.element_bytes * m.num_params();  // the compute copy decoding reads
+  // What one decoded token reads: the weights (each segment's blocks at its measured retention)
+  // and, on average over the decode, the key/value cache.
+  const double weight_bytes = decode_weight_bytes(m, retention);
+  const double kv_read = 0.5 * (double)(kv_after_prefill + cache.bytes());
+  const double bytes_per_token = weight_bytes + kv_read;
   const size_t kv_llama = 2 * cache.element_bytes * (size_t)m.config().n_layers * cache.length * m.config().kv_dim();
+  const char* wtype = m.weights().weight_dtype() == DType::Q8 ? "q8" : m.weights().weight_dtype() == DType::BF16 ? "bf16"
+                      : m.weights().compute_dtype() == DType::BF16 ? "bf16" : "f32";
   const double pf = forward_flops(m, a.prompt_len);
   return {{"impl", "subllm"},
           {"config", source},
@@ -251,10 +273,13 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
           {"prefill_fraction_of_sgemm", pf / prefill_s / 1e9 / sgemm},
           {"decode_tokens_per_s", a.gen / decode_s},
           {"read_bandwidth_gbs", bw},
+          {"dtype", wtype},
+          {"kv_dtype", cache.element_bytes == 2 ? "bf16" : "f32"},
           {"weight_bytes", weight_bytes},
-          {"decode_bytes_per_token", decode_weight_bytes(m)},
-          {"decode_limit_tokens_per_s", bw * 1e9 / weight_bytes},
-          {"decode_fraction_of_limit", a.gen / decode_s / (bw * 1e9 / weight_bytes)},
+          {"kv_read_bytes", kv_read},
+          {"decode_bytes_per_token", bytes_per_token},
+          {"decode_limit_tokens_per_s", bw * 1e9 / bytes_per_token},
+          {"decode_fraction_of_limit", a.gen / decode_s / (bw * 1e9 / bytes_per_token)},
           {"retention", retention},
           {"thresholds", thresholds},
           {"kv_cache_bytes", cache.bytes()},

@@ -150,10 +150,12 @@ int bench_infer(const BenchInferArgs& a) {
     std::printf("  prefill               %.1f tokens/s (%.1f GFLOP/s, %.0f%% of sgemm %.0f)\n",
                 r["prefill_tokens_per_s"].get<double>(), r["prefill_gflops"].get<double>(),
                 100 * r["prefill_fraction_of_sgemm"].get<double>(), r["sgemm_gflops"].get<double>());
-    std::printf("  decode                %.1f tokens/s (limit %.1f = %.1f GB/s / %.1f MB of weights: %.0f%%)\n",
+    std::printf("  decode                %.1f tokens/s (limit %.1f = %.1f GB/s / (%.1f MB of %s weights + %.1f MB of "
+                "%s cache) per token: %.0f%%)\n",
                 r["decode_tokens_per_s"].get<double>(), r["decode_limit_tokens_per_s"].get<double>(),
                 r["read_bandwidth_gbs"].get<double>(), r["weight_bytes"].get<double>() / 1e6,
-                100 * r["decode_fraction_of_limit"].get<double>());
+                r["dtype"].get<std::string>().c_str(), r["kv_read_bytes"].get<double>() / 1e6,
+                r["kv_dtype"].get<std::string>().c_str(), 100 * r["decode_fraction_of_limit"].get<double>());
     std::printf("  kv cache              %.2f MB\n", r["kv_cache_bytes"].get<double>() / 1048576.0);
     for (size_t i = 0; i < r["retention"].size(); ++i)
       std::printf("  retention %zu           %.3f\n", i, r["retention"][i].get<double>());
@@ -216,6 +218,7 @@ void add_bench_command(CLI::App& app, Runner& run) {
                     "batched decoding: sequences decoding together, a list (e.g. 1,4,16); aggregate tokens/s")
       ->delimiter(',')
       ->check(interval("[1, 4096]"));
+  add_dtype_options(infer, ia->opt.dtype, ia->opt.kv_dtype);
   infer->add_flag("--json", ia->json, "print one JSON line");
   infer->callback([&run, ia] { run = [ia] { return bench_infer(*ia); }; });
 

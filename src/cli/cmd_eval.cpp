@@ -77,6 +77,7 @@ const char* mode_name(Mode m) { return m == Mode::Train ? "train" : "inference";
 struct PplCli {
   std::string model_dir;
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   std::vector<std::string> data;
   std::string split = "valid";
   int seq = 0, batch = 1;
@@ -89,6 +90,9 @@ struct PplCli {
   int threads = 0;
   bool json_out = false;
 };
+
+// The weight and cache types a model evaluates with, as --dtype / --kv-dtype name them.
+std::string type_name(DType d) { return d == DType::Q8 ? "q8" : d == DType::BF16 ? "bf16" : "f32"; }
 
 std::string retention_text(const std::vector<double>& r) {
   std::string out;
@@ -130,7 +134,8 @@ int run_ppl_sweep(const PplCli& c, LoadedModel& lm, const std::vector<int32_t>& 
   if (c.json_out) {
     json j = {{"model", lm.dir},          {"data", c.data},          {"split", c.split},
               {"seq", rows[0].ppl.seq},   {"batch", c.batch},        {"speed_prompt", prompt},
-              {"speed_decode", c.speed_decode}, {"keep_thresholds", c.keep_thresholds}};
+              {"speed_decode", c.speed_decode}, {"keep_thresholds", c.keep_thresholds},
+              {"dtype", type_name(m.weights().weight_dtype())}, {"kv_dtype", type_name(m.session().kv_dtype())}};
     json arr = json::array();
     for (const Row& r : rows)
       arr.push_back({{"mode", "inference"},
@@ -165,7 +170,7 @@ int run_ppl(const PplCli& c) {
   const bool sweep = c.keep_thresholds.size() > 1;
   check(!sweep || c.mode == "inference",
         "--keep-threshold with several values sweeps inference mode's threshold: drop --mode " + c.mode);
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   Model& m = *lm.model;
   check(!sweep || !m.structure().is_plain(),
         "--keep-threshold sweeps a SUBLLM model's subsamplers, and " + lm.dir +
@@ -198,7 +203,7 @@ int run_ppl(const PplCli& c) {
   const bool subllm = !m.structure().is_plain();
   if (c.json_out) {
     json j = {{"model", lm.dir}, {"data", c.data}, {"split", c.split}, {"seq", results[0].seq}, {"batch", c.batch},
-              {"keep_threshold", c.keep_thresholds[0]}};
+              {"keep_threshold", c.keep_thresholds[0]}, {"dtype", type_name(m.weights().weight_dtype())}};
     if (c.speed)
       j["speed"] = {{"prompt", speed.prompt},
                     {"decoded", speed.decoded},
@@ -261,6 +266,7 @@ struct FewshotCli {
   int max_new_tokens = 0;               // suites: 0 is the authors' budget
   bool shots_given = false;             // suites default to their own shot counts
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   int shots = 4;
   std::vector<uint32_t> seeds;
   int64_t max_test = 0;
@@ -300,7 +306,7 @@ int run_fewshot(const FewshotCli& c) {
       throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
     }
   }
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   FewshotOptions o;
   o.shots = c.shots;
@@ -408,7 +414,7 @@ int run_suite(const FewshotCli& c) {
       throw Error("cannot write --predictions " + c.predictions + ": " + why + " (give a path in a writable folder)");
     }
   }
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   SuiteOptions o;
   o.max_new_tokens = c.max_new_tokens;
@@ -518,6 +524,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->check(interval("[1, inf)"));
   ppl->add_option("--seed", p->seed, "seed of training mode's random pairing choices")->capture_default_str();
   add_device_option(ppl, p->device);
+  add_dtype_options(ppl, p->dtype, p->kv_dtype);
   add_threads_option(ppl, p->threads);
   ppl->add_flag("--json", p->json_out, "print one JSON object instead of the table");
   ppl->callback([&run, p] { run = [p] { return run_ppl(*p); }; });
@@ -577,6 +584,7 @@ void add_eval_command(CLI::App& app, Runner& run) {
       ->check(interval("[1, 1000000]"))
       ->needs(suite);
   add_device_option(fs, f->device);
+  add_dtype_options(fs, f->dtype, f->kv_dtype);
   fs->add_option("--scoring", f->scoring, "generate (the authors' exact match) or loglik (likeliest label)")
       ->check(CLI::IsMember({"generate", "loglik"}))
       ->excludes(suite)

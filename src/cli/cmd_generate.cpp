@@ -15,6 +15,7 @@ namespace {
 struct GenerateCli {
   std::string model_dir;
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   std::string prompt;
   std::string prompt_file;
   GenerateOptions opt;
@@ -72,7 +73,7 @@ int run_generate(GenerateCli& c) {
       if (!line.empty()) prompts.push_back(line);
     check(!prompts.empty(), "prompt file '" + c.prompt_file + "' has no prompts (one per line)");
   }
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   lm.model->knobs().keep_threshold = c.keep_threshold;
   Generator gen(*lm.model, lm.tokenizer);
   if (!c.prompt_file.empty()) {
@@ -127,6 +128,7 @@ void add_generate_command(CLI::App& app, Runner& run) {
       ->check(interval("[0, inf)"));
   g->add_option("-s,--seed", c->opt.sampling.seed, "seed of the sampler")->capture_default_str();
   add_device_option(g, c->device);
+  add_dtype_options(g, c->dtype, c->kv_dtype);
   g->add_option("--stop", c->opt.stop, "stop when this text appears (repeatable)");
   g->add_flag("--truncate", c->opt.truncate, "drop the start of a prompt longer than the context allows");
   g->add_flag("!--no-eos-stop", c->opt.stop_at_eos, "keep generating past the end-of-document token");

@@ -14,6 +14,7 @@ namespace {
 struct ServeCli {
   std::string model_dir;
   std::string device = "cpu";
+  std::string dtype, kv_dtype;
   std::string alias;
   serve::ServeOptions opt;
   int threads = 0;
@@ -22,7 +23,7 @@ struct ServeCli {
 
 int run_serve(ServeCli& c) {
   set_num_threads(c.threads);
-  LoadedModel lm = load_model_dir(c.model_dir, c.device);
+  LoadedModel lm = load_model_dir(c.model_dir, c.device, c.dtype, c.kv_dtype);
   if (c.opt.context > 0) {
     check(c.opt.context <= lm.model->config().context,
           "-c " + std::to_string(c.opt.context) + " is beyond the model's context of " +
@@ -69,6 +70,7 @@ void add_serve_command(CLI::App& app, Runner& run) {
       ->capture_default_str()
       ->check(interval("(-inf, inf)"));
   add_device_option(s, c->device);
+  add_dtype_options(s, c->dtype, c->kv_dtype);
   add_threads_option(s, c->threads);
   s->callback([&run, c] { run = [c] { return run_serve(*c); }; });
 }

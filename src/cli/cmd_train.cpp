@@ -35,8 +35,13 @@ int run_train(TrainCli& c) {
   check(o.scaled_adam.param_min_rms < o.scaled_adam.param_max_rms,
         "--param-min-rms must be below --param-max-rms (got " + std::to_string(o.scaled_adam.param_min_rms) + " and " +
             std::to_string(o.scaled_adam.param_max_rms) + ")");
-  // A wrong --resume path is named before anything reads the data folder.
-  if (!o.resume.empty()) find_checkpoint(o.resume);
+  // A wrong --resume path is named before anything reads the data folder (a folder of
+  // `subllm quantize`, which holds no checkpoint, by the trainer with the reason).
+  if (!o.resume.empty()) {
+    const std::filesystem::path weights_file = std::filesystem::path(o.resume) / "model.safetensors";
+    if (!std::filesystem::exists(weights_file) || weight_file_type(weights_file.string()) == "f32")
+      find_checkpoint(o.resume);
+  }
   const bool sized = !c.config_path.empty();
   if (sized) {
     o.model = load_config(c.config_path);

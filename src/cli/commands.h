@@ -21,6 +21,7 @@ void add_eval_command(CLI::App& app, Runner& run);
 void add_export_command(CLI::App& app, Runner& run);
 void add_convert_command(CLI::App& app, Runner& run);
 void add_serve_command(CLI::App& app, Runner& run);
+void add_quantize_command(CLI::App& app, Runner& run);
 
 // A numeric flag's valid values, written as an interval: "[1, inf)", "(0, 1]", "[0, 1)". NaN and
 // infinities are refused too; the error names the flag (CLI11 prefixes it) and the interval.
@@ -67,6 +68,16 @@ inline void add_device_option(CLI::App* cmd, std::string& device) {
             return backend_available(d, &why) ? std::string() : why;
           },
           "DEVICE"));
+}
+
+// --dtype and --kv-dtype: the inference weight type and the key/value cache type.
+inline void add_dtype_options(CLI::App* cmd, std::string& dtype, std::string& kv_dtype) {
+  cmd->add_option("--dtype", dtype,
+                  "weight type for inference: f32, bf16 or q8 (int8, one scale per 32 weights; CPU) (default: the "
+                  "model folder's, f32 unless `subllm quantize` wrote it)")
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
+  cmd->add_option("--kv-dtype", kv_dtype, "key/value cache type: f32 or bf16 (CPU) (default: the compute dtype)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
 }
 
 }  // namespace subllm::cli

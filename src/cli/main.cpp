@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   subllm::cli::add_eval_command(app, run);
   subllm::cli::add_export_command(app, run);
   subllm::cli::add_convert_command(app, run);
+  subllm::cli::add_quantize_command(app, run);
   subllm::cli::add_plot_command(app, run);
   subllm::cli::add_bench_command(app, run);
   try {

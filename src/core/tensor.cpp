@@ -17,6 +17,8 @@ size_t dtype_size(DType dt) {
     case DType::F64: return 8;
     case DType::I64: return 8;
     case DType::U8: return 1;
+    case DType::I8: return 1;
+    case DType::Q8: return 1;
   }
   return 0;
 }
@@ -30,6 +32,8 @@ const char* dtype_name(DType dt) {
     case DType::F64: return "F64";
     case DType::I64: return "I64";
     case DType::U8: return "U8";
+    case DType::I8: return "I8";
+    case DType::Q8: return "Q8";
   }
   return "?";
 }

@@ -14,7 +14,19 @@ namespace subllm {
 
 namespace fs = std::filesystem;
 
-LoadedModel load_model_dir(const std::string& path, const std::string& device) {
+DType inference_dtype(const std::string& name, const std::string& flag) {
+  if (name == "f32") return DType::F32;
+  if (name == "bf16") return DType::BF16;
+  if (name == "q8") return DType::Q8;
+  throw Error(flag + " '" + name + "': the choices are f32, bf16 and q8");
+}
+
+std::string model_dir_dtype(const std::string& dir) {
+  return weight_file_type((fs::path(dir) / "model.safetensors").string());
+}
+
+LoadedModel load_model_dir(const std::string& path, const std::string& device, const std::string& dtype,
+                           const std::string& kv_dtype) {
   check(fs::exists(path), "model folder '" + path + "' does not exist");
   std::string dir = path;
   if (!fs::exists(fs::path(dir) / "model.safetensors") && fs::is_directory(dir)) {
@@ -33,8 +45,22 @@ LoadedModel load_model_dir(const std::string& path, const std::string& device) {
   check(tok.vocab_size() <= cfg.vocab_size,
         "model folder '" + dir + "': tokenizer.model has " + std::to_string(tok.vocab_size()) +
             " pieces but the model only " + std::to_string(cfg.vocab_size) + ": the files do not belong together");
-  // For inference: mapped from the file where it can be (see Weights), else a copy.
-  auto model = std::make_unique<Model>(cfg, device, (fs::path(dir) / "model.safetensors").string());
+  const std::string own = model_dir_dtype(dir);
+  if (own != "f32" && !dtype.empty() && dtype != own)
+    throw Error("model folder '" + dir + "' holds " + own + " weights (written by `subllm quantize`), which load only as " +
+                "--dtype " + own + ": leave --dtype out, or give the fp32 model it was made from");
+  const DType weight_type = inference_dtype(dtype.empty() ? own : dtype);
+  const std::string path = (fs::path(dir) / "model.safetensors").string();
+  std::unique_ptr<Model> model;
+  if (weight_type == DType::F32) {
+    // For inference: mapped from the file where it can be (see Weights), else a copy.
+    model = std::make_unique<Model>(cfg, device, path);
+  } else {
+    model = std::make_unique<Model>(cfg, device);
+    model->weights().set_weight_dtype(weight_type);
+    model->load(path);
+  }
+  if (!kv_dtype.empty()) model->set_kv_dtype(inference_dtype(kv_dtype, "--kv-dtype"));
   return LoadedModel{std::move(model), std::move(tok), dir};
 }
 

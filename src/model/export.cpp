@@ -148,6 +148,9 @@ std::string export_authors_model(const std::string& model_dir, const std::string
           "output folder '" + out_dir + "' already exists and is not empty: choose a new folder (export never overwrites)");
   }
   LoadedModel lm = load_model_dir(model_dir, "cpu");
+  check(lm.model->weights().weight_dtype() == DType::F32,
+        "model folder '" + lm.dir + "' holds inference weights written by `subllm quantize`: export the fp32 model "
+        "it was made from");
   const ModelConfig& c = lm.model->config();
   check_exportable(c, lm.dir);
   std::string notes;

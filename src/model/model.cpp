@@ -52,7 +52,6 @@ ModelConfig fitting_host_memory(ModelConfig cfg, const std::string& device) {
 
 Model::Model(ModelConfig cfg, const std::string& device)
     : weights_(fitting_host_memory(std::move(cfg), device), backend_for(device)),
-      grads_(weights_.backend().zeros({weights_.num_params()})),
       session_(std::make_unique<Session>(weights_)) {}
 
 Model::Model(ModelConfig cfg, const std::string& device, const std::string& weights_path)
@@ -71,7 +70,17 @@ Tensor Model::grad(const std::string& name) {
   return Tensor::view(grad_data() + p.offset, p.shape, DType::F32, &backend());
 }
 
-void Model::zero_grad() { backend().zero(grads_.raw(), grads_.nbytes()); }
+float* Model::grad_data() {
+  if (!grads_.raw()) {
+    check(weights_.weight_dtype() == DType::F32,
+          "the model holds " + std::string(weights_.weight_dtype() == DType::Q8 ? "q8" : "bf16") +
+              " inference weights, which have no gradients: train from an fp32 checkpoint");
+    grads_ = backend().zeros({weights_.num_params()});
+  }
+  return grads_.f32();
+}
+
+void Model::zero_grad() { backend().zero(grad_data(), sizeof(float) * (size_t)num_params()); }
 
 std::vector<int> Model::segment_lengths(int T) const { return plan_lengths(structure(), T, Mode::Train); }
 

@@ -118,8 +118,11 @@ void fill_ones(Backend& be, View dst);
 // A matrix view of the first `rows` rows of a tensor planned for more.
 inline View rows_of(const Tensor& t, int64_t rows) { return view_of(t).rows_at(0, rows); }
 
-// Parameters as kernels read them: (rows, cols) of the compute copy at `offset` elements.
+// Parameters as kernels read them: (rows, cols) at `offset` elements, from the typed copy of
+// a matrix when the weights have an inference type (BF16, Q8), else from the compute copy.
 inline View param(const Weights& w, int64_t offset, int64_t rows, int64_t cols) {
+  DType typed = DType::F32;
+  if (const void* m = w.matrix_data(offset, &typed)) return View{const_cast<void*>(m), typed, rows, cols, cols};
   const DType dt = w.compute_dtype();
   return View{static_cast<char*>(w.compute_data()) + offset * (int64_t)dtype_size(dt), dt, rows, cols, cols};
 }

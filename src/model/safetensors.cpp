@@ -27,6 +27,7 @@ bool parse_dtype(const std::string& s, DType& out) {
   else if (s == "BF16") out = DType::BF16;
   else if (s == "F16") out = DType::F16;
   else if (s == "I32") out = DType::I32;
+  else if (s == "I8") out = DType::I8;
   else return false;
   return true;
 }
@@ -165,7 +166,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       const std::string dt = dt_it->get<std::string>();
       if (!parse_dtype(dt, e.dtype)) {
         throw Error(where + " has dtype " + dt +
-                    ", which is not supported (supported: F32, BF16, F16, I32): convert the checkpoint");
+                    ", which is not supported (supported: F32, BF16, F16, I32, I8): convert the checkpoint");
       }
 
       auto sh_it = v.find("shape");
@@ -276,6 +277,8 @@ void SafetensorsFile::read_f32(const std::string& name, const Shape& expected, f
     case DType::F64:  // never parsed from a file; the engine's own reductions only
     case DType::I64:
     case DType::U8:
+    case DType::I8:
+    case DType::Q8:
       break;
   }
   throw Error(path_ + ": tensor '" + name + "' has dtype " + dtype_name(e.dtype) +

@@ -45,10 +45,20 @@ void KVRows::reserve(size_t elements) {
   cap_ = cap;
 }
 
+void Session::set_kv_dtype(DType dt) {
+  const char* name = dt == DType::BF16 ? "bf16" : dt == DType::F32 ? "f32" : dtype_name(dt);
+  check(w_.backend().takes_kv_dtype(dt), std::string("--kv-dtype ") + name + ": the " + w_.backend().name() +
+                                             " backend keeps its key/value cache in its compute dtype (" +
+                                             (w_.compute_dtype() == DType::BF16 ? "bf16" : "f32") +
+                                             "): leave --kv-dtype out");
+  kv_dtype_ = dt;
+  kv_dtype_set_ = true;
+}
+
 SequenceCache Session::new_cache(int reserve_tokens) const {
   const ModelConfig& c = w_.config();
   SequenceCache cache;
-  const DType dt = w_.compute_dtype();
+  const DType dt = kv_dtype();
   cache.k.assign(c.n_layers, KVRows(&w_.backend(), dt));
   cache.v.assign(c.n_layers, KVRows(&w_.backend(), dt));
   for (int b = 0; b < c.n_layers && reserve_tokens > 0; ++b) {
@@ -188,10 +198,15 @@ void CachedPass::block(int blk, const CachedSegment& g, View x, int rows, View p
       const int L0 = cache.rows[blk], L = L0 + m;
       K.reserve((size_t)L * KV);
       V.reserve((size_t)L * KV);
-      const View k_rows{K.data(), ad, L, KV, KV}, v_rows{V.data(), ad, L, KV, KV};
+      const View k_rows{K.data(), K.dtype(), L, KV, KV}, v_rows{V.data(), V.dtype(), L, KV, KV};
       const View qkv = io.qkv.rows_at(r0, m), att = io.att.rows_at(r0, m);
-      be.copy_rows(qkv.cols_at(C, KV), k_rows.rows_at(L0, m));
-      be.copy_rows(qkv.cols_at(C + KV, KV), v_rows.rows_at(L0, m));
+      if (K.dtype() == ad) {
+        be.copy_rows(qkv.cols_at(C, KV), k_rows.rows_at(L0, m));
+        be.copy_rows(qkv.cols_at(C + KV, KV), v_rows.rows_at(L0, m));
+      } else {  // a cache in another dtype than the activations (bf16 under f32)
+        be.convert(qkv.cols_at(C, KV), k_rows.rows_at(L0, m));
+        be.convert(qkv.cols_at(C + KV, KV), v_rows.rows_at(L0, m));
+      }
       K.set_used((size_t)L * KV);
       V.set_used((size_t)L * KV);
       cache.rows[blk] = L;
@@ -302,8 +317,9 @@ void run_steps(const Session& session, SessionState& st, const Session::CachedSt
     const SequenceCache& cache = *s.cache;
     check((int)cache.k.size() == c.n_layers && (int)cache.v.size() == c.n_layers && (int)cache.rows.size() == c.n_layers &&
               cache.width == c.kv_dim() && (int)cache.seen.size() == num_sub && (int)cache.kept.size() == num_sub &&
-              cache.element_bytes == dtype_size(w.compute_dtype()),
-          where(i) + "the cache was not made for this model: make it with this model's Session::new_cache");
+              cache.element_bytes == dtype_size(kv_dtype()) && (c.n_layers == 0 || cache.k[0].dtype() == kv_dtype()),
+          where(i) + "the cache was not made for this model and session (its size or --kv-dtype differs): make it "
+                     "with this session's Session::new_cache");
     if (cache.length + (int64_t)s.n > c.context)
       throw Error(where(i) + "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(s.n) +
                   " tokens exceed " + std::to_string(c.context) +

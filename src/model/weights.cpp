@@ -191,13 +191,13 @@ void Weights::init(uint64_t seed) {
       for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)rng.truncated_normal(0.006);
     }
   }
-  backend_->to_device(data(), host.data(), sizeof(float) * host.size());
-  params_changed();
+  upload(host);
 }
 
 void Weights::load(const std::string& path) {
   check(!mapped(), "weights mapped from a file are read-only: load into a model made with Model(config)");
   SafetensorsFile f(path);
+  if (load_typed(f)) return;
   const int numbering = file_bypass_numbering(f, cfg_.bypass_numbering);
   const bool renumbered = std::any_of(params_.begin(), params_.end(), [](const ParamInfo& p) { return !p.legacy_name.empty(); });
   if (numbering == 0 && renumbered) {
@@ -244,11 +244,11 @@ void Weights::load(const std::string& path) {
           path + ": tensor '" + head + "' differs from decoder.embed_tokens.weight, but config.json says tie_weights true: "
                  "set tie_weights to false if the model has its own output projection");
   }
-  backend_->to_device(data(), host.data(), sizeof(float) * host.size());
-  params_changed();
+  upload(host);
 }
 
 void Weights::save(const std::string& path) const {
+  if (weight_dtype_ != DType::F32) return save_typed(path);
   std::vector<float> host((size_t)num_params_);
   backend_->to_host(host.data(), data(), sizeof(float) * host.size());
   std::vector<SafetensorsOut> out;

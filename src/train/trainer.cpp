@@ -419,6 +419,11 @@ TrainResult train(const TrainOptions& o) {
   std::string resume_from, state_file;
   json st;
   if (!o.resume.empty()) {
+    const fs::path weights_file = fs::path(o.resume) / "model.safetensors";
+    if (fs::exists(weights_file) && weight_file_type(weights_file.string()) != "f32")
+      throw Error("cannot resume from '" + o.resume + "': it holds " + weight_file_type(weights_file.string()) +
+                  " inference weights written by `subllm quantize`; training needs the fp32 checkpoint they were "
+                  "made from");
     resume_from = find_checkpoint(o.resume);
     state_file = (fs::path(resume_from) / "trainer_state.json").string();
     st = read_json(state_file);
