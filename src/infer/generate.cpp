@@ -50,15 +50,15 @@ LoadedModel load_model_dir(const std::string& path, const std::string& device, c
     throw Error("model folder '" + dir + "' holds " + own + " weights (written by `subllm quantize`), which load only as " +
                 "--dtype " + own + ": leave --dtype out, or give the fp32 model it was made from");
   const DType weight_type = inference_dtype(dtype.empty() ? own : dtype);
-  const std::string path = (fs::path(dir) / "model.safetensors").string();
+  const std::string weights_file = (fs::path(dir) / "model.safetensors").string();
   std::unique_ptr<Model> model;
   if (weight_type == DType::F32) {
     // For inference: mapped from the file where it can be (see Weights), else a copy.
-    model = std::make_unique<Model>(cfg, device, path);
+    model = std::make_unique<Model>(cfg, device, weights_file);
   } else {
     model = std::make_unique<Model>(cfg, device);
     model->weights().set_weight_dtype(weight_type);
-    model->load(path);
+    model->load(weights_file);
   }
   if (!kv_dtype.empty()) model->set_kv_dtype(inference_dtype(kv_dtype, "--kv-dtype"));
   return LoadedModel{std::move(model), std::move(tok), dir};

@@ -317,7 +317,7 @@ void run_steps(const Session& session, SessionState& st, const Session::CachedSt
     const SequenceCache& cache = *s.cache;
     check((int)cache.k.size() == c.n_layers && (int)cache.v.size() == c.n_layers && (int)cache.rows.size() == c.n_layers &&
               cache.width == c.kv_dim() && (int)cache.seen.size() == num_sub && (int)cache.kept.size() == num_sub &&
-              cache.element_bytes == dtype_size(kv_dtype()) && (c.n_layers == 0 || cache.k[0].dtype() == kv_dtype()),
+              cache.element_bytes == dtype_size(session.kv_dtype()) && (c.n_layers == 0 || cache.k[0].dtype() == session.kv_dtype()),
           where(i) + "the cache was not made for this model and session (its size or --kv-dtype differs): make it "
                      "with this session's Session::new_cache");
     if (cache.length + (int64_t)s.n > c.context)

@@ -149,20 +149,24 @@ TEST(QuantKernels, PortableAndFastPathsAgree) {
   EXPECT_LT(rel_diff(fast.data(), portable.data(), (int64_t)fast.size()), 2e-6);
 }
 
-// Cached attention over a BF16 cache equals the F32 kernel over the same (rounded) values.
+// Cached attention over a BF16 cache equals the F32 kernel over the same (rounded) values, with
+// every key/value head shared by 1, 2 or 4 query heads.
 TEST(QuantKernels, Bf16CachedAttentionEqualsF32OnRoundedCache) {
-  const int H = 2, hd = 16, C = H * hd, L = 37, m = 3;
-  std::vector<float> kf = normal((int64_t)L * C, 6), vf = normal((int64_t)L * C, 7), q = normal((int64_t)m * C, 8);
-  std::vector<uint16_t> kb(kf.size()), vb(vf.size());
-  k::f32_to_bf16(kf.data(), kb.data(), (int64_t)kf.size());
-  k::f32_to_bf16(vf.data(), vb.data(), (int64_t)vf.size());
-  for (auto& x : kf) x = round_bf16(x);
-  for (auto& x : vf) x = round_bf16(x);
-  std::vector<float> scratch(64 * k::attention_cached_scratch_floats(L, hd));
-  std::vector<float> ref((size_t)m * C), got((size_t)m * C);
-  k::attention_cached(q.data(), C, m, kf.data(), vf.data(), C, L, H, hd, ref.data(), C, scratch.data());
-  k::attention_cached_bf16(q.data(), C, m, kb.data(), vb.data(), C, L, H, hd, got.data(), C, scratch.data());
-  EXPECT_LT(rel_diff(got.data(), ref.data(), (int64_t)got.size()), 1e-5);
+  const int H = 4, hd = 16, C = H * hd, L = 37, m = 3;
+  for (int Hkv : {4, 2, 1}) {
+    const int KV = Hkv * hd;
+    std::vector<float> kf = normal((int64_t)L * KV, 6), vf = normal((int64_t)L * KV, 7), q = normal((int64_t)m * C, 8);
+    std::vector<uint16_t> kb(kf.size()), vb(vf.size());
+    k::f32_to_bf16(kf.data(), kb.data(), (int64_t)kf.size());
+    k::f32_to_bf16(vf.data(), vb.data(), (int64_t)vf.size());
+    for (auto& x : kf) x = round_bf16(x);
+    for (auto& x : vf) x = round_bf16(x);
+    std::vector<float> scratch(64 * k::attention_cached_scratch_floats(L, hd));
+    std::vector<float> ref((size_t)m * C), got((size_t)m * C);
+    k::attention_cached(q.data(), C, m, kf.data(), vf.data(), KV, L, H, Hkv, hd, ref.data(), C, scratch.data());
+    k::attention_cached_bf16(q.data(), C, m, kb.data(), vb.data(), KV, L, H, Hkv, hd, got.data(), C, scratch.data());
+    EXPECT_LT(rel_diff(got.data(), ref.data(), (int64_t)got.size()), 1e-5) << "kv heads " << Hkv;
+  }
 }
 
 // ---- models --------------------------------------------------------------------------------
