@@ -492,8 +492,17 @@ TEST_F(Serve, LoadOfThirtyTwoClientsForSixtySeconds) {
   EXPECT_EQ(metric(srv, "subllm_queue_length"), 0);
   EXPECT_EQ(metric(srv, "subllm_requests_completed_total"), (double)ok);
   EXPECT_GT(warm_rss, 0);
-  EXPECT_LT(end_rss, warm_rss * 5 / 4 + 16 * 1024) << "resident memory grew from " << warm_rss << " kB to "
-                                                     << end_rss << " kB under load";
+  // Under AddressSanitizer freed blocks wait in its quarantine (256 MB by default) instead of
+  // being reused, so resident memory is only a leak signal in the plain build; there LeakSanitizer
+  // checks for leaks instead.
+#if defined(__SANITIZE_ADDRESS__)
+  const bool rss_is_meaningful = false;
+#else
+  const bool rss_is_meaningful = true;
+#endif
+  if (rss_is_meaningful)
+    EXPECT_LT(end_rss, warm_rss * 5 / 4 + 16 * 1024) << "resident memory grew from " << warm_rss << " kB to "
+                                                       << end_rss << " kB under load";
   std::printf("load: %ld requests in %d s, server RSS %ld kB after warm-up, %ld kB at the end\n", (long)ok, seconds,
               warm_rss, end_rss);
 }
