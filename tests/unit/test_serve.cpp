@@ -500,9 +500,10 @@ TEST_F(Serve, LoadOfThirtyTwoClientsForSixtySeconds) {
 #else
   const bool rss_is_meaningful = true;
 #endif
-  if (rss_is_meaningful)
+  if (rss_is_meaningful) {
     EXPECT_LT(end_rss, warm_rss * 5 / 4 + 16 * 1024) << "resident memory grew from " << warm_rss << " kB to "
                                                        << end_rss << " kB under load";
+  }
   std::printf("load: %ld requests in %d s, server RSS %ld kB after warm-up, %ld kB at the end\n", (long)ok, seconds,
               warm_rss, end_rss);
 }
