@@ -15,6 +15,12 @@
 // only when cpuid reports it, so one binary runs on any x86-64 machine. The environment variable
 // SUBLLM_PORTABLE_KERNELS=1 (or set_portable_kernels) forces the portable ones. Both paths give
 // what the F32 kernels give on the dequantized weights, up to the order of the sums.
+//
+// Q8 products round their activations too: every x row is quantized as a weight row is (a scale
+// per 32, round to nearest even) before it meets W, so y = dequant(quant(x)) · dequant(W)^T on
+// every path and for every row count. Where the machine has AVX-512 VNNI, the matrix-vector
+// path multiplies the int8 values with the int8 dot product and scales exact integer group sums;
+// elsewhere the F32 kernels take the rounded x.
 #include <cstddef>
 #include <cstdint>
 
@@ -27,6 +33,9 @@ constexpr size_t q8_row_bytes(int64_t cols) { return (size_t)cols + (size_t)cols
 bool fast_kernels_active();
 // Forces the portable paths (true) or lets the machine decide again (false). Tests use it.
 void set_portable_kernels(bool portable);
+// Whether Q8 matrix-vector products may use the AVX-512 int8 dot product (VNNI) where the
+// machine has it (true, the default) or take the AVX-512 F32 path. Tests use it.
+void set_vnni_kernels(bool allowed);
 
 // ---- conversions ------------------------------------------------------------------------
 // dst (rows, q8_row_bytes(cols)) from src (rows, cols) F32, cols % 32 == 0.
@@ -38,8 +47,8 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 
 // ---- dense algebra on inference weights ---------------------------------------------------
 // y(n, out) (=|+=) x(n, in) · W(out, in)^T, W in BF16 (row stride ldw elements) or Q8 (dense
-// rows). Up to 4 rows are matrix-vector products that stream W once; more rows go through the
-// F32 GEMM on tiles of W dequantized on the stack.
+// rows; x rounded as above). Up to 4 rows are matrix-vector products that stream W once; more
+// rows go through the F32 GEMM on tiles of W dequantized on the stack.
 void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
                          int in, int out, bool accumulate);
 void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int64_t ldy, int n, int in, int out,

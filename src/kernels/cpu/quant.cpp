@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
@@ -24,6 +25,7 @@
 #include <immintrin.h>
 #define SUBLLM_X86_DISPATCH 1
 #define SUBLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define SUBLLM_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
 
 namespace subllm::kernels {
@@ -31,11 +33,21 @@ namespace subllm::kernels {
 namespace {
 
 std::atomic<bool> g_portable_forced{false};
+std::atomic<bool> g_vnni_off{false};
 
 bool machine_has_avx512() {
 #ifdef SUBLLM_X86_DISPATCH
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool machine_has_vnni() {
+#ifdef SUBLLM_X86_DISPATCH
+  static const bool has = machine_has_avx512() && __builtin_cpu_supports("avx512vnni");
   return has;
 #else
   return false;
@@ -49,6 +61,12 @@ bool env_portable() {
   }();
   return portable;
 }
+
+bool fast_active() {
+  return machine_has_avx512() && !env_portable() && !g_portable_forced.load(std::memory_order_relaxed);
+}
+// Whether Q8 products take the int8 dot-product path.
+bool vnni_active() { return fast_active() && machine_has_vnni() && !g_vnni_off.load(std::memory_order_relaxed); }
 
 inline float load_f32(const uint8_t* p) {
   float f;
@@ -67,6 +85,32 @@ inline uint16_t f32_to_bf16_bits(float f) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits | 0x00400000u) >> 16);  // NaN stays quiet NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return (uint16_t)(bits >> 16);
+}
+
+// One row of cols F32 values (cols % 32 == 0) into the Q8 row layout (quant_kernels.h).
+void quantize_row_q8(const float* x, int cols, uint8_t* row) {
+  auto* q = reinterpret_cast<int8_t*>(row);
+  for (int g = 0; g < cols / kQ8Group; ++g) {
+    float amax = 0.f;
+    for (int e = 0; e < kQ8Group; ++e) amax = std::max(amax, std::fabs(x[g * kQ8Group + e]));
+    const float s = amax / 127.0f;
+    const float inv = s > 0.f ? 1.0f / s : 0.f;
+    for (int e = 0; e < kQ8Group; ++e) {
+      const float v = std::nearbyint(x[g * kQ8Group + e] * inv);
+      q[g * kQ8Group + e] = (int8_t)std::clamp(v, -127.0f, 127.0f);
+    }
+    std::memcpy(row + cols + sizeof(float) * g, &s, sizeof s);
+  }
+}
+
+// The F32 values a Q8 row stands for: out[c] = s[c / 32] * q[c].
+void dequant_row_q8(const uint8_t* row, int cols, float* out) {
+  const auto* q = reinterpret_cast<const int8_t*>(row);
+  for (int g = 0; g < cols / kQ8Group; ++g) {
+    const float s = load_f32(row + cols + sizeof(float) * g);
+#pragma omp simd
+    for (int e = 0; e < kQ8Group; ++e) out[g * kQ8Group + e] = s * (float)q[g * kQ8Group + e];
+  }
 }
 
 // ---- portable matrix-vector rows --------------------------------------------------------
@@ -110,6 +154,59 @@ void bf16_rows_portable(const float* x, int64_t ldx, int nx, const uint16_t* w, 
     }
   }
 }
+
+// ---- Q8 activations ----------------------------------------------------------------------
+// Q8 products quantize each x row as the weights are (quantize_row_q8), on every path:
+// y = dequant(quant(x)) · dequant(W)^T. `deq` holds those x rows for the F32 paths. The int8
+// dot-product path works in blocks of 8 64-column chunks (16 groups) and reads, per x row i
+// and block b (zero past the row's end):
+//   xq (i, b, 512) the int8 values;
+//   sx (i, b, 16)  F32 group scales and
+//   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
+// both in the order the block's per-group sums come out of q8_block_sums: lane L holds group
+// 16 b + 4 (L % 4) + L / 4.
+constexpr int kChunksPerBlock = 8;
+inline int block_lane_group(int L) { return 4 * (L % 4) + L / 4; }
+
+struct Q8Activations {
+  int blocks = 0;
+  std::vector<uint8_t> row;
+  std::vector<float> deq, sx, u;
+  std::vector<int8_t> xq;
+
+  void prepare(const float* x, int64_t ldx, int nx, int in, bool for_vnni) {
+    const size_t rb = q8_row_bytes(in);
+    const int G = in / kQ8Group;
+    blocks = (in + 511) / 512;
+    row.resize(rb);
+    if (for_vnni) {
+      xq.assign((size_t)nx * blocks * 512, 0);
+      sx.assign((size_t)nx * blocks * 16, 0.f);
+      u.assign((size_t)nx * blocks * 16, 0.f);
+    } else {
+      deq.resize((size_t)nx * in);
+    }
+    for (int i = 0; i < nx; ++i) {
+      quantize_row_q8(x + i * ldx, in, row.data());
+      if (!for_vnni) {
+        dequant_row_q8(row.data(), in, deq.data() + (size_t)i * in);
+        continue;
+      }
+      const auto* q = reinterpret_cast<const int8_t*>(row.data());
+      std::memcpy(xq.data() + (size_t)i * blocks * 512, q, (size_t)in);
+      for (int b = 0; b < blocks; ++b)
+        for (int L = 0; L < 16; ++L) {
+          const int g = 16 * b + block_lane_group(L);
+          if (g >= G) continue;
+          const float s = load_f32(row.data() + in + sizeof(float) * g);
+          int sum = 0;
+          for (int e = 0; e < kQ8Group; ++e) sum += q[g * kQ8Group + e];
+          sx[((size_t)i * blocks + b) * 16 + L] = s;
+          u[((size_t)i * blocks + b) * 16 + L] = -128.0f * s * (float)sum;
+        }
+    }
+  }
+};
 
 // ---- AVX-512 matrix-vector rows ---------------------------------------------------------
 #ifdef SUBLLM_X86_DISPATCH
@@ -173,6 +270,78 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* x, int64_t ldx, const uint16_t*
     }
     for (int i = 0; i < NX; ++i) {
       const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+      float& out = y[i * ldy + r];
+      out = accumulate ? out + sum : sum;
+    }
+  }
+}
+
+// Q8 rows against Q8-quantized x rows with the int8 dot product (vpdpbusd: unsigned bytes ×
+// signed bytes, four products summed into each int32 lane). The weight bytes w become unsigned
+// as w + 128 (the sign bit flipped); the x side's u takes the offset back out. A block's 8
+// chunks give 8 vectors whose lanes 0-7 and 8-15 belong to one group each; a transposing sum
+// turns them into one vector of the block's 16 exact integer group sums. Each group's
+// sx · sum + u waits in `held` until the row's data is read, and is then multiplied by the
+// weight scales stored after it, so the weights stream in order.
+
+// The 16 group sums of chunks c0 .. c0 + 7 of `row` against x bytes xq (lane order: Q8Activations).
+SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline __m512i q8_block_sums(const uint8_t* row, const int8_t* xq,
+                                                                             int in, int c0) {
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  __m512i v[kChunksPerBlock];
+  for (int k = 0; k < kChunksPerBlock; ++k) {
+    const int at = 64 * (c0 + k);
+    if (at + 64 <= in) {
+      v[k] = _mm512_loadu_si512(row + at);
+    } else if (at < in) {
+      v[k] = _mm512_maskz_loadu_epi8(0xffffffffull, row + at);  // the last 32 columns
+    } else {
+      v[k] = _mm512_setzero_si512();
+      continue;
+    }
+    v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(v[k], flip),
+                               _mm512_loadu_si512(xq + 64 * k));
+  }
+  // 128-bit blocks of v[k]: [A A B B] for its groups A = 2 k, B = 2 k + 1.
+  __m512i s[4];
+  for (int p = 0; p < 4; ++p)
+    s[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x88),    // blocks 0, 2 | 0, 2
+                            _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xdd));   // blocks 1, 3 | 1, 3
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi64(s[0], s[1]), _mm512_unpackhi_epi64(s[0], s[1]));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi64(s[2], s[3]), _mm512_unpackhi_epi64(s[2], s[3]));
+  const __m512 f0 = _mm512_castsi512_ps(t0), f1 = _mm512_castsi512_ps(t1);
+  return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(f0, f1, 0x88)),
+                          _mm512_castps_si512(_mm512_shuffle_ps(f0, f1, 0xdd)));
+}
+
+template <int NX>
+SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
+                                     int64_t ldy, bool accumulate) {
+  const size_t rb = q8_row_bytes(in);
+  const int G = in / kQ8Group, B = a.blocks;
+  const __m512i lane_group = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  thread_local std::vector<float> held_store;
+  held_store.resize((size_t)NX * B * 16);
+  float* held = held_store.data();
+  for (int r = r0; r < r1; ++r) {
+    const uint8_t* row = w + (size_t)r * rb;
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < NX; ++i) {
+        const size_t at = (size_t)i * B + b;
+        const __m512i sums = q8_block_sums(row, a.xq.data() + at * 512, in, kChunksPerBlock * b);
+        _mm512_storeu_ps(held + at * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(a.sx.data() + at * 16),
+                                                         _mm512_loadu_ps(a.u.data() + at * 16)));
+      }
+    __m512 acc[NX];
+    for (int i = 0; i < NX; ++i) acc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) {
+      const int groups = std::min(16, G - 16 * b);
+      const __m512 sw = _mm512_permutexvar_ps(
+          lane_group, _mm512_maskz_loadu_ps((__mmask16)((1u << groups) - 1u), row + in + sizeof(float) * 16 * b));
+      for (int i = 0; i < NX; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(held + ((size_t)i * B + b) * 16), sw, acc[i]);
+    }
+    for (int i = 0; i < NX; ++i) {
+      const float sum = _mm512_reduce_add_ps(acc[i]);
       float& out = y[i * ldy + r];
       out = accumulate ? out + sum : sum;
     }
@@ -308,31 +477,14 @@ double lm_head_loss(const float* x, const int32_t* targets, int n, int C, int V,
 
 }  // namespace
 
-bool fast_kernels_active() {
-  return machine_has_avx512() && !env_portable() && !g_portable_forced.load(std::memory_order_relaxed);
-}
+bool fast_kernels_active() { return fast_active(); }
 void set_portable_kernels(bool portable) { g_portable_forced.store(portable, std::memory_order_relaxed); }
+void set_vnni_kernels(bool allowed) { g_vnni_off.store(!allowed, std::memory_order_relaxed); }
 
 void quantize_q8(const float* src, int64_t rows, int cols, void* dst) {
   const size_t rb = q8_row_bytes(cols);
-  const int G = cols / kQ8Group;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = src + r * cols;
-    uint8_t* row = static_cast<uint8_t*>(dst) + (size_t)r * rb;
-    auto* q = reinterpret_cast<int8_t*>(row);
-    for (int g = 0; g < G; ++g) {
-      float amax = 0.f;
-      for (int e = 0; e < kQ8Group; ++e) amax = std::max(amax, std::fabs(x[g * kQ8Group + e]));
-      const float s = amax / 127.0f;
-      const float inv = s > 0.f ? 1.0f / s : 0.f;
-      for (int e = 0; e < kQ8Group; ++e) {
-        const float v = std::nearbyint(x[g * kQ8Group + e] * inv);
-        q[g * kQ8Group + e] = (int8_t)std::clamp(v, -127.0f, 127.0f);
-      }
-      std::memcpy(row + cols + sizeof(float) * g, &s, sizeof s);
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) quantize_row_q8(src + r * cols, cols, static_cast<uint8_t*>(dst) + (size_t)r * rb);
 }
 
 void dequantize_q8(const void* src, int64_t rows, int cols, float* dst) {
@@ -353,11 +505,41 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int64_t ldy, int n, int in, int out,
                        bool accumulate) {
   const auto* wq = static_cast<const uint8_t*>(w);
+  // More rows than the matrix-vector path takes go through the F32 GEMM: their x rows are
+  // quantized and dequantized here, as the matrix-vector path quantizes its own.
+  thread_local std::vector<float> x_rounded;
+  if (n > kMaxGemvRows) {
+    x_rounded.resize((size_t)n * in);
+    float* rounded = x_rounded.data();  // the calling thread's buffer, filled by all threads
+#pragma omp parallel
+    {
+      std::vector<uint8_t> row(q8_row_bytes(in));
+#pragma omp for schedule(static)
+      for (int i = 0; i < n; ++i) {
+        quantize_row_q8(x + i * ldx, in, row.data());
+        dequant_row_q8(row.data(), in, rounded + (size_t)i * in);
+      }
+    }
+    x = rounded;
+    ldx = in;
+  }
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate,
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
-        for (int i0 = 0; i0 < nx; i0 += kMaxGemvRows)
-          q8_rows(xs + i0 * ldx, ldx, std::min(kMaxGemvRows, nx - i0), wq, in, r0, r1, ys + i0 * ldy, ldy, acc);
+        thread_local Q8Activations a;
+        const bool vnni = vnni_active();
+        a.prepare(xs, ldx, nx, in, vnni);
+#ifdef SUBLLM_X86_DISPATCH
+        if (vnni) {
+          switch (nx) {
+            case 1: return q8_rows_vnni<1>(a, wq, in, r0, r1, ys, ldy, acc);
+            case 2: return q8_rows_vnni<2>(a, wq, in, r0, r1, ys, ldy, acc);
+            case 3: return q8_rows_vnni<3>(a, wq, in, r0, r1, ys, ldy, acc);
+            default: return q8_rows_vnni<4>(a, wq, in, r0, r1, ys, ldy, acc);
+          }
+        }
+#endif
+        q8_rows(a.deq.data(), in, nx, wq, in, r0, r1, ys, ldy, acc);
       },
       [&](int r0, int R, int k0, int K, float* t) { dequant_tile_q8(wq, in, r0, R, k0, K, t); });
 }
