@@ -36,8 +36,9 @@ struct InferBenchOptions {
   std::string dtype, kv_dtype;  // inference weight and cache types (empty: the defaults)
 };
 // Prefill of a random prompt, first token, `gen` greedy decode steps: first_token_ms,
-// prefill_tokens_per_s, decode_tokens_per_s, retention, kv_cache_bytes, ...
-nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm, double bw);
+// prefill_tokens_per_s, decode_tokens_per_s against the read-bandwidth limit (probed around
+// the decode), retention, kv_cache_bytes, ...
+nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm);
 
 // Batched decoding of `streams` sequences together (Session::forward_cached_batch), each with
 // its own random prompt: prefill_tokens_per_s, decode_tokens_per_s (all sequences' tokens),

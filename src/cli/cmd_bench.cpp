@@ -121,14 +121,14 @@ int bench_infer(const BenchInferArgs& a) {
   check(!a.config.empty() || !a.opt.model_dir.empty(), "give --config CONFIG.json (random weights) or -m MODEL_DIR");
   check(a.opt.prompt_len > 0 && a.opt.gen > 0, "--prompt-len and --gen must be positive");
   if (!a.streams.empty()) return bench_streams(a);
-  const double sgemm = measure_sgemm_gflops(a.opt.device), bw = measure_read_bandwidth(a.opt.device);
+  const double sgemm = measure_sgemm_gflops(a.opt.device);
   nlohmann::json base;
   if (!a.baseline.empty()) {
     InferBenchOptions random_weights = a.opt;
     random_weights.model_dir.clear();
-    base = measure_inference(a.baseline, random_weights, sgemm, bw);
+    base = measure_inference(a.baseline, random_weights, sgemm);
   }
-  nlohmann::json j = measure_inference(a.opt.model_dir.empty() ? a.config : a.opt.model_dir, a.opt, sgemm, bw);
+  nlohmann::json j = measure_inference(a.opt.model_dir.empty() ? a.config : a.opt.model_dir, a.opt, sgemm);
   if (!a.baseline.empty()) {
     j["baseline"] = base;
     j["first_token_speedup"] = base["first_token_ms"].get<double>() / j["first_token_ms"].get<double>();

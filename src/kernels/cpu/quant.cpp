@@ -164,9 +164,9 @@ void bf16_rows_portable(const float* x, int64_t ldx, int nx, const uint16_t* w, 
 //   sx (i, b, 16)  F32 group scales and
 //   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
 // both in the order the block's per-group sums come out of q8_block_sums: lane L holds group
-// 16 b + 4 (L % 4) + L / 4.
+// 16 b + block_lane_group(L).
 constexpr int kChunksPerBlock = 8;
-inline int block_lane_group(int L) { return 4 * (L % 4) + L / 4; }
+inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L % 4); }
 
 struct Q8Activations {
   int blocks = 0;
@@ -240,36 +240,33 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
   }
 }
 
-SUBLLM_AVX512 inline __m512 widen_bf16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
+// BF16 rows against x rows split by column parity: 32 BF16 weights are 16 32-bit words whose
+// high halves (columns c + 2 l + 1) are F32 values once the low halves are masked off, and
+// whose low halves (columns c + 2 l) are F32 values once shifted up, so widening costs one
+// integer operation per 16 weights. `xs` holds each x row as blocks of 32 columns: its 16
+// even columns, then its 16 odd ones (zero past the row's end); row i at xs + i * ldxs.
 template <int NX>
-SUBLLM_AVX512 void bf16_rows_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int in, int r0,
+SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_t* w, int64_t ldw, int in, int r0,
                                     int r1, float* y, int64_t ldy, bool accumulate) {
+  const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
   const int in32 = in / 32 * 32;
-  const int tail = in - in32;
   for (int r = r0; r < r1; ++r) {
     const uint16_t* row = w + (int64_t)r * ldw;
-    __m512 a0[NX], a1[NX];
-    for (int i = 0; i < NX; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
-    for (int c = 0; c < in32; c += 32) {
-      const __m512 w0 = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
-      const __m512 w1 = widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c + 16)));
+    __m512 even[NX], odd[NX];
+    for (int i = 0; i < NX; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+    for (int c = 0; c < in; c += 32) {
+      const __m512i h = c < in32 ? _mm512_loadu_si512(row + c)
+                                 : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (in - c)) - 1ull), row + c);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(h, high));
       for (int i = 0; i < NX; ++i) {
-        const float* xi = x + i * ldx + c;
-        a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a0[i]);
-        a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a1[i]);
+        const float* xi = xs + i * ldxs + c;
+        even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
+        odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
       }
     }
-    for (int c = in32; c < in; c += 16) {
-      const int left = std::min(16, tail - (c - in32));
-      const __mmask16 m = (__mmask16)((1u << left) - 1u);
-      const __m512 w0 = widen_bf16(_mm256_maskz_loadu_epi16(m, row + c));
-      for (int i = 0; i < NX; ++i) a0[i] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + i * ldx + c), a0[i]);
-    }
     for (int i = 0; i < NX; ++i) {
-      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
       float& out = y[i * ldy + r];
       out = accumulate ? out + sum : sum;
     }
@@ -289,29 +286,31 @@ SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline __m512i q8_block_sums(c
                                                                              int in, int c0) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   __m512i v[kChunksPerBlock];
-  for (int k = 0; k < kChunksPerBlock; ++k) {
-    const int at = 64 * (c0 + k);
-    if (at + 64 <= in) {
-      v[k] = _mm512_loadu_si512(row + at);
-    } else if (at < in) {
-      v[k] = _mm512_maskz_loadu_epi8(0xffffffffull, row + at);  // the last 32 columns
-    } else {
-      v[k] = _mm512_setzero_si512();
-      continue;
+  if (64 * (c0 + kChunksPerBlock) <= in) {
+    for (int k = 0; k < kChunksPerBlock; ++k)
+      v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(row + 64 * (c0 + k)), flip),
+                                 _mm512_loadu_si512(xq + 64 * k));
+  } else {  // the row's last block: whole chunks, perhaps a last half chunk of 32 columns, then none
+    for (int k = 0; k < kChunksPerBlock; ++k) {
+      const int at = 64 * (c0 + k);
+      const __m512i wv = at + 64 <= in ? _mm512_loadu_si512(row + at)
+                         : at < in     ? _mm512_maskz_loadu_epi8(0xffffffffull, row + at)
+                                       : flip;  // flips to zero bytes
+      v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(wv, flip), _mm512_loadu_si512(xq + 64 * k));
     }
-    v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(v[k], flip),
-                               _mm512_loadu_si512(xq + 64 * k));
   }
-  // 128-bit blocks of v[k]: [A A B B] for its groups A = 2 k, B = 2 k + 1.
-  __m512i s[4];
-  for (int p = 0; p < 4; ++p)
-    s[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x88),    // blocks 0, 2 | 0, 2
-                            _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xdd));   // blocks 1, 3 | 1, 3
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi64(s[0], s[1]), _mm512_unpackhi_epi64(s[0], s[1]));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi64(s[2], s[3]), _mm512_unpackhi_epi64(s[2], s[3]));
-  const __m512 f0 = _mm512_castsi512_ps(t0), f1 = _mm512_castsi512_ps(t1);
-  return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(f0, f1, 0x88)),
-                          _mm512_castps_si512(_mm512_shuffle_ps(f0, f1, 0xdd)));
+  // 128-bit blocks of v[k]: [A A B B] for its groups A = 2 k, B = 2 k + 1. Sums within
+  // 128-bit blocks first (cheap shuffles), across blocks once at the end.
+  __m512i p[4];
+  for (int i = 0; i < 4; ++i)
+    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi64(v[2 * i], v[2 * i + 1]));
+  __m512i q[2];
+  for (int i = 0; i < 2; ++i) {
+    const __m512 a = _mm512_castsi512_ps(p[2 * i]), b = _mm512_castsi512_ps(p[2 * i + 1]);
+    q[i] = _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
+                            _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xdd)));
+  }
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], 0x88), _mm512_shuffle_i32x4(q[0], q[1], 0xdd));
 }
 
 template <int NX>
@@ -319,7 +318,7 @@ SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, i
                                      int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
   const int G = in / kQ8Group, B = a.blocks;
-  const __m512i lane_group = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i lane_group = _mm512_set_epi32(15, 13, 11, 9, 14, 12, 10, 8, 7, 5, 3, 1, 6, 4, 2, 0);
   thread_local std::vector<float> held_store;
   held_store.resize((size_t)NX * B * 16);
   float* held = held_store.data();
@@ -369,11 +368,17 @@ void bf16_rows(const float* x, int64_t ldx, int nx, const uint16_t* w, int64_t l
                int64_t ldy, bool accumulate) {
 #ifdef SUBLLM_X86_DISPATCH
   if (fast_kernels_active()) {
+    // x rows by column parity within blocks of 32 (bf16_rows_avx512).
+    thread_local std::vector<float> split;
+    const int64_t lds = (in + 31) / 32 * 32;
+    split.assign((size_t)nx * lds, 0.f);
+    for (int i = 0; i < nx; ++i)
+      for (int c = 0; c < in; ++c) split[i * lds + c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
     switch (nx) {
-      case 1: return bf16_rows_avx512<1>(x, ldx, w, ldw, in, r0, r1, y, ldy, accumulate);
-      case 2: return bf16_rows_avx512<2>(x, ldx, w, ldw, in, r0, r1, y, ldy, accumulate);
-      case 3: return bf16_rows_avx512<3>(x, ldx, w, ldw, in, r0, r1, y, ldy, accumulate);
-      default: return bf16_rows_avx512<4>(x, ldx, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 1: return bf16_rows_avx512<1>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 2: return bf16_rows_avx512<2>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 3: return bf16_rows_avx512<3>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      default: return bf16_rows_avx512<4>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
     }
   }
 #endif
