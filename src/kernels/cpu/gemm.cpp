@@ -5,6 +5,12 @@
 #include <algorithm>
 #include <cstdint>
 #if defined(__AVX512F__)
+// GCC 12 flags the deliberately undefined pass-through operand of its own AVX-512 reductions
+// once register-pinned values reach them.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #endif
 
@@ -37,9 +43,15 @@ void few_rows_tile(const float* x, const float* w, float* y, int in, int out, in
   int k = 0;
   for (; k + 16 <= in; k += 16) {
     __m512 xv[RX];
-    for (int j = 0; j < RX; ++j) xv[j] = _mm512_loadu_ps(x + (int64_t)(r0 + j) * in + k);
+    for (int j = 0; j < RX; ++j) {
+      xv[j] = _mm512_loadu_ps(x + (int64_t)(r0 + j) * in + k);
+      // Held in a register: folded into each FMA instead (as the compiler likes to), x would
+      // be loaded RW times, and loads, not FMAs, would bound the loop.
+      __asm__("" : "+v"(xv[j]));
+    }
     for (int i = 0; i < RW; ++i) {
-      const __m512 wv = _mm512_loadu_ps(w + (int64_t)(o0 + i) * in + k);
+      __m512 wv = _mm512_loadu_ps(w + (int64_t)(o0 + i) * in + k);
+      __asm__("" : "+v"(wv));  // the same for W's row
       for (int j = 0; j < RX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
