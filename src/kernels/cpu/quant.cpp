@@ -165,6 +165,34 @@ void bf16_rows_portable(const float* x, int64_t ldx, int nx, const uint16_t* w, 
 //   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
 // both in the order the block's per-group sums come out of q8_block_sums: lane L holds group
 // 16 b + block_lane_group(L).
+// One group of 32 x values as quantize_row_q8 rounds it (the same operations, vectorized:
+// bit for bit its values and scale): q gets the int8 values, *sum their sum; returns the scale.
+#ifdef SUBLLM_X86_DISPATCH
+SUBLLM_AVX512 float quantize_group_q8(const float* x, int8_t* q, int* sum) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const float s = amax / 127.0f;
+  const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.0f / s : 0.f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  // Round to nearest even (the default rounding mode, as nearbyint), then clamp.
+  const __m512i qa = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), lo), hi);
+  const __m512i qb = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)), lo), hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return s;
+}
+#else
+float quantize_group_q8(const float* x, int8_t* q, int* sum) {
+  uint8_t row[kQ8Group + sizeof(float)];
+  quantize_row_q8(x, kQ8Group, row);
+  std::memcpy(q, row, kQ8Group);
+  *sum = 0;
+  for (int e = 0; e < kQ8Group; ++e) *sum += q[e];
+  return load_f32(row + kQ8Group);
+}
+#endif
+
 constexpr int kChunksPerBlock = 8;
 inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L % 4); }
 
@@ -187,23 +215,20 @@ struct Q8Activations {
       deq.resize((size_t)nx * in);
     }
     for (int i = 0; i < nx; ++i) {
-      quantize_row_q8(x + i * ldx, in, row.data());
       if (!for_vnni) {
+        quantize_row_q8(x + i * ldx, in, row.data());
         dequant_row_q8(row.data(), in, deq.data() + (size_t)i * in);
         continue;
       }
-      const auto* q = reinterpret_cast<const int8_t*>(row.data());
-      std::memcpy(xq.data() + (size_t)i * blocks * 512, q, (size_t)in);
-      for (int b = 0; b < blocks; ++b)
-        for (int L = 0; L < 16; ++L) {
-          const int g = 16 * b + block_lane_group(L);
-          if (g >= G) continue;
-          const float s = load_f32(row.data() + in + sizeof(float) * g);
-          int sum = 0;
-          for (int e = 0; e < kQ8Group; ++e) sum += q[g * kQ8Group + e];
-          sx[((size_t)i * blocks + b) * 16 + L] = s;
-          u[((size_t)i * blocks + b) * 16 + L] = -128.0f * s * (float)sum;
-        }
+      int8_t* q = xq.data() + (size_t)i * blocks * 512;
+      for (int g = 0; g < G; ++g) {
+        int sum = 0;
+        const float s = quantize_group_q8(x + i * ldx + g * kQ8Group, q + g * kQ8Group, &sum);
+        const int gl = g % 16, L = 8 * (gl / 8) + 4 * (gl % 2) + (gl % 8) / 2;  // block_lane_group(L) == gl
+        const size_t at = ((size_t)i * blocks + g / 16) * 16 + L;
+        sx[at] = s;
+        u[at] = -128.0f * s * (float)sum;
+      }
     }
   }
 };
