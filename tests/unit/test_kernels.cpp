@@ -143,8 +143,10 @@ TEST(Kernels, LmHeadCrossEntropyMatchesDirectSoftmax) {
   std::vector<float> dx(n * C), dw(V * C, 0.f);
   k::lm_head_xent(x.data(), w.data(), tgt.data(), n, C, V, 1.0f, dx.data(), dw.data(), nullptr, scratch.data(), 3,
                   nullptr);
-  expect_grad_matches("dx", x, dx, loss, 1e-2f, 2e-2, 200);
-  expect_grad_matches("dw", w, dw, loss, 1e-2f, 2e-2, 200);
+  // The loss sums float softmaxes (about 1e-6 of rounding noise), so the steps are wide enough
+  // that the noise stays under a percent of the smallest gradients checked.
+  expect_grad_matches("dx", x, dx, loss, 4e-2f, 2e-2, 200);
+  expect_grad_matches("dw", w, dw, loss, 4e-2f, 2e-2, 200);
   for (int c = 0; c < C; ++c) EXPECT_EQ(dx[3 * C + c], 0.f);  // ignored row
 }
 

@@ -1,16 +1,18 @@
 #pragma once
 // Branch-free float math that the compiler vectorises inside `omp simd` loops (libm calls
 // stay scalar). exp_approx has a relative error below 2e-7 over the float range.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 namespace subllm::kernels {
 
 inline float exp_approx(float x) {
-  // exp(x) = 2^k * exp(r), k = round(x / ln2), r = x - k*ln2 in [-ln2/2, ln2/2].
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  float kf = x * 1.44269504088896341f;
-  kf = kf >= 0.f ? (float)(int32_t)(kf + 0.5f) : (float)(int32_t)(kf - 0.5f);
+  // exp(x) = 2^k * exp(r), k = round(x / ln2), r = x - k*ln2 in [-ln2/2, ln2/2]. Clamping with
+  // min/max and rounding by adding and subtracting 1.5 * 2^23 (to nearest even; |x / ln2| < 2^22)
+  // keep the function free of branches, so loops that call it vectorize.
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - kf * 0.693359375f;
   r = r - kf * -2.12194440e-4f;
   // Degree-7 Taylor polynomial of exp(r) in Horner form.
