@@ -3,7 +3,7 @@
 
     bench/serve_bench.py -m MODEL_DIR [--streams 1,4,16] [--tokens 64] [--requests 3]
                          [--parallel 16] [--threads N] [--subllm build/subllm] [--device cpu]
-                         [--keep-threshold JSON]
+                         [--keep-threshold JSON] [--prompt-words N] [--json]
 
 Starts the server on a free loopback port, then for each concurrency S runs S clients, each
 sending --requests streamed completions of --tokens tokens (ignore_eos, greedy) back to back.
@@ -84,6 +84,20 @@ def one_request(port, prompt, tokens, out):
     out.append((first, gaps, generated))
 
 
+def long_prompts(words):
+    """The prompts, each continued with the words of the others until it has `words` words."""
+    pool = " ".join(PROMPTS).split()
+    out = []
+    for i, p in enumerate(PROMPTS):
+        w = p.split()
+        j = 0
+        while len(w) < words:
+            w.append(pool[(i * 7 + j) % len(pool)])
+            j += 1
+        out.append(" ".join(w[:words]))
+    return out
+
+
 def run_level(port, streams, tokens, requests):
     results = []
     lock = threading.Lock()
@@ -138,10 +152,14 @@ def main():
     ap.add_argument("--keep-threshold", default=None,
                     help="JSON: the keep_threshold every request sends, e.g. -0.005 or [-0.005,-0.012]")
     ap.add_argument("--json", action="store_true", help="one JSON line per level instead of a table")
+    ap.add_argument("--prompt-words", type=int, default=0,
+                    help="lengthen every prompt to this many words (0: the short prompts as they are)")
     a = ap.parse_args()
     cmd = [a.subllm, "serve", "-m", a.model, "--port", "0", "--parallel", str(a.parallel), "--queue", "256",
            "-t", str(a.threads), "--device", a.device]
-    global KEEP_THRESHOLD
+    global KEEP_THRESHOLD, PROMPTS
+    if a.prompt_words > 0:
+        PROMPTS = long_prompts(a.prompt_words)
     if a.keep_threshold is not None:
         KEEP_THRESHOLD = json.loads(a.keep_threshold)
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -154,8 +172,9 @@ def main():
         # A short warm-up request so the first level does not pay for first-touch allocations.
         one_request(port, PROMPTS[0], 8, [])
         if not a.json:
-            print("model %s, %d slots, %d tokens per request, %d requests per client" %
-                  (a.model, a.parallel, a.tokens, a.requests))
+            print("model %s, %d slots, %d tokens per request, %d requests per client%s" %
+                  (a.model, a.parallel, a.tokens, a.requests,
+                   ", prompts of %d words" % a.prompt_words if a.prompt_words > 0 else ""))
             print("%8s %10s %12s %12s %12s %12s %12s" %
                   ("streams", "tokens", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"))
         base = None

@@ -157,14 +157,8 @@ void bf16_rows_portable(const float* x, int64_t ldx, int nx, const uint16_t* w, 
 
 // ---- Q8 activations ----------------------------------------------------------------------
 // Q8 products quantize each x row as the weights are (quantize_row_q8), on every path:
-// y = dequant(quant(x)) · dequant(W)^T. `deq` holds those x rows for the F32 paths. The int8
-// dot-product path works in blocks of 8 64-column chunks (16 groups) and reads, per x row i
-// and block b (zero past the row's end):
-//   xq (i, b, 512) the int8 values;
-//   sx (i, b, 16)  F32 group scales and
-//   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
-// both in the order the block's per-group sums come out of q8_block_sums: lane L holds group
-// 16 b + block_lane_group(L).
+// y = dequant(quant(x)) · dequant(W)^T.
+
 // One group of 32 x values as quantize_row_q8 rounds it (the same operations, vectorized:
 // bit for bit its values and scale): q gets the int8 values, *sum their sum; returns the scale.
 #ifdef SUBLLM_X86_DISPATCH
@@ -193,9 +187,17 @@ float quantize_group_q8(const float* x, int8_t* q, int* sum) {
 }
 #endif
 
+// The int8 dot-product path works in blocks of 8 64-column chunks (16 groups); a block's 16
+// group sums come out of q8_block_sums with group block_lane_group(L) in lane L.
 constexpr int kChunksPerBlock = 8;
 inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L % 4); }
 
+// The x rows as the Q8 paths read them. `deq` holds them dequantized for the F32 paths; the
+// int8 dot-product path reads, per x row i and block b (zero past the row's end):
+//   xq (i, b, 512) the int8 values;
+//   sx (i, b, 16)  F32 group scales and
+//   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
+// both in the blocks' lane order.
 struct Q8Activations {
   int blocks = 0;
   std::vector<uint8_t> row;
@@ -206,12 +208,14 @@ struct Q8Activations {
     const size_t rb = q8_row_bytes(in);
     const int G = in / kQ8Group;
     blocks = (in + 511) / 512;
-    row.resize(rb);
+    int lane_of[16];  // the lane of each group of a block
+    for (int L = 0; L < 16; ++L) lane_of[block_lane_group(L)] = L;
     if (for_vnni) {
       xq.assign((size_t)nx * blocks * 512, 0);
       sx.assign((size_t)nx * blocks * 16, 0.f);
       u.assign((size_t)nx * blocks * 16, 0.f);
     } else {
+      row.resize(rb);
       deq.resize((size_t)nx * in);
     }
     for (int i = 0; i < nx; ++i) {
@@ -224,8 +228,7 @@ struct Q8Activations {
       for (int g = 0; g < G; ++g) {
         int sum = 0;
         const float s = quantize_group_q8(x + i * ldx + g * kQ8Group, q + g * kQ8Group, &sum);
-        const int gl = g % 16, L = 8 * (gl / 8) + 4 * (gl % 2) + (gl % 8) / 2;  // block_lane_group(L) == gl
-        const size_t at = ((size_t)i * blocks + g / 16) * 16 + L;
+        const size_t at = ((size_t)i * blocks + g / 16) * 16 + lane_of[g % 16];
         sx[at] = s;
         u[at] = -128.0f * s * (float)sum;
       }
