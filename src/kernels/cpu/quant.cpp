@@ -238,6 +238,17 @@ struct Q8Activations {
 
 // ---- AVX-512 matrix-vector rows ---------------------------------------------------------
 #ifdef SUBLLM_X86_DISPATCH
+// y(i, r) (=|+=) the sum of the lanes of a[i] (+ b[i]) for the NX x rows.
+template <int NX>
+SUBLLM_AVX512 inline void put_row_sums(const __m512 (&a)[NX], const __m512 (&b)[NX], float* y, int64_t ldy, int r,
+                                       bool accumulate) {
+  for (int i = 0; i < NX; ++i) {
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a[i], b[i]));
+    float& out = y[i * ldy + r];
+    out = accumulate ? out + sum : sum;
+  }
+}
+
 // Two accumulators per x row (one per half of a group) keep two FMA chains in flight.
 template <int NX>
 SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w, int in, int r0, int r1, float* y,
@@ -260,11 +271,7 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
         a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a1[i]);
       }
     }
-    for (int i = 0; i < NX; ++i) {
-      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
-      float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
-    }
+    put_row_sums<NX>(a0, a1, y, ldy, r, accumulate);
   }
 }
 
@@ -293,11 +300,7 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
         odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
       }
     }
-    for (int i = 0; i < NX; ++i) {
-      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
-      float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
-    }
+    put_row_sums<NX>(even, odd, y, ldy, r, accumulate);
   }
 }
 
@@ -359,19 +362,15 @@ SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, i
         _mm512_storeu_ps(held + at * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(a.sx.data() + at * 16),
                                                          _mm512_loadu_ps(a.u.data() + at * 16)));
       }
-    __m512 acc[NX];
-    for (int i = 0; i < NX; ++i) acc[i] = _mm512_setzero_ps();
+    __m512 acc[NX], zero[NX];
+    for (int i = 0; i < NX; ++i) acc[i] = zero[i] = _mm512_setzero_ps();
     for (int b = 0; b < B; ++b) {
       const int groups = std::min(16, G - 16 * b);
       const __m512 sw = _mm512_permutexvar_ps(
           lane_group, _mm512_maskz_loadu_ps((__mmask16)((1u << groups) - 1u), row + in + sizeof(float) * 16 * b));
       for (int i = 0; i < NX; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(held + ((size_t)i * B + b) * 16), sw, acc[i]);
     }
-    for (int i = 0; i < NX; ++i) {
-      const float sum = _mm512_reduce_add_ps(acc[i]);
-      float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
-    }
+    put_row_sums<NX>(acc, zero, y, ldy, r, accumulate);
   }
 }
 #endif
