@@ -127,7 +127,9 @@ TEST(BatchDecode, DepthFollowsTheKeptPositions) {
       EXPECT_EQ(deepest, 2) << "the test should keep some tokens through both subsamplers";
       EXPECT_GT(zeros, 0) << "the test should drop some tokens at the first subsampler";
     }
-    if (st == "TTT") EXPECT_EQ(deepest, 0);
+    if (st == "TTT") {
+      EXPECT_EQ(deepest, 0);
+    }
   }
 }
 
@@ -225,7 +227,9 @@ void check_batch_equals_alone(ModelConfig cfg, float session_threshold, bool exp
     EXPECT_EQ(q.batched.seen, q.alone.seen) << "sequence " << i;
   }
   EXPECT_GT(mixed_batches, 0) << "the test should mix prefill chunks and decode steps in one batch";
-  if (expect_ragged) EXPECT_GT(ragged_steps, 0) << "the test should have sequences keeping 0 rows beside others";
+  if (expect_ragged) {
+    EXPECT_GT(ragged_steps, 0) << "the test should have sequences keeping 0 rows beside others";
+  }
 }
 
 TEST(BatchDecode, LlamaBatchEqualsEachSequenceAlone) {
