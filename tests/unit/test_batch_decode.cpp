@@ -306,7 +306,7 @@ TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
     Rng r(5);
     struct Seq {
       int m, L;
-      std::vector<float> q, k, v, want, got;
+      std::vector<float> q = {}, k = {}, v = {}, want = {}, got = {};
     };
     std::vector<Seq> seqs = {{1, 37}, {5, 12}, {1, 1}, {3, 64}, {2, 2}};
     for (Seq& s : seqs) {
