@@ -10,6 +10,7 @@
 #include "subllm/error.h"
 #include "subllm/model.h"
 #include "subllm/rng.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -31,19 +32,7 @@ ModelConfig batch_config(const std::string& structure, std::vector<float> ret) {
   return c;
 }
 
-// Weights large enough that tokens interact, and score layers that spread scores around 0.
-void randomize(Model& m, uint64_t seed) {
-  m.init_weights(seed);
-  Rng r(seed);
-  for (const auto& p : m.params()) {
-    float* w = m.param_data() + p.offset;
-    if (p.name.find("to_scores") != std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-    else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.08 * r.normal());
-  }
-  m.weights().params_changed();
-}
+void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed); }
 
 std::vector<int32_t> random_tokens(int n, int V, uint64_t seed) {
   Rng r(seed);

@@ -14,6 +14,7 @@
 #include "subllm/error.h"
 #include "subllm/eval.h"
 #include "subllm/prepare.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -244,17 +245,9 @@ class EvalModel : public ::testing::Test {
     c.n_layers = (int)std::count(structure.begin(), structure.end(), 'T');
     c.retentions = std::move(ret);
     auto m = std::make_unique<Model>(c);
-    m->init_weights(seed);
-    Rng r(seed);
     // Much larger weights than the init, so the context moves the predictions a lot (a wrong
     // prefix must change the scores), and scores spread around 0.
-    for (const auto& p : m->params()) {
-      float* w = m->param_data() + p.offset;
-      if (p.name.find("to_scores") != std::string::npos)
-        for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-      else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-        for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.3 * r.normal());
-    }
+    testing::spread_weights(*m, seed, {0.3, 1.5, 0});
     return m;
   }
 

@@ -13,6 +13,7 @@
 #include "subllm/error.h"
 #include "subllm/model.h"
 #include "subllm/rng.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -161,15 +162,8 @@ TEST(Gqa, ModelGradientsMatchFiniteDifferences) {
 TEST(Gqa, CachedDecodingEqualsTheFullPassAndCachesOnlyKeyValueHeads) {
   for (const char* structure : {"TTT", "T(T)T"}) {
     Model m(gqa_config(2, structure));
-    m.init_weights(3);
     Rng r(4);
-    for (const auto& p : m.params()) {
-      float* w = m.param_data() + p.offset;
-      if (p.name.find("to_scores") != std::string::npos)
-        for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-      else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-        for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.2 * r.normal());
-    }
+    testing::spread_weights(m, 3, {0.2, 1.5, 0}, r);
     const int T = 20, V = 13;
     std::vector<int32_t> tok(T);
     for (auto& t : tok) t = (int32_t)(1 + r.below(V - 1));

@@ -11,6 +11,7 @@
 #include "subllm/generate.h"
 #include "subllm/prepare.h"
 #include "subllm/sampler.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -33,19 +34,7 @@ ModelConfig infer_config(const std::string& structure, std::vector<float> ret) {
   return c;
 }
 
-void randomize(Model& m, uint64_t seed) {
-  m.init_weights(seed);
-  Rng r(seed);
-  // Larger matrices than the init so tokens interact, and score layers that spread scores
-  // around 0 (the init scale keeps them tiny).
-  for (const auto& p : m.params()) {
-    float* w = m.param_data() + p.offset;
-    if (p.name.find("to_scores") != std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-    else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.08 * r.normal());
-  }
-}
+void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed); }
 
 double rel_diff(const float* a, const float* b, int64_t n) {
   double scale = 0, worst = 0;

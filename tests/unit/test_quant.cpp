@@ -15,6 +15,7 @@
 #include "subllm/prepare.h"
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -221,15 +222,7 @@ ModelConfig quant_config(const std::string& structure, std::vector<float> ret, b
 // Random weights larger than the init (tokens interact; scores spread around 0), saved.
 void write_random_weights(const ModelConfig& cfg, const std::string& path, uint64_t seed) {
   Model m(cfg);
-  m.init_weights(seed);
-  Rng r(seed);
-  for (const auto& p : m.params()) {
-    float* w = m.param_data() + p.offset;
-    if (p.name.find("to_scores") != std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-    else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.08 * r.normal());
-  }
+  testing::spread_weights(m, seed);
   m.save(path);
 }
 

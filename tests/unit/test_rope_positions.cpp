@@ -13,6 +13,7 @@
 #include "subllm/model.h"
 #include "subllm/rng.h"
 #include "subllm/safetensors.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -39,19 +40,7 @@ ModelConfig rope_config(const std::string& structure, std::vector<float> ret, bo
 
 // Weights large enough that tokens interact, and score layers that spread scores around 0,
 // so inference keeps some tokens at every level and drops others.
-void randomize(Model& m, uint64_t seed) {
-  m.init_weights(seed);
-  Rng r(seed);
-  for (const auto& p : m.params()) {
-    float* w = m.param_data() + p.offset;
-    if (p.name.find("to_scores") != std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-    else if (p.shape.size() == 2 && p.name.find("embed") == std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(0.08 * r.normal());
-    else if (p.shape.size() == 1)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.0 + 0.1 * r.normal());
-  }
-}
+void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed, {0.08, 1.5, 0.1}); }
 
 std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
   Rng r(seed);

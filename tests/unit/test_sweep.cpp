@@ -11,6 +11,7 @@
 #include "subllm/plot.h"
 #include "subllm/prepare.h"
 #include "subllm/rng.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -37,14 +38,7 @@ std::string sweep_model_dir(const TempDir& tmp, const std::string& structure, st
   c.n_layers = (int)std::count(structure.begin(), structure.end(), 'T');
   c.retentions = std::move(ret);
   Model m(c);
-  m.init_weights(5);
-  Rng r(5);
-  for (const auto& p : m.params()) {
-    float* w = m.param_data() + p.offset;
-    if (p.name.find("to_scores") != std::string::npos)
-      for (int64_t i = 0; i < p.numel; ++i) w[i] = (float)(1.5 * r.normal());
-  }
-  m.weights().params_changed();
+  testing::spread_weights(m, 5, {0, 1.5, 0});
   const std::string dir = tmp.file("model_" + std::to_string(c.n_layers) + "_" + std::to_string(c.retentions.size()));
   fs::create_directories(dir);
   m.save(dir + "/model.safetensors");
