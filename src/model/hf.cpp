@@ -35,6 +35,34 @@ namespace {
 std::string hf_layer(int i) { return "model.layers." + std::to_string(i) + "."; }
 std::string our_layer(int i) { return "decoder.layers." + std::to_string(i) + "."; }
 
+// A Hugging Face LLaMA tensor and its place here: our tensor, the shape, and the element offset
+// within ours (gate_proj and up_proj are the two halves of w12).
+struct HfPlace {
+  std::string hf, ours;
+  Shape shape;
+  int64_t at = 0;
+};
+
+// Every tensor of a LLaMA of config c but the output head, in file order.
+std::vector<HfPlace> hf_places(const ModelConfig& c) {
+  const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size, KV = c.kv_dim();
+  std::vector<HfPlace> p = {{"model.embed_tokens.weight", "decoder.embed_tokens.weight", {V, C}}};
+  for (int i = 0; i < c.n_layers; ++i) {
+    const std::string h = hf_layer(i), o = our_layer(i);
+    p.push_back({h + "input_layernorm.weight", o + "self_attn_layer_norm.weight", {C}});
+    p.push_back({h + "self_attn.q_proj.weight", o + "self_attn.q_proj.weight", {C, C}});
+    p.push_back({h + "self_attn.k_proj.weight", o + "self_attn.k_proj.weight", {KV, C}});
+    p.push_back({h + "self_attn.v_proj.weight", o + "self_attn.v_proj.weight", {KV, C}});
+    p.push_back({h + "self_attn.o_proj.weight", o + "self_attn.out_proj.weight", {C, C}});
+    p.push_back({h + "post_attention_layernorm.weight", o + "final_layer_norm.weight", {C}});
+    p.push_back({h + "mlp.gate_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C}});
+    p.push_back({h + "mlp.up_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C}, F * C});
+    p.push_back({h + "mlp.down_proj.weight", o + "feedforward.swiglu.w3.weight", {C, F}});
+  }
+  p.push_back({"model.norm.weight", "decoder.layer_norm.weight", {C}});
+  return p;
+}
+
 // Shortest decimal text that reads back as the same float (1e-05, not 9.99999974737875e-06).
 double float_for_json(float v) {
   char buf[64];
@@ -306,13 +334,10 @@ std::string convert_from_hf(const std::string& hf_dir, const std::string& out_di
 
   const HfTensors in(dir);
   // Every tensor must have a place; the old per-block RoPE buffers are checked and dropped.
-  std::set<std::string> expected = {"model.embed_tokens.weight", "model.norm.weight"};
+  const std::vector<HfPlace> places = hf_places(c);
+  std::set<std::string> expected;
+  for (const HfPlace& p : places) expected.insert(p.hf);
   if (!c.tie_weights) expected.insert("lm_head.weight");
-  for (int i = 0; i < c.n_layers; ++i)
-    for (const char* t : {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                          "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
-      expected.insert(hf_layer(i) + t);
   const int hd = c.head_dim();
   for (const std::string& n : in.names()) {
     if (n.size() > 9 && n.compare(n.size() - 9, 9, ".inv_freq") == 0) {
@@ -339,26 +364,13 @@ std::string convert_from_hf(const std::string& hf_dir, const std::string& out_di
                     "convert on a machine with more memory");
   Weights w(c, cpu_backend());
   float* P = w.data();
-  const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size, KV = c.kv_dim();
+  const int64_t C = c.dim, V = c.vocab_size;
   auto put = [&](const std::string& hf, const std::string& ours, const Shape& shape, int64_t at = 0) {
     float* dst = P + w.param_info(ours).offset + at;
     in.read(hf, shape, dst);
     check_finite(dst, shape_numel(shape), hf);
   };
-  put("model.embed_tokens.weight", "decoder.embed_tokens.weight", {V, C});
-  for (int i = 0; i < c.n_layers; ++i) {
-    const std::string h = hf_layer(i), o = our_layer(i);
-    put(h + "input_layernorm.weight", o + "self_attn_layer_norm.weight", {C});
-    put(h + "self_attn.q_proj.weight", o + "self_attn.q_proj.weight", {C, C});
-    put(h + "self_attn.k_proj.weight", o + "self_attn.k_proj.weight", {KV, C});
-    put(h + "self_attn.v_proj.weight", o + "self_attn.v_proj.weight", {KV, C});
-    put(h + "self_attn.o_proj.weight", o + "self_attn.out_proj.weight", {C, C});
-    put(h + "post_attention_layernorm.weight", o + "final_layer_norm.weight", {C});
-    put(h + "mlp.gate_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C});
-    put(h + "mlp.up_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C}, F * C);
-    put(h + "mlp.down_proj.weight", o + "feedforward.swiglu.w3.weight", {C, F});
-  }
-  put("model.norm.weight", "decoder.layer_norm.weight", {C});
+  for (const HfPlace& p : places) put(p.hf, p.ours, p.shape, p.at);
   if (!c.tie_weights) {
     put("lm_head.weight", "decoder.output_projection.weight", {V, C});
   } else if (in.has("lm_head.weight")) {
@@ -390,11 +402,10 @@ std::string convert_to_hf(const std::string& model_dir, const std::string& out_d
   const Weights& w = lm.model->weights();
   std::vector<float> host((size_t)w.num_params());
   w.backend().to_host(host.data(), w.data(), sizeof(float) * host.size());
-  const int64_t C = c.dim, F = c.ffn_dim, V = c.vocab_size, KV = c.kv_dim();
+  const int64_t C = c.dim, V = c.vocab_size;
 
   std::vector<SafetensorsOut> out;
   std::vector<std::vector<uint16_t>> halves;
-  halves.reserve((size_t)c.n_layers * 10 + 4);
   auto put = [&](const std::string& hf, const std::string& ours, const Shape& shape, int64_t at = 0) {
     const float* src = host.data() + w.param_info(ours).offset + at;
     if (dtype == DType::F32) {
@@ -407,20 +418,9 @@ std::string convert_to_hf(const std::string& model_dir, const std::string& out_d
     halves.push_back(std::move(h));
     out.push_back({hf, dtype, shape, halves.back().data()});
   };
-  put("model.embed_tokens.weight", "decoder.embed_tokens.weight", {V, C});
-  for (int i = 0; i < c.n_layers; ++i) {
-    const std::string h = hf_layer(i), o = our_layer(i);
-    put(h + "input_layernorm.weight", o + "self_attn_layer_norm.weight", {C});
-    put(h + "self_attn.q_proj.weight", o + "self_attn.q_proj.weight", {C, C});
-    put(h + "self_attn.k_proj.weight", o + "self_attn.k_proj.weight", {KV, C});
-    put(h + "self_attn.v_proj.weight", o + "self_attn.v_proj.weight", {KV, C});
-    put(h + "self_attn.o_proj.weight", o + "self_attn.out_proj.weight", {C, C});
-    put(h + "post_attention_layernorm.weight", o + "final_layer_norm.weight", {C});
-    put(h + "mlp.gate_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C});
-    put(h + "mlp.up_proj.weight", o + "feedforward.swiglu.w12.weight", {F, C}, F * C);
-    put(h + "mlp.down_proj.weight", o + "feedforward.swiglu.w3.weight", {C, F});
-  }
-  put("model.norm.weight", "decoder.layer_norm.weight", {C});
+  const std::vector<HfPlace> places = hf_places(c);
+  halves.reserve(places.size() + 1);
+  for (const HfPlace& p : places) put(p.hf, p.ours, p.shape, p.at);
   if (!c.tie_weights) put("lm_head.weight", "decoder.output_projection.weight", {V, C});
 
   nlohmann::ordered_json j;

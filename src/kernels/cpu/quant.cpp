@@ -391,21 +391,29 @@ void q8_rows(const float* x, int64_t ldx, int nx, const uint8_t* w, int in, int 
   q8_rows_portable(x, ldx, nx, w, in, r0, r1, y, ldy, accumulate);
 }
 
-void bf16_rows(const float* x, int64_t ldx, int nx, const uint16_t* w, int64_t ldw, int in, int r0, int r1, float* y,
-               int64_t ldy, bool accumulate) {
-#ifdef SUBLLM_X86_DISPATCH
-  if (fast_kernels_active()) {
-    // x rows by column parity within blocks of 32 (bf16_rows_avx512).
-    thread_local std::vector<float> split;
-    const int64_t lds = (in + 31) / 32 * 32;
+// x rows by column parity within blocks of 32, as bf16_rows_avx512 reads them.
+struct Bf16Activations {
+  std::vector<float> split;
+  int64_t lds = 0;
+  void prepare(const float* x, int64_t ldx, int nx, int in) {
+    lds = (in + 31) / 32 * 32;
     split.assign((size_t)nx * lds, 0.f);
     for (int i = 0; i < nx; ++i)
       for (int c = 0; c < in; ++c) split[i * lds + c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
+  }
+};
+
+// Rows [r0, r1) of up to 4 x rows, on the path the machine takes (`a`: x prepared for the
+// AVX-512 one).
+void bf16_rows(const float* x, int64_t ldx, const Bf16Activations& a, int nx, const uint16_t* w, int64_t ldw, int in,
+               int r0, int r1, float* y, int64_t ldy, bool accumulate) {
+#ifdef SUBLLM_X86_DISPATCH
+  if (fast_kernels_active()) {
     switch (nx) {
-      case 1: return bf16_rows_avx512<1>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
-      case 2: return bf16_rows_avx512<2>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
-      case 3: return bf16_rows_avx512<3>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
-      default: return bf16_rows_avx512<4>(split.data(), lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 1: return bf16_rows_avx512<1>(a.split.data(), a.lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 2: return bf16_rows_avx512<2>(a.split.data(), a.lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      case 3: return bf16_rows_avx512<3>(a.split.data(), a.lds, w, ldw, in, r0, r1, y, ldy, accumulate);
+      default: return bf16_rows_avx512<4>(a.split.data(), a.lds, w, ldw, in, r0, r1, y, ldy, accumulate);
     }
   }
 #endif
@@ -491,13 +499,7 @@ double lm_head_loss(const float* x, const int32_t* targets, int n, int C, int V,
       const int32_t tgt = targets[r0 + r];
       if (tgt < 0) continue;
       const float* l = scratch + (int64_t)r * V;
-      float mx = l[0];
-#pragma omp simd reduction(max : mx)
-      for (int j = 1; j < V; ++j) mx = std::max(mx, l[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < V; ++j) sum += exp_approx(l[j] - mx);
-      chunk_loss += (double)(mx + std::log(sum) - l[tgt]);
+      chunk_loss += (double)(log_sum_exp(l, V) - l[tgt]);
       chunk_count += 1;
     }
     total += chunk_loss;
@@ -555,12 +557,15 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
     x = rounded;
     ldx = in;
   }
+  // The matrix-vector path's x, quantized once on the calling thread for every thread's rows.
+  // (A thread_local named inside the lambda would be each worker's own: capture a reference.)
+  thread_local Q8Activations prepared;
+  Q8Activations& a = prepared;
+  const bool vnni = vnni_active();
+  if (n <= kMaxGemvRows) a.prepare(x, ldx, n, in, vnni);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate,
-      [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
-        thread_local Q8Activations a;
-        const bool vnni = vnni_active();
-        a.prepare(xs, ldx, nx, in, vnni);
+      [&](const float*, int nx, int r0, int r1, float* ys, bool acc) {
 #ifdef SUBLLM_X86_DISPATCH
         if (vnni) {
           switch (nx) {
@@ -578,11 +583,15 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
 
 void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
                          int in, int out, bool accumulate) {
+  // The matrix-vector path's x, prepared once on the calling thread for every thread's rows.
+  // (A thread_local named inside the lambda would be each worker's own: capture a reference.)
+  thread_local Bf16Activations prepared;
+  Bf16Activations& a = prepared;
+  if (n <= kMaxGemvRows && fast_kernels_active()) a.prepare(x, ldx, n, in);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate,
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
-        for (int i0 = 0; i0 < nx; i0 += kMaxGemvRows)
-          bf16_rows(xs + i0 * ldx, ldx, std::min(kMaxGemvRows, nx - i0), w, ldw, in, r0, r1, ys + i0 * ldy, ldy, acc);
+        bf16_rows(xs, ldx, a, nx, w, ldw, in, r0, r1, ys, ldy, acc);
       },
       [&](int r0, int R, int k0, int K, float* t) { dequant_tile_bf16(w, ldw, r0, R, k0, K, t); });
 }

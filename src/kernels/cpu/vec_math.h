@@ -2,6 +2,7 @@
 // Branch-free float math that the compiler vectorises inside `omp simd` loops (libm calls
 // stay scalar). exp_approx has a relative error below 2e-7 over the float range.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -31,5 +32,16 @@ inline float exp_approx(float x) {
 }
 
 inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+// log of the sum of exp(l[j]) over n values, with the largest taken out first.
+inline float log_sum_exp(const float* l, int n) {
+  float mx = l[0];
+#pragma omp simd reduction(max : mx)
+  for (int j = 1; j < n; ++j) mx = std::max(mx, l[j]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) sum += exp_approx(l[j] - mx);
+  return mx + std::log(sum);
+}
 
 }  // namespace subllm::kernels

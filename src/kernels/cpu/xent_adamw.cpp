@@ -29,13 +29,7 @@ double lm_head_xent(const float* x, const float* w, const int32_t* targets, int 
     for (int r = 0; r < rows; ++r) {
       float* l = scratch + (int64_t)r * V;
       const int32_t tgt = targets ? targets[r0 + r] : -1;
-      float mx = l[0];
-#pragma omp simd reduction(max : mx)
-      for (int j = 1; j < V; ++j) mx = std::max(mx, l[j]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < V; ++j) sum += exp_approx(l[j] - mx);
-      const float lse = mx + std::log(sum);
+      const float lse = log_sum_exp(l, V);
       if (tgt >= 0) {
         chunk_loss += (double)(lse - l[tgt]);
         chunk_count += 1;
