@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "backend/backend.h"
 #include "subllm/error.h"
@@ -323,29 +324,32 @@ TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
   }
 }
 
-// The few-rows product of batched decoding (2..32 rows against a W of model size, read once)
-// against plain sums, with widths that leave tails of the 16-wide vectors and of the 4-row
-// tiles; accumulation too.
-TEST(BatchDecode, FewRowsLinearEqualsPlainSums) {
+// The matrix-vector product of decoding (1 row, W split among threads in chunks) and the
+// few-rows product of batched decoding (2..32 rows, W read once) against plain sums, with
+// widths that leave tails of the 16- and 64-wide loops and of the 4-row tiles; accumulation
+// too; a W of model size and one small enough for the calling thread alone.
+TEST(BatchDecode, MatrixVectorAndFewRowsLinearEqualPlainSums) {
   Backend& be = cpu_backend();
   Rng r(8);
-  const int in = 300, out = 223;  // 66900 weights: the few-rows path on AVX-512, BLAS elsewhere
-  std::vector<float> w((size_t)out * in);
-  for (float& v : w) v = (float)r.normal();
-  for (int n : {2, 3, 5, 16, 17, 32, 33}) {
-    std::vector<float> x((size_t)n * in), y((size_t)n * out), base((size_t)n * out);
-    for (float& v : x) v = (float)r.normal();
-    for (float& v : base) v = (float)r.normal();
-    for (bool acc : {false, true}) {
-      y = base;
-      be.linear_forward(mat(x.data(), n, in), mat(w.data(), out, in), mat(y.data(), n, out), acc);
-      for (int i = 0; i < n; ++i)
-        for (int o = 0; o < out; ++o) {
-          double want = acc ? base[(size_t)i * out + o] : 0.0;
-          for (int k = 0; k < in; ++k) want += (double)x[(size_t)i * in + k] * w[(size_t)o * in + k];
-          ASSERT_NEAR(y[(size_t)i * out + o], want, 1e-4 * (1 + std::fabs(want)))
-              << "n " << n << (acc ? " accumulate" : "");
-        }
+  // 66900 weights: the threads' paths on AVX-512 (BLAS elsewhere); 1200: the calling thread's
+  for (auto [in, out] : {std::pair{300, 223}, std::pair{40, 30}}) {
+    std::vector<float> w((size_t)out * in);
+    for (float& v : w) v = (float)r.normal();
+    for (int n : {1, 2, 3, 5, 16, 17, 32, 33}) {
+      std::vector<float> x((size_t)n * in), y((size_t)n * out), base((size_t)n * out);
+      for (float& v : x) v = (float)r.normal();
+      for (float& v : base) v = (float)r.normal();
+      for (bool acc : {false, true}) {
+        y = base;
+        be.linear_forward(mat(x.data(), n, in), mat(w.data(), out, in), mat(y.data(), n, out), acc);
+        for (int i = 0; i < n; ++i)
+          for (int o = 0; o < out; ++o) {
+            double want = acc ? base[(size_t)i * out + o] : 0.0;
+            for (int k = 0; k < in; ++k) want += (double)x[(size_t)i * in + k] * w[(size_t)o * in + k];
+            ASSERT_NEAR(y[(size_t)i * out + o], want, 1e-4 * (1 + std::fabs(want)))
+                << "in " << in << " out " << out << " n " << n << (acc ? " accumulate" : "");
+          }
+      }
     }
   }
 }

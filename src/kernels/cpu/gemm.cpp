@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "kernels/cpu/row_parts.h"
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
@@ -100,6 +101,39 @@ void linear_few_rows(const float* x, const float* w, float* y, int n, int in, in
   }
 }
 
+// One x row (decoding): y[o] (+)= x · w_o for rows [r0, r1) of W, streamed in order, one
+// row at a time with four accumulators over 64 columns.
+void matvec_rows(const float* x, const float* w, float* y, int in, int r0, int r1, bool accumulate) {
+  const int in64 = in / 64 * 64;
+  for (int r = r0; r < r1; ++r) {
+    const float* row = w + (int64_t)r * in;
+    __m512 acc[4];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    int c = 0;
+    for (; c < in64; c += 64)
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row + c + 16 * j), _mm512_loadu_ps(x + c + 16 * j), acc[j]);
+    for (; c < in; c += 16) {
+      const __mmask16 m = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1);
+      acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row + c), _mm512_maskz_loadu_ps(m, x + c), acc[0]);
+    }
+    const float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    y[r] = accumulate ? y[r] + v : v;
+  }
+}
+
+// A matrix-vector product bound by reading W once: each thread streams a contiguous part of
+// W, which keeps closer to the machine's read bandwidth than interleaved strips (or BLAS's
+// sgemv) do. A W that fits in cache is left to the calling thread.
+void linear_matvec(const float* x, const float* w, float* y, int in, int out, bool accumulate) {
+  if ((int64_t)out * in < kFewRowsMinWeights) {
+    matvec_rows(x, w, y, in, 0, out, accumulate);
+    return;
+  }
+  for_row_parts(out, row_chunk((int64_t)in * sizeof(float)),
+                [&](int r0, int r1) { matvec_rows(x, w, y, in, r0, r1, accumulate); });
+}
+
 }  // namespace
 #endif
 
@@ -107,7 +141,11 @@ void linear_few_rows(const float* x, const float* w, float* y, int n, int in, in
 void linear_forward(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate) {
   // One row (decoding) is a matrix-vector product, bound by reading W once.
   if (n == 1) {
+#if defined(__AVX512F__)
+    linear_matvec(x, w, y, in, out, accumulate);
+#else
     cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w, in, x, 1, accumulate ? 1.0f : 0.0f, y, 1);
+#endif
     return;
   }
 #if defined(__AVX512F__)

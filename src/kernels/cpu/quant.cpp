@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/row_parts.h"
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
 #include "kernels/quant_kernels.h"
@@ -451,20 +452,15 @@ void dequant_tile_bf16(const uint16_t* w, int64_t ldw, int r0, int R, int k0, in
 }
 
 // y(n, out) (=|+=) x · W^T: matrix-vector rows for a few x rows, dequantized tiles into the
-// GEMM for more. `rows(x, nx, r0, r1, y)` and `tile(r0, R, k0, K, t)` know W's type.
+// GEMM for more. `rows(x, nx, r0, r1, y)` and `tile(r0, R, k0, K, t)` know W's type;
+// `row_bytes` is the size of one of W's rows.
 template <class Rows, class Tile>
 void linear_forward_typed(const float* x, int64_t ldx, float* y, int64_t ldy, int n, int in, int out, bool accumulate,
-                          Rows rows, Tile tile) {
+                          int64_t row_bytes, Rows rows, Tile tile) {
   if (n <= 0 || out <= 0) return;
   if (n <= kMaxGemvRows) {
-    // Contiguous halves of W per thread: each streams its part once.
-#pragma omp parallel
-    {
-      const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-      const int per = (out + nt - 1) / nt;
-      const int r0 = std::min(out, t * per), r1 = std::min(out, r0 + per);
-      if (r0 < r1) rows(x, n, r0, r1, y, accumulate);
-    }
+    // A contiguous part of W per thread, each streamed once (chunks balance the parts).
+    for_row_parts(out, row_chunk(row_bytes), [&](int r0, int r1) { rows(x, n, r0, r1, y, accumulate); });
     return;
   }
   const int tiles = (out + kTileRows - 1) / kTileRows;
@@ -564,7 +560,7 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
   const bool vnni = vnni_active();
   if (n <= kMaxGemvRows) a.prepare(x, ldx, n, in, vnni);
   linear_forward_typed(
-      x, ldx, y, ldy, n, in, out, accumulate,
+      x, ldx, y, ldy, n, in, out, accumulate, (int64_t)q8_row_bytes(in),
       [&](const float*, int nx, int r0, int r1, float* ys, bool acc) {
 #ifdef SUBLLM_X86_DISPATCH
         if (vnni) {
@@ -589,7 +585,7 @@ void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t
   Bf16Activations& a = prepared;
   if (n <= kMaxGemvRows && fast_kernels_active()) a.prepare(x, ldx, n, in);
   linear_forward_typed(
-      x, ldx, y, ldy, n, in, out, accumulate,
+      x, ldx, y, ldy, n, in, out, accumulate, ldw * (int64_t)sizeof(uint16_t),
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
         bf16_rows(xs, ldx, a, nx, w, ldw, in, r0, r1, ys, ldy, acc);
       },
