@@ -288,9 +288,26 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
   const int in32 = in / 32 * 32;
   for (int r = r0; r < r1; ++r) {
     const uint16_t* row = w + (int64_t)r * ldw;
-    __m512 even[NX], odd[NX];
-    for (int i = 0; i < NX; ++i) even[i] = odd[i] = _mm512_setzero_ps();
-    for (int c = 0; c < in; c += 32) {
+    // Two blocks per step, four FMA chains per x row: with two, the chains' latency, not the
+    // reads, paced the loop, and fewer weight loads were in flight than streaming needs.
+    __m512 even[NX], odd[NX], even2[NX], odd2[NX];
+    for (int i = 0; i < NX; ++i) even[i] = odd[i] = even2[i] = odd2[i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 64 <= in; c += 64) {
+      const __m512i h = _mm512_loadu_si512(row + c), h2 = _mm512_loadu_si512(row + c + 32);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(h, high));
+      const __m512 we2 = _mm512_castsi512_ps(_mm512_slli_epi32(h2, 16));
+      const __m512 wo2 = _mm512_castsi512_ps(_mm512_and_si512(h2, high));
+      for (int i = 0; i < NX; ++i) {
+        const float* xi = xs + i * ldxs + c;
+        even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
+        odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
+        even2[i] = _mm512_fmadd_ps(we2, _mm512_loadu_ps(xi + 32), even2[i]);
+        odd2[i] = _mm512_fmadd_ps(wo2, _mm512_loadu_ps(xi + 48), odd2[i]);
+      }
+    }
+    for (; c < in; c += 32) {
       const __m512i h = c < in32 ? _mm512_loadu_si512(row + c)
                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (in - c)) - 1ull), row + c);
       const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -300,6 +317,10 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
         even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
         odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
       }
+    }
+    for (int i = 0; i < NX; ++i) {
+      even[i] = _mm512_add_ps(even[i], even2[i]);
+      odd[i] = _mm512_add_ps(odd[i], odd2[i]);
     }
     put_row_sums<NX>(even, odd, y, ldy, r, accumulate);
   }
