@@ -87,6 +87,25 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
                            float* scratch);
 size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 
+// attention_cached in blocks of kAttendBlockRows cache rows, for several sequences' query rows
+// at once (the caches F32 or BF16, query head h reading key/value head h / (H / Hkv)). Each
+// block gives per head its max score, the sum of exponentials and the weighted values; a
+// row's blocks are combined in order, so a row's result does not depend on how rows and
+// blocks are shared among threads: many rows go a row per thread, a few (one sequence
+// decoding) have their blocks shared out, each thread streaming a contiguous part of the
+// cache. Runs where attention_blocks_take(hd) (AVX-512, hd a multiple of 16); no scratch.
+constexpr int kAttendBlockRows = 64;
+struct BlockAttentionItem {
+  const float* q;
+  int ld_q, m;
+  const void *k, *v;
+  int ld_kv, L;
+  float* out;
+  int ld_o;
+};
+bool attention_blocks_take(int hd);
+void attention_cached_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache);
+
 // Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.
 size_t attention_scratch_bytes(int hd, bool backward);
 

@@ -1,0 +1,213 @@
+// Attention of query rows against their caches in blocks of cache rows (kernels.h,
+// attention_cached_blocks). A block gives per head the max of its scores, the sum of their
+// exponentials and the values weighted by them; a row's blocks are combined in order. The
+// arithmetic of a row is the same whether one thread walks all its blocks or its blocks are
+// shared out, so one sequence decoding alone and the same sequence in a batch agree exactly.
+// Every cached row is read whole (all heads) and in order, so a thread streams its blocks.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/vec_math.h"
+#include "kernels/kernels.h"
+#include "kernels/quant_kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#define SUBLLM_BLOCKS_X86 1
+#define SUBLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
+
+namespace subllm::kernels {
+
+#ifdef SUBLLM_BLOCKS_X86
+namespace {
+
+constexpr int kBlock = kAttendBlockRows;
+
+// 16 cached values as F32.
+SUBLLM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SUBLLM_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// A row's partial over one block, per head h: part[h] the max score, part[H + h] the sum of
+// exp(score - max), part[2 H + h hd ..] the values weighted by those exponentials.
+struct Partial {
+  float* p;
+  int H, hd;
+  float& max(int h) const { return p[h]; }
+  float& sum(int h) const { return p[H + h]; }
+  float* acc(int h) const { return p + 2 * H + (size_t)h * hd; }
+  static size_t floats(int H, int hd) { return (size_t)H * (hd + 2); }
+};
+
+// Query row q (H heads of hd) against cache rows [j0, j1) (j1 - j0 <= kBlock); s: H * kBlock.
+template <class T>
+SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t ld, int j0, int j1, int H, int group,
+                                 int hd, float scale, const Partial& out, float* s) {
+  const int nb = j1 - j0, chunks = hd / 16;
+  for (int j = 0; j < nb; ++j) {
+    const T* kj = k + (int64_t)(j0 + j) * ld;
+    for (int h = 0; h < H; ++h) {
+      const float* qh = q + (size_t)h * hd;
+      const T* kh = kj + (size_t)(h / group) * hd;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int c = 0;
+      for (; c + 2 <= chunks; c += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load16(kh + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), load16(kh + 16 * c + 16), a1);
+      }
+      if (c < chunks) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load16(kh + 16 * c), a0);
+      s[h * kBlock + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    float* sh = s + h * kBlock;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < nb; ++j) mx = std::max(mx, sh[j]);
+    float sum = 0.f;
+    for (int j = 0; j < nb; ++j) {
+      sh[j] = exp_approx(sh[j] - mx);
+      sum += sh[j];
+    }
+    out.max(h) = mx;
+    out.sum(h) = sum;
+    std::fill(out.acc(h), out.acc(h) + hd, 0.f);
+  }
+  for (int j = 0; j < nb; ++j) {
+    const T* vj = v + (int64_t)(j0 + j) * ld;
+    for (int h = 0; h < H; ++h) {
+      const __m512 p = _mm512_set1_ps(s[h * kBlock + j]);
+      const T* vh = vj + (size_t)(h / group) * hd;
+      float* a = out.acc(h);
+      for (int c = 0; c < chunks; ++c)
+        _mm512_storeu_ps(a + 16 * c, _mm512_fmadd_ps(p, load16(vh + 16 * c), _mm512_loadu_ps(a + 16 * c)));
+    }
+  }
+}
+
+// o (H heads of hd) from a row's `blocks` partials, in block order.
+SUBLLM_AVX512 void combine(const float* parts, int blocks, int H, int hd, float* o) {
+  const size_t stride = Partial::floats(H, hd);
+  for (int h = 0; h < H; ++h) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int b = 0; b < blocks; ++b) top = std::max(top, Partial{const_cast<float*>(parts + b * stride), H, hd}.max(h));
+    float den = 0.f;
+    float* oh = o + (size_t)h * hd;
+    std::fill(oh, oh + hd, 0.f);
+    for (int b = 0; b < blocks; ++b) {
+      const Partial p{const_cast<float*>(parts + b * stride), H, hd};
+      const float w = exp_approx(p.max(h) - top);
+      den += w * p.sum(h);
+      const __m512 wv = _mm512_set1_ps(w);
+      for (int c = 0; c < hd; c += 16)
+        _mm512_storeu_ps(oh + c, _mm512_fmadd_ps(wv, _mm512_loadu_ps(p.acc(h) + c), _mm512_loadu_ps(oh + c)));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / den);
+    for (int c = 0; c < hd; c += 16) _mm512_storeu_ps(oh + c, _mm512_mul_ps(_mm512_loadu_ps(oh + c), inv));
+  }
+}
+
+// Query row i of item `it`: the cache rows it sees and its blocks.
+struct Row {
+  int item, i, n, blocks;
+};
+
+template <class T>
+void attend_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd) {
+  const int group = H / Hkv;
+  const float scale = 1.0f / std::sqrt((float)hd);
+  const size_t pf = Partial::floats(H, hd);
+  // The calling thread's lists, shared with the team (captured by pointer).
+  thread_local std::vector<Row> rows_store;
+  thread_local std::vector<size_t> first_store;  // a row's first partial in the shared buffer
+  thread_local std::vector<float> shared_store;
+  std::vector<Row>& rows = rows_store;
+  rows.clear();
+  for (int b = 0; b < count; ++b)
+    for (int i = 0; i < items[b].m; ++i) {
+      const int n = items[b].L - items[b].m + i + 1;
+      rows.push_back({b, i, n, (n + kBlock - 1) / kBlock});
+    }
+  const int R = (int)rows.size();
+  if (R == 0) return;
+  auto part_of = [&](float* base, size_t at) { return Partial{base + at * pf, H, hd}; };
+  auto run_block = [&](const Row& r, int blk, const Partial& out, float* s) {
+    const BlockAttentionItem& it = items[r.item];
+    const int j0 = blk * kBlock, j1 = std::min(r.n, j0 + kBlock);
+    block_partial(it.q + (int64_t)r.i * it.ld_q, static_cast<const T*>(it.k), static_cast<const T*>(it.v), it.ld_kv,
+                  j0, j1, H, group, hd, scale, out, s);
+  };
+  auto out_of = [&](const Row& r) { return items[r.item].out + (int64_t)r.i * items[r.item].ld_o; };
+  const int nt = omp_get_max_threads();
+  if (R >= 2 * nt) {
+    // Many rows (a batch of sequences): a thread takes a row at a time, all its blocks.
+#pragma omp parallel
+    {
+      thread_local std::vector<float> s, parts;
+      s.resize((size_t)H * kBlock);
+#pragma omp for schedule(dynamic, 1)
+      for (int x = 0; x < R; ++x) {
+        const Row& r = rows[x];
+        parts.resize((size_t)r.blocks * pf);
+        for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts.data(), blk), s.data());
+        combine(parts.data(), r.blocks, H, hd, out_of(r));
+      }
+    }
+    return;
+  }
+  // Few rows (one sequence decoding): the rows' blocks shared out in order, so each thread
+  // streams a contiguous run of the cache; then each row's blocks combined.
+  std::vector<size_t>& first = first_store;
+  first.assign(R + 1, 0);
+  for (int x = 0; x < R; ++x) first[x + 1] = first[x] + rows[x].blocks;
+  const size_t tasks = first[R];
+  shared_store.resize(tasks * pf);
+  float* shared = shared_store.data();
+  const size_t* first_of = first.data();
+#pragma omp parallel
+  {
+    thread_local std::vector<float> s;
+    s.resize((size_t)H * kBlock);
+    int x = 0;
+#pragma omp for schedule(static)
+    for (size_t t = 0; t < tasks; ++t) {
+      while (first_of[x + 1] <= t) ++x;
+      run_block(rows[x], (int)(t - first_of[x]), part_of(shared, t), s.data());
+    }
+#pragma omp for schedule(static)
+    for (int y = 0; y < R; ++y) combine(shared + first_of[y] * pf, rows[y].blocks, H, hd, out_of(rows[y]));
+  }
+}
+
+}  // namespace
+#endif
+
+bool attention_blocks_take(int hd) {
+#ifdef SUBLLM_BLOCKS_X86
+  return fast_kernels_active() && hd % 16 == 0 && hd > 0;
+#else
+  (void)hd;
+  return false;
+#endif
+}
+
+void attention_cached_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache) {
+#ifdef SUBLLM_BLOCKS_X86
+  if (bf16_cache) attend_blocks<uint16_t>(items, count, H, Hkv, hd);
+  else attend_blocks<float>(items, count, H, Hkv, hd);
+#else
+  (void)items, (void)count, (void)H, (void)Hkv, (void)hd, (void)bf16_cache;
+#endif
+}
+
+}  // namespace subllm::kernels
