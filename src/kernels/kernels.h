@@ -87,7 +87,8 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
                            float* scratch);
 size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 
-// attention_cached in blocks of kAttendBlockRows cache rows, for several sequences' query rows
+// attention_cached in blocks of cache rows (16 to kAttendBlockRows, about an eighth of the
+// rows a query sees), for several sequences' query rows
 // at once (the caches F32 or BF16, query head h reading key/value head h / (H / Hkv)). Each
 // block gives per head its max score, the sum of exponentials and the weighted values; a
 // row's blocks are combined in order, so a row's result does not depend on how rows and

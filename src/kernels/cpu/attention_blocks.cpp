@@ -30,7 +30,12 @@ namespace subllm::kernels {
 #ifdef SUBLLM_BLOCKS_X86
 namespace {
 
-constexpr int kBlock = kAttendBlockRows;
+constexpr int kBlock = kAttendBlockRows;  // the most rows a block holds
+
+// Rows per block for a query row that sees n cache rows: about an eighth of them, a multiple
+// of 16 from 16 to kBlock, so a short cache still gives both threads blocks to share. It
+// depends on n alone, so a row is cut the same way however rows and blocks are shared out.
+inline int block_rows(int n) { return std::clamp((n / 8 + 15) / 16 * 16, 16, kBlock); }
 
 // 16 cached values as F32.
 SUBLLM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -117,9 +122,9 @@ SUBLLM_AVX512 void combine(const float* parts, int blocks, int H, int hd, float*
   }
 }
 
-// Query row i of item `it`: the cache rows it sees and its blocks.
+// Query row i of item `item`: the cache rows it sees, its block size and blocks.
 struct Row {
-  int item, i, n, blocks;
+  int item, i, n, rows_per_block, blocks;
 };
 
 template <class T>
@@ -136,14 +141,15 @@ void attend_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, i
   for (int b = 0; b < count; ++b)
     for (int i = 0; i < items[b].m; ++i) {
       const int n = items[b].L - items[b].m + i + 1;
-      rows.push_back({b, i, n, (n + kBlock - 1) / kBlock});
+      const int per = block_rows(n);
+      rows.push_back({b, i, n, per, (n + per - 1) / per});
     }
   const int R = (int)rows.size();
   if (R == 0) return;
   auto part_of = [&](float* base, size_t at) { return Partial{base + at * pf, H, hd}; };
   auto run_block = [&](const Row& r, int blk, const Partial& out, float* s) {
     const BlockAttentionItem& it = items[r.item];
-    const int j0 = blk * kBlock, j1 = std::min(r.n, j0 + kBlock);
+    const int j0 = blk * r.rows_per_block, j1 = std::min(r.n, j0 + r.rows_per_block);
     block_partial(it.q + (int64_t)r.i * it.ld_q, static_cast<const T*>(it.k), static_cast<const T*>(it.v), it.ld_kv,
                   j0, j1, H, group, hd, scale, out, s);
   };
