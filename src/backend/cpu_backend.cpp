@@ -363,7 +363,7 @@ class CpuBackend final : public Backend {
     float* d = dst.f32();
     const float* s = src.f32();
     const int64_t n = dst.numel();
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > (1 << 15))
     for (int64_t i = 0; i < n; ++i) d[i] += s[i];
   }
   void sum_squares(View x, View out) override { out.f64()[0] = k::sum_squares(x.f32(), x.numel()); }

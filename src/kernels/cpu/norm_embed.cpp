@@ -10,7 +10,7 @@ namespace subllm::kernels {
 
 // tokens: (n) -> out: (n, C)
 void embedding_forward(const int32_t* tokens, const float* table, float* out, int n, int C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 1)
   for (int i = 0; i < n; ++i) std::memcpy(out + (int64_t)i * C, table + (int64_t)tokens[i] * C, sizeof(float) * C);
 }
 
@@ -30,7 +30,8 @@ void embedding_backward(const int32_t* tokens, const float* dout, float* dtable,
 
 // x: (n, C), g: (C) -> y: (n, C), rstd: (n)
 void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int n, int C, float eps) {
-#pragma omp parallel for schedule(static)
+  // One row (decoding) stays on the calling thread: a parallel region costs more than the row.
+#pragma omp parallel for schedule(static) if (n > 1)
   for (int i = 0; i < n; ++i) {
     const float* xi = x + (int64_t)i * C;
     float* yi = y + (int64_t)i * C;

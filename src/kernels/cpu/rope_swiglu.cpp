@@ -22,7 +22,7 @@ void rope_table_fill(RopeTable& t, float base) {
 void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const RopeTable& t, bool inverse) {
   const int hd = t.head_dim, half = hd / 2;
   const float sgn = inverse ? -1.0f : 1.0f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 1)
   for (int r = 0; r < n; ++r) {
     const float* cs = t.cos + (int64_t)pos[r] * half;
     const float* sn = t.sin + (int64_t)pos[r] * half;
@@ -42,7 +42,7 @@ void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const R
 
 // gu: (n, 2F) = [gate | up] -> a: (n, F)
 void swiglu_forward(const float* gu, float* a, int n, int F) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 1)
   for (int r = 0; r < n; ++r) {
     const float* g = gu + (int64_t)r * 2 * F;
     const float* u = g + F;
