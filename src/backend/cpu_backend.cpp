@@ -233,7 +233,7 @@ class CpuBackend final : public Backend {
     check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
     const int hd = (int)(q.cols / H), L = (int)kk.rows, Hkv = attention_kv_heads(q, kk, v, H, "attention_cached");
     if (k::attention_blocks_take(hd) && kk.dtype == v.dtype) {
-      const k::BlockAttentionItem it{q.f32(), (int)q.ld, (int)q.rows, kk.data, v.data, (int)kk.ld, L, out.f32(), (int)out.ld};
+      const k::CachedAttentionItem it{q.f32(), (int)q.ld, (int)q.rows, kk.data, v.data, (int)kk.ld, L, out.f32(), (int)out.ld};
       k::attention_cached_blocks(&it, 1, H, Hkv, hd, kk.dtype == DType::BF16);
       return;
     }
@@ -253,30 +253,9 @@ class CpuBackend final : public Backend {
   }
   void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) override {
     if (count == 0) return;
-    const int hd0 = (int)(items[0].q.cols / H);
-    if (k::attention_blocks_take(hd0)) {
-      const int Hkv = attention_kv_heads(items[0].q, items[0].k, items[0].v, H, "attention_cached_many");
-      static thread_local std::vector<k::BlockAttentionItem> blocks_;
-      blocks_.resize(count);
-      for (int i = 0; i < count; ++i) {
-        const CachedAttention& a = items[i];
-        check(a.k.ld == a.v.ld, "attention_cached_many: the key and value caches share one row stride");
-        check(a.q.cols == items[0].q.cols && a.k.cols == items[0].k.cols && a.v.cols == items[0].v.cols &&
-                  a.k.dtype == items[0].k.dtype && a.v.dtype == items[0].k.dtype,
-              "attention_cached_many: every sequence has the same heads and cache type");
-        blocks_[i] = {a.q.f32(), (int)a.q.ld, (int)a.q.rows, a.k.data, a.v.data, (int)a.k.ld, (int)a.k.rows,
-                      a.out.f32(), (int)a.out.ld};
-      }
-      k::attention_cached_blocks(blocks_.data(), count, H, Hkv, hd0, items[0].k.dtype == DType::BF16);
-      return;
-    }
-    if (items[0].k.dtype == DType::BF16) {
-      // A bf16 cache: one sequence after another (the scratch covers the longest cache).
-      for (int i = 0; i < count; ++i) attention_cached(items[i].q, items[i].k, items[i].v, items[i].out, H, s);
-      return;
-    }
     const int hd = (int)(items[0].q.cols / H);
     const int Hkv = attention_kv_heads(items[0].q, items[0].k, items[0].v, H, "attention_cached_many");
+    const bool bf16 = items[0].k.dtype == DType::BF16;
     int max_L = 0;
     // Per calling thread: sessions on one backend may run concurrently.
     static thread_local std::vector<k::CachedAttentionItem> many_;
@@ -284,14 +263,25 @@ class CpuBackend final : public Backend {
     for (int i = 0; i < count; ++i) {
       const CachedAttention& a = items[i];
       check(a.k.ld == a.v.ld, "attention_cached_many: the key and value caches share one row stride");
-      check(a.q.cols == items[0].q.cols && a.k.cols == items[0].k.cols && a.v.cols == items[0].v.cols,
-            "attention_cached_many: every sequence has the same heads");
+      check(a.q.cols == items[0].q.cols && a.k.cols == items[0].k.cols && a.v.cols == items[0].v.cols &&
+                a.k.dtype == items[0].k.dtype && a.v.dtype == items[0].k.dtype,
+            "attention_cached_many: every sequence has the same heads and cache type");
       max_L = std::max(max_L, (int)a.k.rows);
-      many_[i] = {a.q.f32(), (int)a.q.ld, (int)a.q.rows, a.k.f32(), a.v.f32(), (int)a.k.ld, (int)a.k.rows, a.out.f32(),
+      many_[i] = {a.q.f32(), (int)a.q.ld, (int)a.q.rows, a.k.data, a.v.data, (int)a.k.ld, (int)a.k.rows, a.out.f32(),
                   (int)a.out.ld};
     }
+    if (k::attention_blocks_take(hd)) {
+      k::attention_cached_blocks(many_.data(), count, H, Hkv, hd, bf16);
+      return;
+    }
+    if (bf16) {
+      // A bf16 cache: one sequence after another (the scratch covers the longest cache).
+      for (int i = 0; i < count; ++i) attention_cached(items[i].q, items[i].k, items[i].v, items[i].out, H, s);
+      return;
+    }
     need_scratch(s, attention_cached_many_scratch_bytes(1, max_L, H, hd), "attention_cached_many");
-    k::attention_cached_many(many_.data(), count, max_L, H, Hkv, hd, static_cast<float*>(s.data));  }
+    k::attention_cached_many(many_.data(), count, max_L, H, Hkv, hd, static_cast<float*>(s.data));
+  }
 
   void lm_head_xent(View x, View w, View targets, float grad_scale, View dx, View dw, View logits, View chunk,
                     View out) override {

@@ -74,11 +74,11 @@ size_t attention_cached_scratch_floats(int L, int hd);
 // attention_cached of several sequences, each against its own cache (query head h reading
 // key/value head h / (H / Hkv)), in one parallel region
 // (a batched decoding step). scratch: workers * attention_cached_many_scratch_floats(max_L, H,
-// hd) floats, max_L the longest cache.
+// hd) floats, max_L the longest cache. k and v: F32 here; F32 or BF16 for attention_cached_blocks.
 struct CachedAttentionItem {
   const float* q;
   int ld_q, m;
-  const float *k, *v;
+  const void *k, *v;
   int ld_kv, L;
   float* out;
   int ld_o;
@@ -87,25 +87,17 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
                            float* scratch);
 size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 
-// attention_cached in blocks of cache rows (16 to kAttendBlockRows, about an eighth of the
-// rows a query sees), for several sequences' query rows
-// at once (the caches F32 or BF16, query head h reading key/value head h / (H / Hkv)). Each
-// block gives per head its max score, the sum of exponentials and the weighted values; a
-// row's blocks are combined in order, so a row's result does not depend on how rows and
-// blocks are shared among threads: many rows go a row per thread, a few (one sequence
-// decoding) have their blocks shared out, each thread streaming a contiguous part of the
-// cache. Runs where attention_blocks_take(hd) (AVX-512, hd a multiple of 16); no scratch.
+// attention_cached of several sequences' query rows at once, in blocks of cache rows (16 to
+// kAttendBlockRows, about an eighth of the rows a query sees), the caches F32 or BF16, query
+// head h reading key/value head h / (H / Hkv). Each block gives per head its max score, the
+// sum of exponentials and the weighted values; a row's blocks are combined in order, so a
+// row's result does not depend on how rows and blocks are shared among threads: many rows go
+// a row per thread, a few (one sequence decoding) have their blocks shared out, each thread
+// streaming a contiguous part of the cache. Runs where attention_blocks_take(hd) (AVX-512, hd
+// a multiple of 16); no scratch.
 constexpr int kAttendBlockRows = 64;
-struct BlockAttentionItem {
-  const float* q;
-  int ld_q, m;
-  const void *k, *v;
-  int ld_kv, L;
-  float* out;
-  int ld_o;
-};
 bool attention_blocks_take(int hd);
-void attention_cached_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache);
+void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache);
 
 // Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.
 size_t attention_scratch_bytes(int hd, bool backward);

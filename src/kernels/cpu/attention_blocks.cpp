@@ -128,7 +128,7 @@ struct Row {
 };
 
 template <class T>
-void attend_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd) {
+void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd) {
   const int group = H / Hkv;
   const float scale = 1.0f / std::sqrt((float)hd);
   const size_t pf = Partial::floats(H, hd);
@@ -148,7 +148,7 @@ void attend_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, i
   if (R == 0) return;
   auto part_of = [&](float* base, size_t at) { return Partial{base + at * pf, H, hd}; };
   auto run_block = [&](const Row& r, int blk, const Partial& out, float* s) {
-    const BlockAttentionItem& it = items[r.item];
+    const CachedAttentionItem& it = items[r.item];
     const int j0 = blk * r.rows_per_block, j1 = std::min(r.n, j0 + r.rows_per_block);
     block_partial(it.q + (int64_t)r.i * it.ld_q, static_cast<const T*>(it.k), static_cast<const T*>(it.v), it.ld_kv,
                   j0, j1, H, group, hd, scale, out, s);
@@ -207,7 +207,7 @@ bool attention_blocks_take(int hd) {
 #endif
 }
 
-void attention_cached_blocks(const BlockAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache) {
+void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache) {
 #ifdef SUBLLM_BLOCKS_X86
   if (bf16_cache) attend_blocks<uint16_t>(items, count, H, Hkv, hd);
   else attend_blocks<float>(items, count, H, Hkv, hd);

@@ -81,7 +81,7 @@ void attend_row_all_heads(const CachedAttentionItem& it, int H, int Hkv, int hd,
   const int n = it.L - it.m + i + 1, C = H * hd;
   const float* qi = it.q + (int64_t)i * it.ld_q;
   for (int j = 0; j < n; ++j) {
-    const float* kj = it.k + (int64_t)j * it.ld_kv;
+    const float* kj = static_cast<const float*>(it.k) + (int64_t)j * it.ld_kv;
     for (int h = 0; h < H; ++h) {
       const float* qh = qi + h * hd;
       const float* kh = kj + (h / (H / Hkv)) * hd;
@@ -105,7 +105,7 @@ void attend_row_all_heads(const CachedAttentionItem& it, int H, int Hkv, int hd,
   }
   std::fill(acc, acc + C, 0.f);
   for (int j = 0; j < n; ++j) {
-    const float* vj = it.v + (int64_t)j * it.ld_kv;
+    const float* vj = static_cast<const float*>(it.v) + (int64_t)j * it.ld_kv;
     for (int h = 0; h < H; ++h) {
       const float p = s[(int64_t)h * Lp + j];
       float* ah = acc + h * hd;
@@ -155,7 +155,7 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
 #pragma omp for collapse(2) schedule(dynamic, 1) nowait
       for (int h = 0; h < H; ++h)
         for (int i = 0; i < it.m; ++i)
-          attend_row(it.q, it.ld_q, it.m, it.k, it.v, it.ld_kv, it.L, hd, it.out, it.ld_o, h, h / group, i, scale, s,
+          attend_row(it.q, it.ld_q, it.m, static_cast<const float*>(it.k), static_cast<const float*>(it.v), it.ld_kv, it.L, hd, it.out, it.ld_o, h, h / group, i, scale, s,
                      acc);
     }
   }

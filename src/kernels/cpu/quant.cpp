@@ -281,10 +281,23 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
 // whose low halves (columns c + 2 l) are F32 values once shifted up, so widening costs one
 // integer operation per 16 weights. `xs` holds each x row as blocks of 32 columns: its 16
 // even columns, then its 16 odd ones (zero past the row's end); row i at xs + i * ldxs.
+// One block of 32 BF16 weights h (bits) against the block at column c of each x row, into
+// that row's even and odd accumulators.
+template <int NX>
+SUBLLM_AVX512 inline void bf16_block(__m512i h, const float* xs, int64_t ldxs, int c, __m512 (&even)[NX],
+                                     __m512 (&odd)[NX]) {
+  const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32((int)0xffff0000u)));
+  for (int i = 0; i < NX; ++i) {
+    const float* xi = xs + i * ldxs + c;
+    even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
+    odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
+  }
+}
+
 template <int NX>
 SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_t* w, int64_t ldw, int in, int r0,
                                     int r1, float* y, int64_t ldy, bool accumulate) {
-  const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
   const int in32 = in / 32 * 32;
   for (int r = r0; r < r1; ++r) {
     const uint16_t* row = w + (int64_t)r * ldw;
@@ -294,29 +307,13 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
     for (int i = 0; i < NX; ++i) even[i] = odd[i] = even2[i] = odd2[i] = _mm512_setzero_ps();
     int c = 0;
     for (; c + 64 <= in; c += 64) {
-      const __m512i h = _mm512_loadu_si512(row + c), h2 = _mm512_loadu_si512(row + c + 32);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(h, high));
-      const __m512 we2 = _mm512_castsi512_ps(_mm512_slli_epi32(h2, 16));
-      const __m512 wo2 = _mm512_castsi512_ps(_mm512_and_si512(h2, high));
-      for (int i = 0; i < NX; ++i) {
-        const float* xi = xs + i * ldxs + c;
-        even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
-        odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
-        even2[i] = _mm512_fmadd_ps(we2, _mm512_loadu_ps(xi + 32), even2[i]);
-        odd2[i] = _mm512_fmadd_ps(wo2, _mm512_loadu_ps(xi + 48), odd2[i]);
-      }
+      bf16_block<NX>(_mm512_loadu_si512(row + c), xs, ldxs, c, even, odd);
+      bf16_block<NX>(_mm512_loadu_si512(row + c + 32), xs, ldxs, c + 32, even2, odd2);
     }
     for (; c < in; c += 32) {
       const __m512i h = c < in32 ? _mm512_loadu_si512(row + c)
                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (in - c)) - 1ull), row + c);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(h, high));
-      for (int i = 0; i < NX; ++i) {
-        const float* xi = xs + i * ldxs + c;
-        even[i] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xi), even[i]);
-        odd[i] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xi + 16), odd[i]);
-      }
+      bf16_block<NX>(h, xs, ldxs, c, even, odd);
     }
     for (int i = 0; i < NX; ++i) {
       even[i] = _mm512_add_ps(even[i], even2[i]);
