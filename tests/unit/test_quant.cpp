@@ -102,9 +102,10 @@ TEST(QuantKernels, Q8QuantizeBoundsTheErrorAndKeepsExactValues) {
 
 // y = x · W^T with W in Q8, every row count (matrix-vector and tiled GEMM paths), against the
 // F32 kernel on the dequantized W and the quantized-then-dequantized x. Widths: an odd group
-// count (a half 64-column chunk), part of one 512-column block, more than two blocks.
+// count (a half 64-column chunk), part of one 512-column block, one and two whole blocks (the
+// model's widths at d 512 and 1024), more than two blocks.
 TEST(QuantKernels, Q8LinearEqualsF32OnDequantizedOperands) {
-  for (int in : {96, 320, 1056}) {
+  for (int in : {96, 320, 512, 1024, 1056}) {
     const int out = 130;  // rows not a multiple of the row tile
     const std::vector<float> w = normal((int64_t)out * in, 2, 0.05);
     std::vector<uint8_t> q(out * k::q8_row_bytes(in));

@@ -276,11 +276,6 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
   }
 }
 
-// BF16 rows against x rows split by column parity: 32 BF16 weights are 16 32-bit words whose
-// high halves (columns c + 2 l + 1) are F32 values once the low halves are masked off, and
-// whose low halves (columns c + 2 l) are F32 values once shifted up, so widening costs one
-// integer operation per 16 weights. `xs` holds each x row as blocks of 32 columns: its 16
-// even columns, then its 16 odd ones (zero past the row's end); row i at xs + i * ldxs.
 // One block of 32 BF16 weights h (bits) against the block at column c of each x row, into
 // that row's even and odd accumulators.
 template <int NX>
@@ -295,6 +290,11 @@ SUBLLM_AVX512 inline void bf16_block(__m512i h, const float* xs, int64_t ldxs, i
   }
 }
 
+// BF16 rows against x rows split by column parity: 32 BF16 weights are 16 32-bit words whose
+// high halves (columns c + 2 l + 1) are F32 values once the low halves are masked off, and
+// whose low halves (columns c + 2 l) are F32 values once shifted up, so widening costs one
+// integer operation per 16 weights. `xs` holds each x row as blocks of 32 columns: its 16
+// even columns, then its 16 odd ones (zero past the row's end); row i at xs + i * ldxs.
 template <int NX>
 SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_t* w, int64_t ldw, int in, int r0,
                                     int r1, float* y, int64_t ldy, bool accumulate) {
