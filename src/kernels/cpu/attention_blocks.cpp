@@ -101,16 +101,16 @@ SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t
 }
 
 // o (H heads of hd) from a row's `blocks` partials, in block order.
-SUBLLM_AVX512 void combine(const float* parts, int blocks, int H, int hd, float* o) {
-  const size_t stride = Partial::floats(H, hd);
+SUBLLM_AVX512 void combine(float* parts, int blocks, int H, int hd, float* o) {
+  auto part = [&](int b) { return Partial{parts + b * Partial::floats(H, hd), H, hd}; };
   for (int h = 0; h < H; ++h) {
     float top = -std::numeric_limits<float>::infinity();
-    for (int b = 0; b < blocks; ++b) top = std::max(top, Partial{const_cast<float*>(parts + b * stride), H, hd}.max(h));
+    for (int b = 0; b < blocks; ++b) top = std::max(top, part(b).max(h));
     float den = 0.f;
     float* oh = o + (size_t)h * hd;
     std::fill(oh, oh + hd, 0.f);
     for (int b = 0; b < blocks; ++b) {
-      const Partial p{const_cast<float*>(parts + b * stride), H, hd};
+      const Partial p = part(b);
       const float w = exp_approx(p.max(h) - top);
       den += w * p.sum(h);
       const __m512 wv = _mm512_set1_ps(w);

@@ -193,6 +193,20 @@ float quantize_group_q8(const float* x, int8_t* q, int* sum) {
 constexpr int kChunksPerBlock = 8;
 inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L % 4); }
 
+// x rows (n, in) as the Q8 products multiply them: each quantized as a weight row and
+// dequantized, into out (n, in).
+void round_rows_q8(const float* x, int64_t ldx, int n, int in, float* out) {
+#pragma omp parallel if ((int64_t)n * in > (1 << 14))
+  {
+    std::vector<uint8_t> row(q8_row_bytes(in));
+#pragma omp for schedule(static)
+    for (int i = 0; i < n; ++i) {
+      quantize_row_q8(x + i * ldx, in, row.data());
+      dequant_row_q8(row.data(), in, out + (size_t)i * in);
+    }
+  }
+}
+
 // The x rows as the Q8 paths read them. `deq` holds them dequantized for the F32 paths; the
 // int8 dot-product path reads, per x row i and block b (zero past the row's end):
 //   xq (i, b, 512) the int8 values;
@@ -201,30 +215,23 @@ inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L %
 // both in the blocks' lane order.
 struct Q8Activations {
   int blocks = 0;
-  std::vector<uint8_t> row;
   std::vector<float> deq, sx, u;
   std::vector<int8_t> xq;
 
   void prepare(const float* x, int64_t ldx, int nx, int in, bool for_vnni) {
-    const size_t rb = q8_row_bytes(in);
+    if (!for_vnni) {
+      deq.resize((size_t)nx * in);
+      round_rows_q8(x, ldx, nx, in, deq.data());
+      return;
+    }
     const int G = in / kQ8Group;
     blocks = (in + 511) / 512;
     int lane_of[16];  // the lane of each group of a block
     for (int L = 0; L < 16; ++L) lane_of[block_lane_group(L)] = L;
-    if (for_vnni) {
-      xq.assign((size_t)nx * blocks * 512, 0);
-      sx.assign((size_t)nx * blocks * 16, 0.f);
-      u.assign((size_t)nx * blocks * 16, 0.f);
-    } else {
-      row.resize(rb);
-      deq.resize((size_t)nx * in);
-    }
+    xq.assign((size_t)nx * blocks * 512, 0);
+    sx.assign((size_t)nx * blocks * 16, 0.f);
+    u.assign((size_t)nx * blocks * 16, 0.f);
     for (int i = 0; i < nx; ++i) {
-      if (!for_vnni) {
-        quantize_row_q8(x + i * ldx, in, row.data());
-        dequant_row_q8(row.data(), in, deq.data() + (size_t)i * in);
-        continue;
-      }
       int8_t* q = xq.data() + (size_t)i * blocks * 512;
       for (int g = 0; g < G; ++g) {
         int sum = 0;
@@ -558,17 +565,8 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
   thread_local std::vector<float> x_rounded;
   if (n > kMaxGemvRows) {
     x_rounded.resize((size_t)n * in);
-    float* rounded = x_rounded.data();  // the calling thread's buffer, filled by all threads
-#pragma omp parallel
-    {
-      std::vector<uint8_t> row(q8_row_bytes(in));
-#pragma omp for schedule(static)
-      for (int i = 0; i < n; ++i) {
-        quantize_row_q8(x + i * ldx, in, row.data());
-        dequant_row_q8(row.data(), in, rounded + (size_t)i * in);
-      }
-    }
-    x = rounded;
+    round_rows_q8(x, ldx, n, in, x_rounded.data());
+    x = x_rounded.data();
     ldx = in;
   }
   // The matrix-vector path's x, quantized once on the calling thread for every thread's rows.

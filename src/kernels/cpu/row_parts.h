@@ -33,7 +33,6 @@ void for_row_parts(int rows, int chunk, Body body) {
   if ((int)parts_store.size() < max_threads) parts_store = std::vector<Part>(max_threads);
   Part* parts = parts_store.data();  // the calling thread's, shared with the team
   auto pack = [](uint32_t lo, uint32_t hi) { return (uint64_t)hi << 32 | lo; };
-  for (int t = 0; t < max_threads; ++t) parts[t].range.store(0, std::memory_order_relaxed);
   // Takes up to `chunk` rows of part p, from its front or its back; false once it is empty.
   auto take = [&](Part& p, bool front, int& r0, int& r1) {
     uint64_t cur = p.range.load(std::memory_order_relaxed);
