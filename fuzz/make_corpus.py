@@ -10,6 +10,8 @@ spm_train (Debian package sentencepiece) on 400 lines of words from Moby-Dick,
                    --remove_extra_whitespaces=false --allow_whitespace_only_pieces=true
   unigram.model    --model_type=unigram --vocab_size=60 --normalization_rule_name=identity
   truncated.model  the first 2000 bytes of bpe_bytes.model
+tokenizer_seeds() writes one more from unigram.model: charsmap.model, with a small
+normalisation table (precompiled_charsmap) that maps "A" to "b", for the fuzzer to break.
 """
 import json
 import os
@@ -100,7 +102,33 @@ def dataset_seeds():
     write("dataset", "odd_numbers", json.dumps(odd).encode() + sep + shard(tokens))
 
 
+def varint(v):
+    out = b""
+    while v >= 0x80:
+        out += bytes([0x80 | (v & 0x7F)])
+        v >>= 7
+    return out + bytes([v])
+
+
+def tokenizer_seeds():
+    # A double-array trie of 768 32-bit units: unit 0 leads to state 256; unit 256 ^ 'A' = 321
+    # has label 'A', a leaf and offset 833; the leaf, unit 321 ^ 833 = 512, has value 0, where
+    # the replacement "b" starts.
+    trie = [0] * 768
+    trie[0] = 256 << 10
+    trie[321] = (833 << 10) | (1 << 8) | ord("A")
+    trie[512] = 1 << 31
+    table = struct.pack("<I", 4 * len(trie)) + struct.pack("<%dI" % len(trie), *trie) + b"b\0"
+    # A NormalizerSpec (field 3) holding only precompiled_charsmap (field 2), appended: readers
+    # merge it into the model's own.
+    spec = varint(2 << 3 | 2) + varint(len(table)) + table
+    with open(os.path.join(HERE, "corpus", "tokenizer", "unigram.model"), "rb") as f:
+        model = f.read()
+    write("tokenizer", "charsmap.model", model + varint(3 << 3 | 2) + varint(len(spec)) + spec)
+
+
 if __name__ == "__main__":
+    tokenizer_seeds()
     safetensors_seeds()
     config_seeds()
     dataset_seeds()

@@ -10,9 +10,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <unordered_map>
 
+#include "model_check.h"
 #include "subllm/error.h"
 
 namespace subllm {
@@ -180,17 +182,29 @@ size_t utf8_error_offset(std::string_view s) {
 Tokenizer Tokenizer::load(const std::string& path) {
   std::error_code ec;
   check(fs::is_regular_file(path, ec), "tokenizer " + path + " not found: pass a sentencepiece .model file");
-  auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
   const std::string fix = "): pass the tokenizer.model of a data folder or checkpoint";
+  const std::string invalid = "tokenizer " + path + " is not a valid sentencepiece model (";
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    check(in.good(), "cannot read tokenizer " + path + ": check its permissions");
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    check(!in.bad(), "cannot read tokenizer " + path + ": a read error");
+  }
+  // sentencepiece trusts the model's normalisation tables, and uses them already in Load
+  // (its self-test): they are checked first.
+  const std::string problem = sentencepiece_model_problem(bytes);
+  check(problem.empty(), invalid + problem + fix);
+  auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
   sentencepiece::util::Status status;
   try {
-    status = sp->Load(path);
+    status = sp->LoadFromSerializedProto(bytes);
   } catch (const std::exception& e) {
     // Some malformed models (a piece holding a NUL byte) throw from sentencepiece's trie
     // builder instead of returning a status.
-    throw Error("tokenizer " + path + " is not a valid sentencepiece model (" + e.what() + fix);
+    throw Error(invalid + e.what() + fix);
   }
-  check(status.ok(), "tokenizer " + path + " is not a valid sentencepiece model (" + status.ToString() + fix);
+  check(status.ok(), invalid + status.ToString() + fix);
   Tokenizer t;
   t.sp_ = std::move(sp);
   t.path_ = path;
