@@ -6,8 +6,10 @@
 # subllm::Error, a hang (over 10 s on one input) or an allocation over 512 MB; the inputs
 # that did are saved under build-fuzz/crashes/<target>/ and printed, with the command that
 # replays one.
+# The mutations follow a fixed seed (FUZZ_SEED, 1 by default), so that a run repeats the one
+# before on the same code; FUZZ_SEED=0 draws a new seed each run, for long runs that explore.
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]
-#   FUZZ_TARGETS="config dataset" scripts/fuzz.sh 600    # some of the targets, longer
+#   FUZZ_TARGETS="config dataset" FUZZ_SEED=0 scripts/fuzz.sh 600    # some of the targets, longer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-15}
@@ -35,7 +37,7 @@ for t in "${targets[@]}"; do
   touch "$work/start-$t"
   rc=0
   # The targets write their inputs to files under TMPDIR, kept inside the build folder.
-  TMPDIR="$work/tmp" "$build/fuzz/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  TMPDIR="$work/tmp" "$build/fuzz/fuzz_$t" -seed="${FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -malloc_limit_mb=512 -artifact_prefix="$crashes/" -print_final_stats=1 "$work/corpus-$t" \
     > "$work/$t.log" 2>&1 || rc=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$t.log")
