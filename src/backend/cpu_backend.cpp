@@ -226,15 +226,21 @@ class CpuBackend final : public Backend {
     k::attention_backward(q.f32(), kk.f32(), v.f32(), (int)q.ld, o.f32(), (int)o.ld, dout.f32(), lse.f32(), dq.f32(),
                           dk.f32(), dv.f32(), (int)dq.ld, B, T, H, Hkv, hd, static_cast<float*>(s.data));
   }
-  size_t attention_cached_scratch_bytes(int, int L, int, int hd) const override {
-    return sizeof(float) * (size_t)num_threads() * k::attention_cached_scratch_floats(L, hd);
+  // The blocked kernel's scratch where it runs, else the per-head kernels'.
+  size_t attention_blocks_scratch_bytes(int max_L, int H, int hd) const {
+    return sizeof(float) * k::attention_blocks_scratch_floats(max_L, H, hd, num_threads());
+  }
+  size_t attention_cached_scratch_bytes(int, int L, int H, int hd) const override {
+    const size_t per_head = sizeof(float) * (size_t)num_threads() * k::attention_cached_scratch_floats(L, hd);
+    return k::attention_blocks_take(hd) ? std::max(per_head, attention_blocks_scratch_bytes(L, H, hd)) : per_head;
   }
   void attention_cached(View q, View kk, View v, View out, int H, Scratch s) override {
     check(kk.ld == v.ld, "attention_cached: the key and value caches share one row stride");
     const int hd = (int)(q.cols / H), L = (int)kk.rows, Hkv = attention_kv_heads(q, kk, v, H, "attention_cached");
     if (k::attention_blocks_take(hd) && kk.dtype == v.dtype) {
+      need_scratch(s, attention_blocks_scratch_bytes(L, H, hd), "attention_cached");
       const k::CachedAttentionItem it{q.f32(), (int)q.ld, (int)q.rows, kk.data, v.data, (int)kk.ld, L, out.f32(), (int)out.ld};
-      k::attention_cached_blocks(&it, 1, H, Hkv, hd, kk.dtype == DType::BF16);
+      k::attention_cached_blocks(&it, 1, H, Hkv, hd, kk.dtype == DType::BF16, static_cast<float*>(s.data));
       return;
     }
     need_scratch(s, attention_cached_scratch_bytes((int)q.rows, L, H, hd), "attention_cached");
@@ -249,7 +255,8 @@ class CpuBackend final : public Backend {
   }
 
   size_t attention_cached_many_scratch_bytes(int, int max_L, int H, int hd) const override {
-    return sizeof(float) * (size_t)num_threads() * k::attention_cached_many_scratch_floats(max_L, H, hd);
+    const size_t per_head = sizeof(float) * (size_t)num_threads() * k::attention_cached_many_scratch_floats(max_L, H, hd);
+    return k::attention_blocks_take(hd) ? std::max(per_head, attention_blocks_scratch_bytes(max_L, H, hd)) : per_head;
   }
   void attention_cached_many(const CachedAttention* items, int count, int H, Scratch s) override {
     if (count == 0) return;
@@ -271,7 +278,8 @@ class CpuBackend final : public Backend {
                   (int)a.out.ld};
     }
     if (k::attention_blocks_take(hd)) {
-      k::attention_cached_blocks(many_.data(), count, H, Hkv, hd, bf16);
+      need_scratch(s, attention_blocks_scratch_bytes(max_L, H, hd), "attention_cached_many");
+      k::attention_cached_blocks(many_.data(), count, H, Hkv, hd, bf16, static_cast<float*>(s.data));
       return;
     }
     if (bf16) {

@@ -94,10 +94,13 @@ size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 // row's result does not depend on how rows and blocks are shared among threads: many rows go
 // a row per thread, a few (one sequence decoding) have their blocks shared out, each thread
 // streaming a contiguous part of the cache. Runs where attention_blocks_take(hd) (AVX-512, hd
-// a multiple of 16); no scratch.
+// a multiple of 16). scratch: attention_blocks_scratch_floats(max_L, H, hd, workers) floats,
+// max_L the longest cache (each thread's scores, and the blocks' partials).
 constexpr int kAttendBlockRows = 64;
 bool attention_blocks_take(int hd);
-void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache);
+void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache,
+                             float* scratch);
+size_t attention_blocks_scratch_floats(int max_L, int H, int hd, int workers);
 
 // Per-thread working memory of the attention kernels in bytes (independent of T), a multiple of 64.
 size_t attention_scratch_bytes(int hd, bool backward);

@@ -371,15 +371,18 @@ TEST(BatchDecode, BlockedAttentionEqualsSoftmaxAndIsTheSameAloneOrBatched) {
           for (float& x : s.q) x = (float)r.normal();
           for (auto* o : {&s.alone, &s.batched, &s.one_thread}) o->assign((size_t)s.m * C, -1.f);
           const View q = mat(s.q.data(), s.m, C, 3 * C);
-          be.attention_cached(q, cache(s, true), cache(s, false), mat(s.alone.data(), s.m, C), H, Scratch{});
+          std::vector<float> one(be.attention_cached_scratch_bytes(s.m, s.L, H, hd) / sizeof(float));
+          be.attention_cached(q, cache(s, true), cache(s, false), mat(s.alone.data(), s.m, C), H,
+                              Scratch{one.data(), one.size() * sizeof(float)});
           items.push_back({q, cache(s, true), cache(s, false), mat(s.batched.data(), s.m, C)});
         }
-        be.attention_cached_many(items.data(), (int)items.size(), H, Scratch{});
+        std::vector<float> scratch(be.attention_cached_many_scratch_bytes(3, 700, H, hd) / sizeof(float));
+        be.attention_cached_many(items.data(), (int)items.size(), H, Scratch{scratch.data(), scratch.size() * sizeof(float)});
         const int threads = omp_get_max_threads();
         omp_set_num_threads(1);
         for (Seq& s : seqs)
           be.attention_cached(mat(s.q.data(), s.m, C, 3 * C), cache(s, true), cache(s, false),
-                              mat(s.one_thread.data(), s.m, C), H, Scratch{});
+                              mat(s.one_thread.data(), s.m, C), H, Scratch{scratch.data(), scratch.size() * sizeof(float)});
         omp_set_num_threads(threads);
         const float scale = 1.0f / std::sqrt((float)hd);
         for (const Seq& s : seqs) {
@@ -410,6 +413,42 @@ TEST(BatchDecode, BlockedAttentionEqualsSoftmaxAndIsTheSameAloneOrBatched) {
             }
         }
       }
+}
+
+// The blocked attention keeps its scores and partials in the scratch the backend asks for:
+// for every cache length up to 1200, a row alone (its blocks shared out), a chunk of rows and
+// a batch (a row per thread) write nothing past a scratch of exactly that size, and a smaller
+// scratch is refused.
+TEST(BatchDecode, BlockedAttentionStaysInsideItsScratch) {
+  Backend& be = cpu_backend();
+  ASSERT_TRUE(k::attention_blocks_take(16)) << "this machine should run the blocked attention (AVX-512)";
+  const int H = 4, hd = 16, C = H * hd, max_L = 1200;
+  std::vector<float> kv((size_t)max_L * C, 0.25f), q((size_t)4 * C, 0.5f), out((size_t)4 * C);
+  constexpr float kGuard = 12345.f;
+  for (int L = 1; L <= max_L; L += L < 600 ? 1 : 7)
+    for (int m : {1, std::min(L, 3)}) {
+      const View k = mat(kv.data(), L, C), v = k;
+      const size_t bytes = be.attention_cached_scratch_bytes(m, L, H, hd);
+      std::vector<float> scratch(bytes / sizeof(float) + 64, kGuard);
+      be.attention_cached(mat(q.data(), m, C), k, v, mat(out.data(), m, C), H, Scratch{scratch.data(), bytes});
+      // Four sequences of one row each: at least two rows per thread, so a row per thread.
+      std::vector<Backend::CachedAttention> items;
+      for (int i = 0; i < 4; ++i) items.push_back({mat(q.data() + i * C, 1, C), k, v, mat(out.data() + i * C, 1, C)});
+      const size_t many = be.attention_cached_many_scratch_bytes(1, L, H, hd);
+      std::vector<float> many_scratch(many / sizeof(float) + 64, kGuard);
+      be.attention_cached_many(items.data(), 4, H, Scratch{many_scratch.data(), many});
+      for (int e = 0; e < 64; ++e) {
+        ASSERT_EQ(scratch[bytes / sizeof(float) + e], kGuard) << "L " << L << " m " << m;
+        ASSERT_EQ(many_scratch[many / sizeof(float) + e], kGuard) << "L " << L;
+      }
+      ASSERT_NEAR(out[0], 0.25f, 1e-6f);  // equal values: every weighting gives them back
+    }
+  std::vector<float> small(16);
+  EXPECT_NE(error_of([&] {
+              be.attention_cached(mat(q.data(), 1, C), mat(kv.data(), 100, C), mat(kv.data(), 100, C),
+                                  mat(out.data(), 1, C), H, Scratch{small.data(), small.size() * sizeof(float)});
+            }).find("attention_cached"),
+            std::string::npos);
 }
 
 // The matrix-vector product of decoding (1 row, W split among threads in chunks) and the

@@ -37,6 +37,10 @@ constexpr int kBlock = kAttendBlockRows;  // the most rows a block holds
 // depends on n alone, so a row is cut the same way however rows and blocks are shared out.
 inline int block_rows(int n) { return std::clamp((n / 8 + 15) / 16 * 16, 16, kBlock); }
 
+// The most blocks of a query row that sees at most L cache rows: rows up to 512 see blocks
+// of at least (n - 7) / 8 rows (16 below 135), so at most 9 blocks; longer ones, blocks of kBlock.
+inline int max_row_blocks(int L) { return std::max(9, (L + kBlock - 1) / kBlock); }
+
 // 16 cached values as F32.
 SUBLLM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 SUBLLM_AVX512 inline __m512 load16(const uint16_t* p) {
@@ -128,24 +132,27 @@ struct Row {
 };
 
 template <class T>
-void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd) {
+void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, float* scratch) {
   const int group = H / Hkv;
   const float scale = 1.0f / std::sqrt((float)hd);
   const size_t pf = Partial::floats(H, hd);
-  // The calling thread's lists, shared with the team (captured by pointer).
-  thread_local std::vector<Row> rows_store;
-  thread_local std::vector<size_t> first_store;  // a row's first partial in the shared buffer
-  thread_local std::vector<float> shared_store;
-  std::vector<Row>& rows = rows_store;
-  rows.clear();
-  for (int b = 0; b < count; ++b)
+  std::vector<Row> rows;
+  int max_L = 0;
+  for (int b = 0; b < count; ++b) {
+    max_L = std::max(max_L, items[b].L);
     for (int i = 0; i < items[b].m; ++i) {
       const int n = items[b].L - items[b].m + i + 1;
       const int per = block_rows(n);
       rows.push_back({b, i, n, per, (n + per - 1) / per});
     }
+  }
   const int R = (int)rows.size();
   if (R == 0) return;
+  // scratch (attention_blocks_scratch_floats): each thread's scores, then the partials.
+  const int nt = omp_get_max_threads();
+  const size_t scores = (size_t)H * kBlock;
+  float* partials = scratch + (size_t)nt * scores;
+  const size_t thread_partials = 2 * (size_t)max_row_blocks(max_L) * pf;
   auto part_of = [&](float* base, size_t at) { return Partial{base + at * pf, H, hd}; };
   auto run_block = [&](const Row& r, int blk, const Partial& out, float* s) {
     const CachedAttentionItem& it = items[r.item];
@@ -154,44 +161,39 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
                   j0, j1, H, group, hd, scale, out, s);
   };
   auto out_of = [&](const Row& r) { return items[r.item].out + (int64_t)r.i * items[r.item].ld_o; };
-  const int nt = omp_get_max_threads();
   if (R >= 2 * nt) {
     // Many rows (a batch of sequences): a thread takes a row at a time, all its blocks.
 #pragma omp parallel
     {
-      thread_local std::vector<float> s, parts;
-      s.resize((size_t)H * kBlock);
+      const int t = omp_get_thread_num();
+      float* s = scratch + t * scores;
+      float* parts = partials + t * thread_partials;
 #pragma omp for schedule(dynamic, 1)
       for (int x = 0; x < R; ++x) {
         const Row& r = rows[x];
-        parts.resize((size_t)r.blocks * pf);
-        for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts.data(), blk), s.data());
-        combine(parts.data(), r.blocks, H, hd, out_of(r));
+        for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts, blk), s);
+        combine(parts, r.blocks, H, hd, out_of(r));
       }
     }
     return;
   }
   // Few rows (one sequence decoding): the rows' blocks shared out in order, so each thread
-  // streams a contiguous run of the cache; then each row's blocks combined.
-  std::vector<size_t>& first = first_store;
-  first.assign(R + 1, 0);
+  // streams a contiguous run of the cache; then each row's blocks combined. Fewer than 2 nt
+  // rows of at most max_row_blocks blocks each fit the nt threads' partials.
+  std::vector<size_t> first(R + 1, 0);  // a row's first partial
   for (int x = 0; x < R; ++x) first[x + 1] = first[x] + rows[x].blocks;
   const size_t tasks = first[R];
-  shared_store.resize(tasks * pf);
-  float* shared = shared_store.data();
-  const size_t* first_of = first.data();
 #pragma omp parallel
   {
-    thread_local std::vector<float> s;
-    s.resize((size_t)H * kBlock);
+    float* s = scratch + omp_get_thread_num() * scores;
     int x = 0;
 #pragma omp for schedule(static)
     for (size_t t = 0; t < tasks; ++t) {
-      while (first_of[x + 1] <= t) ++x;
-      run_block(rows[x], (int)(t - first_of[x]), part_of(shared, t), s.data());
+      while (first[x + 1] <= t) ++x;
+      run_block(rows[x], (int)(t - first[x]), part_of(partials, t), s);
     }
 #pragma omp for schedule(static)
-    for (int y = 0; y < R; ++y) combine(shared + first_of[y] * pf, rows[y].blocks, H, hd, out_of(rows[y]));
+    for (int y = 0; y < R; ++y) combine(partials + first[y] * pf, rows[y].blocks, H, hd, out_of(rows[y]));
   }
 }
 
@@ -207,12 +209,22 @@ bool attention_blocks_take(int hd) {
 #endif
 }
 
-void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache) {
+size_t attention_blocks_scratch_floats(int max_L, int H, int hd, int workers) {
 #ifdef SUBLLM_BLOCKS_X86
-  if (bf16_cache) attend_blocks<uint16_t>(items, count, H, Hkv, hd);
-  else attend_blocks<float>(items, count, H, Hkv, hd);
+  return (size_t)workers * ((size_t)H * kBlock + 2 * (size_t)max_row_blocks(max_L) * Partial::floats(H, hd));
 #else
-  (void)items, (void)count, (void)H, (void)Hkv, (void)hd, (void)bf16_cache;
+  (void)max_L, (void)H, (void)hd, (void)workers;
+  return 0;
+#endif
+}
+
+void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache,
+                             float* scratch) {
+#ifdef SUBLLM_BLOCKS_X86
+  if (bf16_cache) attend_blocks<uint16_t>(items, count, H, Hkv, hd, scratch);
+  else attend_blocks<float>(items, count, H, Hkv, hd, scratch);
+#else
+  (void)items, (void)count, (void)H, (void)Hkv, (void)hd, (void)bf16_cache, (void)scratch;
 #endif
 }
 
