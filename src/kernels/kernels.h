@@ -88,7 +88,7 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
 size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 
 // attention_cached of several sequences' query rows at once, in blocks of cache rows (16 to
-// kAttendBlockRows, about an eighth of the rows a query sees), the caches F32 or BF16, query
+// 64, about an eighth of the rows a query sees), the caches F32 or BF16, query
 // head h reading key/value head h / (H / Hkv). Each block gives per head its max score, the
 // sum of exponentials and the weighted values; a row's blocks are combined in order, so a
 // row's result does not depend on how rows and blocks are shared among threads: many rows go
@@ -96,7 +96,6 @@ size_t attention_cached_many_scratch_floats(int max_L, int H, int hd);
 // streaming a contiguous part of the cache. Runs where attention_blocks_take(hd) (AVX-512, hd
 // a multiple of 16). scratch: attention_blocks_scratch_floats(max_L, H, hd, workers) floats,
 // max_L the longest cache (each thread's scores, and the blocks' partials).
-constexpr int kAttendBlockRows = 64;
 bool attention_blocks_take(int hd);
 void attention_cached_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, int hd, bool bf16_cache,
                              float* scratch);

@@ -34,10 +34,8 @@ class FieldReader {
   // The next field, nullopt at the end; sets `broken` on bytes that are not a message.
   std::optional<Field> next() {
     if (rest_.empty() || broken) return std::nullopt;
-    uint64_t tag;
-    if (!varint(&tag) || tag > UINT32_MAX || (tag >> 3) == 0) return fail();
-    Field f{(uint32_t)(tag >> 3), (uint32_t)(tag & 7), {}};
-    if (!skip_value(f.number, f.wire_type, &f.bytes, 0)) return fail();
+    Field f{};
+    if (!tag(&f.number, &f.wire_type) || !skip_value(f.number, f.wire_type, &f.bytes, 0)) return fail();
     return f;
   }
 
@@ -63,6 +61,15 @@ class FieldReader {
     return false;
   }
 
+  // A field's tag: its number (from 1) and wire type.
+  bool tag(uint32_t* number, uint32_t* wire_type) {
+    uint64_t t;
+    if (!varint(&t) || t > UINT32_MAX || (t >> 3) == 0) return false;
+    *number = (uint32_t)(t >> 3);
+    *wire_type = (uint32_t)(t & 7);
+    return true;
+  }
+
   bool take(uint64_t n, std::string_view* out) {
     if (n > rest_.size()) return false;
     if (out) *out = rest_.substr(0, n);
@@ -82,10 +89,10 @@ class FieldReader {
       case kGroupStart:
         if (depth >= 100) return false;
         for (;;) {
-          uint64_t tag;
-          if (!varint(&tag) || tag > UINT32_MAX || (tag >> 3) == 0) return false;
-          if ((tag & 7) == kGroupEnd) return (tag >> 3) == number;
-          if (!skip_value((uint32_t)(tag >> 3), (uint32_t)(tag & 7), nullptr, depth + 1)) return false;
+          uint32_t inner, type;
+          if (!tag(&inner, &type)) return false;
+          if (type == kGroupEnd) return inner == number;
+          if (!skip_value(inner, type, nullptr, depth + 1)) return false;
         }
       default: return false;  // an end of group with no start, or wire types 6 and 7
     }

@@ -5,8 +5,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -21,6 +19,7 @@ namespace subllm {
 namespace {
 
 using testing::error_of;
+using testing::read_all;
 using testing::TempDir;
 using testing::write_file;
 
@@ -79,11 +78,6 @@ std::string train_small_tokenizer(const TempDir& dir) {
   return dir.file("small.model");
 }
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 // A protocol buffer varint.
 std::string varint(uint64_t v) {
   std::string out;
@@ -97,7 +91,7 @@ std::string varint(uint64_t v) {
 void write_with_table(const std::string& from, const std::string& to, const std::string& table,
                       bool denormalizer = false) {
   const std::string spec = varint(2 << 3 | 2) + varint(table.size()) + table;
-  write_file(to, read_bytes(from) + varint((denormalizer ? 5 : 3) << 3 | 2) + varint(spec.size()) + spec);
+  write_file(to, read_all(from) + varint((denormalizer ? 5 : 3) << 3 | 2) + varint(spec.size()) + spec);
 }
 
 // A normalisation table of `units` trie units that maps "A" to the first of `strings`: unit 0
@@ -171,7 +165,7 @@ TEST(HardeningFuzz, TokenizerWithSentencepiecesOwnNfkcTableLoads) {
       "--input=" + tmp.file("t.txt") + " --model_prefix=" + tmp.file("nfkc") +
       " --vocab_size=300 --hard_vocab_limit=false --byte_fallback=true --normalization_rule_name=nmt_nfkc --minloglevel=2");
   ASSERT_TRUE(status.ok()) << status.ToString();
-  EXPECT_GT(read_bytes(tmp.file("nfkc.model")).size(), 100000u);  // the most of it its NFKC table
+  EXPECT_GT(read_all(tmp.file("nfkc.model")).size(), 100000u);  // the most of it its NFKC table
   const Tokenizer tok = Tokenizer::load(tmp.file("nfkc.model"));
   EXPECT_EQ(tok.encode("\xEF\xBC\xA1\xEF\xBC\xA2\xEF\xBC\xA3"), tok.encode("ABC"));  // U+FF21..U+FF23
 }

@@ -30,7 +30,7 @@ namespace subllm::kernels {
 #ifdef SUBLLM_BLOCKS_X86
 namespace {
 
-constexpr int kBlock = kAttendBlockRows;  // the most rows a block holds
+constexpr int kBlock = 64;  // the most rows a block holds
 
 // Rows per block for a query row that sees n cache rows: about an eighth of them, a multiple
 // of 16 from 16 to kBlock, so a short cache still gives both threads blocks to share. It
@@ -136,7 +136,12 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
   const int group = H / Hkv;
   const float scale = 1.0f / std::sqrt((float)hd);
   const size_t pf = Partial::floats(H, hd);
-  std::vector<Row> rows;
+  // The calling thread's lists (one call per block and token when decoding: no allocation
+  // once they have grown), shared with the team.
+  thread_local std::vector<Row> rows_store;
+  thread_local std::vector<size_t> first_store;
+  std::vector<Row>& rows = rows_store;
+  rows.clear();
   int max_L = 0;
   for (int b = 0; b < count; ++b) {
     max_L = std::max(max_L, items[b].L);
@@ -180,7 +185,8 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
   // Few rows (one sequence decoding): the rows' blocks shared out in order, so each thread
   // streams a contiguous run of the cache; then each row's blocks combined. Fewer than 2 nt
   // rows of at most max_row_blocks blocks each fit the nt threads' partials.
-  std::vector<size_t> first(R + 1, 0);  // a row's first partial
+  std::vector<size_t>& first = first_store;  // a row's first partial
+  first.assign(R + 1, 0);
   for (int x = 0; x < R; ++x) first[x + 1] = first[x] + rows[x].blocks;
   const size_t tasks = first[R];
 #pragma omp parallel

@@ -155,8 +155,8 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
 #pragma omp for collapse(2) schedule(dynamic, 1) nowait
       for (int h = 0; h < H; ++h)
         for (int i = 0; i < it.m; ++i)
-          attend_row(it.q, it.ld_q, it.m, static_cast<const float*>(it.k), static_cast<const float*>(it.v), it.ld_kv, it.L, hd, it.out, it.ld_o, h, h / group, i, scale, s,
-                     acc);
+          attend_row(it.q, it.ld_q, it.m, static_cast<const float*>(it.k), static_cast<const float*>(it.v), it.ld_kv,
+                     it.L, hd, it.out, it.ld_o, h, h / group, i, scale, s, acc);
     }
   }
 }
