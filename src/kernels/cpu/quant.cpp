@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/aligned_vector.h"
 #include "kernels/cpu/row_parts.h"
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
@@ -215,8 +216,8 @@ void round_rows_q8(const float* x, int64_t ldx, int n, int in, float* out) {
 // both in the blocks' lane order.
 struct Q8Activations {
   int blocks = 0;
-  std::vector<float> deq, sx, u;
-  std::vector<int8_t> xq;
+  AlignedVector<float> deq, sx, u;
+  AlignedVector<int8_t> xq;
 
   void prepare(const float* x, int64_t ldx, int nx, int in, bool for_vnni) {
     if (!for_vnni) {
@@ -314,8 +315,10 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
     for (int i = 0; i < NX; ++i) even[i] = odd[i] = even2[i] = odd2[i] = _mm512_setzero_ps();
     int c = 0;
     for (; c + 64 <= in; c += 64) {
-      bf16_block<NX>(_mm512_loadu_si512(row + c), xs, ldxs, c, even, odd);
-      bf16_block<NX>(_mm512_loadu_si512(row + c + 32), xs, ldxs, c + 32, even2, odd2);
+      __m512i h = _mm512_loadu_si512(row + c), h2 = _mm512_loadu_si512(row + c + 32);
+      __asm__("" : "+v"(h), "+v"(h2));
+      bf16_block<NX>(h, xs, ldxs, c, even, odd);
+      bf16_block<NX>(h2, xs, ldxs, c + 32, even2, odd2);
     }
     for (; c < in; c += 32) {
       const __m512i h = c < in32 ? _mm512_loadu_si512(row + c)
@@ -419,7 +422,7 @@ void q8_rows(const float* x, int64_t ldx, int nx, const uint8_t* w, int in, int 
 
 // x rows by column parity within blocks of 32, as bf16_rows_avx512 reads them.
 struct Bf16Activations {
-  std::vector<float> split;
+  AlignedVector<float> split;
   int64_t lds = 0;
   void prepare(const float* x, int64_t ldx, int nx, int in) {
     lds = (in + 31) / 32 * 32;
