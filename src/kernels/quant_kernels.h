@@ -4,9 +4,13 @@
 // kernels/cpu/attention_cached_bf16.cpp; the CPU backend is their caller.
 //
 // Q8 layout. A (rows, cols) matrix, cols a multiple of 32, is rows of q8_row_bytes(cols) bytes
-// each, back to back: the row's cols int8 values q, then its cols / 32 F32 scales s (little
-// endian). Element c of the row is s[c / 32] * q[c]. Quantizing takes s = max |x| / 127 over
-// the group and q = round-to-nearest-even(x / s) (all zero when the group is).
+// each, back to back. Element c of a row is s[c / 32] * q[c]: groups of 32 int8 values q with
+// one F32 scale s each (little endian). Quantizing takes s = max |x| / 127 over the group and
+// q = round-to-nearest-even(x / s) (all zero when the group is). A row is blocks of 16 groups,
+// the last holding the rest when cols / 32 is not a multiple of 16. A block of n groups is 8
+// chunks of 4 n bytes, chunk k holding values 4k .. 4k + 3 of each of its n groups in turn,
+// then the n groups' scales: the int8 dot product of a chunk with x sums each group in its own
+// lane, and the row is read once, in order (files keep values and scales apart: pack_q8).
 //
 // BF16 is the top half of an F32 (uint16 bits); conversions from F32 round to nearest even.
 //
@@ -42,6 +46,10 @@ void set_vnni_kernels(bool allowed);
 void quantize_q8(const float* src, int64_t rows, int cols, void* dst);
 // dst (rows, cols) F32 from Q8 rows.
 void dequantize_q8(const void* src, int64_t rows, int cols, float* dst);
+// Q8 rows dst from their int8 values (rows, cols) and F32 scales (rows, cols / 32) in row
+// order, the form of the files, and back.
+void pack_q8(const int8_t* values, const float* scales, int64_t rows, int cols, void* dst);
+void unpack_q8(const void* src, int64_t rows, int cols, int8_t* values, float* scales);
 void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 

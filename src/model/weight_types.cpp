@@ -185,7 +185,7 @@ bool Weights::load_typed(const SafetensorsFile& f) {
       backend_->to_device(dst, e.data, m->bytes);
       continue;
     }
-    // Q8: values and scales, interleaved into rows of q8_row_bytes.
+    // Q8: values and scales, packed into rows of q8_row_bytes.
     const std::string sname = p.name + kScaleSuffix;
     const int64_t groups = m->cols / kernels::kQ8Group;
     check(f.has(sname), f.path() + ": tensor '" + sname + "' (the scales of " + p.name + ") is missing");
@@ -193,20 +193,13 @@ bool Weights::load_typed(const SafetensorsFile& f) {
     check(se.dtype == DType::F32 && se.shape == Shape{m->rows, groups},
           f.path() + ": tensor '" + sname + "' must be F32 " + shape_str({m->rows, groups}) + ", it is " +
               dtype_name(se.dtype) + " " + shape_str(se.shape));
-    const size_t rb = kernels::q8_row_bytes(m->cols);
+    std::vector<float> scales((size_t)(m->rows * groups));
+    std::memcpy(scales.data(), se.data, sizeof(float) * scales.size());
+    for (float s : scales)
+      check(std::isfinite(s) && s >= 0,
+            f.path() + ": tensor '" + sname + "' holds a negative, NaN or infinite scale: the file is damaged");
     rows.resize(m->bytes);
-    const auto* values = static_cast<const uint8_t*>(e.data);
-    const auto* scales = static_cast<const uint8_t*>(se.data);
-    for (int64_t r = 0; r < m->rows; ++r) {
-      std::memcpy(rows.data() + r * rb, values + r * m->cols, (size_t)m->cols);
-      std::memcpy(rows.data() + r * rb + m->cols, scales + r * groups * sizeof(float), groups * sizeof(float));
-      for (int64_t g = 0; g < groups; ++g) {
-        float s;
-        std::memcpy(&s, scales + (r * groups + g) * sizeof(float), sizeof s);
-        check(std::isfinite(s) && s >= 0, f.path() + ": tensor '" + sname + "' holds a negative, NaN or infinite "
-                                                   "scale: the file is damaged");
-      }
-    }
+    kernels::pack_q8(static_cast<const int8_t*>(e.data), scales.data(), m->rows, (int)m->cols, rows.data());
     backend_->to_device(dst, rows.data(), rows.size());
   }
   params_changed();
@@ -233,12 +226,9 @@ void Weights::save_typed(const std::string& path) const {
       continue;
     }
     const int64_t groups = m->cols / kernels::kQ8Group;
-    const size_t rb = kernels::q8_row_bytes(m->cols);
     std::vector<uint8_t> values((size_t)(m->rows * m->cols)), scales((size_t)(m->rows * groups) * sizeof(float));
-    for (int64_t r = 0; r < m->rows; ++r) {
-      std::memcpy(values.data() + r * m->cols, bytes.data() + r * rb, (size_t)m->cols);
-      std::memcpy(scales.data() + r * groups * sizeof(float), bytes.data() + r * rb + m->cols, groups * sizeof(float));
-    }
+    kernels::unpack_q8(bytes.data(), m->rows, (int)m->cols, reinterpret_cast<int8_t*>(values.data()),
+                       reinterpret_cast<float*>(scales.data()));
     blobs.push_back(std::move(values));
     out.push_back({p.name, DType::I8, p.shape, blobs.back().data()});
     blobs.push_back(std::move(scales));

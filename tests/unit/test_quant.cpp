@@ -100,6 +100,36 @@ TEST(QuantKernels, Q8QuantizeBoundsTheErrorAndKeepsExactValues) {
   EXPECT_EQ(std::memcmp(d.data(), d2.data(), sizeof(float) * d.size()), 0);
 }
 
+// Q8 rows unpack into the files' form (int8 values in row order, one F32 scale per 32) and
+// pack back byte for byte, at widths with whole and partial 16-group blocks.
+TEST(QuantKernels, Q8RowsPackAndUnpackTheFilesValuesAndScales) {
+  for (int cols : {96, 512, 1056, 2752}) {
+    const int rows = 5, G = cols / 32;
+    const std::vector<float> w = normal((int64_t)rows * cols, 3);
+    std::vector<uint8_t> q(rows * k::q8_row_bytes(cols));
+    k::quantize_q8(w.data(), rows, cols, q.data());
+    std::vector<float> d(w.size());
+    k::dequantize_q8(q.data(), rows, cols, d.data());
+    std::vector<int8_t> values(w.size());
+    std::vector<float> scales((size_t)rows * G);
+    k::unpack_q8(q.data(), rows, cols, values.data(), scales.data());
+    for (int r = 0; r < rows; ++r)
+      for (int g = 0; g < G; ++g) {
+        float amax = 0;
+        for (int e = 0; e < 32; ++e) amax = std::max(amax, std::fabs(w[r * cols + g * 32 + e]));
+        ASSERT_EQ(scales[r * G + g], amax / 127.0f) << cols << " " << r << " " << g;
+        for (int e = 0; e < 32; ++e) {
+          const int i = r * cols + g * 32 + e;
+          ASSERT_EQ(values[i], (int8_t)std::nearbyint(w[i] * (1.0f / scales[r * G + g]))) << cols << " " << i;
+          ASSERT_EQ(d[i], scales[r * G + g] * (float)values[i]) << cols << " " << i;
+        }
+      }
+    std::vector<uint8_t> packed(q.size());
+    k::pack_q8(values.data(), scales.data(), rows, cols, packed.data());
+    EXPECT_EQ(packed, q) << cols;
+  }
+}
+
 // y = x · W^T with W in Q8, every row count (matrix-vector and tiled GEMM paths), against the
 // F32 kernel on the dequantized W and the quantized-then-dequantized x. Widths: an odd group
 // count (a half 64-column chunk), part of one 512-column block, one and two whole blocks (the

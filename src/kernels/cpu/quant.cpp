@@ -89,29 +89,54 @@ inline uint16_t f32_to_bf16_bits(float f) {
   return (uint16_t)(bits >> 16);
 }
 
-// One row of cols F32 values (cols % 32 == 0) into the Q8 row layout (quant_kernels.h).
+// ---- the Q8 row layout (quant_kernels.h) --------------------------------------------------
+// Blocks of 16 groups; a block of n groups is 8 chunks of 4 n bytes (chunk c: values 4c .. 4c + 3
+// of each of its groups in turn), then the n scales.
+constexpr int kBlockGroups = 16, kChunksPerBlock = 8;
+constexpr size_t kBlockBytes = (size_t)kBlockGroups * (kQ8Group + sizeof(float));
+
+// Where group g of a row of G groups lies: value e at values + (e / 4) * stride + e % 4.
+struct Q8GroupPlace {
+  size_t values, stride, scale;
+};
+inline int block_groups(int G, int b) { return std::min(kBlockGroups, G - kBlockGroups * b); }
+inline Q8GroupPlace q8_group_place(int G, int g) {
+  const int b = g / kBlockGroups, j = g % kBlockGroups, n = block_groups(G, b);
+  const size_t block = (size_t)b * kBlockBytes;
+  return {block + 4 * (size_t)j, 4 * (size_t)n, block + (size_t)n * kQ8Group + sizeof(float) * j};
+}
+// Group g's 32 values, in order, and its scale.
+inline float load_group_q8(const uint8_t* row, int G, int g, int8_t (&q)[kQ8Group]) {
+  const Q8GroupPlace p = q8_group_place(G, g);
+  for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(q + 4 * c, row + p.values + c * p.stride, 4);
+  return load_f32(row + p.scale);
+}
+
+// One row of cols F32 values (cols % 32 == 0) into the Q8 row layout.
 void quantize_row_q8(const float* x, int cols, uint8_t* row) {
-  auto* q = reinterpret_cast<int8_t*>(row);
-  for (int g = 0; g < cols / kQ8Group; ++g) {
+  const int G = cols / kQ8Group;
+  for (int g = 0; g < G; ++g) {
     float amax = 0.f;
     for (int e = 0; e < kQ8Group; ++e) amax = std::max(amax, std::fabs(x[g * kQ8Group + e]));
     const float s = amax / 127.0f;
     const float inv = s > 0.f ? 1.0f / s : 0.f;
+    const Q8GroupPlace p = q8_group_place(G, g);
     for (int e = 0; e < kQ8Group; ++e) {
       const float v = std::nearbyint(x[g * kQ8Group + e] * inv);
-      q[g * kQ8Group + e] = (int8_t)std::clamp(v, -127.0f, 127.0f);
+      row[p.values + (e / 4) * p.stride + e % 4] = (uint8_t)(int8_t)std::clamp(v, -127.0f, 127.0f);
     }
-    std::memcpy(row + cols + sizeof(float) * g, &s, sizeof s);
+    std::memcpy(row + p.scale, &s, sizeof s);
   }
 }
 
 // The F32 values a Q8 row stands for: out[c] = s[c / 32] * q[c].
 void dequant_row_q8(const uint8_t* row, int cols, float* out) {
-  const auto* q = reinterpret_cast<const int8_t*>(row);
-  for (int g = 0; g < cols / kQ8Group; ++g) {
-    const float s = load_f32(row + cols + sizeof(float) * g);
+  const int G = cols / kQ8Group;
+  int8_t q[kQ8Group];
+  for (int g = 0; g < G; ++g) {
+    const float s = load_group_q8(row, G, g, q);
 #pragma omp simd
-    for (int e = 0; e < kQ8Group; ++e) out[g * kQ8Group + e] = s * (float)q[g * kQ8Group + e];
+    for (int e = 0; e < kQ8Group; ++e) out[g * kQ8Group + e] = s * (float)q[e];
   }
 }
 
@@ -123,21 +148,26 @@ void q8_rows_portable(const float* x, int64_t ldx, int nx, const uint8_t* w, int
                       int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
   const int G = in / kQ8Group;
+  std::vector<float> sums(nx);
+  int8_t q[kQ8Group];
   float wv[kQ8Group];
   for (int r = r0; r < r1; ++r) {
     const uint8_t* row = w + (size_t)r * rb;
-    const auto* q = reinterpret_cast<const int8_t*>(row);
-    for (int i = 0; i < nx; ++i) {
-      const float* xi = x + i * ldx;
-      float sum = 0.f;
-      for (int g = 0; g < G; ++g) {
-        const float s = load_f32(row + in + sizeof(float) * g);
-        for (int e = 0; e < kQ8Group; ++e) wv[e] = s * (float)q[g * kQ8Group + e];
+    std::fill(sums.begin(), sums.end(), 0.f);
+    for (int g = 0; g < G; ++g) {
+      const float s = load_group_q8(row, G, g, q);
+      for (int e = 0; e < kQ8Group; ++e) wv[e] = s * (float)q[e];
+      for (int i = 0; i < nx; ++i) {
+        const float* xi = x + i * ldx + g * kQ8Group;
+        float sum = sums[i];
 #pragma omp simd reduction(+ : sum)
-        for (int e = 0; e < kQ8Group; ++e) sum += wv[e] * xi[g * kQ8Group + e];
+        for (int e = 0; e < kQ8Group; ++e) sum += wv[e] * xi[e];
+        sums[i] = sum;
       }
+    }
+    for (int i = 0; i < nx; ++i) {
       float& out = y[i * ldy + r];
-      out = accumulate ? out + sum : sum;
+      out = accumulate ? out + sums[i] : sums[i];
     }
   }
 }
@@ -180,7 +210,7 @@ SUBLLM_AVX512 float quantize_group_q8(const float* x, int8_t* q, int* sum) {
 }
 #else
 float quantize_group_q8(const float* x, int8_t* q, int* sum) {
-  uint8_t row[kQ8Group + sizeof(float)];
+  uint8_t row[kQ8Group + sizeof(float)];  // a one-group row: its 32 values, then its scale
   quantize_row_q8(x, kQ8Group, row);
   std::memcpy(q, row, kQ8Group);
   *sum = 0;
@@ -188,11 +218,6 @@ float quantize_group_q8(const float* x, int8_t* q, int* sum) {
   return load_f32(row + kQ8Group);
 }
 #endif
-
-// The int8 dot-product path works in blocks of 8 64-column chunks (16 groups); a block's 16
-// group sums come out of q8_block_sums with group block_lane_group(L) in lane L.
-constexpr int kChunksPerBlock = 8;
-inline int block_lane_group(int L) { return 8 * (L / 8) + (L / 4) % 2 + 2 * (L % 4); }
 
 // x rows (n, in) as the Q8 products multiply them: each quantized as a weight row and
 // dequantized, into out (n, in).
@@ -209,11 +234,11 @@ void round_rows_q8(const float* x, int64_t ldx, int n, int in, float* out) {
 }
 
 // The x rows as the Q8 paths read them. `deq` holds them dequantized for the F32 paths; the
-// int8 dot-product path reads, per x row i and block b (zero past the row's end):
-//   xq (i, b, 512) the int8 values;
-//   sx (i, b, 16)  F32 group scales and
-//   u  (i, b, 16)  F32 −128 × scale × (sum of the group's values),
-// both in the blocks' lane order.
+// int8 dot-product path reads, per x row i and block b of 16 groups (zero past the row's end):
+//   xq (i, b, 8, 64) the int8 values, as a weight block's chunks hold them but each chunk
+//                    64 bytes wide (group j of the block in bytes 4j .. 4j + 3);
+//   sx (i, b, 16)    F32 group scales and
+//   u  (i, b, 16)    F32 −128 × scale × (sum of the group's values).
 struct Q8Activations {
   int blocks = 0;
   AlignedVector<float> deq, sx, u;
@@ -226,22 +251,21 @@ struct Q8Activations {
       return;
     }
     const int G = in / kQ8Group;
-    blocks = (in + 511) / 512;
-    int lane_of[16];  // the lane of each group of a block
-    for (int L = 0; L < 16; ++L) lane_of[block_lane_group(L)] = L;
+    blocks = (G + kBlockGroups - 1) / kBlockGroups;
     xq.assign((size_t)nx * blocks * 512, 0);
     sx.assign((size_t)nx * blocks * 16, 0.f);
     u.assign((size_t)nx * blocks * 16, 0.f);
-    for (int i = 0; i < nx; ++i) {
-      int8_t* q = xq.data() + (size_t)i * blocks * 512;
+    int8_t q[kQ8Group];
+    for (int i = 0; i < nx; ++i)
       for (int g = 0; g < G; ++g) {
         int sum = 0;
-        const float s = quantize_group_q8(x + i * ldx + g * kQ8Group, q + g * kQ8Group, &sum);
-        const size_t at = ((size_t)i * blocks + g / 16) * 16 + lane_of[g % 16];
-        sx[at] = s;
-        u[at] = -128.0f * s * (float)sum;
+        const float s = quantize_group_q8(x + i * ldx + g * kQ8Group, q, &sum);
+        const size_t at = (size_t)i * blocks + g / kBlockGroups;
+        const int j = g % kBlockGroups;
+        for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(xq.data() + at * 512 + 64 * c + 4 * j, q + 4 * c, 4);
+        sx[at * 16 + j] = s;
+        u[at * 16 + j] = -128.0f * s * (float)sum;
       }
-    }
   }
 };
 
@@ -268,12 +292,11 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
     const uint8_t* row = w + (size_t)r * rb;
     __m512 a0[NX], a1[NX];
     for (int i = 0; i < NX; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    alignas(64) int8_t q[kQ8Group];
     for (int g = 0; g < G; ++g) {
-      const __m512 s = _mm512_set1_ps(load_f32(row + in + sizeof(float) * g));
-      const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kQ8Group));
-      const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kQ8Group + 16));
-      const __m512 w0 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
-      const __m512 w1 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
+      const __m512 s = _mm512_set1_ps(load_group_q8(row, G, g, q));
+      const __m512 w0 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q)))));
+      const __m512 w1 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16)))));
       for (int i = 0; i < NX; ++i) {
         const float* xi = x + i * ldx + g * kQ8Group;
         a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a0[i]);
@@ -335,70 +358,54 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
 
 // Q8 rows against Q8-quantized x rows with the int8 dot product (vpdpbusd: unsigned bytes ×
 // signed bytes, four products summed into each int32 lane). The weight bytes w become unsigned
-// as w + 128 (the sign bit flipped); the x side's u takes the offset back out. A block's 8
-// chunks give 8 vectors whose lanes 0-7 and 8-15 belong to one group each; a transposing sum
-// turns them into one vector of the block's 16 exact integer group sums. Each group's
-// sx · sum + u waits in `held` until the row's data is read, and is then multiplied by the
-// weight scales stored after it, so the weights stream in order.
-
-// The 16 group sums of chunks c0 .. c0 + 7 of `row` against x bytes xq (lane order: Q8Activations).
-SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline __m512i q8_block_sums(const uint8_t* row, const int8_t* xq,
-                                                                             int in, int c0) {
+// as w + 128 (the sign bit flipped); the x side's u takes the offset back out. A block's chunk
+// c holds bytes 4c .. 4c + 3 of each of its groups, so lane j of the 8 chunks' dot products
+// sums group j exactly, in int32; the block's scales follow its chunks, and the row streams
+// once, in order, through one load per 64 weight bytes and one per 64 x bytes.
+// acc[i] += the block of n groups at `block` (block b of its row) against x row i, lane j
+// holding group j. Whole blocks (kWhole) read their chunks at fixed offsets.
+template <int NX, bool kWhole>
+SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_block(const uint8_t* block, int n, int b,
+                                                                     const Q8Activations& a, __m512 (&acc)[NX]) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
-  __m512i v[kChunksPerBlock];
-  if (64 * (c0 + kChunksPerBlock) <= in) {
-    for (int k = 0; k < kChunksPerBlock; ++k)
-      v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(row + 64 * (c0 + k)), flip),
-                                 _mm512_loadu_si512(xq + 64 * k));
-  } else {  // the row's last block: whole chunks, perhaps a last half chunk of 32 columns, then none
-    for (int k = 0; k < kChunksPerBlock; ++k) {
-      const int at = 64 * (c0 + k);
-      const __m512i wv = at + 64 <= in ? _mm512_loadu_si512(row + at)
-                         : at < in     ? _mm512_maskz_loadu_epi8(0xffffffffull, row + at)
-                                       : flip;  // flips to zero bytes
-      v[k] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(wv, flip), _mm512_loadu_si512(xq + 64 * k));
+  const size_t stride = kWhole ? 64 : 4 * (size_t)n;
+  const __mmask64 part = kWhole ? ~0ull : (1ull << (4 * n)) - 1ull;
+  auto chunk = [&](int c) {
+    const uint8_t* p = block + stride * c;
+    return _mm512_xor_si512(kWhole ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(part, p), flip);
+  };
+  // Two chains of dot products per x row: their latency, not the loads, would pace one.
+  __m512i s0[NX], s1[NX];
+  for (int i = 0; i < NX; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
+  for (int c = 0; c < kChunksPerBlock; c += 2) {
+    const __m512i w0 = chunk(c), w1 = chunk(c + 1);
+    for (int i = 0; i < NX; ++i) {
+      const int8_t* xc = a.xq.data() + ((size_t)i * a.blocks + b) * 512 + 64 * c;
+      s0[i] = _mm512_dpbusd_epi32(s0[i], w0, _mm512_load_si512(xc));
+      s1[i] = _mm512_dpbusd_epi32(s1[i], w1, _mm512_load_si512(xc + 64));
     }
   }
-  // 128-bit blocks of v[k]: [A A B B] for its groups A = 2 k, B = 2 k + 1. Sums within
-  // 128-bit blocks first (cheap shuffles), across blocks once at the end.
-  __m512i p[4];
-  for (int i = 0; i < 4; ++i)
-    p[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi64(v[2 * i], v[2 * i + 1]));
-  __m512i q[2];
-  for (int i = 0; i < 2; ++i) {
-    const __m512 a = _mm512_castsi512_ps(p[2 * i]), b = _mm512_castsi512_ps(p[2 * i + 1]);
-    q[i] = _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
-                            _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xdd)));
+  const float* scales = reinterpret_cast<const float*>(block + (size_t)n * kQ8Group);
+  const __m512 sw = kWhole ? _mm512_loadu_ps(scales) : _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), scales);
+  for (int i = 0; i < NX; ++i) {
+    const size_t at = ((size_t)i * a.blocks + b) * 16;
+    const __m512 xs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i])),
+                                      _mm512_load_ps(a.sx.data() + at), _mm512_load_ps(a.u.data() + at));
+    acc[i] = _mm512_fmadd_ps(xs, sw, acc[i]);
   }
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], 0x88), _mm512_shuffle_i32x4(q[0], q[1], 0xdd));
 }
 
 template <int NX>
 SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
                                      int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
-  const int G = in / kQ8Group, B = a.blocks;
-  const __m512i lane_group = _mm512_set_epi32(15, 13, 11, 9, 14, 12, 10, 8, 7, 5, 3, 1, 6, 4, 2, 0);
-  thread_local std::vector<float> held_store;
-  held_store.resize((size_t)NX * B * 16);
-  float* held = held_store.data();
+  const int G = in / kQ8Group, whole = G / kBlockGroups, rest = G % kBlockGroups;
   for (int r = r0; r < r1; ++r) {
     const uint8_t* row = w + (size_t)r * rb;
-    for (int b = 0; b < B; ++b)
-      for (int i = 0; i < NX; ++i) {
-        const size_t at = (size_t)i * B + b;
-        const __m512i sums = q8_block_sums(row, a.xq.data() + at * 512, in, kChunksPerBlock * b);
-        _mm512_storeu_ps(held + at * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(a.sx.data() + at * 16),
-                                                         _mm512_loadu_ps(a.u.data() + at * 16)));
-      }
     __m512 acc[NX], zero[NX];
     for (int i = 0; i < NX; ++i) acc[i] = zero[i] = _mm512_setzero_ps();
-    for (int b = 0; b < B; ++b) {
-      const int groups = std::min(16, G - 16 * b);
-      const __m512 sw = _mm512_permutexvar_ps(
-          lane_group, _mm512_maskz_loadu_ps((__mmask16)((1u << groups) - 1u), row + in + sizeof(float) * 16 * b));
-      for (int i = 0; i < NX; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(held + ((size_t)i * B + b) * 16), sw, acc[i]);
-    }
+    for (int b = 0; b < whole; ++b) q8_block<NX, true>(row + b * kBlockBytes, kBlockGroups, b, a, acc);
+    if (rest) q8_block<NX, false>(row + whole * kBlockBytes, rest, whole, a, acc);
     put_row_sums<NX>(acc, zero, y, ldy, r, accumulate);
   }
 }
@@ -457,16 +464,16 @@ constexpr int kMaxGemvRows = 4;
 // tile (R, K) = W rows [r0, r0 + R), columns [k0, k0 + K) as F32 (k0, K multiples of 32 for Q8).
 void dequant_tile_q8(const uint8_t* w, int in, int r0, int R, int k0, int K, float* tile) {
   const size_t rb = q8_row_bytes(in);
+  const int G = in / kQ8Group;
+  int8_t q[kQ8Group];
   for (int r = 0; r < R; ++r) {
     const uint8_t* row = w + (size_t)(r0 + r) * rb;
-    const auto* q = reinterpret_cast<const int8_t*>(row);
     float* t = tile + (int64_t)r * K;
     for (int g = k0 / kQ8Group; g < (k0 + K) / kQ8Group; ++g) {
-      const float s = load_f32(row + in + sizeof(float) * g);
+      const float s = load_group_q8(row, G, g, q);
       float* tg = t + g * kQ8Group - k0;
-      const int8_t* qg = q + g * kQ8Group;
 #pragma omp simd
-      for (int e = 0; e < kQ8Group; ++e) tg[e] = s * (float)qg[e];
+      for (int e = 0; e < kQ8Group; ++e) tg[e] = s * (float)q[e];
     }
   }
 }
@@ -543,6 +550,35 @@ void quantize_q8(const float* src, int64_t rows, int cols, void* dst) {
   const size_t rb = q8_row_bytes(cols);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) quantize_row_q8(src + r * cols, cols, static_cast<uint8_t*>(dst) + (size_t)r * rb);
+}
+
+void pack_q8(const int8_t* values, const float* scales, int64_t rows, int cols, void* dst) {
+  const int G = cols / kQ8Group;
+  const size_t rb = q8_row_bytes(cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row = static_cast<uint8_t*>(dst) + (size_t)r * rb;
+    for (int g = 0; g < G; ++g) {
+      const Q8GroupPlace p = q8_group_place(G, g);
+      const int8_t* q = values + r * cols + g * kQ8Group;
+      for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(row + p.values + c * p.stride, q + 4 * c, 4);
+      std::memcpy(row + p.scale, scales + r * G + g, sizeof(float));
+    }
+  }
+}
+
+void unpack_q8(const void* src, int64_t rows, int cols, int8_t* values, float* scales) {
+  const int G = cols / kQ8Group;
+  const size_t rb = q8_row_bytes(cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = static_cast<const uint8_t*>(src) + (size_t)r * rb;
+    for (int g = 0; g < G; ++g) {
+      int8_t q[kQ8Group];
+      scales[r * G + g] = load_group_q8(row, G, g, q);
+      std::memcpy(values + r * cols + g * kQ8Group, q, kQ8Group);
+    }
+  }
 }
 
 void dequantize_q8(const void* src, int64_t rows, int cols, float* dst) {
