@@ -5,11 +5,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <utility>
 
 #include "backend/backend.h"
+#include "kernels/cpu/row_parts.h"
 #include "kernels/kernels.h"
 #include "kernels/quant_kernels.h"
 #include "subllm/error.h"
@@ -479,6 +481,38 @@ TEST(BatchDecode, MatrixVectorAndFewRowsLinearEqualPlainSums) {
       }
     }
   }
+}
+
+// for_row_parts hands every row out exactly once, on one thread and on two, as single rows
+// and as pairs of streams (rows a + i and b + i), whatever the row count against the chunk.
+TEST(BatchDecode, RowPartsVisitEveryRowOnce) {
+  const int threads = omp_get_max_threads();
+  for (int nt : {1, 2}) {
+    omp_set_num_threads(nt);
+    for (int chunk : {1, 7, 27})
+      for (int rows : {1, 5, 13, 14, 15, 54, 55, 223, 1000}) {
+        std::vector<std::atomic<int>> seen(rows);
+        std::atomic<int> paired{0};
+        kernels::for_row_parts(
+            rows, chunk,
+            [&](int r0, int r1) {
+              ASSERT_TRUE(0 <= r0 && r0 < r1 && r1 <= rows) << r0 << " " << r1;
+              for (int r = r0; r < r1; ++r) seen[r]++;
+            },
+            [&](int a, int b, int n) {
+              ASSERT_TRUE(n >= 1 && 0 <= a && a + n <= b && b + n <= rows) << a << " " << b << " " << n;
+              for (int i = 0; i < n; ++i) seen[a + i]++, seen[b + i]++;
+              paired += n;
+            });
+        const std::string where =
+            std::to_string(nt) + " threads, " + std::to_string(rows) + " rows, chunk " + std::to_string(chunk);
+        for (int r = 0; r < rows; ++r) ASSERT_EQ(seen[r].load(), 1) << where << ", row " << r;
+        if (rows >= 2 * chunk) {
+          EXPECT_GT(paired.load(), 0) << where;
+        }
+      }
+  }
+  omp_set_num_threads(threads);
 }
 
 }  // namespace

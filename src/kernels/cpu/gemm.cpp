@@ -122,16 +122,47 @@ void matvec_rows(const float* x, const float* w, float* y, int in, int r0, int r
   }
 }
 
+// matvec_rows for rows a + i and b + i, i < n, in lockstep: two streams, each x load serving
+// both rows, two accumulators per row over 32 columns.
+void matvec_row_pairs(const float* x, const float* w, float* y, int in, int a, int b, int n, bool accumulate) {
+  const int in32 = in / 32 * 32;
+  for (int i = 0; i < n; ++i) {
+    const float* ra = w + (int64_t)(a + i) * in;
+    const float* rb = w + (int64_t)(b + i) * in;
+    __m512 acc_a[2], acc_b[2];
+    for (int j = 0; j < 2; ++j) acc_a[j] = acc_b[j] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c < in32; c += 32)
+      for (int j = 0; j < 2; ++j) {
+        const __m512 xv = _mm512_loadu_ps(x + c + 16 * j);
+        acc_a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(ra + c + 16 * j), xv, acc_a[j]);
+        acc_b[j] = _mm512_fmadd_ps(_mm512_loadu_ps(rb + c + 16 * j), xv, acc_b[j]);
+      }
+    for (; c < in; c += 16) {
+      const __mmask16 m = in - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - c)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
+      acc_a[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, ra + c), xv, acc_a[0]);
+      acc_b[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rb + c), xv, acc_b[0]);
+    }
+    const float va = _mm512_reduce_add_ps(_mm512_add_ps(acc_a[0], acc_a[1]));
+    const float vb = _mm512_reduce_add_ps(_mm512_add_ps(acc_b[0], acc_b[1]));
+    y[a + i] = accumulate ? y[a + i] + va : va;
+    y[b + i] = accumulate ? y[b + i] + vb : vb;
+  }
+}
+
 // A matrix-vector product bound by reading W once: each thread streams a contiguous part of
-// W, which keeps closer to the machine's read bandwidth than interleaved strips (or BLAS's
-// sgemv) do. A W that fits in cache is left to the calling thread.
+// W (as two streams: for_row_parts), which keeps closer to the machine's read bandwidth than
+// interleaved strips (or BLAS's sgemv) do. A W that fits in cache is left to the calling thread.
 void linear_matvec(const float* x, const float* w, float* y, int in, int out, bool accumulate) {
   if ((int64_t)out * in < kFewRowsMinWeights) {
     matvec_rows(x, w, y, in, 0, out, accumulate);
     return;
   }
-  for_row_parts(out, row_chunk((int64_t)in * sizeof(float)),
-                [&](int r0, int r1) { matvec_rows(x, w, y, in, r0, r1, accumulate); });
+  for_row_parts(
+      out, row_chunk((int64_t)in * sizeof(float)),
+      [&](int r0, int r1) { matvec_rows(x, w, y, in, r0, r1, accumulate); },
+      [&](int a, int b, int n) { matvec_row_pairs(x, w, y, in, a, b, n, accumulate); });
 }
 
 }  // namespace

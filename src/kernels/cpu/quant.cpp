@@ -356,42 +356,90 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
   }
 }
 
+// bf16_rows_avx512 for one x row against weight rows ra + i and rb + i, i < n, in lockstep:
+// two streams, each x load serving both rows.
+SUBLLM_AVX512 void bf16_row_pairs_avx512(const float* xs, const uint16_t* w, int64_t ldw, int in, int ra, int rb, int n,
+                                         float* y, bool accumulate) {
+  const int in32 = in / 32 * 32;
+  for (int i = 0; i < n; ++i) {
+    const uint16_t* row_a = w + (int64_t)(ra + i) * ldw;
+    const uint16_t* row_b = w + (int64_t)(rb + i) * ldw;
+    __m512 even_a[1], odd_a[1], even_b[1], odd_b[1];
+    even_a[0] = odd_a[0] = even_b[0] = odd_b[0] = _mm512_setzero_ps();
+    for (int c = 0; c < in; c += 32) {
+      const __mmask32 m = c < in32 ? ~0u : (__mmask32)((1ull << (in - c)) - 1ull);
+      __m512i ha = _mm512_maskz_loadu_epi16(m, row_a + c), hb = _mm512_maskz_loadu_epi16(m, row_b + c);
+      __asm__("" : "+v"(ha), "+v"(hb));
+      bf16_block<1>(ha, xs, 0, c, even_a, odd_a);
+      bf16_block<1>(hb, xs, 0, c, even_b, odd_b);
+    }
+    put_row_sums<1>(even_a, odd_a, y, 0, ra + i, accumulate);
+    put_row_sums<1>(even_b, odd_b, y, 0, rb + i, accumulate);
+  }
+}
+
 // Q8 rows against Q8-quantized x rows with the int8 dot product (vpdpbusd: unsigned bytes ×
 // signed bytes, four products summed into each int32 lane). The weight bytes w become unsigned
 // as w + 128 (the sign bit flipped); the x side's u takes the offset back out. A block's chunk
 // c holds bytes 4c .. 4c + 3 of each of its groups, so lane j of the 8 chunks' dot products
 // sums group j exactly, in int32; the block's scales follow its chunks, and the row streams
 // once, in order, through one load per 64 weight bytes and one per 64 x bytes.
-// acc[i] += the block of n groups at `block` (block b of its row) against x row i, lane j
-// holding group j. Whole blocks (kWhole) read their chunks at fixed offsets.
-template <int NX, bool kWhole>
-SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_block(const uint8_t* block, int n, int b,
-                                                                     const Q8Activations& a, __m512 (&acc)[NX]) {
+// acc[p][i] += block b (n groups) of weight row p, at blocks[p], against x row i; lane j holds
+// group j. Whole blocks (kWhole) read their chunks at fixed offsets.
+template <int NX, int P, bool kWhole>
+SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_block(const uint8_t* const (&blocks)[P], int n, int b,
+                                                                     const Q8Activations& a, __m512 (&acc)[P][NX]) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   const size_t stride = kWhole ? 64 : 4 * (size_t)n;
   const __mmask64 part = kWhole ? ~0ull : (1ull << (4 * n)) - 1ull;
-  auto chunk = [&](int c) {
-    const uint8_t* p = block + stride * c;
-    return _mm512_xor_si512(kWhole ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(part, p), flip);
+  auto chunk = [&](int p, int c) {
+    const uint8_t* at = blocks[p] + stride * c;
+    return _mm512_xor_si512(kWhole ? _mm512_loadu_si512(at) : _mm512_maskz_loadu_epi8(part, at), flip);
   };
-  // Two chains of dot products per x row: their latency, not the loads, would pace one.
-  __m512i s0[NX], s1[NX];
-  for (int i = 0; i < NX; ++i) s0[i] = s1[i] = _mm512_setzero_si512();
+  // Two chains of dot products per pair of rows: their latency, not the loads, would pace one.
+  __m512i s0[P][NX], s1[P][NX];
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < NX; ++i) s0[p][i] = s1[p][i] = _mm512_setzero_si512();
   for (int c = 0; c < kChunksPerBlock; c += 2) {
-    const __m512i w0 = chunk(c), w1 = chunk(c + 1);
+    __m512i w0[P], w1[P];
+    for (int p = 0; p < P; ++p) w0[p] = chunk(p, c), w1[p] = chunk(p, c + 1);
     for (int i = 0; i < NX; ++i) {
       const int8_t* xc = a.xq.data() + ((size_t)i * a.blocks + b) * 512 + 64 * c;
-      s0[i] = _mm512_dpbusd_epi32(s0[i], w0, _mm512_load_si512(xc));
-      s1[i] = _mm512_dpbusd_epi32(s1[i], w1, _mm512_load_si512(xc + 64));
+      const __m512i x0 = _mm512_load_si512(xc), x1 = _mm512_load_si512(xc + 64);
+      for (int p = 0; p < P; ++p) {
+        s0[p][i] = _mm512_dpbusd_epi32(s0[p][i], w0[p], x0);
+        s1[p][i] = _mm512_dpbusd_epi32(s1[p][i], w1[p], x1);
+      }
     }
   }
-  const float* scales = reinterpret_cast<const float*>(block + (size_t)n * kQ8Group);
-  const __m512 sw = kWhole ? _mm512_loadu_ps(scales) : _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), scales);
-  for (int i = 0; i < NX; ++i) {
-    const size_t at = ((size_t)i * a.blocks + b) * 16;
-    const __m512 xs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i])),
-                                      _mm512_load_ps(a.sx.data() + at), _mm512_load_ps(a.u.data() + at));
-    acc[i] = _mm512_fmadd_ps(xs, sw, acc[i]);
+  for (int p = 0; p < P; ++p) {
+    const float* scales = reinterpret_cast<const float*>(blocks[p] + (size_t)n * kQ8Group);
+    const __m512 sw = kWhole ? _mm512_loadu_ps(scales) : _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), scales);
+    for (int i = 0; i < NX; ++i) {
+      const size_t at = ((size_t)i * a.blocks + b) * 16;
+      const __m512 xs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0[p][i], s1[p][i])),
+                                        _mm512_load_ps(a.sx.data() + at), _mm512_load_ps(a.u.data() + at));
+      acc[p][i] = _mm512_fmadd_ps(xs, sw, acc[p][i]);
+    }
+  }
+}
+
+// acc[p][i] = weight row p (rows[p]) against x row i, lane j summing group j of each block.
+template <int NX, int P>
+SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_row_dots(const uint8_t* const (&rows)[P], int G,
+                                                                        const Q8Activations& a,
+                                                                        __m512 (&acc)[P][NX]) {
+  const int whole = G / kBlockGroups, rest = G % kBlockGroups;
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < NX; ++i) acc[p][i] = _mm512_setzero_ps();
+  const uint8_t* blocks[P];
+  for (int b = 0; b < whole; ++b) {
+    for (int p = 0; p < P; ++p) blocks[p] = rows[p] + b * kBlockBytes;
+    q8_block<NX, P, true>(blocks, kBlockGroups, b, a, acc);
+  }
+  if (rest) {
+    for (int p = 0; p < P; ++p) blocks[p] = rows[p] + whole * kBlockBytes;
+    q8_block<NX, P, false>(blocks, rest, whole, a, acc);
   }
 }
 
@@ -399,14 +447,27 @@ template <int NX>
 SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
                                      int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
-  const int G = in / kQ8Group, whole = G / kBlockGroups, rest = G % kBlockGroups;
+  __m512 zero[NX];
+  for (int i = 0; i < NX; ++i) zero[i] = _mm512_setzero_ps();
   for (int r = r0; r < r1; ++r) {
-    const uint8_t* row = w + (size_t)r * rb;
-    __m512 acc[NX], zero[NX];
-    for (int i = 0; i < NX; ++i) acc[i] = zero[i] = _mm512_setzero_ps();
-    for (int b = 0; b < whole; ++b) q8_block<NX, true>(row + b * kBlockBytes, kBlockGroups, b, a, acc);
-    if (rest) q8_block<NX, false>(row + whole * kBlockBytes, rest, whole, a, acc);
-    put_row_sums<NX>(acc, zero, y, ldy, r, accumulate);
+    const uint8_t* rows[1] = {w + (size_t)r * rb};
+    __m512 acc[1][NX];
+    q8_row_dots<NX, 1>(rows, in / kQ8Group, a, acc);
+    put_row_sums<NX>(acc[0], zero, y, ldy, r, accumulate);
+  }
+}
+
+// One x row against weight rows ra + i and rb + i, i < n, in lockstep (two streams).
+SUBLLM_AVX512_VNNI void q8_row_pairs_vnni(const Q8Activations& a, const uint8_t* w, int in, int ra, int rb, int n,
+                                          float* y, bool accumulate) {
+  const size_t bytes = q8_row_bytes(in);
+  const __m512 zero[1] = {_mm512_setzero_ps()};
+  for (int i = 0; i < n; ++i) {
+    const uint8_t* rows[2] = {w + (size_t)(ra + i) * bytes, w + (size_t)(rb + i) * bytes};
+    __m512 acc[2][1];
+    q8_row_dots<1, 2>(rows, in / kQ8Group, a, acc);
+    put_row_sums<1>(acc[0], zero, y, 0, ra + i, accumulate);
+    put_row_sums<1>(acc[1], zero, y, 0, rb + i, accumulate);
   }
 }
 #endif
@@ -489,13 +550,20 @@ void dequant_tile_bf16(const uint16_t* w, int64_t ldw, int r0, int R, int k0, in
 // y(n, out) (=|+=) x · W^T: matrix-vector rows for a few x rows, dequantized tiles into the
 // GEMM for more. `rows(x, nx, r0, r1, y)` and `tile(r0, R, k0, K, t)` know W's type;
 // `row_bytes` is the size of one of W's rows.
-template <class Rows, class Tile>
+template <class Rows, class Pairs, class Tile>
 void linear_forward_typed(const float* x, int64_t ldx, float* y, int64_t ldy, int n, int in, int out, bool accumulate,
-                          int64_t row_bytes, Rows rows, Tile tile) {
+                          int64_t row_bytes, Rows rows, Pairs pairs, Tile tile) {
   if (n <= 0 || out <= 0) return;
   if (n <= kMaxGemvRows) {
-    // A contiguous part of W per thread, each streamed once (chunks balance the parts).
-    for_row_parts(out, row_chunk(row_bytes), [&](int r0, int r1) { rows(x, n, r0, r1, y, accumulate); });
+    // A contiguous part of W per thread, each streamed once as two streams (chunks balance the
+    // parts). `pairs(a, b, count)` takes two streams' rows in lockstep for one x row.
+    for_row_parts(
+        out, row_chunk(row_bytes), [&](int r0, int r1) { rows(x, n, r0, r1, y, accumulate); },
+        [&](int a, int b, int count) {
+          if (n == 1 && pairs(a, b, count)) return;
+          rows(x, n, a, a + count, y, accumulate);
+          rows(x, n, b, b + count, y, accumulate);
+        });
     return;
   }
   const int tiles = (out + kTileRows - 1) / kTileRows;
@@ -629,6 +697,15 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
 #endif
         q8_rows(a.deq.data(), in, nx, wq, in, r0, r1, ys, ldy, acc);
       },
+      [&](int ra, int rb, int count) {
+#ifdef SUBLLM_X86_DISPATCH
+        if (vnni) {
+          q8_row_pairs_vnni(a, wq, in, ra, rb, count, y, accumulate);
+          return true;
+        }
+#endif
+        return false;
+      },
       [&](int r0, int R, int k0, int K, float* t) { dequant_tile_q8(wq, in, r0, R, k0, K, t); });
 }
 
@@ -643,6 +720,15 @@ void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t
       x, ldx, y, ldy, n, in, out, accumulate, ldw * (int64_t)sizeof(uint16_t),
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
         bf16_rows(xs, ldx, a, nx, w, ldw, in, r0, r1, ys, ldy, acc);
+      },
+      [&](int ra, int rb, int count) {
+#ifdef SUBLLM_X86_DISPATCH
+        if (fast_kernels_active()) {
+          bf16_row_pairs_avx512(a.split.data(), w, ldw, in, ra, rb, count, y, accumulate);
+          return true;
+        }
+#endif
+        return false;
       },
       [&](int r0, int R, int k0, int K, float* t) { dequant_tile_bf16(w, ldw, r0, R, k0, K, t); });
 }
