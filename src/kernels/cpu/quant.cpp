@@ -295,8 +295,10 @@ SUBLLM_AVX512 void q8_rows_avx512(const float* x, int64_t ldx, const uint8_t* w,
     alignas(64) int8_t q[kQ8Group];
     for (int g = 0; g < G; ++g) {
       const __m512 s = _mm512_set1_ps(load_group_q8(row, G, g, q));
-      const __m512 w0 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q)))));
-      const __m512 w1 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16)))));
+      const __m128i q0 = _mm_load_si128(reinterpret_cast<const __m128i*>(q));
+      const __m128i q1 = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16));
+      const __m512 w0 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+      const __m512 w1 = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
       for (int i = 0; i < NX; ++i) {
         const float* xi = x + i * ldx + g * kQ8Group;
         a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a0[i]);
@@ -383,7 +385,9 @@ SUBLLM_AVX512 void bf16_row_pairs_avx512(const float* xs, const uint16_t* w, int
 // as w + 128 (the sign bit flipped); the x side's u takes the offset back out. A block's chunk
 // c holds bytes 4c .. 4c + 3 of each of its groups, so lane j of the 8 chunks' dot products
 // sums group j exactly, in int32; the block's scales follow its chunks, and the row streams
-// once, in order, through one load per 64 weight bytes and one per 64 x bytes.
+// once, in order, through one load per 64 weight bytes and one per 64 x bytes (shared by the
+// two rows of a pair).
+
 // acc[p][i] += block b (n groups) of weight row p, at blocks[p], against x row i; lane j holds
 // group j. Whole blocks (kWhole) read their chunks at fixed offsets.
 template <int NX, int P, bool kWhole>
@@ -396,7 +400,8 @@ SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_block(const uin
     const uint8_t* at = blocks[p] + stride * c;
     return _mm512_xor_si512(kWhole ? _mm512_loadu_si512(at) : _mm512_maskz_loadu_epi8(part, at), flip);
   };
-  // Two chains of dot products per pair of rows: their latency, not the loads, would pace one.
+  // Two chains of dot products per weight row and x row: their latency, not the loads, would
+  // pace one.
   __m512i s0[P][NX], s1[P][NX];
   for (int p = 0; p < P; ++p)
     for (int i = 0; i < NX; ++i) s0[p][i] = s1[p][i] = _mm512_setzero_si512();
