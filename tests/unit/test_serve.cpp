@@ -389,7 +389,13 @@ TEST_F(Serve, PageStreamsAndShadesTokensInHeadlessChromium) {
     args.push_back(url);
     return testing::run_program(args);
   };
+  // Chromium dumps the DOM when its virtual time budget is spent, which on a busy machine can
+  // come before the stream's last event (seen once: every token shown, the page still
+  // "running"); such a dump is taken again, from a new request, at most three times in all.
   testing::CliResult dom = chromium({"--dump-dom"});
+  for (int again = 0; again < 2 && dom.code == 0 && dom.output.find("data-state=\"done\"") == std::string::npos;
+       ++again)
+    dom = chromium({"--dump-dom"});
   ASSERT_EQ(dom.code, 0) << dom.output;
   EXPECT_NE(dom.output.find("data-state=\"done\""), std::string::npos) << dom.output;
   const size_t out_at = dom.output.find("<div id=\"output\">");
