@@ -89,6 +89,9 @@ inline uint16_t f32_to_bf16_bits(float f) {
   return (uint16_t)(bits >> 16);
 }
 
+// Up to this many x rows are matrix-vector products that stream W; more go through the GEMM.
+constexpr int kMaxGemvRows = 4;
+
 // ---- the Q8 row layout (quant_kernels.h) --------------------------------------------------
 // Blocks of 16 groups; a block of n groups is 8 chunks of 4 n bytes (chunk c: values 4c .. 4c + 3
 // of each of its groups in turn), then the n scales.
@@ -111,6 +114,12 @@ inline float load_group_q8(const uint8_t* row, int G, int g, int8_t (&q)[kQ8Grou
   for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(q + 4 * c, row + p.values + c * p.stride, 4);
   return load_f32(row + p.scale);
 }
+// The inverse: group g's 32 values and its scale into the row.
+inline void store_group_q8(uint8_t* row, int G, int g, const int8_t (&q)[kQ8Group], float scale) {
+  const Q8GroupPlace p = q8_group_place(G, g);
+  for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(row + p.values + c * p.stride, q + 4 * c, 4);
+  std::memcpy(row + p.scale, &scale, sizeof scale);
+}
 
 // One row of cols F32 values (cols % 32 == 0) into the Q8 row layout.
 void quantize_row_q8(const float* x, int cols, uint8_t* row) {
@@ -120,12 +129,10 @@ void quantize_row_q8(const float* x, int cols, uint8_t* row) {
     for (int e = 0; e < kQ8Group; ++e) amax = std::max(amax, std::fabs(x[g * kQ8Group + e]));
     const float s = amax / 127.0f;
     const float inv = s > 0.f ? 1.0f / s : 0.f;
-    const Q8GroupPlace p = q8_group_place(G, g);
-    for (int e = 0; e < kQ8Group; ++e) {
-      const float v = std::nearbyint(x[g * kQ8Group + e] * inv);
-      row[p.values + (e / 4) * p.stride + e % 4] = (uint8_t)(int8_t)std::clamp(v, -127.0f, 127.0f);
-    }
-    std::memcpy(row + p.scale, &s, sizeof s);
+    int8_t q[kQ8Group];
+    for (int e = 0; e < kQ8Group; ++e)
+      q[e] = (int8_t)std::clamp(std::nearbyint(x[g * kQ8Group + e] * inv), -127.0f, 127.0f);
+    store_group_q8(row, G, g, q, s);
   }
 }
 
@@ -148,12 +155,12 @@ void q8_rows_portable(const float* x, int64_t ldx, int nx, const uint8_t* w, int
                       int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
   const int G = in / kQ8Group;
-  std::vector<float> sums(nx);
+  float sums[kMaxGemvRows];
   int8_t q[kQ8Group];
   float wv[kQ8Group];
   for (int r = r0; r < r1; ++r) {
     const uint8_t* row = w + (size_t)r * rb;
-    std::fill(sums.begin(), sums.end(), 0.f);
+    std::fill(sums, sums + nx, 0.f);
     for (int g = 0; g < G; ++g) {
       const float s = load_group_q8(row, G, g, q);
       for (int e = 0; e < kQ8Group; ++e) wv[e] = s * (float)q[e];
@@ -525,7 +532,6 @@ void bf16_rows(const float* x, int64_t ldx, const Bf16Activations& a, int nx, co
 // Dequantized tiles for the GEMM path: kTileRows weight rows by kTileK columns, 64 KiB of F32
 // on the stack of the thread that owns the tile.
 constexpr int kTileRows = 64, kTileK = 256;
-constexpr int kMaxGemvRows = 4;
 
 // tile (R, K) = W rows [r0, r0 + R), columns [k0, k0 + K) as F32 (k0, K multiples of 32 for Q8).
 void dequant_tile_q8(const uint8_t* w, int in, int r0, int R, int k0, int K, float* tile) {
@@ -632,10 +638,9 @@ void pack_q8(const int8_t* values, const float* scales, int64_t rows, int cols, 
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* row = static_cast<uint8_t*>(dst) + (size_t)r * rb;
     for (int g = 0; g < G; ++g) {
-      const Q8GroupPlace p = q8_group_place(G, g);
-      const int8_t* q = values + r * cols + g * kQ8Group;
-      for (int c = 0; c < kChunksPerBlock; ++c) std::memcpy(row + p.values + c * p.stride, q + 4 * c, 4);
-      std::memcpy(row + p.scale, scales + r * G + g, sizeof(float));
+      int8_t q[kQ8Group];
+      std::memcpy(q, values + r * cols + g * kQ8Group, kQ8Group);
+      store_group_q8(row, G, g, q, scales[r * G + g]);
     }
   }
 }
@@ -720,7 +725,8 @@ void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t
   // (A thread_local named inside the lambda would be each worker's own: capture a reference.)
   thread_local Bf16Activations prepared;
   Bf16Activations& a = prepared;
-  if (n <= kMaxGemvRows && fast_kernels_active()) a.prepare(x, ldx, n, in);
+  const bool fast = fast_kernels_active();
+  if (n <= kMaxGemvRows && fast) a.prepare(x, ldx, n, in);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate, ldw * (int64_t)sizeof(uint16_t),
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
@@ -728,7 +734,7 @@ void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t
       },
       [&](int ra, int rb, int count) {
 #ifdef SUBLLM_X86_DISPATCH
-        if (fast_kernels_active()) {
+        if (fast) {
           bf16_row_pairs_avx512(a.split.data(), w, ldw, in, ra, rb, count, y, accumulate);
           return true;
         }
