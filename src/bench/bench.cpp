@@ -18,6 +18,7 @@
 #include "subllm/model.h"
 #include "subllm/optim.h"
 #include "subllm/rng.h"
+#include "subllm/sampler.h"
 #include "subllm/threads.h"
 
 namespace subllm {
@@ -239,7 +240,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
     auto t0 = Clock::now();
     m.forward_cached(cache, prompt.data(), a.prompt_len, logits.data(), false);
     prefill_s = std::min(prefill_s, seconds_since(t0));
-    tok = (int32_t)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    tok = argmax(logits.data(), V);
     first_token_s = std::min(first_token_s, seconds_since(t0));
   }
   const size_t kv_after_prefill = cache.bytes();
@@ -254,7 +255,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
     auto t1 = Clock::now();
     for (int i = 0; i < count; ++i) {
       m.forward_cached(cache, &tok, 1, logits.data(), false);
-      tok = (int32_t)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      tok = argmax(logits.data(), V);
     }
     decode_s += seconds_since(t1);
     done += count;
@@ -330,7 +331,7 @@ nlohmann::json measure_streams(const std::string& config_path, const InferBenchO
   auto greedy = [&] {
     for (int i = 0; i < streams; ++i) {
       const float* row = logits.data() + (size_t)i * V;
-      next[i] = (int32_t)(std::max_element(row, row + V) - row);
+      next[i] = argmax(row, V);
     }
   };
   auto prefill = [&] {

@@ -2,8 +2,10 @@
 // model-folder errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <numeric>
 #include <set>
 #include <thread>
 
@@ -148,6 +150,64 @@ TEST(Infer, SamplerRules) {
     l = base;
     int t = sn.sample(l, {});
     EXPECT_TRUE(t == 1 || t == 4) << t;
+  }
+}
+
+TEST(Infer, ArgmaxIsTheFirstLargestAsMaxElement) {
+  Rng rng(5);
+  for (int n : {1, 2, 63, 64, 65, 200, 32000}) {
+    std::vector<float> x(n);
+    for (int round = 0; round < 4; ++round) {
+      // Few distinct values, so the largest repeats; ±0 compare equal.
+      for (float& v : x) v = (float)rng.below(round == 3 ? 2 : 7) - (round == 2 ? 9.0f : 3.0f);
+      if (round == 1 && n > 3) x[n - 1] = x[n / 2] = 99.0f;
+      if (round == 3) x[rng.below(n)] = -0.0f;
+      EXPECT_EQ(argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n << " " << round;
+    }
+    x[n / 2] = std::nanf("");  // NaN follows max_element's comparisons too
+    EXPECT_EQ(argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n;
+  }
+}
+
+// The top-k sampler as a full sort of the token ids would pick: the same token for each seed.
+TEST(Infer, TopKSamplingPicksAsAFullSortWould) {
+  Rng rng(9);
+  const int V = 3000;
+  std::vector<float> base(V);
+  for (float& v : base) v = (float)rng.below(400) * 0.01f;  // many ties
+  for (int k : {1, 5, 40, 2999}) {
+    for (uint64_t seed = 0; seed < 30; ++seed) {
+      SamplingOptions o;
+      o.top_k = k;
+      o.top_p = seed % 2 ? 0.9f : 1.0f;
+      o.seed = seed;
+      std::vector<float> l = base;
+      const int32_t got = Sampler(o).sample(l, {});
+      // The reference: every id sorted by logit (ties by id), the first k kept.
+      std::vector<int32_t> idx(V);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::sort(idx.begin(), idx.end(),
+                [&](int32_t a, int32_t b) { return base[a] > base[b] || (base[a] == base[b] && a < b); });
+      std::vector<double> p(k);
+      double sum = 0, acc = 0, total = 0;
+      for (int i = 0; i < k; ++i) sum += p[i] = std::exp((base[idx[i]] - base[idx[0]]) / o.temperature);
+      int keep = k;
+      for (int i = 0; i < k && o.top_p < 1.0f; ++i)
+        if ((acc += p[i] / sum) >= o.top_p) {
+          keep = i + 1;
+          break;
+        }
+      for (int i = 0; i < keep; ++i) total += p[i];
+      Rng draw(seed);
+      double u = draw.uniform() * total;
+      int32_t want = idx[keep - 1];
+      for (int i = 0; i < keep; ++i)
+        if ((u -= p[i]) <= 0) {
+          want = idx[i];
+          break;
+        }
+      EXPECT_EQ(got, want) << "k " << k << " seed " << seed;
+    }
   }
 }
 

@@ -4,14 +4,14 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/for_rows.h"
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
 
 // tokens: (n) -> out: (n, C)
 void embedding_forward(const int32_t* tokens, const float* table, float* out, int n, int C) {
-#pragma omp parallel for schedule(static) if (n > 1)
-  for (int i = 0; i < n; ++i) std::memcpy(out + (int64_t)i * C, table + (int64_t)tokens[i] * C, sizeof(float) * C);
+  for_rows(n, n > 1, [&](int64_t i) { std::memcpy(out + i * C, table + (int64_t)tokens[i] * C, sizeof(float) * C); });
 }
 
 // dout: (n, C) -> dtable: (V, C) += ; threads own disjoint column ranges so no row is raced.
@@ -30,11 +30,9 @@ void embedding_backward(const int32_t* tokens, const float* dout, float* dtable,
 
 // x: (n, C), g: (C) -> y: (n, C), rstd: (n)
 void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int n, int C, float eps) {
-  // One row (decoding) stays on the calling thread: a parallel region costs more than the row.
-#pragma omp parallel for schedule(static) if (n > 1)
-  for (int i = 0; i < n; ++i) {
-    const float* xi = x + (int64_t)i * C;
-    float* yi = y + (int64_t)i * C;
+  for_rows(n, n > 1, [&](int64_t i) {
+    const float* xi = x + i * C;
+    float* yi = y + i * C;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int c = 0; c < C; ++c) ss += xi[c] * xi[c];
@@ -42,7 +40,7 @@ void rmsnorm_forward(const float* x, const float* g, float* y, float* rstd, int 
     rstd[i] = r;
 #pragma omp simd
     for (int c = 0; c < C; ++c) yi[c] = xi[c] * r * g[c];
-  }
+  });
 }
 
 // y = x * r * g with r = (mean(x^2)+eps)^-1/2:

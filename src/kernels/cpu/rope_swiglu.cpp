@@ -1,6 +1,7 @@
 // Rotary position embedding at explicit positions, and SwiGLU on the packed w12 output.
 #include <cmath>
 
+#include "kernels/cpu/for_rows.h"
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
 
@@ -22,8 +23,7 @@ void rope_table_fill(RopeTable& t, float base) {
 void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const RopeTable& t, bool inverse) {
   const int hd = t.head_dim, half = hd / 2;
   const float sgn = inverse ? -1.0f : 1.0f;
-#pragma omp parallel for schedule(static) if (n > 1)
-  for (int r = 0; r < n; ++r) {
+  for_rows(n, n > 1, [&](int64_t r) {
     const float* cs = t.cos + (int64_t)pos[r] * half;
     const float* sn = t.sin + (int64_t)pos[r] * half;
     for (int h = 0; h < nheads; ++h) {
@@ -37,19 +37,18 @@ void rope_apply(float* x, int ld, int n, int nheads, const int32_t* pos, const R
         b[i] = x2 * c + x1 * s;
       }
     }
-  }
+  });
 }
 
 // gu: (n, 2F) = [gate | up] -> a: (n, F)
 void swiglu_forward(const float* gu, float* a, int n, int F) {
-#pragma omp parallel for schedule(static) if (n > 1)
-  for (int r = 0; r < n; ++r) {
-    const float* g = gu + (int64_t)r * 2 * F;
+  for_rows(n, n > 1, [&](int64_t r) {
+    const float* g = gu + r * 2 * F;
     const float* u = g + F;
     float* ar = a + (int64_t)r * F;
 #pragma omp simd
     for (int i = 0; i < F; ++i) ar[i] = g[i] * sigmoid_approx(g[i]) * u[i];
-  }
+  });
 }
 
 // da: (n, F) -> dgu: (n, 2F); silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g)

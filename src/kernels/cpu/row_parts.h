@@ -58,13 +58,17 @@ void for_row_parts(int rows, int chunk, Body body, Pair pair) {
       }
     }
   };
-#pragma omp parallel
-  {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t lo = (int64_t)rows * t / nt, hi = (int64_t)rows * (t + 1) / nt, mid = lo + (hi - lo + 1) / 2;
+  // Part t of max_threads, its two halves, is thread t's. They are set before the threads
+  // start (no barrier inside); a part without a thread (a smaller team) is left to stealing.
+  for (int t = 0; t < max_threads; ++t) {
+    const int64_t lo = (int64_t)rows * t / max_threads, hi = (int64_t)rows * (t + 1) / max_threads;
+    const int64_t mid = lo + (hi - lo + 1) / 2;
     halves[2 * t].range.store(pack((uint32_t)lo, (uint32_t)mid), std::memory_order_relaxed);
     halves[2 * t + 1].range.store(pack((uint32_t)mid, (uint32_t)hi), std::memory_order_relaxed);
-#pragma omp barrier
+  }
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num();
     // Thread u's halves, a chunk of each at a time (from the front of its own, from the back
     // of another's), as two streams while both last; false once both are empty.
     auto step = [&](int u, bool front) {
@@ -84,8 +88,8 @@ void for_row_parts(int rows, int chunk, Body body, Pair pair) {
     };
     while (step(t, true)) {
     }
-    for (int k = 1; k < nt; ++k)
-      while (step((t + k) % nt, false)) {
+    for (int k = 1; k < max_threads; ++k)
+      while (step((t + k) % max_threads, false)) {
       }
   }
 }

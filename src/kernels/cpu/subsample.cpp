@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/for_rows.h"
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
@@ -16,19 +17,18 @@ inline float clamp01(float s) { return std::clamp(s, 0.0f, 1.0f); }
 void gather_rows(const void* src, int64_t ld_src, const int32_t* idx, void* dst, int64_t ld_dst, int64_t n, int cols) {
   const auto* s = static_cast<const uint32_t*>(src);
   auto* d = static_cast<uint32_t*>(dst);
-#pragma omp parallel for schedule(static) if (n * cols > 4096)
-  for (int64_t i = 0; i < n; ++i) std::memcpy(d + i * ld_dst, s + (int64_t)idx[i] * ld_src, sizeof(uint32_t) * cols);
+  for_rows(n, n * cols > 4096,
+           [&](int64_t i) { std::memcpy(d + i * ld_dst, s + (int64_t)idx[i] * ld_src, sizeof(uint32_t) * cols); });
 }
 
 void scatter_add_rows(const float* src, int64_t ld_src, const int32_t* idx, float* dst, int64_t ld_dst, int64_t n,
                       int cols) {
-#pragma omp parallel for schedule(static) if (n * cols > 4096)
-  for (int64_t i = 0; i < n; ++i) {
+  for_rows(n, n * cols > 4096, [&](int64_t i) {
     float* d = dst + (int64_t)idx[i] * ld_dst;
     const float* s = src + i * ld_src;
 #pragma omp simd
     for (int c = 0; c < cols; ++c) d[c] += s[c];
-  }
+  });
 }
 
 void copy_rows(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows, int cols) {
@@ -84,14 +84,13 @@ int select_threshold(const float* scores, const int32_t* tokens, int n, float th
 
 void upsample_bypass_forward(const float* x, const float* y, const int32_t* kept, const float* w, const float* c,
                              float* out, int64_t rows, int C) {
-#pragma omp parallel for schedule(static) if (rows * C > 4096)
-  for (int64_t i = 0; i < rows; ++i) {
+  for_rows(rows, rows * C > 4096, [&](int64_t i) {
     float* o = out + (int64_t)kept[i] * C;
     const float* xi = x + (int64_t)kept[i] * C;
     const float* yi = y + i * C;
     const float wi = w[i];
     for (int ch = 0; ch < C; ++ch) o[ch] = xi[ch] + c[ch] * wi * (yi[ch] - xi[ch]);
-  }
+  });
 }
 
 void upsample_bypass_backward(const float* x, const float* y, const int32_t* kept, const float* w, const float* c,
