@@ -400,12 +400,15 @@ void run_steps(const Session& session, SessionState& st, const Session::CachedSt
   }
   ensure(be, st.normed, (int64_t)wanted * C, w.compute_dtype());
   ensure(be, st.rstd, wanted);
-  ensure(be, st.logits, (int64_t)wanted * V);
-  const View normed = View{st.normed.raw(), w.compute_dtype(), wanted, C, C}, out = mat(st.logits.f32(), wanted, V);
+  // Logits in F32 from compute-dtype operands; the CPU backend writes them where the caller
+  // wants them (no copy of a vocabulary-wide row per token).
+  const bool on_host = &be == &cpu_backend();
+  if (!on_host) ensure(be, st.logits, (int64_t)wanted * V);
+  const View normed = View{st.normed.raw(), w.compute_dtype(), wanted, C, C};
+  const View out = mat(on_host ? logits : st.logits.f32(), wanted, V);
   be.rmsnorm_forward(head_in, param_vec(w, w.final_norm_offset(), C), normed, vec(st.rstd.f32(), wanted), c.norm_eps);
-  // Logits in F32 from compute-dtype operands.
   be.linear_forward(normed, param(w, w.head_offset(), V, C), out);
-  be.to_host(logits, out.data, sizeof(float) * wanted * V);
+  if (!on_host) be.to_host(logits, out.data, sizeof(float) * wanted * V);
 }
 
 }  // namespace
