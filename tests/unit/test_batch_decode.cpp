@@ -332,7 +332,7 @@ TEST(BatchDecode, AttentionOfManySequencesEqualsOneAtATime) {
 }
 
 // Attention in blocks of cache rows (the AVX-512 path for head sizes that are multiples of 16;
-// blocks of 16 to 64 rows by the cache length):
+// a multiple of 4 blocks of at most 64 rows by the cache length):
 // against a plain softmax in double precision over F32 and BF16 caches, with caches shorter
 // than a block, at and around block edges and of several blocks, decode rows and chunks, and
 // multi-head, grouped-query and multi-query heads. Rows run alone, in a batch and on one
@@ -350,7 +350,7 @@ TEST(BatchDecode, BlockedAttentionEqualsSoftmaxAndIsTheSameAloneOrBatched) {
           std::vector<float> q = {}, kf = {}, vf = {}, alone = {}, batched = {}, one_thread = {};
           std::vector<uint16_t> kb = {}, vb = {};
         };
-        std::vector<Seq> seqs = {{1, 1}, {1, 63}, {1, 64}, {1, 65}, {1, 200}, {3, 130}, {2, 2}, {1, 700}};
+        std::vector<Seq> seqs = {{1, 1}, {1, 63}, {1, 64}, {1, 65}, {1, 200}, {3, 130}, {2, 2}, {1, 700}, {1, 256}, {2, 257}};
         std::vector<Backend::CachedAttention> items;
         auto cache = [&](Seq& s, bool key) {
           std::vector<float>& f = key ? s.kf : s.vf;
