@@ -63,15 +63,14 @@ struct Partial {
   static size_t floats(int H, int hd) { return (size_t)H * (hd + 2); }
 };
 
-// Query row q (H heads of hd), its heads [h0, h1), against cache rows [j0, j1) (j1 - j0 <=
-// kBlock); s: H * kBlock.
+// Query row q (H heads of hd) against cache rows [j0, j1) (j1 - j0 <= kBlock); s: H * kBlock.
 template <class T>
-SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t ld, int j0, int j1, int h0, int h1,
-                                 int group, int hd, float scale, const Partial& out, float* s) {
+SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t ld, int j0, int j1, int H, int group,
+                                 int hd, float scale, const Partial& out, float* s) {
   const int nb = j1 - j0, chunks = hd / 16;
   for (int j = 0; j < nb; ++j) {
     const T* kj = k + (int64_t)(j0 + j) * ld;
-    for (int h = h0; h < h1; ++h) {
+    for (int h = 0; h < H; ++h) {
       const float* qh = q + (size_t)h * hd;
       const T* kh = kj + (size_t)(h / group) * hd;
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -84,7 +83,7 @@ SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t
       s[h * kBlock + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
     }
   }
-  for (int h = h0; h < h1; ++h) {
+  for (int h = 0; h < H; ++h) {
     float* sh = s + h * kBlock;
     float mx = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < nb; ++j) mx = std::max(mx, sh[j]);
@@ -99,7 +98,7 @@ SUBLLM_AVX512 void block_partial(const float* q, const T* k, const T* v, int64_t
   }
   for (int j = 0; j < nb; ++j) {
     const T* vj = v + (int64_t)(j0 + j) * ld;
-    for (int h = h0; h < h1; ++h) {
+    for (int h = 0; h < H; ++h) {
       const __m512 p = _mm512_set1_ps(s[h * kBlock + j]);
       const T* vh = vj + (size_t)(h / group) * hd;
       float* a = out.acc(h);
@@ -164,11 +163,11 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
   float* partials = scratch + (size_t)nt * scores;
   const size_t thread_partials = 2 * (size_t)max_row_blocks(max_L) * pf;
   auto part_of = [&](float* base, size_t at) { return Partial{base + at * pf, H, hd}; };
-  auto run_block = [&](const Row& r, int blk, const Partial& out, float* s, int h0, int h1) {
+  auto run_block = [&](const Row& r, int blk, const Partial& out, float* s) {
     const CachedAttentionItem& it = items[r.item];
     const int j0 = blk * r.rows_per_block, j1 = std::min(r.n, j0 + r.rows_per_block);
     block_partial(it.q + (int64_t)r.i * it.ld_q, static_cast<const T*>(it.k), static_cast<const T*>(it.v), it.ld_kv,
-                  j0, j1, h0, h1, group, hd, scale, out, s);
+                  j0, j1, H, group, hd, scale, out, s);
   };
   auto out_of = [&](const Row& r) { return items[r.item].out + (int64_t)r.i * items[r.item].ld_o; };
   if (R >= 2 * nt) {
@@ -181,7 +180,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
 #pragma omp for schedule(dynamic, 1)
       for (int x = 0; x < R; ++x) {
         const Row& r = rows[x];
-        for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts, blk), s, 0, H);
+        for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts, blk), s);
         combine(parts, r.blocks, H, hd, 0, H, out_of(r));
       }
     }
@@ -201,7 +200,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
 #pragma omp for schedule(static)
     for (size_t t = 0; t < tasks; ++t) {
       while (first[x + 1] <= t) ++x;
-      run_block(rows[x], (int)(t - first[x]), part_of(partials, t), s, 0, H);
+      run_block(rows[x], (int)(t - first[x]), part_of(partials, t), s);
     }
     // Each row's heads in nt parts, so one row alone is combined by every thread.
     const int team = omp_get_num_threads();
