@@ -17,10 +17,6 @@ struct SamplingOptions {
   uint64_t seed = 0;
 };
 
-// The first index of the largest of x[0..n) (what std::max_element gives), vectorised: greedy
-// decoding picks from the whole vocabulary every token.
-int32_t argmax(const float* x, int n);
-
 class Sampler {
  public:
   explicit Sampler(SamplingOptions opt) : opt_(opt), rng_(opt.seed) {}

@@ -12,13 +12,13 @@
 
 #include "backend/backend.h"
 #include "kernels/memory_kernels.h"
+#include "kernels/select_kernels.h"
 #include "subllm/config.h"
 #include "subllm/error.h"
 #include "subllm/generate.h"
 #include "subllm/model.h"
 #include "subllm/optim.h"
 #include "subllm/rng.h"
-#include "subllm/sampler.h"
 #include "subllm/threads.h"
 
 namespace subllm {
@@ -240,7 +240,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
     auto t0 = Clock::now();
     m.forward_cached(cache, prompt.data(), a.prompt_len, logits.data(), false);
     prefill_s = std::min(prefill_s, seconds_since(t0));
-    tok = argmax(logits.data(), V);
+    tok = kernels::argmax(logits.data(), V);
     first_token_s = std::min(first_token_s, seconds_since(t0));
   }
   const size_t kv_after_prefill = cache.bytes();
@@ -255,7 +255,7 @@ nlohmann::json measure_inference(const std::string& config_path, const InferBenc
     auto t1 = Clock::now();
     for (int i = 0; i < count; ++i) {
       m.forward_cached(cache, &tok, 1, logits.data(), false);
-      tok = argmax(logits.data(), V);
+      tok = kernels::argmax(logits.data(), V);
     }
     decode_s += seconds_since(t1);
     done += count;
@@ -331,7 +331,7 @@ nlohmann::json measure_streams(const std::string& config_path, const InferBenchO
   auto greedy = [&] {
     for (int i = 0; i < streams; ++i) {
       const float* row = logits.data() + (size_t)i * V;
-      next[i] = argmax(row, V);
+      next[i] = kernels::argmax(row, V);
     }
   };
   auto prefill = [&] {

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "eval/shared_prefix.h"
+#include "kernels/select_kernels.h"
 #include "subllm/error.h"
 #include "subllm/eval.h"
 
@@ -19,11 +20,6 @@ double log_softmax_at(const float* logits, int V, int id) {
   double sum = 0;
   for (int i = 0; i < V; ++i) sum += std::exp((double)logits[i] - mx);
   return (double)logits[id] - mx - std::log(sum);
-}
-
-int argmax(const std::vector<float>& v) {
-  // The first maximum, as torch.argmax picks it.
-  return (int)(std::max_element(v.begin(), v.end()) - v.begin());
 }
 
 // Scores every continuation on a copy of `cache`, which already holds the prompt and whose
@@ -173,7 +169,7 @@ class Evaluator {
     std::vector<int32_t> out;
     std::string text;
     for (int step = 0; step < max_new_; ++step) {
-      const int32_t id = argmax(logits);
+      const int32_t id = kernels::argmax(logits.data(), (int)logits.size());  // the first maximum, as torch.argmax
       if (id == tok_.eos_id()) break;
       out.push_back(id);
       text = tok_.decode(out);

@@ -13,6 +13,7 @@
 #include <set>
 
 #include "eval/shared_prefix.h"
+#include "kernels/select_kernels.h"
 #include "subllm/documents.h"
 #include "subllm/error.h"
 #include "subllm/suites.h"
@@ -508,8 +509,6 @@ SuiteData load_agieval(const fs::path& dir, const SuiteLoadOptions& o) {
 // ---------------------------------------------------------------------------------------
 // Generation
 
-int argmax_first(const std::vector<float>& v) { return (int)(std::max_element(v.begin(), v.end()) - v.begin()); }
-
 // Whether text generated so far already fixes the item's extracted answer.
 bool settled(const SuiteData& d, const SuiteItem& it, const std::string& text) {
   switch (d.suite) {
@@ -562,7 +561,7 @@ class SuiteRunner {
     std::vector<int32_t> out;
     std::string text;
     for (int step = 0; step < max_new_; ++step) {
-      const int32_t id = argmax_first(logits);
+      const int32_t id = kernels::argmax(logits.data(), (int)logits.size());
       if (id == tok_.eos_id()) break;
       out.push_back(id);
       text = tok_.decode(out);

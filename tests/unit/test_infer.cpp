@@ -9,6 +9,7 @@
 #include <set>
 #include <thread>
 
+#include "kernels/select_kernels.h"
 #include "subllm/error.h"
 #include "subllm/generate.h"
 #include "subllm/prepare.h"
@@ -162,10 +163,10 @@ TEST(Infer, ArgmaxIsTheFirstLargestAsMaxElement) {
       for (float& v : x) v = (float)rng.below(round == 3 ? 2 : 7) - (round == 2 ? 9.0f : 3.0f);
       if (round == 1 && n > 3) x[n - 1] = x[n / 2] = 99.0f;
       if (round == 3) x[rng.below(n)] = -0.0f;
-      EXPECT_EQ(argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n << " " << round;
+      EXPECT_EQ(kernels::argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n << " " << round;
     }
     x[n / 2] = std::nanf("");  // NaN follows max_element's comparisons too
-    EXPECT_EQ(argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n;
+    EXPECT_EQ(kernels::argmax(x.data(), n), std::max_element(x.begin(), x.end()) - x.begin()) << n;
   }
 }
 
