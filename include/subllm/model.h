@@ -81,8 +81,10 @@ struct BlockOffsets {
 };
 
 // Cached key or value rows of one block in backend memory, in the session's KV dtype.
-// Memory is reserved without being initialised, so untouched capacity costs no RSS, and
-// growth doubles so appending stays amortised O(1).
+// Memory is reserved without being initialised and growth doubles, so appending stays
+// amortised O(1). What a reserve asks for is committed (Backend::commit) at once, growth
+// beyond it an eighth ahead at a time, so a decoded token's new rows meet no page faults and
+// spare capacity costs little RSS.
 class KVRows {
  public:
   KVRows() = default;
@@ -102,7 +104,7 @@ class KVRows {
   Backend* backend_ = nullptr;
   DType dtype_ = DType::F32;
   std::shared_ptr<void> buf_;
-  size_t cap_ = 0, used_ = 0;
+  size_t cap_ = 0, used_ = 0, committed_ = 0;  // elements
 };
 
 // The incremental state of one sequence in inference mode: the key/value cache of every

@@ -19,6 +19,7 @@
 // A view of a dtype a kernel does not take is refused with a clear error.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -80,7 +81,15 @@ class Backend {
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void zero(void* p, size_t bytes) = 0;
+  // Readies [p, p + bytes) of an allocation for writing, keeping its contents: host memory gets
+  // its pages mapped now rather than one fault at a time at first touch (device memory is
+  // ready at alloc). A hint for memory about to be filled row by row, such as a cache.
+  virtual void commit(void* p, size_t bytes) { (void)p, (void)bytes; }
   virtual void sync() = 0;
+  // Runs `step`, the kernels of one forward step over `rows` rows. The CPU backend keeps its
+  // threads in one team through a small step (decoding: dozens of kernels of microseconds
+  // each), so its kernels do not start and end a parallel region each.
+  virtual void run_step(int64_t rows, const std::function<void()>& step) { (void)rows, step(); }
   // Device memory allocated through this backend now and at its peak since the last reset
   // (0 on the CPU, whose memory is the process's RSS).
   virtual size_t device_bytes_in_use() const { return 0; }

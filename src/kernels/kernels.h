@@ -8,8 +8,19 @@
 // activation gradients unless stated otherwise.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 namespace subllm::kernels {
+
+// ---- threads ------------------------------------------------------------------------------
+// Runs `step` on the calling thread with the kernels' threads kept in one team until it
+// returns (kernels/cpu/team.h): a step of many short parallel kernels (decoding a token) then
+// pays no parallel region per kernel. Exceptions from `step` reach the caller.
+void run_in_team(const std::function<void()>& step);
+// Whether a step over `rows` rows gains from run_in_team: every parallel kernel it calls runs
+// on the team (matrix-vector products of up to 4 rows, cached attention), none falls back to
+// a single thread.
+bool team_takes_step(int64_t rows);
 
 // ---- GEMM (the only entry to BLAS) ------------------------------------------------------
 // C(M,N) = alpha * op(A) * op(B) + beta * C, row-major. op(X) = X or X^T.

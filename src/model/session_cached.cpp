@@ -30,19 +30,28 @@ KVRows& KVRows::operator=(const KVRows& o) {
   const size_t es = dtype_size(dtype_);
   buf_ = o.cap_ ? backend_->alloc_shared(es * o.cap_) : nullptr;
   cap_ = o.cap_;
-  used_ = o.used_;
+  used_ = committed_ = o.used_;
   if (used_) backend_->copy(buf_.get(), o.buf_.get(), es * used_);
   return *this;
 }
 
 void KVRows::reserve(size_t elements) {
-  if (elements <= cap_) return;
+  if (elements <= committed_) return;
   check(backend_ != nullptr, "key/value rows without a backend: make caches with Session::new_cache");
-  const size_t cap = std::max(elements, cap_ * 2), es = dtype_size(dtype_);
-  std::shared_ptr<void> grown = backend_->alloc_shared(es * cap);
-  if (used_) backend_->copy(grown.get(), buf_.get(), es * used_);
-  buf_ = std::move(grown);
-  cap_ = cap;
+  const size_t es = dtype_size(dtype_);
+  if (elements > cap_) {
+    const size_t cap = std::max(elements, cap_ * 2);
+    std::shared_ptr<void> grown = backend_->alloc_shared(es * cap);
+    if (used_) backend_->copy(grown.get(), buf_.get(), es * used_);
+    buf_ = std::move(grown);
+    cap_ = cap;
+    committed_ = used_;
+  }
+  // All that was asked for, and an eighth more (at least 64 KB) of the capacity past it.
+  const size_t ahead = std::max(elements / 8, ((size_t)64 << 10) / es);
+  const size_t upto = std::min(cap_, std::max(elements, committed_ + ahead));
+  backend_->commit(static_cast<char*>(buf_.get()) + es * committed_, es * (upto - committed_));
+  committed_ = upto;
 }
 
 void Session::set_kv_dtype(DType dt) {
@@ -296,46 +305,12 @@ void CachedPass::segment(int seg, View x, int rows, View pos, View tok, View ind
   }
 }
 
-// One batched step; forward_cached and forward_cached_batch both come here.
-void run_steps(const Session& session, SessionState& st, const Session::CachedStep* steps, int S, float* logits) {
+// The rows of checked steps, `total` in all (run_steps).
+void run_checked_steps(const Session& session, SessionState& st, const Session::CachedStep* steps, int S,
+                       int64_t total, float* logits) {
   const Weights& w = session.weights();
   const ModelConfig& c = w.config();
   const Structure& structure = w.structure();
-  const int num_sub = structure.num_subsamplers;
-  // Everything is checked before anything runs, so a refused batch changes no cache.
-  auto where = [&](int i) { return S > 1 ? "step " + std::to_string(i) + ": " : std::string(); };
-  int64_t total = 0;
-  for (int i = 0; i < S; ++i) {
-    const Session::CachedStep& s = steps[i];
-    check(s.cache != nullptr && s.tokens != nullptr,
-          where(i) + "a step without its cache or tokens: give every step a cache and its new tokens");
-    if (s.n <= 0) throw Error(where(i) + "nothing to run: no new tokens (n = " + std::to_string(s.n) + ")");
-    for (int k = 0; k < i; ++k)
-      if (steps[k].cache == s.cache)
-        throw Error("forward_cached_batch: steps " + std::to_string(k) + " and " + std::to_string(i) +
-                    " share one cache; give each sequence one step per batch");
-    const SequenceCache& cache = *s.cache;
-    check((int)cache.k.size() == c.n_layers && (int)cache.v.size() == c.n_layers && (int)cache.rows.size() == c.n_layers &&
-              cache.width == c.kv_dim() && (int)cache.seen.size() == num_sub && (int)cache.kept.size() == num_sub &&
-              cache.element_bytes == dtype_size(session.kv_dtype()) && (c.n_layers == 0 || cache.k[0].dtype() == session.kv_dtype()),
-          where(i) + "the cache was not made for this model and session (its size or --kv-dtype differs): make it "
-                     "with this session's Session::new_cache");
-    if (cache.length + (int64_t)s.n > c.context)
-      throw Error(where(i) + "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(s.n) +
-                  " tokens exceed " + std::to_string(c.context) +
-                  " (tokens_per_sample); shorten the prompt or the generation");
-    try {
-      check_token_ids(c, s.tokens, nullptr, s.n);
-    } catch (const Error& e) {
-      throw Error(where(i) + e.what());
-    }
-    if (s.keep_thresholds)
-      for (int j = 0; j < num_sub; ++j)
-        if (std::isnan(s.keep_thresholds[j]))
-          throw Error(where(i) + "keep threshold " + std::to_string(j) + " is NaN: give a number");
-    total += s.n;
-  }
-  if (S == 0) return;
   const int R = (int)total, C = c.dim, V = c.vocab_size;
   Backend& be = w.backend();
   st.cseg.resize(structure.segments.size());
@@ -409,6 +384,50 @@ void run_steps(const Session& session, SessionState& st, const Session::CachedSt
   be.rmsnorm_forward(head_in, param_vec(w, w.final_norm_offset(), C), normed, vec(st.rstd.f32(), wanted), c.norm_eps);
   be.linear_forward(normed, param(w, w.head_offset(), V, C), out);
   if (!on_host) be.to_host(logits, out.data, sizeof(float) * wanted * V);
+}
+
+// One batched step; forward_cached and forward_cached_batch both come here.
+void run_steps(const Session& session, SessionState& st, const Session::CachedStep* steps, int S, float* logits) {
+  const Weights& w = session.weights();
+  const ModelConfig& c = w.config();
+  const Structure& structure = w.structure();
+  const int num_sub = structure.num_subsamplers;
+  // Everything is checked before anything runs, so a refused batch changes no cache.
+  auto where = [&](int i) { return S > 1 ? "step " + std::to_string(i) + ": " : std::string(); };
+  int64_t total = 0;
+  for (int i = 0; i < S; ++i) {
+    const Session::CachedStep& s = steps[i];
+    check(s.cache != nullptr && s.tokens != nullptr,
+          where(i) + "a step without its cache or tokens: give every step a cache and its new tokens");
+    if (s.n <= 0) throw Error(where(i) + "nothing to run: no new tokens (n = " + std::to_string(s.n) + ")");
+    for (int k = 0; k < i; ++k)
+      if (steps[k].cache == s.cache)
+        throw Error("forward_cached_batch: steps " + std::to_string(k) + " and " + std::to_string(i) +
+                    " share one cache; give each sequence one step per batch");
+    const SequenceCache& cache = *s.cache;
+    check((int)cache.k.size() == c.n_layers && (int)cache.v.size() == c.n_layers && (int)cache.rows.size() == c.n_layers &&
+              cache.width == c.kv_dim() && (int)cache.seen.size() == num_sub && (int)cache.kept.size() == num_sub &&
+              cache.element_bytes == dtype_size(session.kv_dtype()) && (c.n_layers == 0 || cache.k[0].dtype() == session.kv_dtype()),
+          where(i) + "the cache was not made for this model and session (its size or --kv-dtype differs): make it "
+                     "with this session's Session::new_cache");
+    if (cache.length + (int64_t)s.n > c.context)
+      throw Error(where(i) + "the context is full: " + std::to_string(cache.length) + " + " + std::to_string(s.n) +
+                  " tokens exceed " + std::to_string(c.context) +
+                  " (tokens_per_sample); shorten the prompt or the generation");
+    try {
+      check_token_ids(c, s.tokens, nullptr, s.n);
+    } catch (const Error& e) {
+      throw Error(where(i) + e.what());
+    }
+    if (s.keep_thresholds)
+      for (int j = 0; j < num_sub; ++j)
+        if (std::isnan(s.keep_thresholds[j]))
+          throw Error(where(i) + "keep threshold " + std::to_string(j) + " is NaN: give a number");
+    total += s.n;
+  }
+  if (S == 0) return;
+  // A decoding step's many short kernels run on one team of threads (Backend::run_step).
+  w.backend().run_step(total, [&] { run_checked_steps(session, st, steps, S, total, logits); });
 }
 
 }  // namespace

@@ -555,5 +555,24 @@ TEST(BackendOptim, LmHeadXentSumSquaresAndAdamwMatchTheKernels) {
   EXPECT_NE(p1, random_vec(n, 94));  // the step moved p
 }
 
+
+TEST(BackendMemory, CommitKeepsWhatTheMemoryHolds) {
+  Backend& be = cpu_backend();
+  // A small buffer (4 KB pages) and a large one (2 MB pages), committed in unaligned parts.
+  for (size_t bytes : {(size_t)300000, (size_t)6 << 20}) {
+    std::shared_ptr<void> buf = be.alloc_shared(bytes);
+    auto* b = static_cast<unsigned char*>(buf.get());
+    const size_t half = bytes / 2 + 17;
+    for (size_t i = 0; i < half; ++i) b[i] = (unsigned char)(i * 131);
+    be.commit(b + 5, half - 5);  // pages already written
+    be.commit(b + half, bytes - half);  // pages never touched
+    bool kept = true;
+    for (size_t i = 0; i < half; ++i) kept &= b[i] == (unsigned char)(i * 131);
+    EXPECT_TRUE(kept) << bytes << " bytes";
+    std::memset(b + half, 7, bytes - half);
+    EXPECT_EQ(b[bytes - 1], 7);
+  }
+}
+
 }  // namespace
 }  // namespace subllm

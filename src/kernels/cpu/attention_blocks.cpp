@@ -15,6 +15,7 @@
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
 #include "kernels/quant_kernels.h"
+#include "kernels/cpu/team.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__GNUC__) && !defined(__clang__)
@@ -172,8 +173,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
   auto out_of = [&](const Row& r) { return items[r.item].out + (int64_t)r.i * items[r.item].ld_o; };
   if (R >= 2 * nt) {
     // Many rows (a batch of sequences): a thread takes a row at a time, all its blocks.
-#pragma omp parallel
-    {
+    parallel([&] {
       const int t = omp_get_thread_num();
       float* s = scratch + t * scores;
       float* parts = partials + t * thread_partials;
@@ -183,7 +183,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
         for (int blk = 0; blk < r.blocks; ++blk) run_block(r, blk, part_of(parts, blk), s);
         combine(parts, r.blocks, H, hd, 0, H, out_of(r));
       }
-    }
+    });
     return;
   }
   // Few rows (one sequence decoding): the rows' blocks shared out in order, so each thread
@@ -193,8 +193,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
   first.assign(R + 1, 0);
   for (int x = 0; x < R; ++x) first[x + 1] = first[x] + rows[x].blocks;
   const size_t tasks = first[R];
-#pragma omp parallel
-  {
+  parallel([&] {
     float* s = scratch + omp_get_thread_num() * scores;
     int x = 0;
 #pragma omp for schedule(static)
@@ -210,7 +209,7 @@ void attend_blocks(const CachedAttentionItem* items, int count, int H, int Hkv, 
       const int part = y % team, h0 = H * part / team, h1 = H * (part + 1) / team;
       combine(partials + first[y / team] * pf, r.blocks, H, hd, h0, h1, out_of(r));
     }
-  }
+  });
 }
 
 }  // namespace

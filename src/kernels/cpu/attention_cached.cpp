@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
+#include "kernels/cpu/team.h"
 
 namespace subllm::kernels {
 
@@ -56,14 +57,13 @@ void attention_cached(const float* q, int ld_q, int m, const float* k, const flo
                       int Hkv, int hd, float* out, int ld_o, float* scratch) {
   const int group = H / Hkv;  // query heads per key/value head
   const float scale = 1.0f / std::sqrt((float)hd);
-#pragma omp parallel
-  {
+  parallel([&] {
     float* s = scratch + (size_t)omp_get_thread_num() * attention_cached_scratch_floats(L, hd);
     float* acc = s + (L + 15) / 16 * 16;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < m; ++i) attend_row(q, ld_q, m, k, v, ld_kv, L, hd, out, ld_o, h, h / group, i, scale, s, acc);
-  }
+  });
 }
 
 size_t attention_cached_many_scratch_floats(int max_L, int H, int hd) {
@@ -131,8 +131,7 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
   if (rows >= 2 * omp_get_max_threads()) {
     // Enough query rows to share out: a thread takes a whole row (every head) at a time.
     const int Lp = (max_L + 15) / 16 * 16;
-#pragma omp parallel
-    {
+    parallel([&] {
       float* s = scratch + (size_t)omp_get_thread_num() * per_thread;
       float* acc = s + (size_t)H * Lp;
       float* inv = acc + (H * hd + 15) / 16 * 16;
@@ -141,13 +140,12 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
 #pragma omp for schedule(dynamic, 1) nowait
         for (int i = 0; i < it.m; ++i) attend_row_all_heads(it, H, Hkv, hd, i, scale, s, Lp, acc, inv);
       }
-    }
+    });
     return;
   }
   // Few rows (one sequence decoding): (head, query) pairs, so every thread has work; each
   // thread takes pairs of one sequence after another without waiting at the end of each.
-#pragma omp parallel
-  {
+  parallel([&] {
     float* s = scratch + (size_t)omp_get_thread_num() * per_thread;
     float* acc = s + (max_L + 15) / 16 * 16;
     for (int b = 0; b < count; ++b) {
@@ -158,7 +156,7 @@ void attention_cached_many(const CachedAttentionItem* items, int count, int max_
           attend_row(it.q, it.ld_q, it.m, static_cast<const float*>(it.k), static_cast<const float*>(it.v), it.ld_kv,
                      it.L, hd, it.out, it.ld_o, h, h / group, i, scale, s, acc);
     }
-  }
+  });
 }
 
 }  // namespace subllm::kernels

@@ -12,6 +12,7 @@
 #include "kernels/cpu/vec_math.h"
 #include "kernels/kernels.h"
 #include "kernels/quant_kernels.h"
+#include "kernels/cpu/team.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SUBLLM_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
@@ -65,8 +66,7 @@ void attention_cached_bf16(const float* q, int ld_q, int m, const uint16_t* k, c
                            int H, int Hkv, int hd, float* out, int ld_o, float* scratch) {
   const float scale = 1.0f / std::sqrt((float)hd);
   const int group = H / Hkv;  // query heads per key/value head
-#pragma omp parallel
-  {
+  parallel([&] {
     float* s = scratch + (size_t)omp_get_thread_num() * attention_cached_scratch_floats(L, hd);
     float* acc = s + (L + 15) / 16 * 16;
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -74,7 +74,7 @@ void attention_cached_bf16(const float* q, int ld_q, int m, const uint16_t* k, c
       for (int i = 0; i < m; ++i)
         attend_one(q + (int64_t)i * ld_q + h * hd, k + (h / group) * hd, v + (h / group) * hd, ld_kv, L - m + i + 1, hd,
                    scale, s, acc, out + (int64_t)i * ld_o + h * hd);
-  }
+  });
 }
 
 }  // namespace subllm::kernels

@@ -15,6 +15,7 @@
 #endif
 
 #include "kernels/cpu/row_parts.h"
+#include "kernels/cpu/team.h"
 #include "kernels/kernels.h"
 
 namespace subllm::kernels {
@@ -89,16 +90,18 @@ void few_rows_strip(const float* x, const float* w, float* y, int n, int in, int
 // against every row of x (which stays in cache), without BLAS's packing copies.
 void linear_few_rows(const float* x, const float* w, float* y, int n, int in, int out, bool accumulate) {
   const int strips = (out + 3) / 4;
-#pragma omp parallel for schedule(static)
-  for (int s = 0; s < strips; ++s) {
-    const int o0 = 4 * s;
-    switch (std::min(4, out - o0)) {
-      case 4: few_rows_strip<4>(x, w, y, n, in, out, o0, accumulate); break;
-      case 3: few_rows_strip<3>(x, w, y, n, in, out, o0, accumulate); break;
-      case 2: few_rows_strip<2>(x, w, y, n, in, out, o0, accumulate); break;
-      default: few_rows_strip<1>(x, w, y, n, in, out, o0, accumulate); break;
+  parallel([&] {
+#pragma omp for schedule(static)
+    for (int s = 0; s < strips; ++s) {
+      const int o0 = 4 * s;
+      switch (std::min(4, out - o0)) {
+        case 4: few_rows_strip<4>(x, w, y, n, in, out, o0, accumulate); break;
+        case 3: few_rows_strip<3>(x, w, y, n, in, out, o0, accumulate); break;
+        case 2: few_rows_strip<2>(x, w, y, n, in, out, o0, accumulate); break;
+        default: few_rows_strip<1>(x, w, y, n, in, out, o0, accumulate); break;
+      }
     }
-  }
+  });
 }
 
 // One x row (decoding): y[o] (+)= x · w_o for rows [r0, r1) of W, streamed in order, one

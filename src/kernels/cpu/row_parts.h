@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu/team.h"
+
 namespace subllm::kernels {
 
 // Rows [0, rows) of a product that reads each row once: body(r0, r1) does rows [r0, r1) one at
@@ -66,8 +68,7 @@ void for_row_parts(int rows, int chunk, Body body, Pair pair) {
     halves[2 * t].range.store(pack((uint32_t)lo, (uint32_t)mid), std::memory_order_relaxed);
     halves[2 * t + 1].range.store(pack((uint32_t)mid, (uint32_t)hi), std::memory_order_relaxed);
   }
-#pragma omp parallel
-  {
+  parallel([&] {
     const int t = omp_get_thread_num();
     // Thread u's halves, a chunk of each at a time (from the front of its own, from the back
     // of another's), as two streams while both last; false once both are empty.
@@ -91,7 +92,7 @@ void for_row_parts(int rows, int chunk, Body body, Pair pair) {
     for (int k = 1; k < max_threads; ++k)
       while (step((t + k) % max_threads, false)) {
       }
-  }
+  });
 }
 
 // Rows per chunk for rows of `row_bytes` bytes: about 32 KB, a few microseconds of reading.
