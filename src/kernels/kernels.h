@@ -19,7 +19,7 @@ namespace subllm::kernels {
 void run_in_team(const std::function<void()>& step);
 // Whether a step over `rows` rows gains from run_in_team: every parallel kernel it calls runs
 // on the team (matrix-vector products of up to 4 rows, cached attention), none falls back to
-// a single thread.
+// a single thread, and no thread waits on another's core (no more threads than cores).
 bool team_takes_step(int64_t rows);
 
 // ---- GEMM (the only entry to BLAS) ------------------------------------------------------

@@ -101,7 +101,8 @@ void run_in_team(const std::function<void()>& step) {
 
 bool team_takes_step(int64_t rows) {
 #if defined(__AVX512F__)
-  return rows <= 4 && fast_kernels_active();
+  // More threads than cores would have waiting threads spin on the cores of working ones.
+  return rows <= 4 && fast_kernels_active() && omp_get_max_threads() <= omp_get_num_procs();
 #else
   (void)rows;
   return false;
