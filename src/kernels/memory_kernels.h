@@ -5,8 +5,9 @@
 
 namespace subllm::kernels {
 
-// Sum of x[0..n), read once from start to end on all threads. Bound by loads rather than by
-// the latency of one addition chain, so timing it measures read bandwidth.
+// Sum of x[0..n), read once on all threads, each its contiguous part as two streams (as the
+// matrix-vector products read W). Bound by loads rather than by the latency of one addition
+// chain, so timing it measures read bandwidth.
 double read_sum(const float* x, size_t n);
 
 }  // namespace subllm::kernels

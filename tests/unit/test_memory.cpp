@@ -7,7 +7,7 @@
 namespace subllm {
 
 TEST(Memory, ReadSumCountsEveryElementOnce) {
-  for (size_t n : {size_t(0), size_t(7), size_t(4096), size_t(3 * 4096 + 17)}) {
+  for (size_t n : {size_t(0), size_t(7), size_t(4096), size_t(3 * 4096 + 17), size_t(5 * 4096 + 3), size_t(16 * 4096)}) {
     std::vector<float> x(n);
     double want = 0;
     for (size_t i = 0; i < n; ++i) {
