@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/cuda/cublaslt.h"
 #include "subllm/error.h"
 
 namespace subllm {
@@ -25,13 +26,13 @@ std::string error_text(cudaError_t e) {
 
 void lt_check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("CUDA backend: ") + what + " failed (" + cublasLtGetStatusString(s) + ")");
+    throw Error(std::string("CUDA backend: ") + what + " failed (" + cublaslt().GetStatusString(s) + ")");
 }
 
 // Releases what a backend holds; null members are skipped and errors ignored (this runs in a
 // destructor and on a failed construction, possibly while the runtime shuts down).
 void release(cudaStream_t& stream, cublasLtHandle_t& lt, void*& workspace) {
-  if (lt) cublasLtDestroy(lt);
+  if (lt) cublaslt().Destroy(lt);
   lt = nullptr;
   if (workspace) cudaFree(workspace);
   workspace = nullptr;
@@ -85,7 +86,7 @@ CudaBackend::CudaBackend(int device, DType compute) : device_(device), compute_(
                   "; the CUDA backend needs 8.0 or newer (Ampere or later, for bf16 tensor cores)");
     sm_count_ = props_.multiProcessorCount;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
-    lt_check(cublasLtCreate(&lt_), "cublasLtCreate");
+    lt_check(cublaslt().Create(&lt_), "cublasLtCreate");
     lt_workspace_bytes_ = kLtWorkspaceBytes;
     cuda_check(cudaMalloc(&lt_workspace_, kLtWorkspaceBytes + CudaBackend::kReduceBytes), "cudaMalloc (cuBLASLt workspace)");
   } catch (...) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
@@ -15,6 +16,10 @@
 #include "backend/backend.h"
 #include "cuda_test_util.h"
 #include "subllm/error.h"
+#include "test_util.h"
+#ifdef SUBLLM_HAVE_CUDA
+#include "kernels/cuda/cublaslt.h"
+#endif
 
 namespace subllm {
 namespace {
@@ -490,6 +495,27 @@ TEST(CudaDense, ScaledAdamUpdateMatchesCpuOverThreeSteps) {
   EXPECT_TRUE(all_close(download(be, M), m, 1e-8f, 1e-5f)) << "m";
   EXPECT_LE(std::fabs(gp[0]), clamp_max);
   EXPECT_LE(std::fabs(gp[(size_t)(1 + 5000 + 4096 + 9000)]), clamp_max);
+}
+
+// cuBLASLt (over 500 MB) is loaded by the CUDA backend when it first needs it, not by every
+// process at start: the CLI's start, as the dynamic loader lists it, does not name it. Loading
+// needs the library only, no GPU, so every function the backend calls resolves here.
+TEST(CudaLibraries, CublasLtLoadsAtFirstUseNotAtStart) {
+#ifndef SUBLLM_HAVE_CUDA
+  GTEST_SKIP() << "this build has no CUDA backend";
+#else
+  ::setenv("LD_DEBUG", "files", 1);
+  const testing::CliResult r = testing::run_cli({"--help"});
+  ::unsetenv("LD_DEBUG");
+  EXPECT_EQ(r.code, 0) << r.output;
+  ASSERT_NE(r.output.find("libcudart"), std::string::npos) << "the loader's listing names what the CLI loads:\n"
+                                                           << r.output;
+  EXPECT_EQ(r.output.find("libcublasLt"), std::string::npos) << r.output;
+  const CublasLt& lt = cublaslt();
+  EXPECT_TRUE(cublaslt_loaded());
+  EXPECT_NE(lt.Matmul, nullptr);
+  EXPECT_STRNE(lt.GetStatusString(CUBLAS_STATUS_NOT_SUPPORTED), "");
+#endif
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <unordered_map>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cublaslt.h"
 
 namespace subllm {
 
@@ -23,7 +24,7 @@ namespace {
 
 void lt_check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS)
-    throw Error(std::string("gemm: ") + what + " failed (" + cublasLtGetStatusString(s) + ")");
+    throw Error(std::string("gemm: ") + what + " failed (" + cublaslt().GetStatusString(s) + ")");
 }
 
 cudaDataType_t cuda_type(DType dt) { return dt == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F; }
@@ -78,10 +79,10 @@ struct GemmPlan {
 };
 
 void destroy(GemmPlan& p) {
-  if (p.lt_d) cublasLtMatrixLayoutDestroy(p.lt_d);
-  if (p.lt_b) cublasLtMatrixLayoutDestroy(p.lt_b);
-  if (p.lt_a) cublasLtMatrixLayoutDestroy(p.lt_a);
-  if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  if (p.lt_d) cublaslt().MatrixLayoutDestroy(p.lt_d);
+  if (p.lt_b) cublaslt().MatrixLayoutDestroy(p.lt_b);
+  if (p.lt_a) cublaslt().MatrixLayoutDestroy(p.lt_a);
+  if (p.desc) cublaslt().MatmulDescDestroy(p.desc);
   p = GemmPlan{};
 }
 
@@ -178,42 +179,42 @@ void CudaBackend::gemm(View a, bool trans_a, View b, bool trans_b, View d, float
     try {
       const cudaDataType_t tab = cuda_type(a.dtype), td = cuda_type(d.dtype);
       // Pure fp32 accumulation (CUBLAS_COMPUTE_32F never uses TF32), fp32 alpha and beta.
-      lt_check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+      lt_check(cublaslt().MatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
       const cublasOperation_t op_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's A: our B
       const cublasOperation_t op_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt's B: our A
-      lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a),
+      lt_check(cublaslt().MatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a),
                "cublasLtMatmulDescSetAttribute(TRANSA)");
-      lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b),
+      lt_check(cublaslt().MatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b),
                "cublasLtMatmulDescSetAttribute(TRANSB)");
       // A row-major r x c buffer is a column-major c x r matrix with the same leading dimension.
-      lt_check(cublasLtMatrixLayoutCreate(&p.lt_a, tab, (uint64_t)b.cols, (uint64_t)b.rows, b.ld),
+      lt_check(cublaslt().MatrixLayoutCreate(&p.lt_a, tab, (uint64_t)b.cols, (uint64_t)b.rows, b.ld),
                "cublasLtMatrixLayoutCreate(B)");
-      lt_check(cublasLtMatrixLayoutCreate(&p.lt_b, tab, (uint64_t)a.cols, (uint64_t)a.rows, a.ld),
+      lt_check(cublaslt().MatrixLayoutCreate(&p.lt_b, tab, (uint64_t)a.cols, (uint64_t)a.rows, a.ld),
                "cublasLtMatrixLayoutCreate(A)");
-      lt_check(cublasLtMatrixLayoutCreate(&p.lt_d, td, (uint64_t)n, (uint64_t)m, d.ld),
+      lt_check(cublaslt().MatrixLayoutCreate(&p.lt_d, td, (uint64_t)n, (uint64_t)m, d.ld),
                "cublasLtMatrixLayoutCreate(D)");
 
-      lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+      lt_check(cublaslt().MatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
       const uint64_t ws = lt_workspace_bytes_;
-      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+      lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
                "cublasLtMatmulPreferenceSetAttribute(workspace)");
       const uint32_t al_a = key.align_b, al_b = key.align_a, al_d = key.align_d;  // cuBLASLt's naming
-      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+      lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
                                                     sizeof al_a),
                "cublasLtMatmulPreferenceSetAttribute(alignment A)");
-      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+      lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
                                                     sizeof al_b),
                "cublasLtMatmulPreferenceSetAttribute(alignment B)");
-      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
+      lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
                                                     sizeof al_d),
                "cublasLtMatmulPreferenceSetAttribute(alignment C)");
-      lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
+      lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
                                                     sizeof al_d),
                "cublasLtMatmulPreferenceSetAttribute(alignment D)");
 
       cublasLtMatmulHeuristicResult_t result{};
       int returned = 0;
-      lt_check(cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.lt_a, p.lt_b, p.lt_d, p.lt_d, pref, 1, &result,
+      lt_check(cublaslt().MatmulAlgoGetHeuristic(lt_, p.desc, p.lt_a, p.lt_b, p.lt_d, p.lt_d, pref, 1, &result,
                                               &returned),
                "cublasLtMatmulAlgoGetHeuristic");
       if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS)
@@ -221,10 +222,10 @@ void CudaBackend::gemm(View a, bool trans_a, View b, bool trans_b, View d, float
                     (trans_a ? "^T" : "") + " * B " + shape_of(b) + (trans_b ? "^T" : "") + " with " +
                     dtype_name(a.dtype) + " inputs and " + dtype_name(d.dtype) + " output");
       p.algo = result.algo;
-      cublasLtMatmulPreferenceDestroy(pref);
+      cublaslt().MatmulPreferenceDestroy(pref);
       pref = nullptr;
     } catch (...) {
-      if (pref) cublasLtMatmulPreferenceDestroy(pref);
+      if (pref) cublaslt().MatmulPreferenceDestroy(pref);
       destroy(p);
       throw;
     }
@@ -235,7 +236,7 @@ void CudaBackend::gemm(View a, bool trans_a, View b, bool trans_b, View d, float
   }
 
   // ---- the call ---------------------------------------------------------------------------
-  lt_check(cublasLtMatmul(lt_, plan.desc, &alpha, b.data, plan.lt_a, a.data, plan.lt_b, &beta, d.data, plan.lt_d,
+  lt_check(cublaslt().Matmul(lt_, plan.desc, &alpha, b.data, plan.lt_a, a.data, plan.lt_b, &beta, d.data, plan.lt_d,
                           d.data, plan.lt_d, &plan.algo, lt_workspace_, lt_workspace_bytes_, stream_),
            "cublasLtMatmul");
 }

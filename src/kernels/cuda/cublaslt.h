@@ -1,0 +1,35 @@
+// cuBLASLt, loaded when the CUDA backend first needs it rather than when a program starts.
+// Its library is over 500 MB; linking it made every subllm process (a `subllm --help`, each
+// test) map and relocate it at start, 0.4-0.7 s and 25 000 page faults on a 2-core virtual
+// machine, whether or not it ever used a GPU. The functions the CUDA backend calls are looked
+// up once, by their names in cublasLt.h, so their types are the header's.
+#pragma once
+
+#include <cublasLt.h>
+
+namespace subllm {
+
+struct CublasLt {
+  decltype(&::cublasLtCreate) Create;
+  decltype(&::cublasLtDestroy) Destroy;
+  decltype(&::cublasLtGetStatusString) GetStatusString;
+  decltype(&::cublasLtMatmul) Matmul;
+  decltype(&::cublasLtMatmulAlgoGetHeuristic) MatmulAlgoGetHeuristic;
+  decltype(&::cublasLtMatmulDescCreate) MatmulDescCreate;
+  decltype(&::cublasLtMatmulDescDestroy) MatmulDescDestroy;
+  decltype(&::cublasLtMatmulDescSetAttribute) MatmulDescSetAttribute;
+  decltype(&::cublasLtMatmulPreferenceCreate) MatmulPreferenceCreate;
+  decltype(&::cublasLtMatmulPreferenceDestroy) MatmulPreferenceDestroy;
+  decltype(&::cublasLtMatmulPreferenceSetAttribute) MatmulPreferenceSetAttribute;
+  decltype(&::cublasLtMatrixLayoutCreate) MatrixLayoutCreate;
+  decltype(&::cublasLtMatrixLayoutDestroy) MatrixLayoutDestroy;
+};
+
+// The library's functions, loaded on the first call (thread-safe); throws subllm::Error naming
+// the library and the fix when it cannot be loaded or lacks a function.
+const CublasLt& cublaslt();
+
+// Whether this process has loaded cuBLASLt yet (tests: a CPU-only run never does).
+bool cublaslt_loaded();
+
+}  // namespace subllm
