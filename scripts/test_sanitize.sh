@@ -5,7 +5,8 @@
 # DistRankChild.*, which start ranks with mpirun: LeakSanitizer reports OpenMPI's own
 # allocations (MPI_Init's, never freed) in every rank. Everything else runs, the PyTorch
 # oracle included. Line tables only (-g1: a report's stack still names file and line) and the
-# test files at -O0 (CMakeLists.txt) build in half the time of full debug information at -O1.
+# test files, the CLI and the server at -O0 (CMakeLists.txt) build in half the time of full
+# debug information at -O1.
 # On 2 cores: about 8 min to build, 5-6 min to run.
 # Extra arguments go to the test binary (e.g. --gtest_filter=Safetensors.*).
 set -euo pipefail
