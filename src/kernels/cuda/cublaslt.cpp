@@ -44,19 +44,9 @@ CublasLt load() {
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(::dlsym(h, name));
     if (!fn) throw Error(std::string("CUDA backend: cuBLASLt (") + tried + ") has no " + name + "; it is older than this build's headers");
   };
-  find(lt.Create, "cublasLtCreate");
-  find(lt.Destroy, "cublasLtDestroy");
-  find(lt.GetStatusString, "cublasLtGetStatusString");
-  find(lt.Matmul, "cublasLtMatmul");
-  find(lt.MatmulAlgoGetHeuristic, "cublasLtMatmulAlgoGetHeuristic");
-  find(lt.MatmulDescCreate, "cublasLtMatmulDescCreate");
-  find(lt.MatmulDescDestroy, "cublasLtMatmulDescDestroy");
-  find(lt.MatmulDescSetAttribute, "cublasLtMatmulDescSetAttribute");
-  find(lt.MatmulPreferenceCreate, "cublasLtMatmulPreferenceCreate");
-  find(lt.MatmulPreferenceDestroy, "cublasLtMatmulPreferenceDestroy");
-  find(lt.MatmulPreferenceSetAttribute, "cublasLtMatmulPreferenceSetAttribute");
-  find(lt.MatrixLayoutCreate, "cublasLtMatrixLayoutCreate");
-  find(lt.MatrixLayoutDestroy, "cublasLtMatrixLayoutDestroy");
+#define SUBLLM_CUBLASLT_FIND(name) find(lt.name, "cublasLt" #name);
+  SUBLLM_CUBLASLT_FUNCTIONS(SUBLLM_CUBLASLT_FIND)
+#undef SUBLLM_CUBLASLT_FIND
   g_loaded.store(true);
   return lt;
 }

@@ -9,20 +9,16 @@
 
 namespace subllm {
 
+// The functions the CUDA backend calls, by their names without the cublasLt prefix.
+#define SUBLLM_CUBLASLT_FUNCTIONS(X)                                                                   \
+  X(Create) X(Destroy) X(GetStatusString) X(Matmul) X(MatmulAlgoGetHeuristic) X(MatmulDescCreate)     \
+  X(MatmulDescDestroy) X(MatmulDescSetAttribute) X(MatmulPreferenceCreate) X(MatmulPreferenceDestroy) \
+  X(MatmulPreferenceSetAttribute) X(MatrixLayoutCreate) X(MatrixLayoutDestroy)
+
 struct CublasLt {
-  decltype(&::cublasLtCreate) Create;
-  decltype(&::cublasLtDestroy) Destroy;
-  decltype(&::cublasLtGetStatusString) GetStatusString;
-  decltype(&::cublasLtMatmul) Matmul;
-  decltype(&::cublasLtMatmulAlgoGetHeuristic) MatmulAlgoGetHeuristic;
-  decltype(&::cublasLtMatmulDescCreate) MatmulDescCreate;
-  decltype(&::cublasLtMatmulDescDestroy) MatmulDescDestroy;
-  decltype(&::cublasLtMatmulDescSetAttribute) MatmulDescSetAttribute;
-  decltype(&::cublasLtMatmulPreferenceCreate) MatmulPreferenceCreate;
-  decltype(&::cublasLtMatmulPreferenceDestroy) MatmulPreferenceDestroy;
-  decltype(&::cublasLtMatmulPreferenceSetAttribute) MatmulPreferenceSetAttribute;
-  decltype(&::cublasLtMatrixLayoutCreate) MatrixLayoutCreate;
-  decltype(&::cublasLtMatrixLayoutDestroy) MatrixLayoutDestroy;
+#define SUBLLM_CUBLASLT_FIELD(name) decltype(&::cublasLt##name) name;
+  SUBLLM_CUBLASLT_FUNCTIONS(SUBLLM_CUBLASLT_FIELD)
+#undef SUBLLM_CUBLASLT_FIELD
 };
 
 // The library's functions, loaded on the first call (thread-safe); throws subllm::Error naming
