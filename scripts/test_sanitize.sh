@@ -7,7 +7,7 @@
 # oracle included. Line tables only (-g1: a report's stack still names file and line) and the
 # test files, the CLI and the server at -O0 (CMakeLists.txt) build in half the time of full
 # debug information at -O1.
-# On 2 cores: about 8 min to build, 5-6 min to run.
+# On 2 cores: about 9 min to build, 5-7 min to run.
 # Extra arguments go to the test binary (e.g. --gtest_filter=Safetensors.*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
