@@ -2,8 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <atomic>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -12,8 +10,6 @@
 namespace subllm {
 
 namespace {
-
-std::atomic<bool> g_loaded{false};
 
 // The soname of the cuBLASLt this build's headers describe (its major version), found as the
 // dynamic loader finds libraries (LD_LIBRARY_PATH, the system's cache), else where CMake found
@@ -42,12 +38,13 @@ CublasLt load() {
   CublasLt lt{};
   auto find = [&](auto& fn, const char* name) {
     fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(::dlsym(h, name));
-    if (!fn) throw Error(std::string("CUDA backend: cuBLASLt (") + tried + ") has no " + name + "; it is older than this build's headers");
+    if (!fn)
+      throw Error(std::string("CUDA backend: cuBLASLt (") + tried + ") has no " + name +
+                  "; it is older than this build's headers");
   };
 #define SUBLLM_CUBLASLT_FIND(name) find(lt.name, "cublasLt" #name);
   SUBLLM_CUBLASLT_FUNCTIONS(SUBLLM_CUBLASLT_FIND)
 #undef SUBLLM_CUBLASLT_FIND
-  g_loaded.store(true);
   return lt;
 }
 
@@ -58,7 +55,5 @@ const CublasLt& cublaslt() {
   static const CublasLt lt = load();
   return lt;
 }
-
-bool cublaslt_loaded() { return g_loaded.load(); }
 
 }  // namespace subllm

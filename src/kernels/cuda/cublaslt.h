@@ -25,7 +25,4 @@ struct CublasLt {
 // the library and the fix when it cannot be loaded or lacks a function.
 const CublasLt& cublaslt();
 
-// Whether this process has loaded cuBLASLt yet (tests: a CPU-only run never does).
-bool cublaslt_loaded();
-
 }  // namespace subllm

@@ -200,22 +200,22 @@ void CudaBackend::gemm(View a, bool trans_a, View b, bool trans_b, View d, float
                "cublasLtMatmulPreferenceSetAttribute(workspace)");
       const uint32_t al_a = key.align_b, al_b = key.align_a, al_d = key.align_d;  // cuBLASLt's naming
       lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
-                                                    sizeof al_a),
+                                                       sizeof al_a),
                "cublasLtMatmulPreferenceSetAttribute(alignment A)");
       lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
-                                                    sizeof al_b),
+                                                       sizeof al_b),
                "cublasLtMatmulPreferenceSetAttribute(alignment B)");
       lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
-                                                    sizeof al_d),
+                                                       sizeof al_d),
                "cublasLtMatmulPreferenceSetAttribute(alignment C)");
       lt_check(cublaslt().MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
-                                                    sizeof al_d),
+                                                       sizeof al_d),
                "cublasLtMatmulPreferenceSetAttribute(alignment D)");
 
       cublasLtMatmulHeuristicResult_t result{};
       int returned = 0;
       lt_check(cublaslt().MatmulAlgoGetHeuristic(lt_, p.desc, p.lt_a, p.lt_b, p.lt_d, p.lt_d, pref, 1, &result,
-                                              &returned),
+                                                 &returned),
                "cublasLtMatmulAlgoGetHeuristic");
       if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS)
         throw Error("gemm: cuBLASLt has no algorithm for D " + shape_of(d) + " = A " + shape_of(a) +
@@ -237,7 +237,7 @@ void CudaBackend::gemm(View a, bool trans_a, View b, bool trans_b, View d, float
 
   // ---- the call ---------------------------------------------------------------------------
   lt_check(cublaslt().Matmul(lt_, plan.desc, &alpha, b.data, plan.lt_a, a.data, plan.lt_b, &beta, d.data, plan.lt_d,
-                          d.data, plan.lt_d, &plan.algo, lt_workspace_, lt_workspace_bytes_, stream_),
+                             d.data, plan.lt_d, &plan.algo, lt_workspace_, lt_workspace_bytes_, stream_),
            "cublasLtMatmul");
 }
 
