@@ -14,7 +14,7 @@
 #include "backend/backend.h"
 #include "kernels/kernels.h"
 
-namespace {
+namespace attention_tests {
 
 using subllm::kernels::attention_backward;
 using subllm::kernels::attention_forward;
@@ -318,4 +318,4 @@ TEST(Attention, ResultsIndependentOfThreadCount) {
   EXPECT_EQ(0, std::memcmp(p1.dqkv.data(), p2.dqkv.data(), p1.dqkv.size() * sizeof(float)));
 }
 
-}  // namespace
+}  // namespace attention_tests

@@ -15,7 +15,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace authors_format_tests {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -429,5 +429,5 @@ TEST(AuthorsFormat, ExportRefusesWhatTheirCodeCannotHoldAndLeavesNothing) {
   EXPECT_NE(r.output.find("--dtype"), std::string::npos) << r.output;
 }
 
-}  // namespace
+}  // namespace authors_format_tests
 }  // namespace subllm

@@ -17,7 +17,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace backend_tests {
 
 using testing::error_of;
 using testing::expect_grad_matches;
@@ -574,5 +574,5 @@ TEST(BackendMemory, CommitKeepsWhatTheMemoryHolds) {
   }
 }
 
-}  // namespace
+}  // namespace backend_tests
 }  // namespace subllm

@@ -21,7 +21,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace batch_decode_tests {
 
 using testing::error_of;
 using Step = Session::CachedStep;
@@ -515,5 +515,5 @@ TEST(BatchDecode, RowPartsVisitEveryRowOnce) {
   omp_set_num_threads(threads);
 }
 
-}  // namespace
+}  // namespace batch_decode_tests
 }  // namespace subllm

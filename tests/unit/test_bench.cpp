@@ -6,7 +6,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace bench_tests {
 
 TEST(Bench, PaperTablesOnTinyConfigs) {
   testing::TempDir tmp("bench");
@@ -63,5 +63,5 @@ TEST(Bench, InferStreamsOnATinyConfig) {
             std::string::npos);
 }
 
-}  // namespace
+}  // namespace bench_tests
 }  // namespace subllm

@@ -12,7 +12,7 @@
 #include "subllm/error.h"
 
 namespace subllm {
-namespace {
+namespace config_tests {
 
 namespace fs = std::filesystem;
 
@@ -396,5 +396,5 @@ TEST(Config, ShippedConfigsLoad) {
   EXPECT_TRUE(l24.parse().is_plain());
 }
 
-}  // namespace
+}  // namespace config_tests
 }  // namespace subllm

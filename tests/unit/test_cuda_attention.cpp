@@ -16,7 +16,7 @@
 #include "subllm/error.h"
 
 namespace subllm::test {
-namespace {
+namespace cuda_attention_tests {
 
 // max |a - b| <= tol * max |b| (errors judged against the tensor's scale, as gradients of
 // summed products have no meaningful per-element relative error near 0).
@@ -323,5 +323,5 @@ TEST(CudaAttention, CachedBf16) {
   check_cached("cuda", 40, 3, 300, 2e-2f);
 }
 
-}  // namespace
+}  // namespace cuda_attention_tests
 }  // namespace subllm::test

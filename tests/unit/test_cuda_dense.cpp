@@ -22,7 +22,7 @@
 #endif
 
 namespace subllm {
-namespace {
+namespace cuda_dense_tests {
 
 using test::all_close;
 using test::bf16_round;
@@ -521,5 +521,5 @@ TEST(CudaLibraries, CublasLtLoadsAtFirstUseNotAtStart) {
 #endif
 }
 
-}  // namespace
+}  // namespace cuda_dense_tests
 }  // namespace subllm

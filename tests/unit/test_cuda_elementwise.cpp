@@ -19,7 +19,7 @@
 #include "subllm/rng.h"
 
 namespace subllm {
-namespace {
+namespace cuda_elementwise_tests {
 
 using test::all_close;
 using test::bf16_round;
@@ -388,5 +388,5 @@ CUDA_TEST_BOTH(CudaElementwise, SwigluForwardAndBackwardMatchCpu) {
   }
 }
 
-}  // namespace
+}  // namespace cuda_elementwise_tests
 }  // namespace subllm

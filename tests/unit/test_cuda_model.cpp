@@ -19,7 +19,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace cuda_model_tests {
 
 namespace fs = std::filesystem;
 using test::all_close;
@@ -275,5 +275,5 @@ TEST(CudaTrain, CheckpointsResumeAcrossDevices) {
   }
 }
 
-}  // namespace
+}  // namespace cuda_model_tests
 }  // namespace subllm

@@ -21,7 +21,7 @@
 #include "subllm/rng.h"
 
 namespace subllm {
-namespace {
+namespace cuda_subllm_tests {
 
 using test::all_close;
 using test::bf16_round;
@@ -554,5 +554,5 @@ CUDA_TEST_BOTH(CudaLmHead, XentMatchesTheCpu) {
   }
 }
 
-}  // namespace
+}  // namespace cuda_subllm_tests
 }  // namespace subllm

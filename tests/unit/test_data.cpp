@@ -21,7 +21,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace data_tests {
 
 namespace fs = std::filesystem;
 
@@ -566,5 +566,5 @@ TEST(Tokenizer, Utf8Validation) {
   EXPECT_EQ(utf8_error_offset("ab\xe6\x9d\xb1\xff"), 5u);
 }
 
-}  // namespace
+}  // namespace data_tests
 }  // namespace subllm

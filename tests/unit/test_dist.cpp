@@ -24,7 +24,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace dist_tests {
 
 using testing::error_of;
 
@@ -409,5 +409,5 @@ TEST(DistMpi, SrunWithoutAProcessManagerIsRefused) {
   EXPECT_NE(out.find("srun --mpi=pmix"), std::string::npos) << out;
 }
 
-}  // namespace
+}  // namespace dist_tests
 }  // namespace subllm

@@ -31,7 +31,7 @@
 extern char** environ;
 
 namespace subllm {
-namespace {
+namespace dist_train_tests {
 
 using testing::read_all;
 using testing::TempDir;
@@ -687,5 +687,5 @@ TEST(CudaDistTrain, NcclOneRankMatchesAPlainRun) {
         << "step " << i + 1;
 }
 
-}  // namespace
+}  // namespace dist_train_tests
 }  // namespace subllm

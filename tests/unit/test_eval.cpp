@@ -18,7 +18,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace eval_tests {
 
 using testing::error_of;
 using testing::read_all;
@@ -746,5 +746,5 @@ TEST(EvalSpam, BuilderOnAFakeFolderTree) {
   EXPECT_NE(error_of([&] { build_spam_task(o); }).find("spam-2"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace eval_tests
 }  // namespace subllm

@@ -13,7 +13,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace fewshot_suites_tests {
 
 using testing::error_of;
 using testing::read_all;
@@ -490,5 +490,5 @@ TEST_F(SuiteCli, AgievalZeroShotRunsAndBadFlagsAreRefused) {
   EXPECT_NE(subjects.output.find("'astronomy' is not in"), std::string::npos) << subjects.output;
 }
 
-}  // namespace
+}  // namespace fewshot_suites_tests
 }  // namespace subllm

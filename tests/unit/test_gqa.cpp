@@ -17,7 +17,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace gqa_tests {
 
 using testing::error_of;
 
@@ -236,5 +236,5 @@ TEST(Gqa, TrainFlagAndGenerateStats) {
       << r.output;
 }
 
-}  // namespace
+}  // namespace gqa_tests
 }  // namespace subllm

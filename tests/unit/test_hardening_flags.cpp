@@ -8,7 +8,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace hardening_flags_tests {
 
 using testing::CliResult;
 using testing::run_cli_line;
@@ -103,5 +103,5 @@ TEST(FewshotPredictions, FailedRunLeavesNoFile) {
     EXPECT_EQ(e.path().filename().string().rfind("p.jsonl", 0), std::string::npos) << e.path();
 }
 
-}  // namespace
+}  // namespace hardening_flags_tests
 }  // namespace subllm

@@ -16,7 +16,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace hardening_fuzz_tests {
 
 using testing::error_of;
 using testing::read_all;
@@ -212,5 +212,5 @@ TEST(HardeningFuzz, ManifestIntegersAreCheckedForTypeAndRange) {
   EXPECT_NE(msg.find("holds 2 tokens but " + manifest + " says 9223372036854775807"), std::string::npos) << msg;
 }
 
-}  // namespace
+}  // namespace hardening_fuzz_tests
 }  // namespace subllm

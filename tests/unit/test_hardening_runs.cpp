@@ -16,7 +16,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace hardening_runs_tests {
 
 using testing::CliResult;
 using testing::error_of;
@@ -318,5 +318,5 @@ TEST(HardeningRuns, ASecondCtrlCStopsAtOnceWithoutACheckpoint) {
   EXPECT_TRUE(list_checkpoints(run).empty());
 }
 
-}  // namespace
+}  // namespace hardening_runs_tests
 }  // namespace subllm

@@ -19,7 +19,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace hardening_sizes_tests {
 
 using testing::error_of;
 using testing::TempDir;
@@ -320,5 +320,5 @@ TEST(HardeningSizes, SingleLongLineDoesNotTakeGigabytes) {
   EXPECT_LT(rss_kb, limit_kb) << "peak RSS " << rss_kb / 1024 << " MB";
 }
 
-}  // namespace
+}  // namespace hardening_sizes_tests
 }  // namespace subllm

@@ -16,7 +16,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace hf_tests {
 
 namespace fs = std::filesystem;
 using testing::error_of;
@@ -232,5 +232,5 @@ TEST(Hf, InitFromRefusesAQuantizedFolder) {
             std::string::npos);
 }
 
-}  // namespace
+}  // namespace hf_tests
 }  // namespace subllm

@@ -18,7 +18,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace infer_tests {
 
 using testing::error_of;
 using testing::TempDir;
@@ -357,11 +357,11 @@ TEST(Infer, PromptLimitsAndModelFolderErrors) {
   EXPECT_NE(msg.find("do not belong together"), std::string::npos) << msg;
 }
 
-}  // namespace
+}  // namespace infer_tests
 }  // namespace subllm
 
 namespace subllm {
-namespace {
+namespace infer_tests {
 
 // A Decoding fed its prompt in chunks of 3 scores every prompt token as one chunk does, and
 // as the full inference-mode forward does (log softmax of the row before each token); the
@@ -416,5 +416,5 @@ TEST(Infer, DecodingInChunksScoresThePromptAsOnePass) {
   EXPECT_EQ(whole->stats().prompt_tokens, (int)ids.size());
 }
 
-}  // namespace
+}  // namespace infer_tests
 }  // namespace subllm

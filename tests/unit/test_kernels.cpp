@@ -8,7 +8,7 @@
 #include "kernels/kernels.h"
 
 namespace subllm {
-namespace {
+namespace kernels_tests {
 
 using testing::dot;
 using testing::expect_grad_matches;
@@ -177,5 +177,5 @@ TEST(Kernels, SumSquaresAndElementwise) {
   EXPECT_FLOAT_EQ(y[77], 2.0f * x[77]);
 }
 
-}  // namespace
+}  // namespace kernels_tests
 }  // namespace subllm

@@ -12,7 +12,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace mapped_tests {
 
 namespace fs = std::filesystem;
 using testing::error_of;
@@ -90,5 +90,5 @@ TEST(Mapped, InferenceLoadMapsTheFileKeepsResidentMemoryLowAndComputesAsACopy) {
   for (float x : l) ASSERT_TRUE(std::isfinite(x));
 }
 
-}  // namespace
+}  // namespace mapped_tests
 }  // namespace subllm

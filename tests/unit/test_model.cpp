@@ -10,7 +10,7 @@
 #include "subllm/safetensors.h"
 
 namespace subllm {
-namespace {
+namespace model_tests {
 
 ModelConfig tiny_config(bool tie = false) {
   ModelConfig c;
@@ -167,5 +167,5 @@ TEST(Model, BadInputsAreClearErrors) {
   EXPECT_THROW(Model{bad}, Error);
 }
 
-}  // namespace
+}  // namespace model_tests
 }  // namespace subllm

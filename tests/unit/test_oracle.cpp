@@ -14,7 +14,7 @@
 #include "subllm/safetensors.h"
 
 namespace subllm {
-namespace {
+namespace oracle_tests {
 
 namespace fs = std::filesystem;
 
@@ -174,5 +174,5 @@ TEST(Oracle, TiedLlamaMatchesPyTorch) {
   run_oracle({c}, "tied");
 }
 
-}  // namespace
+}  // namespace oracle_tests
 }  // namespace subllm

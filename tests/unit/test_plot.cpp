@@ -14,7 +14,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace plot_tests {
 
 using testing::error_of;
 using testing::read_all;
@@ -551,5 +551,5 @@ TEST(PlotWrite, ErrorsLeaveNoOutputFile) {
     EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << e.path();
 }
 
-}  // namespace
+}  // namespace plot_tests
 }  // namespace subllm

@@ -16,7 +16,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace qk_bias_tests {
 
 using testing::TempDir;
 
@@ -382,5 +382,5 @@ TEST(QkBias, RightPaddedSubllmBatchEqualsUnpaddedSequences) {
   }
 }
 
-}  // namespace
+}  // namespace qk_bias_tests
 }  // namespace subllm

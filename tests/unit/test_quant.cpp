@@ -19,7 +19,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace quant_tests {
 
 namespace k = kernels;
 namespace fs = std::filesystem;
@@ -485,5 +485,5 @@ TEST(QuantCli, QuantizeWritesAFolderThatLoadsBitForBit) {
   EXPECT_NE(r.output.find("fp32 model"), std::string::npos) << r.output;
 }
 
-}  // namespace
+}  // namespace quant_tests
 }  // namespace subllm

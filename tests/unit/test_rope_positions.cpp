@@ -17,7 +17,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace rope_positions_tests {
 
 using nlohmann::json;
 using testing::error_of;
@@ -252,5 +252,5 @@ TEST(RopePositions, ExportRefusesANestedModelWithOriginalPositions) {
   EXPECT_EQ(error_of([&] { export_authors_model(folder("nested_parent", nested), tmp.file("out_p"), {}); }), "");
 }
 
-}  // namespace
+}  // namespace rope_positions_tests
 }  // namespace subllm

@@ -19,7 +19,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace safetensors_tests {
 
 namespace fs = std::filesystem;
 
@@ -330,5 +330,5 @@ TEST(Safetensors, UnwritableFolderIsReported) {
   EXPECT_FALSE(fs::exists(path + ".tmp"));
 }
 
-}  // namespace
+}  // namespace safetensors_tests
 }  // namespace subllm

@@ -20,7 +20,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace scaled_adam_tests {
 
 using testing::error_of;
 using testing::TempDir;
@@ -1033,5 +1033,5 @@ TEST(ScaledAdamOracle, GlobalClippingMatchesPyTorch) {
   run_oracle(o, eden);
 }
 
-}  // namespace
+}  // namespace scaled_adam_tests
 }  // namespace subllm

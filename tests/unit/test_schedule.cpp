@@ -17,7 +17,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace schedule_tests {
 
 using testing::error_of;
 using testing::TempDir;
@@ -120,5 +120,5 @@ TEST(EdenEpoch, TrainFlagChoosesTheCount) {
   EXPECT_GT(differ, steps / 2);
 }
 
-}  // namespace
+}  // namespace schedule_tests
 }  // namespace subllm

@@ -14,7 +14,7 @@
 #include "subllm/generate.h"
 
 namespace subllm {
-namespace {
+namespace serve_tests {
 
 using json = nlohmann::json;
 using testing::HttpResult;
@@ -514,5 +514,5 @@ TEST_F(Serve, LoadOfThirtyTwoClientsForSixtySeconds) {
               warm_rss, end_rss);
 }
 
-}  // namespace
+}  // namespace serve_tests
 }  // namespace subllm

@@ -22,7 +22,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace shard_tests {
 
 using testing::read_all;
 using testing::TempDir;
@@ -299,5 +299,5 @@ TEST(Shard, ScaledAdamSlicesAreWholeChunksAndMayBeEmpty) {
   }
 }
 
-}  // namespace
+}  // namespace shard_tests
 }  // namespace subllm

@@ -9,7 +9,7 @@
 #include "subllm/error.h"
 
 namespace subllm {
-namespace {
+namespace structure_tests {
 
 // Runs the parser expecting an Error and returns its message ("" when nothing was thrown,
 // which makes the caller's substring checks fail).
@@ -173,5 +173,5 @@ TEST(Structure, RetentionListLength) {
   EXPECT_NE(parse_error("T(T(T)T)T(T)", 6, {0.5f, 0.5f}).find("has 2 values"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace structure_tests
 }  // namespace subllm

@@ -13,7 +13,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace subllm_tests {
 
 // Working memory for kernels::balancer_backward (n doubles).
 double* balancer_scratch(int64_t n) {
@@ -470,5 +470,5 @@ TEST(Subllm, SaveLoadRoundTripsAndRejectsALlamaCheckpoint) {
   EXPECT_NE(msg.find("decoder.downsamplers.0.to_scores.weight"), std::string::npos) << msg;
 }
 
-}  // namespace
+}  // namespace subllm_tests
 }  // namespace subllm

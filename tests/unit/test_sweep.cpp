@@ -15,7 +15,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace sweep_tests {
 
 using json = nlohmann::json;
 using testing::error_of;
@@ -141,5 +141,5 @@ TEST(KeepThresholdSweep, MisuseIsRefusedWithTheReason) {
   EXPECT_NE(plot.output.find("eval ppl --keep-threshold"), std::string::npos) << plot.output;
 }
 
-}  // namespace
+}  // namespace sweep_tests
 }  // namespace subllm

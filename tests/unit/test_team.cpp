@@ -13,9 +13,7 @@
 #include "kernels/quant_kernels.h"
 #include "subllm/rng.h"
 
-using namespace subllm;
-
-namespace {
+namespace subllm::team_tests {
 
 // Runs a test body with `n` OpenMP threads, restoring the count after.
 struct Threads {
@@ -34,8 +32,6 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
 }
-
-}  // namespace
 
 TEST(Team, KernelsOnTheStepsTeamEqualTheirOwnRegions) {
   Threads threads(2);
@@ -102,3 +98,5 @@ TEST(Team, EveryThreadRunsEachKernelAndErrorsReachTheCaller) {
   kernels::run_in_team([&] { kernels::parallel([&] { calls.fetch_add(1); }); });
   EXPECT_EQ(calls.load(), 2);
 }
+
+}  // namespace subllm::team_tests

@@ -17,7 +17,7 @@
 #include "test_util.h"
 
 namespace subllm {
-namespace {
+namespace train_tests {
 
 using testing::error_of;
 using testing::read_all;
@@ -301,5 +301,5 @@ TEST(Train, ResumeKeepsTheEdenEpochCount) {
   EXPECT_EQ(train(again).steps_done, 30);
 }
 
-}  // namespace
+}  // namespace train_tests
 }  // namespace subllm
