@@ -1,8 +1,11 @@
 #pragma once
 // Shared helpers for the tests that run whole models: random weights that make inference
 // interesting (tokens interact, subsamplers keep some tokens and drop others).
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "subllm/model.h"
 #include "subllm/rng.h"
@@ -41,6 +44,22 @@ inline void spread_weights(Model& m, uint64_t seed, Spread spread, Rng& r) {
 inline void spread_weights(Model& m, uint64_t seed, Spread spread = {}) {
   Rng r(seed);
   spread_weights(m, seed, spread, r);
+}
+
+// n token ids drawn uniformly from [1, vocab): anything but the padding id 0.
+inline std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
+  Rng r(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = (int32_t)(1 + r.below(vocab - 1));
+  return t;
+}
+
+// The largest |a - b| over the largest |b|: a's error relative to b's scale.
+inline double rel_diff(const float* a, const float* b, int64_t n) {
+  double scale = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
+  return worst / std::max(scale, 1e-30);
 }
 
 }  // namespace subllm::testing

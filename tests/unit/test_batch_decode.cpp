@@ -24,6 +24,7 @@ namespace subllm {
 namespace batch_decode_tests {
 
 using testing::error_of;
+using testing::random_tokens;
 using Step = Session::CachedStep;
 namespace k = kernels;
 
@@ -41,13 +42,6 @@ ModelConfig batch_config(const std::string& structure, std::vector<float> ret) {
 }
 
 void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed); }
-
-std::vector<int32_t> random_tokens(int n, int V, uint64_t seed) {
-  Rng r(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = (int32_t)(1 + r.below(V - 1));
-  return t;
-}
 
 // The depth of every token of `tok` from a full inference-mode pass's traces: the deepest
 // segment whose subsampler kept it.

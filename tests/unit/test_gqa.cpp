@@ -20,13 +20,7 @@ namespace subllm {
 namespace gqa_tests {
 
 using testing::error_of;
-
-double rel_diff(const float* a, const float* b, int64_t n) {
-  double scale = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
-  return worst / std::max(scale, 1e-30);
-}
+using testing::rel_diff;
 
 Scratch scratch(std::shared_ptr<void>& mem, size_t bytes) {
   mem = cpu_backend().alloc_shared(std::max<size_t>(bytes, 64));

@@ -13,6 +13,7 @@
 #include "subllm/generate.h"
 #include "subllm/safetensors.h"
 #include "subllm/trainer.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace subllm {
@@ -20,6 +21,7 @@ namespace hf_tests {
 
 namespace fs = std::filesystem;
 using testing::error_of;
+using testing::rel_diff;
 using testing::run_cli;
 using testing::TempDir;
 
@@ -32,13 +34,6 @@ std::string make_hf(const TempDir& tmp, const std::string& data, const std::stri
   EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << " (is python3-torch installed? run scripts/setup.sh)";
   fs::copy_file(fs::path(data) / "tokenizer.model", fs::path(dir) / "tokenizer.model");
   return dir;
-}
-
-double rel_diff(const float* a, const float* b, int64_t n) {
-  double scale = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
-  return worst / std::max(scale, 1e-30);
 }
 
 // Converts, compares the logits with the PyTorch model's, converts back and compares the tensors bit for bit.

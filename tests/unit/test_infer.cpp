@@ -21,6 +21,7 @@ namespace subllm {
 namespace infer_tests {
 
 using testing::error_of;
+using testing::rel_diff;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -38,13 +39,6 @@ ModelConfig infer_config(const std::string& structure, std::vector<float> ret) {
 }
 
 void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed); }
-
-double rel_diff(const float* a, const float* b, int64_t n) {
-  double scale = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
-  return worst / std::max(scale, 1e-30);
-}
 
 // Prefill `prefill` tokens (in two chunks when `chunked`), then one token at a time; every
 // position's logits must equal the full inference-mode forward's.

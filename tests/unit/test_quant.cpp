@@ -24,6 +24,8 @@ namespace quant_tests {
 namespace k = kernels;
 namespace fs = std::filesystem;
 using testing::error_of;
+using testing::random_tokens;
+using testing::rel_diff;
 using testing::TempDir;
 
 std::vector<float> normal(int64_t n, uint64_t seed, double sd = 1.0) {
@@ -31,13 +33,6 @@ std::vector<float> normal(int64_t n, uint64_t seed, double sd = 1.0) {
   std::vector<float> v((size_t)n);
   for (auto& x : v) x = (float)(sd * r.normal());
   return v;
-}
-
-double rel_diff(const float* a, const float* b, int64_t n) {
-  double scale = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) scale = std::max(scale, (double)std::fabs(b[i]));
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((double)a[i] - b[i]));
-  return worst / std::max(scale, 1e-30);
 }
 
 float round_bf16(float f) {
@@ -282,13 +277,6 @@ std::unique_ptr<Model> typed_model(const ModelConfig& cfg, const std::string& pa
   m->weights().set_weight_dtype(dt);
   m->load(path);
   return m;
-}
-
-std::vector<int32_t> random_tokens(int T, int V, uint64_t seed) {
-  Rng r(seed);
-  std::vector<int32_t> tok(T);
-  for (auto& t : tok) t = (int32_t)(1 + r.below(V - 1));
-  return tok;
 }
 
 // Prefill then one token at a time: every position's logits (all rows).

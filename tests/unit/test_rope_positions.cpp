@@ -21,6 +21,7 @@ namespace rope_positions_tests {
 
 using nlohmann::json;
 using testing::error_of;
+using testing::random_tokens;
 using testing::TempDir;
 namespace fs = std::filesystem;
 
@@ -41,13 +42,6 @@ ModelConfig rope_config(const std::string& structure, std::vector<float> ret, bo
 // Weights large enough that tokens interact, and score layers that spread scores around 0,
 // so inference keeps some tokens at every level and drops others.
 void randomize(Model& m, uint64_t seed) { testing::spread_weights(m, seed, {0.08, 1.5, 0.1}); }
-
-std::vector<int32_t> random_tokens(int n, int vocab, uint64_t seed) {
-  Rng r(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = (int32_t)(1 + r.below(vocab - 1));
-  return t;
-}
 
 double max_rel_err(const float* got, const float* want, int64_t n) {
   double scale = 0, worst = 0;
