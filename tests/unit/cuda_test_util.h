@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,21 @@ std::vector<T> download_as(Backend& be, const Tensor& t) {
   std::vector<T> out((size_t)(t.nbytes() / sizeof(T)));
   be.to_host(out.data(), t.raw(), t.nbytes());
   return out;
+}
+
+// Scratch memory from a backend, kept alive with its view (64 bytes when none is asked).
+struct OwnedScratch {
+  std::shared_ptr<void> mem;
+  Scratch s;
+  OwnedScratch(Backend& be, size_t bytes) : mem(be.alloc_shared(bytes ? bytes : 64)), s{mem.get(), bytes} {}
+};
+
+// n ints drawn uniformly from [0, below).
+inline std::vector<int32_t> random_ints(size_t n, int32_t below, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = (int32_t)rng.below((uint64_t)below);
+  return v;
 }
 
 inline std::vector<float> random_floats(size_t n, uint64_t seed, float scale = 1.0f) {

@@ -1,6 +1,7 @@
 #pragma once
 // Shared helpers for the tests that run whole models: random weights that make inference
-// interesting (tokens interact, subsamplers keep some tokens and drop others).
+// interesting (tokens interact, subsamplers keep some tokens and drop others), random prompts,
+// and how far one run's outputs are from another's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -27,30 +27,18 @@ using test::all_close;
 using test::bf16_round;
 using test::download;
 using test::download_as;
+using test::OwnedScratch;
 using test::random_floats;
+using test::random_ints;
 using test::upload;
 using test::upload_i32;
 
 Backend& cpu() { return cpu_backend(); }
 
-// Owned backend scratch of the requested size.
-struct OwnedScratch {
-  std::shared_ptr<void> mem;
-  Scratch s;
-  OwnedScratch(Backend& be, size_t bytes) : mem(be.alloc_shared(bytes ? bytes : 64)), s{mem.get(), bytes} {}
-};
-
 // v with every element rounded to bf16 when dt is BF16: the values such an input really holds.
 std::vector<float> rounded(std::vector<float> v, DType dt) {
   if (dt == DType::BF16)
     for (float& x : v) x = bf16_round(x);
-  return v;
-}
-
-std::vector<int32_t> random_ints(size_t n, int32_t below, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = (int32_t)rng.below((uint64_t)below);
   return v;
 }
 
