@@ -1,15 +1,13 @@
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <atomic>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "subllm/config.h"
 #include "subllm/error.h"
+#include "test_util.h"
 
 namespace subllm {
 namespace config_tests {
@@ -41,38 +39,8 @@ const char* kPaper13B = R"({
 }
 )";
 
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() /
-            ("subllm_config_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
+using testing::TempDir;
 
 std::string from_text_error(const std::string& text) {
   return error_of([&] { config_from_json_text(text, "cfg.json"); });
@@ -247,17 +215,17 @@ TEST(Config, FileErrorsNameTheFile) {
   EXPECT_CONTAINS(m, "No such file");
 
   std::string bad = dir.file("bad.json");
-  write_text(bad, "{\"decoder_layers\": 8,,}");
+  testing::write_file(bad, "{\"decoder_layers\": 8,,}");
   std::string b = error_of([&] { load_config(bad); });
   EXPECT_CONTAINS(b, bad + ": invalid JSON");
   EXPECT_CONTAINS(b, "parse error");
 
   std::string typed = dir.file("typed.json");
-  write_text(typed, R"({"decoder_attention_heads": [8]})");
+  testing::write_file(typed, R"({"decoder_attention_heads": [8]})");
   EXPECT_CONTAINS(error_of([&] { load_config(typed); }), typed + ": decoder_attention_heads must be an integer");
 
   std::string inconsistent = dir.file("inconsistent.json");
-  write_text(inconsistent, R"({"decoder_embed_dim": 500})");
+  testing::write_file(inconsistent, R"({"decoder_embed_dim": 500})");
   EXPECT_CONTAINS(error_of([&] { load_config(inconsistent); }), inconsistent + ": decoder_embed_dim (500)");
 
   EXPECT_CONTAINS(error_of([&] { load_config(dir.file("")); }), "cannot read config");
