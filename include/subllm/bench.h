@@ -39,6 +39,13 @@ struct InferBenchOptions {
 // prefill_tokens_per_s, decode_tokens_per_s against the read-bandwidth limit (probed around
 // the decode), retention, kv_cache_bytes, ...
 nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm);
+// measure_inference of two models in one run, side by side: built and prefilled in turn, then
+// their decodes alternate in stretches with bandwidth probes between, so that the machine's
+// drifting speed reaches both alike and their ratio holds on a shared machine. Holds both
+// models at once. The model's measurement, with the baseline's under "baseline" and the ratios
+// (first_token_speedup, decode_speedup, kv_cache_ratio and their ideals from FLOPs and bytes).
+nlohmann::json measure_inference_pair(const std::string& config_or_dir, const InferBenchOptions& a,
+                                      const std::string& baseline, const InferBenchOptions& base_opt, double sgemm);
 
 // Batched decoding of `streams` sequences together (Session::forward_cached_batch), each with
 // its own random prompt: prefill_tokens_per_s, decode_tokens_per_s (all sequences' tokens),

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -119,39 +120,53 @@ nlohmann::json measure_training(const std::string& config_path, const TrainBench
           {"final_loss", loss}};
 }
 
+namespace {
+
 // Streaming read bandwidth (GB/s) over a buffer far larger than the caches: the yardstick
-// for decoding, which reads every weight once per token. On a GPU: a sum of squares over
-// 2 GB of device memory.
-double measure_read_bandwidth(const std::string& device) {
-  Backend& be = backend_for(device);
-  if (&be != &cpu_backend()) {
-    const int64_t n = (int64_t)1 << 29;
-    Tensor buf = be.zeros({n}), out = be.empty({1}, DType::F64);
-    be.sum_squares(view_of(buf), view_of(out));
-    be.sync();
+// for decoding, which reads every weight once per token. The buffer is made once and read at
+// each measure(), the best of three reads counting. On a GPU: a sum of squares over 2 GB of
+// device memory.
+class BandwidthProbe {
+ public:
+  explicit BandwidthProbe(const std::string& device) : be_(backend_for(device)) {
+    if (host()) {
+      // Allocated as the weights are (the CPU backend's placement decides how fast a stream reads).
+      buf_ = be_.empty({(int64_t)1 << 27});  // 512 MB
+      std::fill(buf_.f32(), buf_.f32() + buf_.numel(), 1.0f);
+    } else {
+      buf_ = be_.zeros({(int64_t)1 << 29});
+      out_ = be_.empty({1}, DType::F64);
+      be_.sum_squares(view_of(buf_), view_of(out_));
+      be_.sync();
+    }
+  }
+  double measure() {
+    const double bytes = (double)buf_.nbytes();
     double best = 0;
     for (int r = 0; r < 3; ++r) {
       auto t0 = Clock::now();
-      for (int i = 0; i < 5; ++i) be.sum_squares(view_of(buf), view_of(out));
-      be.sync();
-      best = std::max(best, 5.0 * n * sizeof(float) / seconds_since(t0) / 1e9);
+      if (host()) {
+        const double total = kernels::read_sum(buf_.f32(), (size_t)buf_.numel());
+        if (total != (double)buf_.numel()) std::fprintf(stderr, "bandwidth check sum mismatch\n");
+        best = std::max(best, bytes / seconds_since(t0) / 1e9);
+      } else {
+        for (int i = 0; i < 5; ++i) be_.sum_squares(view_of(buf_), view_of(out_));
+        be_.sync();
+        best = std::max(best, 5 * bytes / seconds_since(t0) / 1e9);
+      }
     }
     return best;
   }
-  // Allocated as the weights are (the CPU backend's placement decides how fast a stream reads).
-  const size_t n = (size_t)1 << 27;  // 512 MB
-  Tensor buf = be.empty({(int64_t)n});
-  std::fill(buf.f32(), buf.f32() + n, 1.0f);
-  double best = 0;
-  for (int r = 0; r < 3; ++r) {
-    auto t0 = Clock::now();
-    const double total = kernels::read_sum(buf.f32(), n);
-    const double dt = seconds_since(t0);
-    if (total != (double)n) std::fprintf(stderr, "bandwidth check sum mismatch\n");
-    best = std::max(best, n * sizeof(float) / dt / 1e9);
-  }
-  return best;
-}
+
+ private:
+  bool host() const { return &be_ == &cpu_backend(); }
+  Backend& be_;
+  Tensor buf_, out_;
+};
+
+}  // namespace
+
+double measure_read_bandwidth(const std::string& device) { return BandwidthProbe(device).measure(); }
 
 // Per subsampler, in order, the threshold that keeps the configured fraction of this
 // prompt's tokens (random weights have no trained balance around 0).
@@ -203,107 +218,188 @@ double decode_weight_bytes(const Model& m, const std::vector<double>& retention)
   return bytes;
 }
 
-nlohmann::json measure_inference(const std::string& config_path, const InferBenchOptions& a, double sgemm) {
-  std::unique_ptr<Model> model;
-  const std::string& source = config_path;
-  if (!a.model_dir.empty() && config_path == a.model_dir) {
-    LoadedModel lm = load_model_dir(a.model_dir, a.device, a.dtype, a.kv_dtype);
-    model = std::move(lm.model);
-  } else {
-    ModelConfig cfg = load_config(config_path);
-    if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
-    model = std::make_unique<Model>(cfg, a.device);
-    if (!a.dtype.empty()) model->weights().set_weight_dtype(inference_dtype(a.dtype));
-    if (!a.kv_dtype.empty()) model->set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
-    model->init_weights(a.seed);
-  }
-  Model& m = *model;
-  check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
-  Rng rng(a.seed);
-  std::vector<int32_t> prompt(a.prompt_len);
-  for (auto& t : prompt) t = (int32_t)(1 + rng.below(m.config().vocab_size - 1));
-  std::vector<float> thresholds;
-  if (a.model_dir.empty() && !m.structure().is_plain()) thresholds = calibrate_thresholds(m, prompt);
-  const int V = m.config().vocab_size;
-  std::vector<float> logits(V);
-  // One untimed pass sizes and page-faults the workspace and spins up the threads; then the
-  // fastest of three prefills counts, as latency on a shared machine is noisy.
-  {
+namespace {
+
+// The type a model's matrices are read in: "f32", "bf16" or "q8".
+const char* weight_type(const Model& m) {
+  const DType w = m.weights().weight_dtype();
+  if (w == DType::Q8) return "q8";
+  return w == DType::BF16 || m.weights().compute_dtype() == DType::BF16 ? "bf16" : "f32";
+}
+
+// One model under `bench infer`: built (random weights from a config, or a model folder), its
+// random prompt prefilled into a fresh cache at each prefill() (the fastest counts), then
+// decoded greedily from the last prefill's cache in timed stretches.
+class InferRun {
+ public:
+  InferRun(const std::string& config_or_dir, const InferBenchOptions& a) : a_(a), source_(config_or_dir) {
+    if (!a.model_dir.empty() && config_or_dir == a.model_dir) {
+      LoadedModel lm = load_model_dir(a.model_dir, a.device, a.dtype, a.kv_dtype);
+      model_ = std::move(lm.model);
+    } else {
+      ModelConfig cfg = load_config(config_or_dir);
+      if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
+      model_ = std::make_unique<Model>(cfg, a.device);
+      if (!a.dtype.empty()) model_->weights().set_weight_dtype(inference_dtype(a.dtype));
+      if (!a.kv_dtype.empty()) model_->set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
+      model_->init_weights(a.seed);
+    }
+    Model& m = *model_;
+    check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
+    Rng rng(a.seed);
+    prompt_.resize(a.prompt_len);
+    for (auto& t : prompt_) t = (int32_t)(1 + rng.below(m.config().vocab_size - 1));
+    if (a.model_dir.empty() && !m.structure().is_plain()) thresholds_ = calibrate_thresholds(m, prompt_);
+    logits_.resize(m.config().vocab_size);
+    // One untimed pass sizes and page-faults the workspace and spins up the threads.
     SequenceCache warm = m.new_cache();
-    m.forward_cached(warm, prompt.data(), a.prompt_len, logits.data(), false);
+    m.forward_cached(warm, prompt_.data(), a.prompt_len, logits_.data(), false);
   }
-  SequenceCache cache;
-  double prefill_s = 1e30, first_token_s = 1e30;
-  int32_t tok = 0;
-  for (int rep = 0; rep < 3; ++rep) {
-    cache = m.new_cache(a.prompt_len + a.gen);
+
+  void prefill() {
+    Model& m = *model_;
+    cache_ = m.new_cache(a_.prompt_len + a_.gen);
     auto t0 = Clock::now();
-    m.forward_cached(cache, prompt.data(), a.prompt_len, logits.data(), false);
-    prefill_s = std::min(prefill_s, seconds_since(t0));
-    tok = kernels::argmax(logits.data(), V);
-    first_token_s = std::min(first_token_s, seconds_since(t0));
+    m.forward_cached(cache_, prompt_.data(), a_.prompt_len, logits_.data(), false);
+    prefill_s_ = std::min(prefill_s_, seconds_since(t0));
+    tok_ = kernels::argmax(logits_.data(), (int)logits_.size());
+    first_token_s_ = std::min(first_token_s_, seconds_since(t0));
+    kv_after_prefill_ = cache_.bytes();
   }
-  const size_t kv_after_prefill = cache.bytes();
+
+  // `count` more greedy tokens; their seconds (added to the decode's total).
+  double decode(int count) {
+    auto t0 = Clock::now();
+    for (int i = 0; i < count; ++i) {
+      model_->forward_cached(cache_, &tok_, 1, logits_.data(), false);
+      tok_ = kernels::argmax(logits_.data(), (int)logits_.size());
+    }
+    const double s = seconds_since(t0);
+    decode_s_ += s;
+    decoded_ += count;
+    return s;
+  }
+
+  // The measurement: the decode's read bandwidth `bw` (GB/s) sets its limit; `probes` are
+  // every probe taken around it.
+  nlohmann::json result(double sgemm, double bw, const std::vector<double>& probes) const {
+    const Model& m = *model_;
+    std::vector<double> retention;
+    for (size_t j = 0; j < cache_.seen.size(); ++j)
+      retention.push_back(cache_.seen[j] ? (double)cache_.kept[j] / cache_.seen[j] : 0);
+    // What one decoded token reads: the weights (each segment's blocks at its measured retention)
+    // and, on average over the decode, the key/value cache.
+    const double weight_bytes = decode_weight_bytes(m, retention);
+    const double kv_read = 0.5 * (double)(kv_after_prefill_ + cache_.bytes());
+    const double bytes_per_token = weight_bytes + kv_read;
+    const size_t kv_llama =
+        2 * cache_.element_bytes * (size_t)m.config().n_layers * cache_.length * m.config().kv_dim();
+    const double pf = forward_flops(m, a_.prompt_len);
+    const double decode_rate = decoded_ / decode_s_;
+    return {{"impl", "subllm"},
+            {"config", source_},
+            {"structure", m.config().layout()},
+            {"device", a_.device},
+            {"threads", num_threads()},
+            {"prompt_len", a_.prompt_len},
+            {"gen", a_.gen},
+            {"first_token_ms", 1e3 * first_token_s_},
+            {"prefill_tokens_per_s", a_.prompt_len / prefill_s_},
+            {"prefill_gflops", pf / prefill_s_ / 1e9},
+            {"prefill_flops", pf},
+            {"sgemm_gflops", sgemm},
+            {"prefill_fraction_of_sgemm", pf / prefill_s_ / 1e9 / sgemm},
+            {"decode_tokens_per_s", decode_rate},
+            {"read_bandwidth_gbs", bw},
+            {"read_bandwidth_probes_gbs", probes},
+            {"dtype", weight_type(m)},
+            {"kv_dtype", cache_.element_bytes == 2 ? "bf16" : "f32"},
+            {"weight_bytes", weight_bytes},
+            {"kv_read_bytes", kv_read},
+            {"decode_bytes_per_token", bytes_per_token},
+            {"decode_limit_tokens_per_s", bw * 1e9 / bytes_per_token},
+            {"decode_fraction_of_limit", decode_rate / (bw * 1e9 / bytes_per_token)},
+            {"retention", retention},
+            {"thresholds", thresholds_},
+            {"kv_cache_bytes", cache_.bytes()},
+            {"kv_cache_bytes_llama", kv_llama},
+            {"peak_rss_mb", peak_rss_mb()}};
+  }
+
+ private:
+  InferBenchOptions a_;
+  std::string source_;
+  std::unique_ptr<Model> model_;
+  std::vector<int32_t> prompt_;
+  std::vector<float> thresholds_, logits_;
+  SequenceCache cache_;
+  int32_t tok_ = 0;
+  int decoded_ = 0;
+  size_t kv_after_prefill_ = 0;
+  double prefill_s_ = 1e30, first_token_s_ = 1e30, decode_s_ = 0;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t mid = v.size() / 2;
+  return v.size() % 2 ? v[mid] : 0.5 * (v[mid - 1] + v[mid]);
+}
+
+}  // namespace
+
+nlohmann::json measure_inference(const std::string& config_or_dir, const InferBenchOptions& a, double sgemm) {
+  InferRun run(config_or_dir, a);
+  for (int rep = 0; rep < 3; ++rep) run.prefill();  // the fastest of three: latency on a shared machine is noisy
   // A shared machine's memory bandwidth drifts by tens of percent within seconds, so the decode
   // runs in up to 4 timed stretches with a bandwidth probe before and after each; a stretch's
   // bandwidth is the higher of its two probes, and the decode's is the median of those.
+  BandwidthProbe probe(a.device);
   const int stretches = std::max(1, std::min(4, a.gen / 8));
-  std::vector<double> probes = {measure_read_bandwidth(a.device)}, stretch_bw;
-  double decode_s = 0;
+  std::vector<double> probes = {probe.measure()}, stretch_bw;
   for (int st = 0, done = 0; st < stretches; ++st) {
     const int count = a.gen * (st + 1) / stretches - done;
-    auto t1 = Clock::now();
-    for (int i = 0; i < count; ++i) {
-      m.forward_cached(cache, &tok, 1, logits.data(), false);
-      tok = kernels::argmax(logits.data(), V);
-    }
-    decode_s += seconds_since(t1);
+    run.decode(count);
     done += count;
-    probes.push_back(measure_read_bandwidth(a.device));
+    probes.push_back(probe.measure());
     stretch_bw.push_back(std::max(probes[probes.size() - 2], probes.back()));
   }
-  std::sort(stretch_bw.begin(), stretch_bw.end());
-  const size_t mid = stretch_bw.size() / 2;
-  const double bw = stretch_bw.size() % 2 ? stretch_bw[mid] : 0.5 * (stretch_bw[mid - 1] + stretch_bw[mid]);
-  std::vector<double> retention;
-  for (size_t j = 0; j < cache.seen.size(); ++j) retention.push_back(cache.seen[j] ? (double)cache.kept[j] / cache.seen[j] : 0);
-  // What one decoded token reads: the weights (each segment's blocks at its measured retention)
-  // and, on average over the decode, the key/value cache.
-  const double weight_bytes = decode_weight_bytes(m, retention);
-  const double kv_read = 0.5 * (double)(kv_after_prefill + cache.bytes());
-  const double bytes_per_token = weight_bytes + kv_read;
-  const size_t kv_llama = 2 * cache.element_bytes * (size_t)m.config().n_layers * cache.length * m.config().kv_dim();
-  const char* wtype = m.weights().weight_dtype() == DType::Q8 ? "q8" : m.weights().weight_dtype() == DType::BF16 ? "bf16"
-                      : m.weights().compute_dtype() == DType::BF16 ? "bf16" : "f32";
-  const double pf = forward_flops(m, a.prompt_len);
-  return {{"impl", "subllm"},
-          {"config", source},
-          {"structure", m.config().layout()},
-          {"device", a.device},
-          {"threads", num_threads()},
-          {"prompt_len", a.prompt_len},
-          {"gen", a.gen},
-          {"first_token_ms", 1e3 * first_token_s},
-          {"prefill_tokens_per_s", a.prompt_len / prefill_s},
-          {"prefill_gflops", pf / prefill_s / 1e9},
-          {"prefill_flops", pf},
-          {"sgemm_gflops", sgemm},
-          {"prefill_fraction_of_sgemm", pf / prefill_s / 1e9 / sgemm},
-          {"decode_tokens_per_s", a.gen / decode_s},
-          {"read_bandwidth_gbs", bw},
-          {"read_bandwidth_probes_gbs", probes},
-          {"dtype", wtype},
-          {"kv_dtype", cache.element_bytes == 2 ? "bf16" : "f32"},
-          {"weight_bytes", weight_bytes},
-          {"kv_read_bytes", kv_read},
-          {"decode_bytes_per_token", bytes_per_token},
-          {"decode_limit_tokens_per_s", bw * 1e9 / bytes_per_token},
-          {"decode_fraction_of_limit", a.gen / decode_s / (bw * 1e9 / bytes_per_token)},
-          {"retention", retention},
-          {"thresholds", thresholds},
-          {"kv_cache_bytes", cache.bytes()},
-          {"kv_cache_bytes_llama", kv_llama},
-          {"peak_rss_mb", peak_rss_mb()}};
+  return run.result(sgemm, median(stretch_bw), probes);
+}
+
+nlohmann::json measure_inference_pair(const std::string& config_or_dir, const InferBenchOptions& a,
+                                      const std::string& baseline, const InferBenchOptions& base_opt, double sgemm) {
+  InferRun base(baseline, base_opt), run(config_or_dir, a);
+  check(base_opt.gen == a.gen, "the baseline decodes as many tokens as the model");
+  // Prefills alternate too, the fastest of three each.
+  for (int rep = 0; rep < 3; ++rep) base.prefill(), run.prefill();
+  // The two decodes take turns in up to 8 stretches each (baseline first in even rounds, the
+  // model first in odd ones), a bandwidth probe between any two: a drift of the machine's speed
+  // reaches both alike. A stretch's bandwidth is the higher of the probes around it, each
+  // model's the median of its stretches'.
+  BandwidthProbe probe(a.device);
+  const int stretches = std::max(1, std::min(8, a.gen / 4));
+  std::vector<double> probes = {probe.measure()};
+  std::vector<double> bw[2];
+  InferRun* runs[2] = {&base, &run};
+  int done[2] = {0, 0};
+  for (int st = 0; st < stretches; ++st) {
+    for (int k = 0; k < 2; ++k) {
+      const int i = st % 2 == 0 ? k : 1 - k;
+      const int count = a.gen * (st + 1) / stretches - done[i];
+      runs[i]->decode(count);
+      done[i] += count;
+      probes.push_back(probe.measure());
+      bw[i].push_back(std::max(probes[probes.size() - 2], probes.back()));
+    }
+  }
+  nlohmann::json b = base.result(sgemm, median(bw[0]), probes), j = run.result(sgemm, median(bw[1]), probes);
+  j["baseline"] = b;
+  j["first_token_speedup"] = b["first_token_ms"].get<double>() / j["first_token_ms"].get<double>();
+  j["decode_speedup"] = j["decode_tokens_per_s"].get<double>() / b["decode_tokens_per_s"].get<double>();
+  j["kv_cache_ratio"] = j["kv_cache_bytes"].get<double>() / b["kv_cache_bytes"].get<double>();
+  j["ideal_first_token_speedup"] = b["prefill_flops"].get<double>() / j["prefill_flops"].get<double>();
+  j["ideal_decode_speedup"] = b["decode_bytes_per_token"].get<double>() / j["decode_bytes_per_token"].get<double>();
+  return j;
 }
 
 // Batched decoding: `streams` sequences, each with its own random prompt of prompt_len
@@ -314,6 +410,8 @@ nlohmann::json measure_streams(const std::string& config_path, const InferBenchO
   ModelConfig cfg = load_config(config_path);
   if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
   Model m(cfg, a.device);
+  if (!a.dtype.empty()) m.weights().set_weight_dtype(inference_dtype(a.dtype));
+  if (!a.kv_dtype.empty()) m.set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
   m.init_weights(a.seed);
   check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
   const int V = m.config().vocab_size;
@@ -365,6 +463,8 @@ nlohmann::json measure_streams(const std::string& config_path, const InferBenchO
           {"structure", m.config().layout()},
           {"device", a.device},
           {"threads", num_threads()},
+          {"dtype", weight_type(m)},
+          {"kv_dtype", caches[0].element_bytes == 2 ? "bf16" : "f32"},
           {"streams", streams},
           {"prompt_len", a.prompt_len},
           {"gen", a.gen},
@@ -400,12 +500,16 @@ nlohmann::json bench_paper(const PaperBenchOptions& o) {
     in.device = o.device;
     nlohmann::json row = {{"length", T}};
     for (const auto& [name, cfg] : {std::pair{"llama", o.llama_config}, std::pair{"subllm", o.subllm_config}}) {
-      std::fprintf(stderr, "bench paper: %s at %d tokens\n", name, T);
+      std::fprintf(stderr, "bench paper: training %s at %d tokens\n", name, T);
       nlohmann::json tr = measure_training(cfg, t, sgemm);
       tr["memory_mb"] = tr["activation_mb"].get<double>() + training_state_mb(cfg);
       row[std::string(name) + "_train"] = tr;
-      row[std::string(name) + "_infer"] = measure_inference(cfg, in, sgemm);
     }
+    std::fprintf(stderr, "bench paper: inference of both at %d tokens\n", T);
+    nlohmann::json infer = measure_inference_pair(o.subllm_config, in, o.llama_config, in, sgemm);
+    row["llama_infer"] = infer["baseline"];
+    infer.erase("baseline");
+    row["subllm_infer"] = infer;
     auto ratio = [&](const char* a, const char* b, const char* key) {
       return row[a][key].get<double>() / row[b][key].get<double>();
     };

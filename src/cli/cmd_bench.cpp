@@ -21,6 +21,7 @@ struct BenchTrainArgs {
 
 struct BenchInferArgs {
   std::string config, baseline;
+  std::string baseline_dtype, baseline_kv_dtype;  // the baseline's types (empty: the model's)
   InferBenchOptions opt;
   std::vector<int> streams;  // batched decoding of this many sequences at once, each count in turn
   int threads = 0;
@@ -75,18 +76,33 @@ int bench_train(const BenchTrainArgs& a) {
   return 0;
 }
 
+// Whether `bench infer` measures a baseline beside the model: another config, or the same
+// model in other types.
+bool paired(const BenchInferArgs& a) {
+  return !a.baseline.empty() || !a.baseline_dtype.empty() || !a.baseline_kv_dtype.empty();
+}
+InferBenchOptions baseline_options(const BenchInferArgs& a) {
+  InferBenchOptions base = a.opt;
+  if (!a.baseline.empty()) base.model_dir.clear();  // a config: random weights
+  if (!a.baseline_dtype.empty()) base.dtype = a.baseline_dtype;
+  if (!a.baseline_kv_dtype.empty()) base.kv_dtype = a.baseline_kv_dtype;
+  return base;
+}
+
 // `bench infer --streams 1,4,16`: aggregate decode speed of that many sequences decoding
 // together, for the config and (in the same run) the baseline.
 int bench_streams(const BenchInferArgs& a) {
   check(a.opt.model_dir.empty(), "--streams measures random weights: give --config CONFIG.json instead of -m");
+  const InferBenchOptions base_opt = baseline_options(a);
+  const std::string baseline = a.baseline.empty() ? a.config : a.baseline;
   nlohmann::json rows = nlohmann::json::array();
   double single = 0, single_base = 0;
   for (int n : a.streams) {
     nlohmann::json row = measure_streams(a.config, a.opt, n);
     if (n == a.streams.front()) single = row["decode_tokens_per_s"].get<double>();
     row["decode_vs_first"] = row["decode_tokens_per_s"].get<double>() / single;
-    if (!a.baseline.empty()) {
-      nlohmann::json base = measure_streams(a.baseline, a.opt, n);
+    if (paired(a)) {
+      nlohmann::json base = measure_streams(baseline, base_opt, n);
       if (n == a.streams.front()) single_base = base["decode_tokens_per_s"].get<double>();
       base["decode_vs_first"] = base["decode_tokens_per_s"].get<double>() / single_base;
       row["decode_speedup"] = row["decode_tokens_per_s"].get<double>() / base["decode_tokens_per_s"].get<double>();
@@ -100,7 +116,8 @@ int bench_streams(const BenchInferArgs& a) {
   }
   auto show = [](const nlohmann::json& r) {
     std::printf("  %-40s %3d streams  decode %9.1f tokens/s (x%.2f of %s), step %.2f ms, prefill %.1f tokens/s\n",
-                (r["config"].get<std::string>() + " (" + r["structure"].get<std::string>() + ")").c_str(),
+                (r["config"].get<std::string>() + " (" + r["structure"].get<std::string>() + ", " +
+                 r["dtype"].get<std::string>() + ")").c_str(),
                 r["streams"].get<int>(), r["decode_tokens_per_s"].get<double>(), r["decode_vs_first"].get<double>(),
                 "the first count", r["decode_step_ms"].get<double>(), r["prefill_tokens_per_s"].get<double>());
   };
@@ -122,22 +139,11 @@ int bench_infer(const BenchInferArgs& a) {
   check(a.opt.prompt_len > 0 && a.opt.gen > 0, "--prompt-len and --gen must be positive");
   if (!a.streams.empty()) return bench_streams(a);
   const double sgemm = measure_sgemm_gflops(a.opt.device);
-  nlohmann::json base;
-  if (!a.baseline.empty()) {
-    InferBenchOptions random_weights = a.opt;
-    random_weights.model_dir.clear();
-    base = measure_inference(a.baseline, random_weights, sgemm);
-  }
-  nlohmann::json j = measure_inference(a.opt.model_dir.empty() ? a.config : a.opt.model_dir, a.opt, sgemm);
-  if (!a.baseline.empty()) {
-    j["baseline"] = base;
-    j["first_token_speedup"] = base["first_token_ms"].get<double>() / j["first_token_ms"].get<double>();
-    j["decode_speedup"] = j["decode_tokens_per_s"].get<double>() / base["decode_tokens_per_s"].get<double>();
-    j["kv_cache_ratio"] = j["kv_cache_bytes"].get<double>() / base["kv_cache_bytes"].get<double>();
-    j["ideal_first_token_speedup"] = base["prefill_flops"].get<double>() / j["prefill_flops"].get<double>();
-    j["ideal_decode_speedup"] =
-        base["decode_bytes_per_token"].get<double>() / j["decode_bytes_per_token"].get<double>();
-  }
+  const std::string model = a.opt.model_dir.empty() ? a.config : a.opt.model_dir;
+  const nlohmann::json j = paired(a) ? measure_inference_pair(model, a.opt, a.baseline.empty() ? model : a.baseline,
+                                                              baseline_options(a), sgemm)
+                                     : measure_inference(model, a.opt, sgemm);
+  const nlohmann::json base = paired(a) ? j["baseline"] : nlohmann::json();
   if (a.json) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -160,10 +166,10 @@ int bench_infer(const BenchInferArgs& a) {
     for (size_t i = 0; i < r["retention"].size(); ++i)
       std::printf("  retention %zu           %.3f\n", i, r["retention"][i].get<double>());
   };
-  if (!a.baseline.empty()) show(base);
+  if (paired(a)) show(base);
   show(j);
-  if (!a.baseline.empty())
-    std::printf("ratios: first token x%.3f (ideal x%.3f), decode x%.3f (ideal x%.3f), kv cache x%.3f\n",
+  if (paired(a))
+    std::printf("ratios (decodes alternated): first token x%.3f (ideal x%.3f), decode x%.3f (ideal x%.3f), kv cache x%.3f\n",
                 j["first_token_speedup"].get<double>(), j["ideal_first_token_speedup"].get<double>(),
                 j["decode_speedup"].get<double>(), j["ideal_decode_speedup"].get<double>(),
                 j["kv_cache_ratio"].get<double>());
@@ -203,8 +209,16 @@ void add_bench_command(CLI::App& app, Runner& run) {
   auto* icfg = infer->add_option("--config", ia->config, "config.json (random weights; SUBLLM thresholds calibrated)")
                    ->check(CLI::ExistingFile);
   infer->add_option("-m,--model", ia->opt.model_dir, "a trained model folder instead of random weights")->excludes(icfg);
-  infer->add_option("--baseline", ia->baseline, "a second config measured in the same run (e.g. the LLaMA)")
+  infer->add_option("--baseline", ia->baseline,
+                    "a second config measured side by side in the same run (e.g. the LLaMA), decodes alternating; "
+                    "holds both models in memory")
       ->check(CLI::ExistingFile);
+  infer->add_option("--baseline-dtype", ia->baseline_dtype,
+                    "the baseline's weight type (default: --dtype's); without --baseline the baseline is this model, "
+                    "e.g. --dtype q8 --baseline-dtype f32")
+      ->check(CLI::IsMember({"f32", "bf16", "q8"}));
+  infer->add_option("--baseline-kv-dtype", ia->baseline_kv_dtype, "the baseline's key/value cache type (default: --kv-dtype's)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   infer->add_option("--prompt-len", ia->opt.prompt_len, "prompt tokens")
       ->capture_default_str()
       ->check(interval("[1, inf)"));

@@ -63,5 +63,43 @@ TEST(Bench, InferStreamsOnATinyConfig) {
             std::string::npos);
 }
 
+// `bench infer` with a baseline measures the two side by side: here one config as q8 against
+// itself as f32 (--baseline-dtype), through the CLI, in JSON, and batched (--streams), where
+// each side keeps its own types.
+TEST(Bench, InferAgainstTheSameModelInAnotherType) {
+  testing::TempDir tmp("bench_pair");
+  testing::write_file(tmp.file("subllm.json"),
+                      R"({"num_embeddings": 128, "decoder_embed_dim": 64, "decoder_ffn_embed_dim": 128,
+                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
+                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
+  const testing::CliResult r = testing::run_cli_line("bench infer --config " + tmp.file("subllm.json") +
+                                                     " --prompt-len 12 --gen 8 -t 1 --dtype q8 --baseline-dtype f32 --json");
+  ASSERT_EQ(r.code, 0) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  const nlohmann::json& base = j["baseline"];
+  EXPECT_EQ(j["dtype"], "q8");
+  EXPECT_EQ(base["dtype"], "f32");
+  EXPECT_EQ(j["config"], base["config"]);
+  EXPECT_GT(j["decode_tokens_per_s"].get<double>(), 0);
+  EXPECT_GT(base["decode_tokens_per_s"].get<double>(), 0);
+  // q8 reads 1.125 bytes a weight where f32 reads 4; the same cache; the same FLOPs.
+  EXPECT_GT(j["ideal_decode_speedup"].get<double>(), 2.0);
+  EXPECT_DOUBLE_EQ(j["ideal_first_token_speedup"].get<double>(), 1.0);
+  EXPECT_DOUBLE_EQ(j["kv_cache_ratio"].get<double>(), 1.0);
+  EXPECT_NEAR(j["decode_speedup"].get<double>(),
+              j["decode_tokens_per_s"].get<double>() / base["decode_tokens_per_s"].get<double>(), 1e-9);
+  // Probes before, between and after the alternating stretches (8 tokens: 2 stretches each).
+  EXPECT_EQ(j["read_bandwidth_probes_gbs"].size(), 5u);
+
+  InferBenchOptions o;
+  o.prompt_len = 12;
+  o.gen = 3;
+  o.dtype = "q8";
+  o.kv_dtype = "bf16";
+  const nlohmann::json s = measure_streams(tmp.file("subllm.json"), o, 2);
+  EXPECT_EQ(s["dtype"], "q8");
+  EXPECT_EQ(s["kv_dtype"], "bf16");
+}
+
 }  // namespace bench_tests
 }  // namespace subllm
