@@ -125,13 +125,13 @@ TEST(QuantKernels, Q8RowsPackAndUnpackTheFilesValuesAndScales) {
   }
 }
 
-// y = x · W^T with W in Q8, every row count (matrix-vector and tiled GEMM paths), against the
+// y = x · W^T with W in Q8, every row count (matrix-vector and many-rows paths), against the
 // F32 kernel on the dequantized W and the quantized-then-dequantized x. Widths: an odd group
 // count (a half 64-column chunk), part of one 512-column block, one and two whole blocks (the
 // model's widths at d 512 and 1024), more than two blocks.
 TEST(QuantKernels, Q8LinearEqualsF32OnDequantizedOperands) {
   for (int in : {96, 320, 512, 1024, 1056}) {
-    const int out = 130;  // rows not a multiple of the row tile
+    const int out = 131;  // rows not a multiple of the tiles, an odd count (a last row without its pair)
     const std::vector<float> w = normal((int64_t)out * in, 2, 0.05);
     std::vector<uint8_t> q(out * k::q8_row_bytes(in));
     k::quantize_q8(w.data(), out, in, q.data());
@@ -171,9 +171,10 @@ TEST(QuantKernels, Q8ActivationRoundingStaysSmall) {
   EXPECT_LT(err, 1e-2);
 }
 
-// The same for BF16 rows (strided, with a width that leaves a tail after the 32-wide steps).
+// The same for BF16 rows (strided, with a width that leaves a tail after the 32-wide steps, and
+// an odd row count: a last row without its pair on the many-rows path).
 TEST(QuantKernels, Bf16LinearEqualsF32OnWidenedWeights) {
-  const int in = 300, out = 70, ldw = 310;
+  const int in = 300, out = 71, ldw = 310;
   const std::vector<float> w = normal((int64_t)out * ldw, 3, 0.05);
   std::vector<uint16_t> h(w.size());
   k::f32_to_bf16(w.data(), h.data(), (int64_t)w.size());

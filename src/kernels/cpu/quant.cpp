@@ -365,6 +365,34 @@ SUBLLM_AVX512 void bf16_rows_avx512(const float* xs, int64_t ldxs, const uint16_
   }
 }
 
+// bf16_rows_avx512 two weight rows at a time, sharing each x load (the panels of the
+// many-rows product, where W sits in cache).
+template <int NX>
+SUBLLM_AVX512 void bf16_rows2_avx512(const float* xs, int64_t ldxs, const uint16_t* w, int64_t ldw, int in, int r0,
+                                     int r1, float* y, int64_t ldy, bool accumulate) {
+  const int in32 = in / 32 * 32;
+  int r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const uint16_t* row_a = w + (int64_t)r * ldw;
+    const uint16_t* row_b = row_a + ldw;
+    __m512 even_a[NX], odd_a[NX], even_b[NX], odd_b[NX];
+    for (int i = 0; i < NX; ++i) even_a[i] = odd_a[i] = even_b[i] = odd_b[i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c < in32; c += 32) {
+      bf16_block<NX>(_mm512_loadu_si512(row_a + c), xs, ldxs, c, even_a, odd_a);
+      bf16_block<NX>(_mm512_loadu_si512(row_b + c), xs, ldxs, c, even_b, odd_b);
+    }
+    if (c < in) {
+      const __mmask32 m = (__mmask32)((1ull << (in - c)) - 1ull);
+      bf16_block<NX>(_mm512_maskz_loadu_epi16(m, row_a + c), xs, ldxs, c, even_a, odd_a);
+      bf16_block<NX>(_mm512_maskz_loadu_epi16(m, row_b + c), xs, ldxs, c, even_b, odd_b);
+    }
+    put_row_sums<NX>(even_a, odd_a, y, ldy, r, accumulate);
+    put_row_sums<NX>(even_b, odd_b, y, ldy, r + 1, accumulate);
+  }
+  if (r < r1) bf16_rows_avx512<NX>(xs, ldxs, w, ldw, in, r, r1, y, ldy, accumulate);
+}
+
 // bf16_rows_avx512 for one x row against weight rows ra + i and rb + i, i < n, in lockstep:
 // two streams, each x load serving both rows.
 SUBLLM_AVX512 void bf16_row_pairs_avx512(const float* xs, const uint16_t* w, int64_t ldw, int in, int ra, int rb, int n,
@@ -466,6 +494,54 @@ SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, i
     __m512 acc[1][NX];
     q8_row_dots<NX, 1>(rows, in / kQ8Group, a, acc);
     put_row_sums<NX>(acc[0], zero, y, ldy, r, accumulate);
+  }
+}
+
+// Rows [r0, r1) of W against NX x rows, two weight rows at a time sharing each x load (the
+// tiles of the many-rows product, where W sits in cache).
+template <int NX>
+SUBLLM_AVX512_VNNI void q8_rows2_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
+                                      int64_t ldy, bool accumulate) {
+  const size_t rb = q8_row_bytes(in);
+  __m512 zero[NX];
+  for (int i = 0; i < NX; ++i) zero[i] = _mm512_setzero_ps();
+  int r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    const uint8_t* rows[2] = {w + (size_t)r * rb, w + (size_t)(r + 1) * rb};
+    __m512 acc[2][NX];
+    q8_row_dots<NX, 2>(rows, in / kQ8Group, a, acc);
+    put_row_sums<NX>(acc[0], zero, y, ldy, r, accumulate);
+    put_row_sums<NX>(acc[1], zero, y, ldy, r + 1, accumulate);
+  }
+  if (r < r1) q8_rows_vnni<NX>(a, w, in, r, r1, y, ldy, accumulate);
+}
+
+// y(n, out) (=|+=) the many-rows product with the int8 dot product: x quantized in groups of
+// 4 rows, as the matrix-vector path quantizes its own, and W in panels of rows (about 128 KB,
+// in L2), one per thread at a time, each against every group.
+SUBLLM_AVX512_VNNI void q8_gemm_vnni(const float* x, int64_t ldx, const uint8_t* w, float* y, int64_t ldy, int n,
+                                     int in, int out, bool accumulate) {
+  const int groups = (n + kMaxGemvRows - 1) / kMaxGemvRows;
+  thread_local std::vector<Q8Activations> xs;
+  std::vector<Q8Activations>& xg = xs;  // the calling thread's, for every thread
+  if ((int)xg.size() < groups) xg.resize(groups);
+#pragma omp parallel for schedule(static)
+  for (int g = 0; g < groups; ++g)
+    xg[g].prepare(x + (int64_t)g * kMaxGemvRows * ldx, ldx, std::min(kMaxGemvRows, n - g * kMaxGemvRows), in, true);
+  const int panel = std::max(2, (int)(((size_t)128 << 10) / q8_row_bytes(in)) / 2 * 2);
+  const int panels = (out + panel - 1) / panel;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int p = 0; p < panels; ++p) {
+    const int r0 = p * panel, r1 = std::min(out, r0 + panel);
+    for (int g = 0; g < groups; ++g) {
+      float* yg = y + (int64_t)g * kMaxGemvRows * ldy;
+      switch (std::min(kMaxGemvRows, n - g * kMaxGemvRows)) {
+        case 1: q8_rows2_vnni<1>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
+        case 2: q8_rows2_vnni<2>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
+        case 3: q8_rows2_vnni<3>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
+        default: q8_rows2_vnni<4>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
+      }
+    }
   }
 }
 
@@ -677,8 +753,12 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
 void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int64_t ldy, int n, int in, int out,
                        bool accumulate) {
   const auto* wq = static_cast<const uint8_t*>(w);
-  // More rows than the matrix-vector path takes go through the F32 GEMM: their x rows are
-  // quantized and dequantized here, as the matrix-vector path quantizes its own.
+  const bool vnni = vnni_active();
+#ifdef SUBLLM_X86_DISPATCH
+  if (vnni && n > kMaxGemvRows) return q8_gemm_vnni(x, ldx, wq, y, ldy, n, in, out, accumulate);
+#endif
+  // Without VNNI, more rows than the matrix-vector path takes go through the F32 GEMM: their
+  // x rows are quantized and dequantized here, as the matrix-vector path quantizes its own.
   thread_local std::vector<float> x_rounded;
   if (n > kMaxGemvRows) {
     x_rounded.resize((size_t)n * in);
@@ -690,7 +770,6 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
   // (A thread_local named inside the lambda would be each worker's own: capture a reference.)
   thread_local Q8Activations prepared;
   Q8Activations& a = prepared;
-  const bool vnni = vnni_active();
   if (n <= kMaxGemvRows) a.prepare(x, ldx, n, in, vnni);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate, (int64_t)q8_row_bytes(in),
@@ -719,6 +798,41 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
       [&](int r0, int R, int k0, int K, float* t) { dequant_tile_q8(wq, in, r0, R, k0, K, t); });
 }
 
+#ifdef SUBLLM_X86_DISPATCH
+// y(n, out) (=|+=) the many-rows product of BF16 rows: x split by column parity once, W in
+// panels of rows (about 128 KB, in L2), one per thread at a time, each against every group of
+// 4 x rows, two weight rows at a time.
+void bf16_gemm_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
+                      int in, int out, bool accumulate) {
+  thread_local AlignedVector<float> split;
+  AlignedVector<float>& xs = split;  // the calling thread's, for every thread
+  const int64_t lds = (in + 31) / 32 * 32;
+  xs.resize((size_t)n * lds);
+#pragma omp parallel for schedule(static)
+  for (int i = 0; i < n; ++i) {
+    float* row = xs.data() + (size_t)i * lds;
+    std::fill(row + in, row + lds, 0.f);
+    for (int c = 0; c < in; ++c) row[c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
+  }
+  const int panel = std::max(2, (int)(((int64_t)128 << 10) / (ldw * (int64_t)sizeof(uint16_t))) / 2 * 2);
+  const int panels = (out + panel - 1) / panel, groups = (n + kMaxGemvRows - 1) / kMaxGemvRows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int p = 0; p < panels; ++p) {
+    const int r0 = p * panel, r1 = std::min(out, r0 + panel);
+    for (int g = 0; g < groups; ++g) {
+      const float* xg = xs.data() + (size_t)g * kMaxGemvRows * lds;
+      float* yg = y + (int64_t)g * kMaxGemvRows * ldy;
+      switch (std::min(kMaxGemvRows, n - g * kMaxGemvRows)) {
+        case 1: bf16_rows2_avx512<1>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
+        case 2: bf16_rows2_avx512<2>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
+        case 3: bf16_rows2_avx512<3>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
+        default: bf16_rows2_avx512<4>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
+      }
+    }
+  }
+}
+#endif
+
 void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
                          int in, int out, bool accumulate) {
   // The matrix-vector path's x, prepared once on the calling thread for every thread's rows.
@@ -726,6 +840,10 @@ void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t
   thread_local Bf16Activations prepared;
   Bf16Activations& a = prepared;
   const bool fast = fast_kernels_active();
+#ifdef SUBLLM_X86_DISPATCH
+  if (fast && n > kMaxGemvRows)
+    return bf16_gemm_avx512(x, ldx, w, ldw, y, ldy, n, in, out, accumulate);
+#endif
   if (n <= kMaxGemvRows && fast) a.prepare(x, ldx, n, in);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate, ldw * (int64_t)sizeof(uint16_t),
