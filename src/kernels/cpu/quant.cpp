@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/aligned_vector.h"
@@ -497,8 +498,29 @@ SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, i
   }
 }
 
+// The loop of the many-rows products: W's `out` rows in panels of about 128 KB (`row_bytes`
+// each), which the threads take in turn, each panel (in L2) against every group of up to 4 of
+// the n x rows: rows(r0, r1, g, nx) with nx as a compile-time constant (std::integral_constant).
+template <class Rows>
+void for_panels(int n, int out, size_t row_bytes, Rows rows) {
+  const int panel = std::max(2, (int)(((size_t)128 << 10) / row_bytes) / 2 * 2);
+  const int panels = (out + panel - 1) / panel, groups = (n + kMaxGemvRows - 1) / kMaxGemvRows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int p = 0; p < panels; ++p) {
+    const int r0 = p * panel, r1 = std::min(out, r0 + panel);
+    for (int g = 0; g < groups; ++g) {
+      switch (std::min(kMaxGemvRows, n - g * kMaxGemvRows)) {
+        case 1: rows(r0, r1, g, std::integral_constant<int, 1>{}); break;
+        case 2: rows(r0, r1, g, std::integral_constant<int, 2>{}); break;
+        case 3: rows(r0, r1, g, std::integral_constant<int, 3>{}); break;
+        default: rows(r0, r1, g, std::integral_constant<int, 4>{}); break;
+      }
+    }
+  }
+}
+
 // Rows [r0, r1) of W against NX x rows, two weight rows at a time sharing each x load (the
-// tiles of the many-rows product, where W sits in cache).
+// panels of the many-rows product, where W sits in cache).
 template <int NX>
 SUBLLM_AVX512_VNNI void q8_rows2_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
                                       int64_t ldy, bool accumulate) {
@@ -517,8 +539,7 @@ SUBLLM_AVX512_VNNI void q8_rows2_vnni(const Q8Activations& a, const uint8_t* w, 
 }
 
 // y(n, out) (=|+=) the many-rows product with the int8 dot product: x quantized in groups of
-// 4 rows, as the matrix-vector path quantizes its own, and W in panels of rows (about 128 KB,
-// in L2), one per thread at a time, each against every group.
+// 4 rows, as the matrix-vector path quantizes its own, then for_panels.
 SUBLLM_AVX512_VNNI void q8_gemm_vnni(const float* x, int64_t ldx, const uint8_t* w, float* y, int64_t ldy, int n,
                                      int in, int out, bool accumulate) {
   const int groups = (n + kMaxGemvRows - 1) / kMaxGemvRows;
@@ -528,21 +549,9 @@ SUBLLM_AVX512_VNNI void q8_gemm_vnni(const float* x, int64_t ldx, const uint8_t*
 #pragma omp parallel for schedule(static)
   for (int g = 0; g < groups; ++g)
     xg[g].prepare(x + (int64_t)g * kMaxGemvRows * ldx, ldx, std::min(kMaxGemvRows, n - g * kMaxGemvRows), in, true);
-  const int panel = std::max(2, (int)(((size_t)128 << 10) / q8_row_bytes(in)) / 2 * 2);
-  const int panels = (out + panel - 1) / panel;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int p = 0; p < panels; ++p) {
-    const int r0 = p * panel, r1 = std::min(out, r0 + panel);
-    for (int g = 0; g < groups; ++g) {
-      float* yg = y + (int64_t)g * kMaxGemvRows * ldy;
-      switch (std::min(kMaxGemvRows, n - g * kMaxGemvRows)) {
-        case 1: q8_rows2_vnni<1>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
-        case 2: q8_rows2_vnni<2>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
-        case 3: q8_rows2_vnni<3>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
-        default: q8_rows2_vnni<4>(xg[g], w, in, r0, r1, yg, ldy, accumulate); break;
-      }
-    }
-  }
+  for_panels(n, out, q8_row_bytes(in), [&](int r0, int r1, int g, auto nx) {
+    q8_rows2_vnni<nx()>(xg[g], w, in, r0, r1, y + (int64_t)g * kMaxGemvRows * ldy, ldy, accumulate);
+  });
 }
 
 // One x row against weight rows ra + i and rb + i, i < n, in lockstep (two streams).
@@ -799,9 +808,8 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
 }
 
 #ifdef SUBLLM_X86_DISPATCH
-// y(n, out) (=|+=) the many-rows product of BF16 rows: x split by column parity once, W in
-// panels of rows (about 128 KB, in L2), one per thread at a time, each against every group of
-// 4 x rows, two weight rows at a time.
+// y(n, out) (=|+=) the many-rows product of BF16 rows: x split by column parity once, then
+// for_panels, two weight rows at a time.
 void bf16_gemm_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
                       int in, int out, bool accumulate) {
   thread_local AlignedVector<float> split;
@@ -814,22 +822,10 @@ void bf16_gemm_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ld
     std::fill(row + in, row + lds, 0.f);
     for (int c = 0; c < in; ++c) row[c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
   }
-  const int panel = std::max(2, (int)(((int64_t)128 << 10) / (ldw * (int64_t)sizeof(uint16_t))) / 2 * 2);
-  const int panels = (out + panel - 1) / panel, groups = (n + kMaxGemvRows - 1) / kMaxGemvRows;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int p = 0; p < panels; ++p) {
-    const int r0 = p * panel, r1 = std::min(out, r0 + panel);
-    for (int g = 0; g < groups; ++g) {
-      const float* xg = xs.data() + (size_t)g * kMaxGemvRows * lds;
-      float* yg = y + (int64_t)g * kMaxGemvRows * ldy;
-      switch (std::min(kMaxGemvRows, n - g * kMaxGemvRows)) {
-        case 1: bf16_rows2_avx512<1>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
-        case 2: bf16_rows2_avx512<2>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
-        case 3: bf16_rows2_avx512<3>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
-        default: bf16_rows2_avx512<4>(xg, lds, w, ldw, in, r0, r1, yg, ldy, accumulate); break;
-      }
-    }
-  }
+  for_panels(n, out, ldw * sizeof(uint16_t), [&](int r0, int r1, int g, auto nx) {
+    bf16_rows2_avx512<nx()>(xs.data() + (size_t)g * kMaxGemvRows * lds, lds, w, ldw, in, r0, r1,
+                            y + (int64_t)g * kMaxGemvRows * ldy, ldy, accumulate);
+  });
 }
 #endif
 
