@@ -51,6 +51,11 @@ nlohmann::json measure_inference_pair(const std::string& config_or_dir, const In
 // its own random prompt: prefill_tokens_per_s, decode_tokens_per_s (all sequences' tokens),
 // decode_step_ms, retention, ...
 nlohmann::json measure_streams(const std::string& config_path, const InferBenchOptions& a, int streams);
+// measure_streams of two models side by side, their decodes alternating as in
+// measure_inference_pair: the model's measurement with the baseline's under "baseline" and
+// decode_speedup.
+nlohmann::json measure_streams_pair(const std::string& config_path, const InferBenchOptions& a,
+                                    const std::string& baseline, const InferBenchOptions& base_opt, int streams);
 
 // Per subsampler, in order, the threshold that keeps its configured fraction of `prompt`.
 std::vector<float> calibrate_thresholds(Model& m, const std::vector<int32_t>& prompt);

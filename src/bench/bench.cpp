@@ -402,77 +402,124 @@ nlohmann::json measure_inference_pair(const std::string& config_or_dir, const In
   return j;
 }
 
-// Batched decoding: `streams` sequences, each with its own random prompt of prompt_len
-// tokens, prefilled together in one batched step, then 1 + `gen` batched steps that decode
-// one greedy token for every sequence (the first untimed). decode_tokens_per_s counts all sequences' tokens.
-nlohmann::json measure_streams(const std::string& config_path, const InferBenchOptions& a, int streams) {
-  check(streams > 0, "--streams must list positive counts, e.g. 1,4,16");
-  ModelConfig cfg = load_config(config_path);
-  if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
-  Model m(cfg, a.device);
-  if (!a.dtype.empty()) m.weights().set_weight_dtype(inference_dtype(a.dtype));
-  if (!a.kv_dtype.empty()) m.set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
-  m.init_weights(a.seed);
-  check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
-  const int V = m.config().vocab_size;
-  Rng rng(a.seed);
-  std::vector<std::vector<int32_t>> prompts(streams, std::vector<int32_t>(a.prompt_len));
-  for (auto& p : prompts)
-    for (auto& t : p) t = (int32_t)(1 + rng.below(V - 1));
-  std::vector<float> thresholds;
-  if (!m.structure().is_plain()) thresholds = calibrate_thresholds(m, prompts[0]);
-  Session& session = m.session();
-  std::vector<SequenceCache> caches;
-  std::vector<Session::CachedStep> steps(streams);
-  std::vector<int32_t> next(streams);
-  std::vector<float> logits((size_t)streams * V);
-  auto greedy = [&] {
-    for (int i = 0; i < streams; ++i) {
-      const float* row = logits.data() + (size_t)i * V;
-      next[i] = kernels::argmax(row, V);
+namespace {
+
+// `streams` sequences under `bench infer --streams`, each with its own random prompt: built,
+// prefilled together in one batched step (timed once, workspace growth included), one
+// untimed decode step that sizes the decode workspaces, then batched greedy steps, each
+// decoding one token of every sequence.
+class StreamsRun {
+ public:
+  StreamsRun(const std::string& config_path, const InferBenchOptions& a, int streams)
+      : a_(a), source_(config_path), streams_(streams) {
+    check(streams > 0, "--streams must list positive counts, e.g. 1,4,16");
+    ModelConfig cfg = load_config(config_path);
+    if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
+    model_ = std::make_unique<Model>(cfg, a.device);
+    Model& m = *model_;
+    if (!a.dtype.empty()) m.weights().set_weight_dtype(inference_dtype(a.dtype));
+    if (!a.kv_dtype.empty()) m.set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
+    m.init_weights(a.seed);
+    check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
+    V_ = m.config().vocab_size;
+    Rng rng(a.seed);
+    prompts_.assign(streams, std::vector<int32_t>(a.prompt_len));
+    for (auto& p : prompts_)
+      for (auto& t : p) t = (int32_t)(1 + rng.below(V_ - 1));
+    if (!m.structure().is_plain()) thresholds_ = calibrate_thresholds(m, prompts_[0]);
+    next_.resize(streams);
+    logits_.resize((size_t)streams * V_);
+    steps_.resize(streams);
+    auto t0 = Clock::now();
+    for (int i = 0; i < streams; ++i) caches_.push_back(m.new_cache(a.prompt_len + a.gen + 1));
+    for (int i = 0; i < streams; ++i) steps_[i] = {&caches_[i], prompts_[i].data(), a.prompt_len, false, nullptr, nullptr};
+    m.session().forward_cached_batch(steps_, logits_.data());
+    greedy();
+    prefill_s_ = seconds_since(t0);
+    for (int i = 0; i < streams; ++i) steps_[i] = {&caches_[i], &next_[i], 1, false, nullptr, nullptr};
+    step();
+  }
+
+  // `count` more batched steps (added to the decode's total).
+  void decode(int count) {
+    auto t0 = Clock::now();
+    for (int g = 0; g < count; ++g) step();
+    decode_s_ += seconds_since(t0);
+    decoded_ += count;
+  }
+
+  nlohmann::json result() const {
+    const Model& m = *model_;
+    std::vector<double> retention;
+    for (size_t j = 0; j < caches_[0].seen.size(); ++j) {
+      int64_t seen = 0, kept = 0;
+      for (const auto& c : caches_) seen += c.seen[j], kept += c.kept[j];
+      retention.push_back(seen ? (double)kept / seen : 0);
     }
-  };
-  auto prefill = [&] {
-    caches.clear();
-    for (int i = 0; i < streams; ++i) caches.push_back(m.new_cache(a.prompt_len + a.gen));
-    for (int i = 0; i < streams; ++i) steps[i] = {&caches[i], prompts[i].data(), a.prompt_len, false, nullptr, nullptr};
-    session.forward_cached_batch(steps, logits.data());
-    greedy();
-  };
-  // The prefill (one batched step of every prompt) is timed once, workspace growth included;
-  // one untimed decode step then sizes the decode workspaces before the timed ones.
-  auto t0 = Clock::now();
-  prefill();
-  const double prefill_s = seconds_since(t0);
-  for (int i = 0; i < streams; ++i) steps[i] = {&caches[i], &next[i], 1, false, nullptr, nullptr};
-  session.forward_cached_batch(steps, logits.data());
-  greedy();
-  auto t1 = Clock::now();
-  for (int g = 0; g < a.gen; ++g) {
-    session.forward_cached_batch(steps, logits.data());
+    return {{"config", source_},
+            {"structure", m.config().layout()},
+            {"device", a_.device},
+            {"threads", num_threads()},
+            {"dtype", weight_type(m)},
+            {"kv_dtype", caches_[0].element_bytes == 2 ? "bf16" : "f32"},
+            {"streams", streams_},
+            {"prompt_len", a_.prompt_len},
+            {"gen", a_.gen},
+            {"prefill_tokens_per_s", (double)streams_ * a_.prompt_len / prefill_s_},
+            {"decode_tokens_per_s", (double)streams_ * decoded_ / decode_s_},
+            {"decode_step_ms", 1e3 * decode_s_ / decoded_},
+            {"retention", retention},
+            {"thresholds", thresholds_}};
+  }
+
+ private:
+  void greedy() {
+    for (int i = 0; i < streams_; ++i) next_[i] = kernels::argmax(logits_.data() + (size_t)i * V_, V_);
+  }
+  void step() {
+    model_->session().forward_cached_batch(steps_, logits_.data());
     greedy();
   }
-  const double decode_s = seconds_since(t1);
-  std::vector<double> retention;
-  for (size_t j = 0; j < caches[0].seen.size(); ++j) {
-    int64_t seen = 0, kept = 0;
-    for (const auto& c : caches) seen += c.seen[j], kept += c.kept[j];
-    retention.push_back(seen ? (double)kept / seen : 0);
+
+  InferBenchOptions a_;
+  std::string source_;
+  int streams_, V_ = 0, decoded_ = 0;
+  std::unique_ptr<Model> model_;
+  std::vector<std::vector<int32_t>> prompts_;
+  std::vector<float> thresholds_, logits_;
+  std::vector<SequenceCache> caches_;
+  std::vector<Session::CachedStep> steps_;
+  std::vector<int32_t> next_;
+  double prefill_s_ = 0, decode_s_ = 0;
+};
+
+}  // namespace
+
+nlohmann::json measure_streams(const std::string& config_path, const InferBenchOptions& a, int streams) {
+  StreamsRun run(config_path, a, streams);
+  run.decode(a.gen);
+  return run.result();
+}
+
+nlohmann::json measure_streams_pair(const std::string& config_path, const InferBenchOptions& a,
+                                    const std::string& baseline, const InferBenchOptions& base_opt, int streams) {
+  check(base_opt.gen == a.gen, "the baseline decodes as many tokens as the model");
+  StreamsRun base(baseline, base_opt, streams), run(config_path, a, streams);
+  // As measure_inference_pair: the decodes take turns in up to 8 stretches each.
+  const int stretches = std::max(1, std::min(8, a.gen / 4));
+  int done = 0;
+  for (int st = 0; st < stretches; ++st) {
+    const int count = a.gen * (st + 1) / stretches - done;
+    StreamsRun& first = st % 2 == 0 ? base : run;
+    StreamsRun& second = st % 2 == 0 ? run : base;
+    first.decode(count);
+    second.decode(count);
+    done += count;
   }
-  return {{"config", config_path},
-          {"structure", m.config().layout()},
-          {"device", a.device},
-          {"threads", num_threads()},
-          {"dtype", weight_type(m)},
-          {"kv_dtype", caches[0].element_bytes == 2 ? "bf16" : "f32"},
-          {"streams", streams},
-          {"prompt_len", a.prompt_len},
-          {"gen", a.gen},
-          {"prefill_tokens_per_s", (double)streams * a.prompt_len / prefill_s},
-          {"decode_tokens_per_s", (double)streams * a.gen / decode_s},
-          {"decode_step_ms", 1e3 * decode_s / a.gen},
-          {"retention", retention},
-          {"thresholds", thresholds}};
+  nlohmann::json j = run.result();
+  j["baseline"] = base.result();
+  j["decode_speedup"] = j["decode_tokens_per_s"].get<double>() / j["baseline"]["decode_tokens_per_s"].get<double>();
+  return j;
 }
 
 // Bytes a training step holds beyond activations: weights, gradients and two Adam moments.

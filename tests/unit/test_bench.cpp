@@ -65,7 +65,7 @@ TEST(Bench, InferStreamsOnATinyConfig) {
 
 // `bench infer` with a baseline measures the two side by side: here one config as q8 against
 // itself as f32 (--baseline-dtype), through the CLI, in JSON, and batched (--streams), where
-// each side keeps its own types.
+// each side keeps its own types (the cache's too).
 TEST(Bench, InferAgainstTheSameModelInAnotherType) {
   testing::TempDir tmp("bench_pair");
   testing::write_file(tmp.file("subllm.json"),
@@ -91,14 +91,18 @@ TEST(Bench, InferAgainstTheSameModelInAnotherType) {
   // Probes before, between and after the alternating stretches (8 tokens: 2 stretches each).
   EXPECT_EQ(j["read_bandwidth_probes_gbs"].size(), 5u);
 
-  InferBenchOptions o;
-  o.prompt_len = 12;
-  o.gen = 3;
-  o.dtype = "q8";
-  o.kv_dtype = "bf16";
-  const nlohmann::json s = measure_streams(tmp.file("subllm.json"), o, 2);
-  EXPECT_EQ(s["dtype"], "q8");
-  EXPECT_EQ(s["kv_dtype"], "bf16");
+  const testing::CliResult b = testing::run_cli_line("bench infer --config " + tmp.file("subllm.json") +
+                                                     " --prompt-len 12 --gen 8 -t 1 --streams 2 --dtype q8"
+                                                     " --baseline-dtype f32 --baseline-kv-dtype bf16 --json");
+  ASSERT_EQ(b.code, 0) << b.output;
+  const nlohmann::json row = nlohmann::json::parse(b.output.substr(b.output.find('{')))["streams"][0];
+  EXPECT_EQ(row["streams"], 2);
+  EXPECT_EQ(row["dtype"], "q8");
+  EXPECT_EQ(row["kv_dtype"], "f32");
+  EXPECT_EQ(row["baseline"]["dtype"], "f32");
+  EXPECT_EQ(row["baseline"]["kv_dtype"], "bf16");
+  EXPECT_NEAR(row["decode_speedup"].get<double>(),
+              row["decode_tokens_per_s"].get<double>() / row["baseline"]["decode_tokens_per_s"].get<double>(), 1e-9);
 }
 
 }  // namespace bench_tests
