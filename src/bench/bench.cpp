@@ -227,6 +227,18 @@ const char* weight_type(const Model& m) {
   return w == DType::BF16 || m.weights().compute_dtype() == DType::BF16 ? "bf16" : "f32";
 }
 
+// A model of `config_path` with random weights (seed a.seed) in the types a asks for, its
+// context at least the prompt and the decode.
+std::unique_ptr<Model> random_model(const std::string& config_path, const InferBenchOptions& a) {
+  ModelConfig cfg = load_config(config_path);
+  if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
+  auto m = std::make_unique<Model>(cfg, a.device);
+  if (!a.dtype.empty()) m->weights().set_weight_dtype(inference_dtype(a.dtype));
+  if (!a.kv_dtype.empty()) m->set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
+  m->init_weights(a.seed);
+  return m;
+}
+
 // One model under `bench infer`: built (random weights from a config, or a model folder), its
 // random prompt prefilled into a fresh cache at each prefill() (the fastest counts), then
 // decoded greedily from the last prefill's cache in timed stretches.
@@ -237,12 +249,7 @@ class InferRun {
       LoadedModel lm = load_model_dir(a.model_dir, a.device, a.dtype, a.kv_dtype);
       model_ = std::move(lm.model);
     } else {
-      ModelConfig cfg = load_config(config_or_dir);
-      if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
-      model_ = std::make_unique<Model>(cfg, a.device);
-      if (!a.dtype.empty()) model_->weights().set_weight_dtype(inference_dtype(a.dtype));
-      if (!a.kv_dtype.empty()) model_->set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
-      model_->init_weights(a.seed);
+      model_ = random_model(config_or_dir, a);
     }
     Model& m = *model_;
     check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
@@ -413,13 +420,8 @@ class StreamsRun {
   StreamsRun(const std::string& config_path, const InferBenchOptions& a, int streams)
       : a_(a), source_(config_path), streams_(streams) {
     check(streams > 0, "--streams must list positive counts, e.g. 1,4,16");
-    ModelConfig cfg = load_config(config_path);
-    if (cfg.context < a.prompt_len + a.gen) cfg.context = a.prompt_len + a.gen;
-    model_ = std::make_unique<Model>(cfg, a.device);
+    model_ = random_model(config_path, a);
     Model& m = *model_;
-    if (!a.dtype.empty()) m.weights().set_weight_dtype(inference_dtype(a.dtype));
-    if (!a.kv_dtype.empty()) m.set_kv_dtype(inference_dtype(a.kv_dtype, "--kv-dtype"));
-    m.init_weights(a.seed);
     check(a.prompt_len + a.gen <= m.config().context, "--prompt-len + --gen exceed the model's context");
     V_ = m.config().vocab_size;
     Rng rng(a.seed);
