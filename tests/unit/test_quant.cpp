@@ -180,7 +180,7 @@ TEST(QuantKernels, Bf16LinearEqualsF32OnWidenedWeights) {
   k::f32_to_bf16(w.data(), h.data(), (int64_t)w.size());
   std::vector<float> wd((size_t)out * in);
   for (int r = 0; r < out; ++r) k::bf16_to_f32(h.data() + (size_t)r * ldw, wd.data() + (size_t)r * in, in);
-  for (int n : {1, 3, 4, 6, 65}) {
+  for (int n : {1, 3, 4, 6, 65, 520}) {  // matrix-vector rows, then panels
     const int ldx = in + 5, ldy = out + 3;
     const std::vector<float> x = normal((int64_t)n * ldx, 40 + n);
     std::vector<float> xd((size_t)n * in);
