@@ -346,10 +346,43 @@ class InferRun {
   double prefill_s_ = 1e30, first_token_s_ = 1e30, decode_s_ = 0;
 };
 
+// Decodes `gen` tokens on each of `runs` in `stretches` stretches, the runs taking turns and
+// their order flipping every round, so that a drift of the machine's speed reaches each alike;
+// after(i) follows each stretch of runs[i].
+template <class Run, class After>
+void decode_in_turns(const std::vector<Run*>& runs, int gen, int stretches, After after) {
+  const int n = (int)runs.size();
+  for (int st = 0; st < stretches; ++st) {
+    const int count = gen * (st + 1) / stretches - gen * st / stretches;
+    for (int k = 0; k < n; ++k) {
+      const int i = st % 2 == 0 ? k : n - 1 - k;
+      runs[i]->decode(count);
+      after(i);
+    }
+  }
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t mid = v.size() / 2;
   return v.size() % 2 ? v[mid] : 0.5 * (v[mid - 1] + v[mid]);
+}
+
+// The runs' decodes of `gen` tokens in turns (decode_in_turns), with a bandwidth probe before
+// the first stretch and after each: a stretch's bandwidth is the higher of the probes around
+// it, a run's the median of its stretches'. Each run's bandwidth; `probes` gets every probe.
+std::vector<double> decode_probed(const std::vector<InferRun*>& runs, const std::string& device, int gen,
+                                  int stretches, std::vector<double>& probes) {
+  BandwidthProbe probe(device);
+  probes = {probe.measure()};
+  std::vector<std::vector<double>> bw(runs.size());
+  decode_in_turns(runs, gen, stretches, [&](int i) {
+    probes.push_back(probe.measure());
+    bw[i].push_back(std::max(probes[probes.size() - 2], probes.back()));
+  });
+  std::vector<double> out;
+  for (const auto& b : bw) out.push_back(median(b));
+  return out;
 }
 
 }  // namespace
@@ -358,19 +391,10 @@ nlohmann::json measure_inference(const std::string& config_or_dir, const InferBe
   InferRun run(config_or_dir, a);
   for (int rep = 0; rep < 3; ++rep) run.prefill();  // the fastest of three: latency on a shared machine is noisy
   // A shared machine's memory bandwidth drifts by tens of percent within seconds, so the decode
-  // runs in up to 4 timed stretches with a bandwidth probe before and after each; a stretch's
-  // bandwidth is the higher of its two probes, and the decode's is the median of those.
-  BandwidthProbe probe(a.device);
-  const int stretches = std::max(1, std::min(4, a.gen / 8));
-  std::vector<double> probes = {probe.measure()}, stretch_bw;
-  for (int st = 0, done = 0; st < stretches; ++st) {
-    const int count = a.gen * (st + 1) / stretches - done;
-    run.decode(count);
-    done += count;
-    probes.push_back(probe.measure());
-    stretch_bw.push_back(std::max(probes[probes.size() - 2], probes.back()));
-  }
-  return run.result(sgemm, median(stretch_bw), probes);
+  // runs in up to 4 timed stretches with a bandwidth probe before and after each.
+  std::vector<double> probes;
+  const std::vector<double> bw = decode_probed({&run}, a.device, a.gen, std::max(1, std::min(4, a.gen / 8)), probes);
+  return run.result(sgemm, bw[0], probes);
 }
 
 nlohmann::json measure_inference_pair(const std::string& config_or_dir, const InferBenchOptions& a,
@@ -380,26 +404,11 @@ nlohmann::json measure_inference_pair(const std::string& config_or_dir, const In
   // Prefills alternate too, the fastest of three each.
   for (int rep = 0; rep < 3; ++rep) base.prefill(), run.prefill();
   // The two decodes take turns in up to 8 stretches each (baseline first in even rounds, the
-  // model first in odd ones), a bandwidth probe between any two: a drift of the machine's speed
-  // reaches both alike. A stretch's bandwidth is the higher of the probes around it, each
-  // model's the median of its stretches'.
-  BandwidthProbe probe(a.device);
-  const int stretches = std::max(1, std::min(8, a.gen / 4));
-  std::vector<double> probes = {probe.measure()};
-  std::vector<double> bw[2];
-  InferRun* runs[2] = {&base, &run};
-  int done[2] = {0, 0};
-  for (int st = 0; st < stretches; ++st) {
-    for (int k = 0; k < 2; ++k) {
-      const int i = st % 2 == 0 ? k : 1 - k;
-      const int count = a.gen * (st + 1) / stretches - done[i];
-      runs[i]->decode(count);
-      done[i] += count;
-      probes.push_back(probe.measure());
-      bw[i].push_back(std::max(probes[probes.size() - 2], probes.back()));
-    }
-  }
-  nlohmann::json b = base.result(sgemm, median(bw[0]), probes), j = run.result(sgemm, median(bw[1]), probes);
+  // model first in odd ones), a bandwidth probe between any two.
+  std::vector<double> probes;
+  const std::vector<double> bw =
+      decode_probed({&base, &run}, a.device, a.gen, std::max(1, std::min(8, a.gen / 4)), probes);
+  nlohmann::json b = base.result(sgemm, bw[0], probes), j = run.result(sgemm, bw[1], probes);
   j["baseline"] = b;
   j["first_token_speedup"] = b["first_token_ms"].get<double>() / j["first_token_ms"].get<double>();
   j["decode_speedup"] = j["decode_tokens_per_s"].get<double>() / b["decode_tokens_per_s"].get<double>();
@@ -508,16 +517,7 @@ nlohmann::json measure_streams_pair(const std::string& config_path, const InferB
   check(base_opt.gen == a.gen, "the baseline decodes as many tokens as the model");
   StreamsRun base(baseline, base_opt, streams), run(config_path, a, streams);
   // As measure_inference_pair: the decodes take turns in up to 8 stretches each.
-  const int stretches = std::max(1, std::min(8, a.gen / 4));
-  int done = 0;
-  for (int st = 0; st < stretches; ++st) {
-    const int count = a.gen * (st + 1) / stretches - done;
-    StreamsRun& first = st % 2 == 0 ? base : run;
-    StreamsRun& second = st % 2 == 0 ? run : base;
-    first.decode(count);
-    second.decode(count);
-    done += count;
-  }
+  decode_in_turns<StreamsRun>({&base, &run}, a.gen, std::max(1, std::min(8, a.gen / 4)), [](int) {});
   nlohmann::json j = run.result();
   j["baseline"] = base.result();
   j["decode_speedup"] = j["decode_tokens_per_s"].get<double>() / j["baseline"]["decode_tokens_per_s"].get<double>();

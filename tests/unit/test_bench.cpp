@@ -8,19 +8,22 @@
 namespace subllm {
 namespace bench_tests {
 
+// A tiny config (d 32, 4 blocks, vocab 128) written into tmp as NAME.json, laid out as
+// `structure` (its subsamplers keep half the tokens); its path.
+std::string tiny_config(const testing::TempDir& tmp, const std::string& name, const std::string& structure) {
+  const std::string path = tmp.file(name + ".json");
+  testing::write_file(path, R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
+                               "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
+                               "downsampling_factor_denominator": "0.5", "structure": ")" +
+                                structure + "\"}");
+  return path;
+}
+
 TEST(Bench, PaperTablesOnTinyConfigs) {
   testing::TempDir tmp("bench");
-  testing::write_file(tmp.file("llama.json"),
-                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
-                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
-                          "structure": "TTTT"})");
-  testing::write_file(tmp.file("subllm.json"),
-                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
-                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
-                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
   PaperBenchOptions o;
-  o.llama_config = tmp.file("llama.json");
-  o.subllm_config = tmp.file("subllm.json");
+  o.llama_config = tiny_config(tmp, "llama", "TTTT");
+  o.subllm_config = tiny_config(tmp, "subllm", "T(TT)T");
   o.lengths = {16, 32};
   o.tokens_per_step = 64;
   o.train_steps = 1;
@@ -45,21 +48,18 @@ TEST(Bench, PaperTablesOnTinyConfigs) {
 // `bench infer --streams`: several sequences decoding together, through the CLI, in JSON.
 TEST(Bench, InferStreamsOnATinyConfig) {
   testing::TempDir tmp("bench_streams");
-  testing::write_file(tmp.file("subllm.json"),
-                      R"({"num_embeddings": 128, "decoder_embed_dim": 32, "decoder_ffn_embed_dim": 64,
-                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
-                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
+  const std::string config = tiny_config(tmp, "subllm", "T(TT)T");
   InferBenchOptions o;
   o.prompt_len = 12;
   o.gen = 3;
   for (int n : {1, 3}) {
-    nlohmann::json r = measure_streams(tmp.file("subllm.json"), o, n);
+    nlohmann::json r = measure_streams(config, o, n);
     EXPECT_EQ(r["streams"].get<int>(), n);
     EXPECT_GT(r["decode_tokens_per_s"].get<double>(), 0);
     EXPECT_GT(r["prefill_tokens_per_s"].get<double>(), 0);
     EXPECT_NEAR(r["retention"][0].get<double>(), 0.5, 0.25);
   }
-  EXPECT_NE(testing::error_of([&] { measure_streams(tmp.file("subllm.json"), o, 0); }).find("--streams"),
+  EXPECT_NE(testing::error_of([&] { measure_streams(config, o, 0); }).find("--streams"),
             std::string::npos);
 }
 
@@ -68,11 +68,8 @@ TEST(Bench, InferStreamsOnATinyConfig) {
 // each side keeps its own types (the cache's too).
 TEST(Bench, InferAgainstTheSameModelInAnotherType) {
   testing::TempDir tmp("bench_pair");
-  testing::write_file(tmp.file("subllm.json"),
-                      R"({"num_embeddings": 128, "decoder_embed_dim": 64, "decoder_ffn_embed_dim": 128,
-                          "decoder_layers": 4, "decoder_attention_heads": 4, "tokens_per_sample": 64,
-                          "structure": "T(TT)T", "downsampling_factor_denominator": "0.5"})");
-  const testing::CliResult r = testing::run_cli_line("bench infer --config " + tmp.file("subllm.json") +
+  const std::string config = tiny_config(tmp, "subllm", "T(TT)T");
+  const testing::CliResult r = testing::run_cli_line("bench infer --config " + config +
                                                      " --prompt-len 12 --gen 8 -t 1 --dtype q8 --baseline-dtype f32 --json");
   ASSERT_EQ(r.code, 0) << r.output;
   const nlohmann::json j = nlohmann::json::parse(r.output.substr(r.output.find('{')));
@@ -91,7 +88,7 @@ TEST(Bench, InferAgainstTheSameModelInAnotherType) {
   // Probes before, between and after the alternating stretches (8 tokens: 2 stretches each).
   EXPECT_EQ(j["read_bandwidth_probes_gbs"].size(), 5u);
 
-  const testing::CliResult b = testing::run_cli_line("bench infer --config " + tmp.file("subllm.json") +
+  const testing::CliResult b = testing::run_cli_line("bench infer --config " + config +
                                                      " --prompt-len 12 --gen 8 -t 1 --streams 2 --dtype q8"
                                                      " --baseline-dtype f32 --baseline-kv-dtype bf16 --json");
   ASSERT_EQ(b.code, 0) << b.output;

@@ -484,18 +484,24 @@ SUBLLM_AVX512_VNNI __attribute__((always_inline)) inline void q8_row_dots(const 
   }
 }
 
-template <int NX>
+// Rows [r0, r1) of W against NX x rows, P weight rows at a time sharing each x load (P = 2 in
+// the panels of the many-rows product, where W sits in cache).
+template <int NX, int P = 1>
 SUBLLM_AVX512_VNNI void q8_rows_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
                                      int64_t ldy, bool accumulate) {
   const size_t rb = q8_row_bytes(in);
   __m512 zero[NX];
   for (int i = 0; i < NX; ++i) zero[i] = _mm512_setzero_ps();
-  for (int r = r0; r < r1; ++r) {
-    const uint8_t* rows[1] = {w + (size_t)r * rb};
-    __m512 acc[1][NX];
-    q8_row_dots<NX, 1>(rows, in / kQ8Group, a, acc);
-    put_row_sums<NX>(acc[0], zero, y, ldy, r, accumulate);
+  int r = r0;
+  for (; r + P <= r1; r += P) {
+    const uint8_t* rows[P];
+    for (int p = 0; p < P; ++p) rows[p] = w + (size_t)(r + p) * rb;
+    __m512 acc[P][NX];
+    q8_row_dots<NX, P>(rows, in / kQ8Group, a, acc);
+    for (int p = 0; p < P; ++p) put_row_sums<NX>(acc[p], zero, y, ldy, r + p, accumulate);
   }
+  if constexpr (P > 1)
+    if (r < r1) q8_rows_vnni<NX, 1>(a, w, in, r, r1, y, ldy, accumulate);
 }
 
 // The loop of the many-rows products: W's `out` rows in panels of about 128 KB (`row_bytes`
@@ -519,25 +525,6 @@ void for_panels(int n, int out, size_t row_bytes, Rows rows) {
   }
 }
 
-// Rows [r0, r1) of W against NX x rows, two weight rows at a time sharing each x load (the
-// panels of the many-rows product, where W sits in cache).
-template <int NX>
-SUBLLM_AVX512_VNNI void q8_rows2_vnni(const Q8Activations& a, const uint8_t* w, int in, int r0, int r1, float* y,
-                                      int64_t ldy, bool accumulate) {
-  const size_t rb = q8_row_bytes(in);
-  __m512 zero[NX];
-  for (int i = 0; i < NX; ++i) zero[i] = _mm512_setzero_ps();
-  int r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const uint8_t* rows[2] = {w + (size_t)r * rb, w + (size_t)(r + 1) * rb};
-    __m512 acc[2][NX];
-    q8_row_dots<NX, 2>(rows, in / kQ8Group, a, acc);
-    put_row_sums<NX>(acc[0], zero, y, ldy, r, accumulate);
-    put_row_sums<NX>(acc[1], zero, y, ldy, r + 1, accumulate);
-  }
-  if (r < r1) q8_rows_vnni<NX>(a, w, in, r, r1, y, ldy, accumulate);
-}
-
 // y(n, out) (=|+=) the many-rows product with the int8 dot product: x quantized in groups of
 // 4 rows, as the matrix-vector path quantizes its own, then for_panels.
 SUBLLM_AVX512_VNNI void q8_gemm_vnni(const float* x, int64_t ldx, const uint8_t* w, float* y, int64_t ldy, int n,
@@ -550,7 +537,7 @@ SUBLLM_AVX512_VNNI void q8_gemm_vnni(const float* x, int64_t ldx, const uint8_t*
   for (int g = 0; g < groups; ++g)
     xg[g].prepare(x + (int64_t)g * kMaxGemvRows * ldx, ldx, std::min(kMaxGemvRows, n - g * kMaxGemvRows), in, true);
   for_panels(n, out, q8_row_bytes(in), [&](int r0, int r1, int g, auto nx) {
-    q8_rows2_vnni<nx()>(xg[g], w, in, r0, r1, y + (int64_t)g * kMaxGemvRows * ldy, ldy, accumulate);
+    q8_rows_vnni<nx(), 2>(xg[g], w, in, r0, r1, y + (int64_t)g * kMaxGemvRows * ldy, ldy, accumulate);
   });
 }
 
@@ -592,8 +579,16 @@ struct Bf16Activations {
   void prepare(const float* x, int64_t ldx, int nx, int in) {
     lds = (in + 31) / 32 * 32;
     split.assign((size_t)nx * lds, 0.f);
-    for (int i = 0; i < nx; ++i)
-      for (int c = 0; c < in; ++c) split[i * lds + c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
+    float* s = split.data();
+    auto row = [&](int i) {
+      for (int c = 0; c < in; ++c) s[i * lds + c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
+    };
+    if (nx <= kMaxGemvRows) {  // a decoding step's: no parallel region
+      for (int i = 0; i < nx; ++i) row(i);
+      return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < nx; ++i) row(i);
   }
 };
 
@@ -808,22 +803,12 @@ void linear_forward_q8(const float* x, int64_t ldx, const void* w, float* y, int
 }
 
 #ifdef SUBLLM_X86_DISPATCH
-// y(n, out) (=|+=) the many-rows product of BF16 rows: x split by column parity once, then
-// for_panels, two weight rows at a time.
-void bf16_gemm_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
-                      int in, int out, bool accumulate) {
-  thread_local AlignedVector<float> split;
-  AlignedVector<float>& xs = split;  // the calling thread's, for every thread
-  const int64_t lds = (in + 31) / 32 * 32;
-  xs.resize((size_t)n * lds);
-#pragma omp parallel for schedule(static)
-  for (int i = 0; i < n; ++i) {
-    float* row = xs.data() + (size_t)i * lds;
-    std::fill(row + in, row + lds, 0.f);
-    for (int c = 0; c < in; ++c) row[c / 32 * 32 + (c % 2) * 16 + (c % 32) / 2] = x[i * ldx + c];
-  }
+// y(n, out) (=|+=) the many-rows product of BF16 rows against x split by column parity (xs),
+// through for_panels, two weight rows at a time.
+void bf16_gemm_avx512(const Bf16Activations& xs, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n, int in,
+                      int out, bool accumulate) {
   for_panels(n, out, ldw * sizeof(uint16_t), [&](int r0, int r1, int g, auto nx) {
-    bf16_rows2_avx512<nx()>(xs.data() + (size_t)g * kMaxGemvRows * lds, lds, w, ldw, in, r0, r1,
+    bf16_rows2_avx512<nx()>(xs.split.data() + (size_t)g * kMaxGemvRows * xs.lds, xs.lds, w, ldw, in, r0, r1,
                             y + (int64_t)g * kMaxGemvRows * ldy, ldy, accumulate);
   });
 }
@@ -831,16 +816,16 @@ void bf16_gemm_avx512(const float* x, int64_t ldx, const uint16_t* w, int64_t ld
 
 void linear_forward_bf16(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy, int n,
                          int in, int out, bool accumulate) {
-  // The matrix-vector path's x, prepared once on the calling thread for every thread's rows.
-  // (A thread_local named inside the lambda would be each worker's own: capture a reference.)
+  // x split by column parity for the AVX-512 kernels, prepared once on the calling thread for
+  // every thread's rows. (A thread_local named inside the lambda would be each worker's own:
+  // capture a reference.)
   thread_local Bf16Activations prepared;
   Bf16Activations& a = prepared;
   const bool fast = fast_kernels_active();
+  if (fast) a.prepare(x, ldx, n, in);
 #ifdef SUBLLM_X86_DISPATCH
-  if (fast && n > kMaxGemvRows)
-    return bf16_gemm_avx512(x, ldx, w, ldw, y, ldy, n, in, out, accumulate);
+  if (fast && n > kMaxGemvRows) return bf16_gemm_avx512(a, w, ldw, y, ldy, n, in, out, accumulate);
 #endif
-  if (n <= kMaxGemvRows && fast) a.prepare(x, ldx, n, in);
   linear_forward_typed(
       x, ldx, y, ldy, n, in, out, accumulate, ldw * (int64_t)sizeof(uint16_t),
       [&](const float* xs, int nx, int r0, int r1, float* ys, bool acc) {
